@@ -1,0 +1,127 @@
+"""Request state (torch-free): what the scheduler knows about one generation.
+
+Life cycle (stride ``k`` > 0)::
+
+    WAITING ─admit─▶ PREFILL (chunks) ─last chunk samples t0─▶ DRAFT ×j ─▶ VERIFY ─▶ (STALL) ─▶ DRAFT ×k ─▶ VERIFY …
+                                                                                                     └─▶ FINISHED
+
+* Token bookkeeping: ``all_token_ids = prompt + output``. Outside prefill the KV of every token but the last
+  sampled one is in the cache: ``num_computed_tokens == len(all_token_ids) - 1``. The last sampled token
+  (``last_token_id``) is the first input of the next cycle.
+* A cycle drafts ``j = num_cycle_drafts`` tokens (``k``, fewer for the first cycle — phase alignment — or near
+  ``max_tokens``), one per DRAFT step: draft step ``i`` (0-based) feeds token ``[last, d1..dj][i]`` at position
+  ``num_computed_tokens + i`` and yields ``d_{i+1}``. The VERIFY step then feeds ``[last, d1..dj]`` at positions
+  ``num_computed_tokens .. num_computed_tokens + j`` with full attention (rewriting the sparse drafts' KV).
+* ``draft_start`` is the first position of the last verify chunk: the next cycle's drafts attend densely to every
+  position ``>= draft_start`` and sparsely (pillars) before it. ``has_pillars`` is False until the first
+  verification after (re)prefill: that cycle drafts with full attention.
+* Stride 0 (plain decoding) is the degenerate cycle ``j = 0``: every decode step is a 1-token VERIFY.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+from .sampling_params import SamplingParams
+
+
+class RequestState(enum.Enum):
+    WAITING = "waiting"  # queued, no KV (also after a preemption)
+    PREFILL = "prefill"  # admitted, prompt KV being written chunk by chunk
+    DRAFT = "draft"  # drafting this cycle's tokens, one per step
+    VERIFY = "verify"  # drafts done; the next step verifies them
+    STALL = "stall"  # delayed verification: sits out one step while the host consumes its result
+    FINISHED = "finished"
+
+
+_ids = itertools.count()
+
+
+@dataclass
+class RequestMetrics:
+    accepted: list[int] = field(default_factory=list)  # accepted drafts per cycle (0..j)
+    drafted: list[int] = field(default_factory=list)  # drafts proposed per cycle (j)
+    num_preemptions: int = 0
+    arrival_step: int = -1
+    first_token_step: int = -1
+    finish_step: int = -1
+
+    def mean_accepted(self, stride: int) -> float:
+        """Mean drafts accepted per full ``stride``-draft cycle, the paper's "accepted length" (6.16 of 8).
+
+        Shortened cycles (the phase-aligned first one, the last ones before ``max_tokens``) are left out: they
+        would drag the mean down for a reason unrelated to draft quality.
+        """
+        full = [a for a, d in zip(self.accepted, self.drafted) if d == stride]
+        return sum(full) / len(full) if full else 0.0
+
+
+class Request:
+    """One prompt being generated. Construction validates the prompt (``ValueError`` naming the problem)."""
+
+    def __init__(self, prompt_token_ids, params: SamplingParams | None = None,
+                 request_id: int | None = None) -> None:
+        if isinstance(prompt_token_ids, (str, bytes)):
+            raise ValueError("Request.prompt_token_ids must be a sequence of token ids, got a string: tokenize it first")
+        try:
+            prompt = [int(t) for t in prompt_token_ids]
+        except (TypeError, ValueError):
+            raise ValueError(f"Request.prompt_token_ids must be a sequence of ints, got {prompt_token_ids!r}") from None
+        if not prompt:
+            raise ValueError("Request.prompt_token_ids is empty: a prompt needs at least one token")
+        if min(prompt) < 0:
+            raise ValueError(f"Request.prompt_token_ids holds a negative token id ({min(prompt)})")
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"Request.params must be a SamplingParams, got {type(params).__name__}")
+        self.request_id = next(_ids) if request_id is None else request_id
+        self.prompt_token_ids = prompt
+        self.params = params
+        self.output_token_ids: list[int] = []
+        self.state = RequestState.WAITING
+        self.num_computed_tokens = 0  # tokens whose (verified) KV is in the cache
+        self.block_table: list[int] = []
+        self.pillar_slot = -1  # row in the PillarStore while admitted
+        self.draft_token_ids: list[int] = []  # this cycle's drafts so far
+        self.num_cycle_drafts = 0  # j: drafts this cycle will make before verifying
+        self.draft_start = 0
+        self.has_pillars = False
+        self.finish_reason: str | None = None  # "stop" | "length" | "error: ..." | "abort"
+        self.metrics = RequestMetrics()
+
+    # ---- derived ------------------------------------------------------------------------------------------------
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def last_token_id(self) -> int:
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    @property
+    def prefill_target(self) -> int:
+        """Tokens prefill must bring into the cache: the prompt, or after a preemption all but the last sampled."""
+        return self.num_tokens - 1 if self.output_token_ids else self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.state is RequestState.FINISHED
+
+    @property
+    def is_decoding(self) -> bool:
+        return self.state in (RequestState.DRAFT, RequestState.VERIFY, RequestState.STALL)
+
+    def __repr__(self) -> str:
+        return (f"Request(id={self.request_id}, state={self.state.value}, prompt={self.num_prompt_tokens}, "
+                f"out={len(self.output_token_ids)}, computed={self.num_computed_tokens}, "
+                f"drafts={len(self.draft_token_ids)}/{self.num_cycle_drafts})")

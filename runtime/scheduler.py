@@ -1,0 +1,344 @@
+"""The unified scheduler (torch-free): one step mixes prefill chunks, draft tokens and verify tokens.
+
+Each ``schedule()`` returns a ``StepPlan``; the engine runs it and hands the sampled tokens back through
+``update(plan, sampled)``. See ``request.py`` for the per-request token/position bookkeeping.
+
+Why phases: with stride ``k`` a request spends ``k`` steps drafting (1 token each) and one verifying (``k+1``
+tokens), a cycle of ``C = k+1`` steps (``k+2`` with delayed verification). If every request verified on the same
+step, step sizes would swing between ``n`` and ``n(k+1)`` tokens. So when a request enters its first cycle, its
+draft count ``j`` (0..k; that cycle drafts with full attention anyway) is chosen to land its verify on the
+least-loaded phase ``verify_step mod C``. With ``n`` decoding requests and no departures every step then carries
+between ``n + k*floor(n/C)`` and ``n + k*ceil(n/C)`` tokens, i.e. about ``n(2k+1)/(k+1)`` (tested).
+
+Order inside a step: decode requests first (oldest admitted first; they are latency-critical and phase-locked),
+then running prefills, then newly admitted prompts, all within ``max_num_batched_tokens`` (chunked prefill).
+When a decode request needs a page and none is free, the newest running request not yet scheduled this step is
+preempted (recompute: its KV is dropped and it re-prefills later). Issue 5 replaces ``_preempt`` with an offload
+to host memory; nothing else needs to change.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from .block_allocator import BlockAllocator
+from .request import Request, RequestState
+
+
+class StepKind(enum.Enum):
+    PREFILL = "prefill"
+    DRAFT = "draft"
+    VERIFY = "verify"
+
+
+@dataclass(frozen=True)
+class StepEntry:
+    """One request's query tokens in a step: ``token_ids[i]`` sits at position ``start_pos + i``.
+
+    * PREFILL: a chunk of ``prompt`` (or of ``prompt + output[:-1]`` after a preemption); ``num_logits`` is 1 on
+      the chunk that completes a fresh prompt (sample the first output token from its last position), else 0.
+    * DRAFT: ``[t]`` where ``t`` is the last sampled token (first draft of the cycle) or the previous draft;
+      ``num_logits == 1``; the engine samples the next draft. ``sparse`` = attend with pillars + dense tail.
+    * VERIFY: ``[last, d1..dj]`` at ``start_pos .. start_pos + j`` (``start_pos == num_computed_tokens``), full
+      attention, ``num_logits == j + 1``: logits at ``start_pos + i`` judge ``d_{i+1}`` and the last one gives the
+      bonus token. ``score`` = refresh this request's pillars from the verify queries (stride > 0).
+    """
+
+    request: Request
+    kind: StepKind
+    token_ids: tuple[int, ...]
+    start_pos: int
+    num_logits: int
+    sparse: bool = False
+    score: bool = False
+    draft_start: int = 0  # positions >= this are the dense tail of a sparse draft
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def positions(self) -> range:
+        return range(self.start_pos, self.start_pos + len(self.token_ids))
+
+    @property
+    def seq_len(self) -> int:
+        """Context length including this step's tokens (ForwardContext.seq_lens)."""
+        return self.start_pos + len(self.token_ids)
+
+    @property
+    def draft_token_ids(self) -> tuple[int, ...]:
+        """VERIFY only: the drafts being judged (``token_ids[1:]``)."""
+        return self.token_ids[1:]
+
+
+@dataclass
+class StepPlan:
+    step: int
+    entries: list[StepEntry] = field(default_factory=list)
+    finished: list[Request] = field(default_factory=list)  # FINISHED since the previous plan (incl. rejected)
+    preempted: list[Request] = field(default_factory=list)  # lost their KV this step (back to waiting)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(e.num_tokens for e in self.entries)
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, *, stride: int = 8, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 2048, max_model_len: int = 4096,
+                 eos_token_ids: Sequence[int] = (), delayed_verify: bool = False) -> None:
+        if stride < 0:
+            raise ValueError(f"stride must be >= 0 (0 = plain decoding), got {stride}")
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if max_num_batched_tokens < stride + 1:
+            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must hold one verify chunk "
+                             f"(stride + 1 = {stride + 1})")
+        self.allocator = allocator
+        self.stride = stride
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.delayed_verify = delayed_verify
+        self.cycle_len = stride + 1 + (1 if delayed_verify else 0)
+        self.step = 0  # index of the last plan handed out
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # admission order: the tail is preempted first
+        self._free_slots = deque(range(max_num_seqs))
+        self._ids: set = set()
+        self._finished: list[Request] = []  # not yet reported in a plan
+        self._stall_step: dict[int, int] = {}  # request_id -> step it sits out
+
+    # ---- admission ----------------------------------------------------------------------------------------------
+    def check(self, req: Request) -> None:
+        """Raise ``ValueError`` if ``req`` can never be served by this scheduler."""
+        if req.request_id in self._ids:
+            raise ValueError(f"duplicate request id {req.request_id!r}")
+        if req.num_prompt_tokens >= self.max_model_len:
+            raise ValueError(f"prompt has {req.num_prompt_tokens} tokens but max_model_len is {self.max_model_len}: "
+                             f"no room left for a generated token")
+        worst = min(req.num_prompt_tokens + req.params.max_tokens, self.max_model_len) + self.stride
+        if self.allocator.blocks_for(worst) > self.allocator.num_blocks:
+            raise ValueError(f"request may need {self.allocator.blocks_for(worst)} KV pages (prompt "
+                             f"{req.num_prompt_tokens} + max_tokens {req.params.max_tokens}) but the pool has "
+                             f"{self.allocator.num_blocks}: lower max_tokens or give the KV cache more memory")
+
+    def add(self, req: Request) -> bool:
+        """Queue ``req``; if it can never be served it is finished at once with ``finish_reason='error: ...'``
+        (reported in the next plan) and ``False`` is returned. Other requests are never affected."""
+        try:
+            self.check(req)
+        except ValueError as e:
+            self._ids.add(req.request_id)
+            self._finish(req, f"error: {e}")
+            return False
+        self._ids.add(req.request_id)
+        req.metrics.arrival_step = self.step
+        self.waiting.append(req)
+        return True
+
+    def abort(self, req: Request, reason: str = "abort") -> None:
+        """Finish ``req`` now (e.g. ``'error: ...'`` when its step failed); its blocks are freed."""
+        if req.is_finished:
+            return
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self._finish(req, reason)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self._finished)
+
+    # ---- schedule -----------------------------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        self.step += 1
+        plan = StepPlan(self.step, finished=self._finished)
+        self._finished = []
+        while True:
+            budget = self._schedule_running(plan)
+            self._admit(plan, budget)
+            if plan.entries or not self.running or any(r.state is RequestState.STALL for r in self.running):
+                return plan  # (an empty plan is legal: everyone left is sitting out a delayed verification)
+            # Nothing could run although requests hold pages (prefills starved of pages): free the newest and retry.
+            self._preempt(self.running[-1], plan)
+
+    def _schedule_running(self, plan: StepPlan) -> int:
+        budget = self.max_num_batched_tokens
+        for r in [r for r in self.running if r.is_decoding]:
+            if r.state is RequestState.WAITING:
+                continue  # preempted earlier in this loop
+            if r.state is RequestState.STALL:
+                if self._stall_step[r.request_id] >= self.step:
+                    continue
+                del self._stall_step[r.request_id]
+                self._begin_cycle(r)
+            e = self._decode_entry(r)
+            if e.num_tokens > budget:
+                continue  # waits a step; its phase shifts by one
+            while not self.allocator.grow(r.block_table, e.seq_len):
+                # Only younger requests are victims (the oldest always progresses: no livelock); they are
+                # unscheduled so far because decode goes in admission order and prefills come after.
+                younger = self.running[self.running.index(r) + 1:]
+                self._preempt(younger[-1] if younger else r, plan)
+                if not younger:
+                    break
+            if r.state is RequestState.WAITING:
+                continue
+            plan.entries.append(e)
+            budget -= e.num_tokens
+        for r in [r for r in self.running if r.state is RequestState.PREFILL]:
+            budget -= self._prefill_chunk(r, plan, budget)
+        return budget
+
+    def _decode_entry(self, r: Request) -> StepEntry:
+        n = r.num_computed_tokens
+        inputs = [r.last_token_id] + r.draft_token_ids
+        if r.state is RequestState.DRAFT:
+            i = len(r.draft_token_ids)
+            return StepEntry(r, StepKind.DRAFT, (inputs[i],), n + i, 1, sparse=r.has_pillars,
+                             draft_start=r.draft_start)
+        return StepEntry(r, StepKind.VERIFY, tuple(inputs), n, len(inputs), score=self.stride > 0,
+                         draft_start=r.draft_start)
+
+    def _prefill_chunk(self, r: Request, plan: StepPlan, budget: int) -> int:
+        n, target = r.num_computed_tokens, r.prefill_target
+        # Only as many tokens as free pages (plus the slack of the last page) can hold.
+        room = (len(r.block_table) + self.allocator.num_free) * self.allocator.page_size - n
+        chunk = min(target - n, budget, room)
+        if chunk <= 0:
+            return 0
+        assert self.allocator.grow(r.block_table, n + chunk)
+        last = n + chunk == target and not r.output_token_ids
+        plan.entries.append(StepEntry(r, StepKind.PREFILL, tuple(r.all_token_ids[n:n + chunk]), n, int(last)))
+        return chunk
+
+    def _admit(self, plan: StepPlan, budget: int) -> None:
+        while self.waiting and budget > 0 and self._free_slots:
+            r = self.waiting[0]
+            # Watermark: admit only if its whole prefill fits in free pages now, so admitted prompts finish
+            # prefilling instead of all stalling half-way; and only if the decode load stays within the budget.
+            if not self.allocator.can_allocate(self.allocator.blocks_for(r.prefill_target + 1)):
+                return
+            if self._decode_load(len(self.running) + 1) > self.max_num_batched_tokens:
+                return
+            self.waiting.popleft()
+            r.state = RequestState.PREFILL
+            r.pillar_slot = self._free_slots.popleft()
+            self.running.append(r)
+            budget -= self._prefill_chunk(r, plan, budget)
+
+    def _decode_load(self, n: int) -> int:
+        """Tokens per step of ``n`` phase-balanced decoding requests (worst step)."""
+        return n + self.stride * -(-n // self.cycle_len)
+
+    # ---- update -------------------------------------------------------------------------------------------------
+    def update(self, plan: StepPlan, sampled: Sequence[Sequence[int]]) -> None:
+        """Apply the step's results. ``sampled[i]`` belongs to ``plan.entries[i]``:
+        PREFILL ``[]`` or ``[t0]`` (when ``num_logits == 1``), DRAFT ``[d]``, VERIFY the ``a`` accepted drafts then
+        the target's token (``a + 1`` ids, ``0 <= a <= j``)."""
+        if len(sampled) != len(plan.entries):
+            raise ValueError(f"update got {len(sampled)} results for {len(plan.entries)} entries")
+        entering: list[Request] = []
+        for e, toks in zip(plan.entries, sampled):
+            r = e.request
+            if r.is_finished or r.state is RequestState.WAITING:
+                continue  # aborted between schedule and update
+            toks = [int(t) for t in toks]
+            if e.kind is StepKind.PREFILL:
+                r.num_computed_tokens += e.num_tokens
+                if r.num_computed_tokens == r.prefill_target:
+                    r.draft_start = r.num_computed_tokens
+                    if e.num_logits:
+                        r.metrics.first_token_step = plan.step
+                        if self._append(r, toks[:1]):
+                            continue
+                    entering.append(r)
+            elif e.kind is StepKind.DRAFT:
+                r.draft_token_ids.append(toks[0])
+                if len(r.draft_token_ids) == r.num_cycle_drafts:
+                    r.state = RequestState.VERIFY
+            else:
+                j, a = e.num_tokens - 1, len(toks) - 1
+                if not (0 <= a <= j) or toks[:a] != list(e.draft_token_ids[:a]):
+                    raise RuntimeError(f"verify result {toks} inconsistent with drafts {e.draft_token_ids}")
+                r.metrics.accepted.append(a)
+                r.metrics.drafted.append(j)
+                r.draft_start = e.start_pos  # next cycle: pillars before the chunk, dense from it on
+                r.has_pillars = e.score
+                r.num_computed_tokens = e.start_pos + a + 1  # KV of [last, d1..da] is now verified
+                if self._append(r, toks):
+                    continue
+                if self.delayed_verify:
+                    r.state = RequestState.STALL
+                    self._stall_step[r.request_id] = plan.step + 1
+                else:
+                    self._begin_cycle(r)
+        for r in entering:  # after every other request's state is final, so phase loads are exact
+            self._begin_cycle(r, first=True)
+
+    def _append(self, r: Request, toks: list[int]) -> bool:
+        """Append sampled tokens, stopping at EOS / stop ids / limits; True if ``r`` finished."""
+        p = r.params
+        for t in toks:
+            r.output_token_ids.append(t)
+            if t in p.stop_token_ids or (t in self.eos_token_ids and not p.ignore_eos):
+                self._finish(r, "stop")
+                return True
+            if len(r.output_token_ids) >= p.max_tokens or r.num_tokens >= self.max_model_len:
+                self._finish(r, "length")
+                return True
+        return False
+
+    def _begin_cycle(self, r: Request, first: bool = False) -> None:
+        remaining = min(r.params.max_tokens - len(r.output_token_ids), self.max_model_len - r.num_tokens)
+        j_max = min(self.stride, remaining - 1)  # a verify emits up to j+1 tokens; don't draft past the limit
+        j = j_max
+        if first and j_max > 0:
+            load = [0] * self.cycle_len
+            for o in self.running:
+                if o is not r and o.is_decoding:
+                    load[self._next_verify_step(o) % self.cycle_len] += 1
+            nxt = self.step + 1
+            j = min(range(j_max + 1), key=lambda c: (load[(nxt + c) % self.cycle_len], -c))
+        r.num_cycle_drafts = j
+        r.draft_token_ids = []
+        r.state = RequestState.DRAFT if j > 0 else RequestState.VERIFY
+
+    def _next_verify_step(self, r: Request) -> int:
+        if r.state is RequestState.STALL:
+            return self._stall_step[r.request_id] + 1 + self.stride
+        return self.step + 1 + r.num_cycle_drafts - len(r.draft_token_ids)
+
+    # ---- release ------------------------------------------------------------------------------------------------
+    def _release(self, r: Request) -> None:
+        self.allocator.free(r.block_table)
+        r.block_table = []
+        if r.pillar_slot >= 0:
+            self._free_slots.append(r.pillar_slot)
+            r.pillar_slot = -1
+        if r in self.running:
+            self.running.remove(r)
+        self._stall_step.pop(r.request_id, None)
+
+    def _finish(self, r: Request, reason: str) -> None:
+        self._release(r)
+        r.state = RequestState.FINISHED
+        r.finish_reason = reason
+        r.metrics.finish_step = self.step
+        self._finished.append(r)
+
+    def _preempt(self, r: Request, plan: StepPlan) -> None:
+        """Recompute preemption: drop ``r``'s KV; it re-prefills ``prompt + output[:-1]`` when pages free up."""
+        self._release(r)
+        r.state = RequestState.WAITING
+        r.num_computed_tokens = 0
+        r.draft_token_ids = []
+        r.num_cycle_drafts = 0
+        r.has_pillars = False
+        r.metrics.num_preemptions += 1
+        self.waiting.appendleft(r)
+        plan.preempted.append(r)
