@@ -146,12 +146,14 @@ def select_pillars_reference(scores, ctx_lens, budget, recent, max_budget):
     return indices, b.to(torch.int32)
 
 
-def naive_dense_attention(q, k, v, scale, mask):
-    """softmax(scale * q k^T + mask) v for one request: q [n, Hq, D], k/v [L, Hkv, D], mask [n, L] bool (True = keep).
-    The oracle's oracle (fp64)."""
+def naive_dense_attention(q, k, v, scale, mask, softcap=0.0):
+    """softmax(scale * q k^T) v for one request in fp64, the oracle's oracle: q [n, Hq, D], k/v [L, Hkv, D],
+    mask [n, L] or [Hq, n, L] bool (True = attend)."""
     G = q.shape[1] // k.shape[1]
     k = k.double().repeat_interleave(G, dim=1)
     v = v.double().repeat_interleave(G, dim=1)
     s = torch.einsum("nhd,lhd->hnl", q.double(), k) * scale
-    s = s.masked_fill(~mask[None], -math.inf)
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~mask.expand_as(s), -math.inf)
     return torch.einsum("hnl,lhd->nhd", torch.softmax(s, dim=-1), v)

@@ -64,3 +64,49 @@ def make_batch(specs, Hq, Hkv, D, page_size, dtype, seed=0, pad_tokens=0, device
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def make_sparse(b: Batch, sparse_rows, Hkv: int, bmax: int, seed=0, cover_all=False):
+    """PillarAttn metadata for the rows in ``sparse_rows``: draft_start in [0, first query position], a random
+    sorted pillar subset of [0, draft_start) per KV head (all of it with ``cover_all``)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    R = b.seq_lens.shape[0]
+    qsl = b.query_start_loc.tolist()
+    is_sparse = torch.zeros(R, dtype=torch.bool)
+    ds = torch.zeros(R, dtype=torch.int32)
+    idx = torch.zeros(R, Hkv, bmax, dtype=torch.int32)
+    lens = torch.zeros(R, dtype=torch.int32)
+    for r in sparse_rows:
+        L, n = int(b.seq_lens[r]), qsl[r + 1] - qsl[r]
+        first = L - n
+        d = first if cover_all else int(torch.randint(0, first + 1, (1,), generator=g))
+        m = d if cover_all else int(torch.randint(0, min(d, bmax) + 1, (1,), generator=g))
+        assert m <= bmax
+        for h in range(Hkv):
+            sel = torch.randperm(d, generator=g)[:m].sort().values if not cover_all else torch.arange(d)
+            idx[r, h, :m] = sel.int()
+            idx[r, h, m:] = int(torch.randint(0, 1000, (1,), generator=g))  # junk past the length
+        is_sparse[r], ds[r], lens[r] = True, d, m
+    dev = b.q.device
+    return dict(is_sparse=is_sparse.to(dev), draft_start=ds.to(dev), pillar_indices=idx.to(dev),
+                pillar_lengths=lens.to(dev))
+
+
+def request_masks(b: Batch, r: int, Hq: int, Hkv: int, sliding_window=-1, sparse=None):
+    """[Hq, n, L] attend mask of request r, built the slow, obvious way."""
+    qsl = b.query_start_loc.tolist()
+    L, n = int(b.seq_lens[r]), qsl[r + 1] - qsl[r]
+    G = Hq // Hkv
+    mask = torch.zeros(Hq, n, L, dtype=torch.bool)
+    for h in range(Hq):
+        allowed = set(range(L))
+        if sparse is not None and bool(sparse["is_sparse"][r]):
+            m = int(sparse["pillar_lengths"][r])
+            allowed = set(sparse["pillar_indices"][r, h // G, :m].tolist()) | set(
+                range(int(sparse["draft_start"][r]), L))
+        for i in range(n):
+            p = L - n + i
+            for t in allowed:
+                if t <= p and (sliding_window <= 0 or t > p - sliding_window):
+                    mask[h, i, t] = True
+    return mask
