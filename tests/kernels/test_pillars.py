@@ -1,0 +1,90 @@
+"""pillar_scores and select_pillars: Triton (interpreter) vs reference, and the properties the draft relies on."""
+
+import math
+
+import torch
+from hypothesis import given, settings, strategies as st
+from kernel_cases import make_batch, request_masks
+
+from sparsespec_compile import kernels
+
+SETTINGS = settings(max_examples=10, deadline=None, derandomize=True)
+
+
+def _verify_batch(specs, group, d, page, dtype, seed, pad=0):
+    hkv = 2
+    b = make_batch(specs, hkv * group, hkv, d, page, dtype, seed=seed, pad_tokens=pad)
+    _, lse = kernels.unified_attention(b.q, b.k_cache, b.v_cache, **b.meta(), max_query_len=b.max_query_len,
+                                       max_seq_len=b.max_seq_len, scale=b.scale, return_lse=True, impl="reference")
+    return b, lse
+
+
+verify_req = st.integers(0, 70).flatmap(lambda c: st.tuples(st.integers(1, 9), st.just(c)))  # (q_len, context)
+
+
+@SETTINGS
+@given(reqs=st.lists(verify_req, min_size=1, max_size=4), group=st.sampled_from([1, 3, 4, 8]),
+       d=st.sampled_from([16, 64]), page=st.sampled_from([4, 16]), dtype=st.sampled_from([torch.float32, torch.float16]),
+       window=st.sampled_from([-1, 9]), softcap=st.sampled_from([0.0, 5.0]), seed=st.integers(0, 2**16))
+def test_scores_triton_matches_reference(reqs, group, d, page, dtype, window, softcap, seed):
+    specs = [(n, n + c) for n, c in reqs]
+    b, lse = _verify_batch(specs, group, d, page, dtype, seed, pad=1)
+    rows = torch.tensor([r for r in range(len(specs)) if r != 1], dtype=torch.int64)
+    kw = dict(**b.meta(), rows=rows, lse=lse, scale=b.scale, softcap=softcap, sliding_window=window)
+    ref = kernels.pillar_scores(b.q, b.k_cache, **kw, impl="reference")
+    out = kernels.pillar_scores(b.q, b.k_cache, **kw, impl="triton")
+    assert out.shape == ref.shape and ref.shape[-1] == max([max(c, 1) for _, c in (reqs[r] for r in rows.tolist())] + [1])
+    assert torch.equal(torch.isinf(out), torch.isinf(ref))
+    torch.testing.assert_close(out.nan_to_num(neginf=0), ref.nan_to_num(neginf=0), rtol=1e-3, atol=1e-6)
+
+
+def test_scores_are_mean_probabilities():
+    """Scores of the verified context are the verify queries' full-attention probabilities, group/query mean."""
+    specs = [(9, 40), (3, 3 + 17)]
+    b, lse = _verify_batch(specs, 4, 16, 4, torch.float32, seed=7)
+    s = kernels.pillar_scores(b.q, b.k_cache, **b.meta(), rows=torch.tensor([0, 1]), lse=lse, scale=b.scale,
+                              max_ctx=64, impl="reference")
+    assert s.shape == (2, 2, 64)
+    qsl = b.query_start_loc.tolist()
+    for j, (n, L) in enumerate(specs):
+        qr = b.q[qsl[j]:qsl[j + 1]].double()
+        k = b.context(j, b.k_cache).double().repeat_interleave(4, dim=1)
+        logits = torch.einsum("nhd,lhd->hnl", qr, k) * b.scale
+        logits = logits.masked_fill(~request_masks(b, j, 8, 2), -math.inf)
+        p = torch.softmax(logits, -1)[:, :, : L - n]  # [Hq, n, c]
+        want = p.reshape(2, 4, n, L - n).mean(dim=(1, 2))
+        torch.testing.assert_close(s[j, :, : L - n].double(), want, rtol=1e-5, atol=1e-7)
+        assert torch.isinf(s[j, :, L - n:]).all()
+
+
+@SETTINGS
+@given(rv=st.integers(1, 4), hkv=st.integers(1, 3), n=st.integers(1, 150), data=st.data(),
+       recent=st.integers(0, 20), ties=st.booleans(), seed=st.integers(0, 2**16))
+def test_select_pillars(rv, hkv, n, data, recent, ties, seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(rv, hkv, n, generator=g)
+    if ties:  # few distinct values: exercises the tie rule (lower position wins)
+        scores = (scores * 4).floor() / 4
+    ctx = torch.tensor(data.draw(st.lists(st.integers(0, n), min_size=rv, max_size=rv)))
+    scores[torch.arange(n)[None, None, :] >= ctx[:, None, None].expand(rv, hkv, n)] = -math.inf
+    max_budget = data.draw(st.integers(1, 64))
+    budget = torch.tensor(data.draw(st.lists(st.integers(0, max_budget), min_size=rv, max_size=rv)))
+    ref_i, ref_l = kernels.select_pillars(scores, ctx, budget, recent, max_budget, impl="reference")
+    out_i, out_l = kernels.select_pillars(scores, ctx, budget, recent, max_budget, impl="triton")
+    assert out_i.shape == (rv, hkv, max_budget) and out_i.dtype == torch.int32 and out_l.dtype == torch.int32
+    assert torch.equal(out_l, ref_l)
+    for j in range(rv):
+        b, c = int(out_l[j]), int(ctx[j])
+        assert b == min(int(budget[j]), c)
+        newest = set(range(c - min(recent, b), c))
+        for h in range(hkv):
+            sel = out_i[j, h, :b]
+            assert torch.equal(sel, ref_i[j, h, :b])
+            assert len(set(sel.tolist())) == b and (sel >= 0).all() and (sel < c).all()  # b distinct, valid
+            assert torch.equal(sel, sel.sort().values)
+            assert newest <= set(sel.tolist())
+            if b:  # every kept position (outside the forced newest) scores >= every dropped one
+                kept = [t for t in sel.tolist() if t not in newest]
+                dropped = sorted(set(range(c)) - set(sel.tolist()))
+                if kept and dropped:
+                    assert scores[j, h, kept].min() >= scores[j, h, dropped].max()
