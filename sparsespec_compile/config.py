@@ -1,0 +1,100 @@
+"""SparseSpecConfig: every knob of the backend and the runtime, validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+_DRAFTS = ("pillar", "streaming", "full")
+_COMPILERS = ("inductor", "eager")
+_IMPLS = ("auto", "reference", "triton")
+
+
+@dataclass(frozen=True)
+class SparseSpecConfig:
+    """Knobs of ``torch.compile(model, backend="sparsespec", options={...})`` and of ``LLM``.
+
+    stride: draft tokens per speculative cycle (k); 0 = plain decoding on the same runtime (the baseline).
+    sparsity: fraction s of the verified context kept as pillars (B = max(min_budget, ceil(s * L))).
+    min_budget / max_budget: bounds on B (paper: 128 and 6,144).
+    recent: newest verified tokens always among the pillars.
+    draft: "pillar" (PillarAttn), "streaming" (sinks + recent window, MagicDec-like, same budget) or
+        "full" (full-attention draft: the upper bound on acceptance).
+    page_size: tokens per KV page.
+    kv_memory_fraction: share of free device memory given to the KV pool (ignored when num_pages is set).
+    num_pages: explicit KV pool size in pages (tests, oversubscription experiments).
+    max_num_seqs / max_num_batched_tokens: requests and tokens per step.
+    compiler: "inductor" (default) or "eager" (run the rewritten graph without Inductor).
+    attention_impl: "auto" (Triton on GPU, PyTorch reference on CPU), "reference" or "triton".
+    overlap: delayed verification (a request that verified sits out one step while the host reads its result).
+    """
+
+    stride: int = 8
+    sparsity: float = 0.05
+    min_budget: int = 128
+    max_budget: int = 6144
+    recent: int = 16
+    draft: str = "pillar"
+    page_size: int = 16
+    kv_memory_fraction: float = 0.5
+    num_pages: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    compiler: str = "inductor"
+    attention_impl: str = "auto"
+    overlap: bool = True
+
+    def __post_init__(self) -> None:
+        def fail(name: str, why: str) -> None:
+            raise ValueError(f"SparseSpecConfig.{name}={getattr(self, name)!r}: {why}")
+
+        if not isinstance(self.stride, int) or self.stride < 0:
+            fail("stride", "must be an int >= 0 (0 = plain decoding; the paper uses 8)")
+        if not (0.0 < self.sparsity <= 1.0):
+            fail("sparsity", "must be in (0, 1] (the fraction of context kept as pillars; paper: 0.05)")
+        if self.min_budget < 1:
+            fail("min_budget", "must be >= 1")
+        if self.max_budget < self.min_budget:
+            fail("max_budget", f"must be >= min_budget ({self.min_budget})")
+        if not (0 <= self.recent <= self.min_budget):
+            fail("recent", f"must be in [0, min_budget={self.min_budget}]")
+        if self.draft not in _DRAFTS:
+            fail("draft", f"must be one of {_DRAFTS}")
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            fail("page_size", "must be a power of two >= 1")
+        if not (0.0 < self.kv_memory_fraction < 1.0):
+            fail("kv_memory_fraction", "must be in (0, 1)")
+        if self.num_pages is not None and self.num_pages < 1:
+            fail("num_pages", "must be >= 1 or None (size from memory)")
+        if self.max_num_seqs < 1:
+            fail("max_num_seqs", "must be >= 1")
+        if self.max_num_batched_tokens < self.stride + 1:
+            fail("max_num_batched_tokens", f"must be >= stride + 1 = {self.stride + 1} (one verify chunk)")
+        if self.compiler not in _COMPILERS:
+            fail("compiler", f"must be one of {_COMPILERS}")
+        if self.attention_impl not in _IMPLS:
+            fail("attention_impl", f"must be one of {_IMPLS}")
+
+    def budget(self, context_len: int) -> int:
+        """Pillar count B for a verified context of ``context_len`` tokens (never more than the context)."""
+        b = max(self.min_budget, math.ceil(self.sparsity * context_len))
+        return min(b, self.max_budget, context_len)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | SparseSpecConfig | None) -> SparseSpecConfig:
+        """Build from ``torch.compile(..., options=...)``; unknown keys are an error naming the valid ones."""
+        if options is None:
+            return cls()
+        if isinstance(options, SparseSpecConfig):
+            return options
+        if not isinstance(options, Mapping):
+            raise TypeError(f"sparsespec options must be a dict or SparseSpecConfig, got {type(options).__name__}")
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise ValueError(
+                f"unknown sparsespec option(s) {unknown}; valid options are: {', '.join(sorted(valid))}"
+            )
+        return cls(**options)
