@@ -5,7 +5,7 @@ one KV head, flattened into ``BLOCK_M = BLOCK_Q * GROUP_PAD`` rows of one ``tl.d
 once for the whole GQA group. The program walks a *virtual key range*: for a full row the positions
 ``0 .. last``; for a sparse (PillarAttn) row the pillar list followed by ``draft_start .. last``. Each key's page
 comes from the block table, so full and sparse rows share one loop and one launch. Long contexts with few
-programs are cut into ``NUM_SPLITS`` slices whose partial (acc, max, sum) a second kernel merges
+programs are cut into ``num_splits`` slices whose partial (acc, max, sum) a second kernel merges
 (flash-decoding).
 """
 
@@ -38,17 +38,18 @@ def _find_request(query_start_loc, R, qblock, BLOCK_Q: tl.constexpr):
     return lo
 
 
-@triton.jit
+# runtime ints that vary per step are not specialised (no recompiles when a count crosses 1 or a multiple of 16)
+@triton.jit(do_not_specialize=["R", "T_pad", "num_splits", "sliding_window", "seq_bucket"])
 def _attn_kernel(
     out, lse, part_acc, part_m, part_l,
     q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
     is_sparse, draft_start, pillar_indices, pillar_lengths,
-    R, T_pad, scale, softcap, sliding_window, seq_bucket,
+    R, T_pad, num_splits, scale, softcap, sliding_window, seq_bucket,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cp, stride_co, stride_ch, stride_bt, stride_pr, stride_ph,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, HAS_SPARSE: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
+    SPLIT_KV: tl.constexpr, HAS_SPARSE: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     qblock = tl.program_id(0)
@@ -90,7 +91,7 @@ def _attn_kernel(
         if HAS_SPARSE:
             lo = tl.where(sp, 0, lo)
     n_virtual = n_pil + tl.maximum(last + 1 - dstart, 0)  # pillars, then draft_start .. last (full: 0 .. last)
-    per_split = tl.cdiv(tl.cdiv(n_virtual - lo, BLOCK_N), NUM_SPLITS) * BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(n_virtual - lo, BLOCK_N), num_splits) * BLOCK_N
     j_begin = lo + split * per_split
     j_end = tl.minimum(n_virtual, j_begin + per_split)
 
@@ -136,14 +137,14 @@ def _attn_kernel(
         m_i = m_new
 
     out_mask = row_ok[:, None] & d_ok[None, :]
-    if NUM_SPLITS == 1:
+    if not SPLIT_KV:
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         o = acc / l_safe[:, None]
         tl.store(out + qrow[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
                  o.to(out.dtype.element_ty), mask=out_mask)
         lse_v = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
         tl.store(lse + qrow * (GROUP * tl.num_programs(1)) + head, lse_v, mask=row_ok)
-    else:  # partials [NUM_SPLITS, T_pad, Hq, (D)]; merged by _merge_kernel
+    else:  # partials [num_splits, T_pad, Hq, (D)]; merged by _merge_kernel
         Hq = GROUP * tl.num_programs(1)
         prow = (split * T_pad + qrow) * Hq + head  # [BLOCK_M]
         tl.store(part_acc + prow[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=out_mask)
@@ -151,16 +152,16 @@ def _attn_kernel(
         tl.store(part_l + prow, l_i, mask=row_ok)
 
 
-@triton.jit
-def _merge_kernel(out, lse, part_acc, part_m, part_l, query_start_loc, R, T_pad, stride_ot, stride_oh,
+@triton.jit(do_not_specialize=["R", "T_pad", "num_splits"])
+def _merge_kernel(out, lse, part_acc, part_m, part_l, query_start_loc, R, T_pad, num_splits, stride_ot, stride_oh,
                   HQ: tl.constexpr, HQ_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                  SPLITS_PAD: tl.constexpr):
     t = tl.program_id(0)  # one program per token, all heads: few programs (the interpreter pays per program)
     if t >= tl.load(query_start_loc + R):  # padding tokens keep their zeros
         return
     sp = tl.arange(0, SPLITS_PAD)[:, None]
     h = tl.arange(0, HQ_PAD)[None, :]
-    ok = (sp < NUM_SPLITS) & (h < HQ)
+    ok = (sp < num_splits) & (h < HQ)
     prow = (sp * T_pad + t) * HQ + h  # [SPLITS_PAD, HQ_PAD]
     m = tl.load(part_m + prow, mask=ok, other=float("-inf"))
     l = tl.load(part_l + prow, mask=ok, other=0.0)
@@ -184,12 +185,18 @@ def _tuning_configs():
     # Measured on the H200 (bench/RESULTS.md): decode is bound by the gathered K/V loads, so wide key tiles and
     # 2-3 stages of prefetch matter most; the set is kept small because every shape tunes once.
     return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bn, w, s in ((32, 4, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (64, 8, 3), (128, 8, 3))]
+            for bn, w, s in ((32, 4, 3), (64, 4, 2), (64, 4, 3), (128, 8, 2))]
+
+
+def _quick_bench(fn, quantiles=None):
+    # autotuning runs once per shape key: 5 ms warm-up / 25 ms of repeats per config keeps a sweep short
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
 
 _attn_kernel_tuned = triton.autotune(
     configs=_tuning_configs(),
-    key=["HEAD_DIM", "GROUP", "BLOCK_M", "NUM_SPLITS", "HAS_SPARSE", "seq_bucket", "PAGE_SIZE"],
+    key=["HEAD_DIM", "GROUP", "BLOCK_M", "SPLIT_KV", "HAS_SPARSE", "seq_bucket", "PAGE_SIZE", "num_splits"],
+    do_bench=_quick_bench,
 )(_attn_kernel)
 
 _NUM_SMS: dict[int, int] = {}
@@ -252,13 +259,13 @@ def unified_attention_triton(q, k_cache, v_cache, *, query_start_loc, seq_lens, 
     upcast = interpreting()
     args = (out, lse, part_acc, part_m, part_l, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
             is_sparse, draft_start, pillar_indices, pillar_lengths,
-            R, T, float(scale), float(softcap) if softcap > 0 else 1.0, int(sliding_window),
+            R, T, splits, float(scale), float(softcap) if softcap > 0 else 1.0, int(sliding_window),
             triton.next_power_of_2(max(max_seq_len, 1)),
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
             pillar_indices.stride(0), pillar_indices.stride(1))
     meta = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), GROUP=Hq // Hkv, GROUP_PAD=gp, BLOCK_Q=bq,
-                BLOCK_M=bq * gp, PAGE_SIZE=P, NUM_SPLITS=splits, HAS_SPARSE=has_sparse, USE_SOFTCAP=softcap > 0,
+                BLOCK_M=bq * gp, PAGE_SIZE=P, SPLIT_KV=splits > 1, HAS_SPARSE=has_sparse, USE_SOFTCAP=softcap > 0,
                 USE_WINDOW=sliding_window > 0, UPCAST=upcast,
                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
     grid = (n_qblocks, Hkv, splits)
@@ -267,7 +274,7 @@ def unified_attention_triton(q, k_cache, v_cache, *, query_start_loc, seq_lens, 
     else:
         _attn_kernel_tuned[grid](*args, **meta)
     if splits > 1:
-        _merge_kernel[(T,)](out, lse, part_acc, part_m, part_l, query_start_loc, R, T, out.stride(0), out.stride(1),
+        _merge_kernel[(T,)](out, lse, part_acc, part_m, part_l, query_start_loc, R, T, splits, out.stride(0), out.stride(1),
                             HQ=Hq, HQ_PAD=triton.next_power_of_2(Hq), HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D),
-                            NUM_SPLITS=splits, SPLITS_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4)
+                            SPLITS_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4)
     return out, lse

@@ -21,7 +21,7 @@ from ._validate import interpreting
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_ctx", "sliding_window", "seq_bucket"])
 def _scores_kernel(
     scores, q, k_cache, lse, query_start_loc, seq_lens, block_tables, rows,
     max_ctx, scale, softcap, sliding_window, seq_bucket,
@@ -81,8 +81,9 @@ def _scores_kernel(
 
 _scores_kernel_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-             for bn, w, s in ((64, 4, 2), (128, 4, 2), (128, 8, 2), (256, 8, 2))],
+             for bn, w, s in ((64, 4, 2), (128, 4, 2), (128, 8, 2))],
     key=["HEAD_DIM", "BLOCK_M", "seq_bucket", "PAGE_SIZE"],
+    do_bench=lambda fn, quantiles=None: triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles),
 )(_scores_kernel)
 
 
@@ -122,7 +123,7 @@ def _key(scores_row, pos, ctx, n_recent):
     return tl.where(pos < ctx, key, -1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["recent", "N"])
 def _select_kernel(indices, scores, ctx_lens, budget, recent, N, stride_sj, stride_sh, stride_ij, stride_ih,
                    BLOCK: tl.constexpr):
     j = tl.program_id(0)
