@@ -219,6 +219,8 @@ class Scheduler:
     def _admit(self, plan: StepPlan, budget: int) -> None:
         while self.waiting and budget > 0 and self._free_slots:
             r = self.waiting[0]
+            if r in plan.preempted:
+                return  # not back in the step that evicted it: that would only thrash
             # Watermark: admit only if its whole prefill fits in free pages now, so admitted prompts finish
             # prefilling instead of all stalling half-way; and only if the decode load stays within the budget.
             if not self.allocator.can_allocate(self.allocator.blocks_for(r.prefill_target + 1)):

@@ -1,0 +1,199 @@
+"""Sampling and lossless speculative verification, on the device (no host sync: every decision is a tensor op,
+and the branches taken on the host depend only on the ``SamplingParams``, never on tensor values).
+
+Shapes: ``N`` rows (requests), ``k`` draft slots (rows with fewer drafts pass ``num_drafts``), ``V`` vocabulary.
+
+Speculative rejection sampling (Leviathan et al. 2023, Chen et al. 2023), per row, with ``p_i``/``q_i`` the
+target/draft distributions at draft slot ``i`` after the *same* temperature/top-k/top-p transform:
+
+    for i in 1..j:   accept d_i with probability min(1, p_i(d_i) / q_i(d_i))
+    first reject at i:  emit x ~ norm(max(p_i - q_i, 0))          (the residual)
+    all j accepted:     emit the bonus x ~ p_{j+1}
+
+Why it is lossless: P(emit x at slot i) = q_i(x)·min(1, p_i(x)/q_i(x)) + P(reject)·max(p_i(x)-q_i(x), 0)/Z
+= min(q_i(x), p_i(x)) + max(p_i(x) - q_i(x), 0) = p_i(x), since Z = Σ max(p_i - q_i, 0) = P(reject).
+Greedy rows are the special case with one-hot p and q: accept iff d_i == argmax p_i, emit argmax p_i.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .sampling_params import SamplingParams
+
+def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """A request's own generator: its samples do not depend on what else shares the batch."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class SamplingTensors:
+    """Per-row sampling parameters on the device, plus host flags that pick the code path without a sync."""
+
+    temperature: torch.Tensor  # [N] float32 (greedy rows hold 1.0: never divided by 0)
+    top_k: torch.Tensor  # [N] int64, V where off
+    top_p: torch.Tensor  # [N] float32
+    greedy: torch.Tensor  # [N] bool
+    any_greedy: bool
+    all_greedy: bool
+    use_top_k: bool
+    use_top_p: bool
+
+    @classmethod
+    def build(cls, params: SamplingParams | Sequence[SamplingParams], n: int, vocab: int,
+              device: torch.device | str) -> "SamplingTensors":
+        if isinstance(params, SamplingParams):  # one set for every row: no per-row Python work
+            rows = [params]
+            f = lambda xs, dt: torch.full((n,), xs[0], dtype=dt, device=device)  # noqa: E731
+        else:
+            rows = list(params)
+            f = lambda xs, dt: torch.tensor(xs, dtype=dt).to(device, non_blocking=True)  # noqa: E731
+            if len(rows) != n:
+                raise ValueError(f"got {len(rows)} SamplingParams for {n} rows")
+        greedy = [p.greedy for p in rows]
+        return cls(
+            temperature=f([1.0 if g else p.temperature for p, g in zip(rows, greedy)], torch.float32),
+            top_k=f([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in rows], torch.int64),
+            top_p=f([p.top_p for p in rows], torch.float32),
+            greedy=f(greedy, torch.bool),
+            any_greedy=any(greedy), all_greedy=all(greedy),
+            use_top_k=any(0 < p.top_k < vocab and not g for p, g in zip(rows, greedy)),
+            use_top_p=any(p.top_p < 1.0 and not g for p, g in zip(rows, greedy)),
+        )
+
+
+def probs_from_logits(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+    """logits: [N, V] or [N, S, V] -> float32 probabilities after temperature, top-k, top-p (HF's order).
+
+    Greedy rows become one-hot at the argmax (first index on ties), which makes verification exact for them.
+    """
+    x = logits.float()
+    extra = (1,) * (x.dim() - 1)  # broadcast [N] over [N, (S,) V]
+    if st.all_greedy:
+        return torch.zeros_like(x).scatter_(-1, x.argmax(-1, keepdim=True), 1.0)
+    x = x / st.temperature.view(-1, *extra)
+    if st.use_top_k or st.use_top_p:
+        sx, si = x.sort(-1, descending=True)  # one sort serves both filters
+        if st.use_top_k:
+            # Keep every token whose logit ties the k-th largest, as HF's TopKLogitsWarper does.
+            kth = sx.gather(-1, (st.top_k.view(-1, *extra) - 1).expand(*sx.shape[:-1], 1))
+            sx = sx.masked_fill(sx < kth, float("-inf"))
+        if st.use_top_p:
+            # Drop a token when the tokens ranked above it already reach top_p (HF: ascending cumsum
+            # <= 1 - top_p, the same set); the top token always survives since its prefix sum is 0 < top_p.
+            sp = sx.softmax(-1)
+            before = sp.cumsum(-1) - sp
+            sx = sx.masked_fill(before >= st.top_p.view(-1, *extra), float("-inf"))
+        x = torch.empty_like(x).scatter_(-1, si, sx)
+    probs = x.softmax(-1)
+    if st.any_greedy:
+        onehot = torch.zeros_like(probs).scatter_(-1, logits.float().argmax(-1, keepdim=True), 1.0)
+        probs = torch.where(st.greedy.view(-1, *extra), onehot, probs)
+    return probs
+
+
+def _noise(kind: str, shape: tuple[int, ...], generators, device) -> torch.Tensor:
+    """Uniform [0, 1) or Exp(1) noise [N, ...]; row ``i`` drawn from ``generators[i]`` when it has one.
+
+    One call for all rows without their own generator (or for all rows when a single generator is given), then
+    one call per seeded row: a seeded request's stream depends only on its own draws.
+    """
+    out = torch.empty(shape, device=device)
+    draw = (lambda t, g: t.uniform_(generator=g)) if kind == "uniform" else (lambda t, g: t.exponential_(generator=g))
+    if generators is None or isinstance(generators, torch.Generator):
+        return draw(out, generators)
+    draw(out, None)
+    for i, g in enumerate(generators):
+        if g is not None:
+            draw(out[i], g)
+    return out
+
+
+def _race(weights: torch.Tensor, generators) -> torch.Tensor:
+    """Sample index ~ weights (unnormalised, >= 0) along the last dim: argmax(w / E), E ~ Exp(1) i.i.d.
+
+    The exponential race is exact (min_x E_x / w_x is attained at x with probability w_x / Σw) and, unlike
+    ``torch.multinomial``, needs no host sync (gpt-fast's ``multinomial_sample_one_no_sync``).
+    """
+    return (weights / _noise("exp", tuple(weights.shape), generators, weights.device)).argmax(-1)
+
+
+def sample(logits: torch.Tensor, params, generators=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits: [N, V] -> (tokens [N] int64, probs [N, V] float32: the distribution sampled from).
+
+    Used for non-speculative steps and for drafting; keep ``probs`` of drafts for ``rejection_sample``.
+    ``params``: one ``SamplingParams`` for all rows, one per row, or a prebuilt ``SamplingTensors``.
+    """
+    st = _as_tensors(params, logits)
+    probs = probs_from_logits(logits, st)  # [N, V]
+    if st.all_greedy:
+        return probs.argmax(-1), probs
+    return _race(probs, generators), probs  # greedy rows: one-hot probs, so the race returns the argmax
+
+
+def greedy_verify(draft_tokens: torch.Tensor, target_logits: torch.Tensor,
+                  num_drafts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """draft_tokens [N, k], target_logits [N, k+1, V] -> (accepted [N] int64, tokens [N, k+1] int64).
+
+    ``tokens[r, :accepted[r]]`` are the accepted drafts (== the target's argmaxes), ``tokens[r, accepted[r]]`` the
+    target's argmax at the first mismatch (or the bonus token), later slots ``-1``.
+    """
+    n, k = draft_tokens.shape
+    t = target_logits.argmax(-1)  # [N, k+1] the target's greedy token after each verify input
+    match = draft_tokens == t[:, :k]  # [N, k]
+    if num_drafts is not None:
+        match &= torch.arange(k, device=t.device) < num_drafts.view(-1, 1)
+    accepted = match.long().cumprod(1).sum(1)  # [N] longest matching prefix
+    tokens = t.masked_fill(torch.arange(k + 1, device=t.device) > accepted.view(-1, 1), -1)
+    return accepted, tokens
+
+
+def _residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """p, q: [N, V] -> unnormalised max(p - q, 0). Falls back to p where the residual is all zero (p == q up to
+    rounding: then rejection had probability ~0 anyway)."""
+    r = (p - q).clamp_min(0.0)
+    return torch.where(r.sum(-1, keepdim=True) > 0, r, p)
+
+
+def rejection_sample(draft_tokens: torch.Tensor, draft_probs: torch.Tensor, target_logits: torch.Tensor,
+                     params, generators=None,
+                     num_drafts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """draft_tokens [N, k] (sampled from draft_probs), draft_probs [N, k, V] (from ``sample``), target_logits
+    [N, k+1, V] -> (accepted [N] int64, tokens [N, k+1] int64) laid out as in ``greedy_verify``.
+
+    Rows with fewer drafts pass ``num_drafts [N]``; their padded slots are never accepted and their draft
+    probabilities are ignored, so the emitted token there is the bonus ``~ p_{j+1}``.
+    """
+    n, k = draft_tokens.shape
+    st = _as_tensors(params, target_logits)
+    if st.all_greedy:
+        return greedy_verify(draft_tokens, target_logits, num_drafts)
+    dev = target_logits.device
+    valid = torch.ones(n, k, dtype=torch.bool, device=dev)  # [N, k]
+    if num_drafts is not None:
+        valid = torch.arange(k, device=dev) < num_drafts.view(-1, 1)
+    p = probs_from_logits(target_logits, st)  # [N, k+1, V]
+    q = draft_probs.float() * valid.unsqueeze(-1)  # [N, k, V], zero on padded slots
+    d = draft_tokens.long().unsqueeze(-1)  # [N, k, 1]
+    p_d = p[:, :k].gather(-1, d).squeeze(-1)  # [N, k] p_i(d_i)
+    q_d = q.gather(-1, d).squeeze(-1)  # [N, k] q_i(d_i) > 0 on valid slots: d_i was drawn from q_i
+    u = _noise("uniform", (n, k), generators, dev)  # [N, k]
+    accept = (u * q_d < p_d) & valid  # u < p/q without dividing: accept with prob min(1, p/q)
+    accepted = accept.long().cumprod(1).sum(1)  # [N] drafts kept before the first rejection
+    # Slot a = accepted: residual max(p_a - q_a, 0); for a == j the padded q_a is 0, so it is p_{j+1} (the bonus).
+    rows = torch.arange(n, device=dev)
+    q_pad = torch.cat([q, q.new_zeros(n, 1, q.shape[-1])], 1)  # [N, k+1, V]
+    x = _race(_residual(p[rows, accepted], q_pad[rows, accepted]), generators)  # [N]
+    tokens = torch.cat([draft_tokens.long(), draft_tokens.new_zeros(n, 1, dtype=torch.long)], 1)  # [N, k+1]
+    tokens[rows, accepted] = x
+    tokens = tokens.masked_fill(torch.arange(k + 1, device=dev) > accepted.view(-1, 1), -1)
+    return accepted, tokens
+
+
+def _as_tensors(params, logits: torch.Tensor) -> SamplingTensors:
+    if isinstance(params, SamplingTensors):
+        return params
+    return SamplingTensors.build(params, logits.shape[0], logits.shape[-1], logits.device)

@@ -1,0 +1,255 @@
+"""Unified scheduler: explicit bookkeeping of one cycle, phase staggering, bad input, and a Hypothesis state
+machine that drives it with a fake model (ss_runtime_sim) and checks nothing is lost, duplicated or leaked."""
+
+import random
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import event, given, settings
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from sparsespec_compile.runtime.block_allocator import BlockAllocator
+from sparsespec_compile.runtime.request import Request, RequestState
+from sparsespec_compile.runtime.sampling_params import SamplingParams
+from sparsespec_compile.runtime.scheduler import Scheduler, StepKind
+from ss_runtime_sim import EOS, V, reference, run_to_completion, simulate
+
+
+def make(stride=3, blocks=64, page=4, budget=256, max_model_len=512, **kw):
+    return Scheduler(BlockAllocator(blocks, page), stride=stride, max_num_batched_tokens=budget,
+                     max_model_len=max_model_len, eos_token_ids=[EOS], **kw)
+
+
+def test_one_cycle_bookkeeping():
+    s = make(stride=3)
+    r = Request([5, 6, 7], SamplingParams(max_tokens=100))
+    s.add(r)
+    p = s.schedule()
+    (e,) = p.entries
+    assert (e.kind, e.token_ids, e.positions, e.num_logits) == (StepKind.PREFILL, (5, 6, 7), range(0, 3), 1)
+    s.update(p, [[10]])  # t0 = 10 sampled from the prompt's last logits
+    assert r.output_token_ids == [10] and r.num_computed_tokens == 3 and r.state is RequestState.DRAFT
+    for i, d in enumerate([11, 12, 13]):  # drafts: input the previous token, sample the next draft
+        p = s.schedule()
+        (e,) = p.entries
+        assert (e.kind, e.token_ids, e.start_pos, e.num_logits, e.sparse) == \
+            (StepKind.DRAFT, ((10, 11, 12)[i],), 3 + i, 1, False)  # first cycle: full attention
+        s.update(p, [[d]])
+    p = s.schedule()
+    (e,) = p.entries
+    # verify chunk: [last verified token, d1..dk] at consecutive positions from num_computed_tokens
+    assert (e.kind, e.token_ids, e.positions, e.num_logits, e.score) == \
+        (StepKind.VERIFY, (10, 11, 12, 13), range(3, 7), 4, True)
+    assert e.draft_token_ids == (11, 12, 13) and e.seq_len == 7
+    s.update(p, [[11, 20]])  # d1 accepted, d2 rejected, target says 20
+    assert r.output_token_ids == [10, 11, 20] and r.num_computed_tokens == 5  # KV of 10, 11 verified
+    assert r.draft_start == 3 and r.has_pillars and r.metrics.accepted == [1]
+    p = s.schedule()
+    (e,) = p.entries
+    assert (e.kind, e.token_ids, e.start_pos, e.sparse, e.draft_start) == (StepKind.DRAFT, (20,), 5, True, 3)
+
+
+def test_stride_zero_is_plain_decoding():
+    s = make(stride=0)
+    r = Request([1, 2], SamplingParams(max_tokens=3))
+    s.add(r)
+    s.update(s.schedule(), [[7]])
+    for t in (8, 9):
+        p = s.schedule()
+        (e,) = p.entries
+        assert (e.kind, e.token_ids, e.num_logits, e.score) == (StepKind.VERIFY, (r.last_token_id,), 1, False)
+        s.update(p, [[t]])
+    assert r.is_finished and r.output_token_ids == [7, 8, 9] and r.finish_reason == "length"
+
+
+def test_max_tokens_and_eos_mid_acceptance():
+    s = make(stride=8)
+    a = Request([1], SamplingParams(max_tokens=4))
+    s.add(a)
+    s.update(s.schedule(), [[3]])
+    assert a.num_cycle_drafts == 2  # only 3 more tokens allowed: draft 2, verify emits up to 3
+    s.update(s.schedule(), [[4]])
+    s.update(s.schedule(), [[5]])
+    p = s.schedule()
+    assert p.entries[0].token_ids == (3, 4, 5)
+    s.update(p, [[4, 5, 6]])
+    assert a.output_token_ids == [3, 4, 5, 6] and a.finish_reason == "length" and s.allocator.num_free == 64
+    b = Request([1], SamplingParams(max_tokens=50))
+    s.add(b)
+    p = s.schedule()
+    assert p.finished == [a]  # reported once, in the next plan
+    s.update(p, [[3]])
+    while b.state is RequestState.DRAFT:
+        s.update(s.schedule(), [[9]])
+    p = s.schedule()
+    s.update(p, [[9, EOS]])  # EOS accepted as the target's token: stop, later slots never appended
+    assert b.output_token_ids == [3, 9, EOS] and b.finish_reason == "stop"
+    assert s.schedule().finished == [b] and not s.has_unfinished()
+
+
+def test_delayed_verification_sits_out_one_step():
+    s = make(stride=2, delayed_verify=True)
+    r = Request([1, 2], SamplingParams(max_tokens=50))
+    s.add(r)
+    kinds = []
+    for _ in range(9):
+        p = s.schedule()
+        kinds.append(p.entries[0].kind.value if p.entries else "-")
+        s.update(p, simulate(p, random.Random(0), 1.0, {}))
+    assert kinds == ["prefill", "draft", "draft", "verify", "-", "draft", "draft", "verify", "-"]
+
+
+def test_bad_requests_are_rejected_others_unaffected():
+    for bad, msg in (([], "empty"), ("hi", "string"), ([1, -2], "negative"), ([1, "x"], "ints")):
+        with pytest.raises(ValueError, match=msg):
+            Request(bad)
+    with pytest.raises(ValueError, match="SamplingParams"):
+        Request([1], params={"max_tokens": 3})
+    s = make(stride=2, blocks=9, page=4, max_model_len=32)
+    good = Request([1, 2, 3], SamplingParams(max_tokens=5))
+    too_long = Request(list(range(1, 33)))
+    too_big = Request([1, 2], SamplingParams(max_tokens=200))  # accepted: generation is clipped at max_model_len
+    huge = Scheduler(BlockAllocator(2, 4), stride=2, max_model_len=64)
+    with pytest.raises(ValueError, match="KV pages"):
+        huge.check(Request([1] * 10, SamplingParams(max_tokens=40)))
+    with pytest.raises(ValueError, match="max_model_len"):
+        s.check(too_long)
+    assert s.add(good) and not s.add(too_long) and s.add(too_big)
+    assert too_long.is_finished and too_long.finish_reason.startswith("error: prompt has 32 tokens")
+    with pytest.raises(ValueError, match="duplicate"):
+        s.check(good)
+    fin = run_to_completion(s, random.Random(0), 0.5, {})
+    assert fin[0] is too_long and good.finish_reason == "length" and len(good.output_token_ids) == 5
+    assert too_big.finish_reason == "length" and too_big.num_tokens == 32  # clipped at max_model_len
+
+
+@settings(max_examples=60, deadline=None)
+@given(k=st.integers(1, 8), n=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_staggered_phases_keep_step_sizes_flat(k, n, seed):
+    """Steady state (all decoding, no departures): every step carries n + k*v tokens with v verifying requests,
+    v in {floor(n/(k+1)), ceil(n/(k+1))} — about n(2k+1)/(k+1), versus swinging between n and n(k+1)."""
+    rng = random.Random(seed)
+    s = make(stride=k, blocks=4096, page=16, budget=100_000, max_model_len=100_000)
+    pending = [Request([rng.randrange(1, V) for _ in range(rng.randint(1, 30))],
+                       SamplingParams(max_tokens=10_000)) for _ in range(n)]
+    sizes = []
+    for step in range(6 * (k + 1) + 4 * n):
+        if pending and rng.random() < 0.5:  # arrivals spread over time, at arbitrary phases
+            s.add(pending.pop())
+        p = s.schedule()
+        # steady state: everyone past its (phase-aligning, possibly shorter) first cycle, no prefill in the step
+        if len(s.running) == n and all(r.is_decoding and r.metrics.drafted for r in s.running):
+            sizes.append(p.num_tokens)
+        s.update(p, simulate(p, rng, 0.6, {}))
+    assert len(sizes) >= k + 1
+    c = k + 1
+    lo, hi = n + k * (n // c), n + k * -(-n // c)
+    assert lo <= min(sizes) and max(sizes) <= hi, (sizes, lo, hi)
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    """Random arrivals, aborts and tiny page pools (forcing preemptions); a fake model answers every step."""
+
+    @initialize(stride=st.integers(0, 5), page=st.integers(1, 6), blocks=st.integers(10, 40),
+                budget=st.integers(6, 48), delayed=st.booleans(), accept=st.sampled_from([0.0, 0.5, 0.9, 1.0]),
+                seed=st.integers(0, 2**16), initial=st.integers(1, 8))
+    def init(self, stride, page, blocks, budget, delayed, accept, seed, initial):
+        self.max_model_len = 48
+        self.s = Scheduler(BlockAllocator(blocks, page), stride=stride, max_num_seqs=6,
+                           max_num_batched_tokens=max(budget, stride + 1), max_model_len=self.max_model_len,
+                           eos_token_ids=[EOS], delayed_verify=delayed)
+        self.rng, self.accept = random.Random(seed), accept
+        self.truth, self.expect, self.eos_at, self.reqs, self.aborted = {}, {}, {}, [], set()
+        self.finished: list[Request] = []
+        for _ in range(initial):  # a busy start, so preemption and staggering get exercised
+            self.add(self.rng.randint(1, 20), self.rng.randint(1, 40), self.rng.randint(0, 60), [], False)
+
+    @rule(plen=st.integers(1, 20), max_tokens=st.integers(1, 40), eos_after=st.integers(0, 60),
+          stop=st.lists(st.integers(1, V - 1), max_size=2), ignore_eos=st.booleans())
+    def add(self, plen, max_tokens, eos_after, stop, ignore_eos):
+        r = Request([self.rng.randrange(1, V) for _ in range(plen)],  # explicit id: replayable by Hypothesis
+                    SamplingParams(max_tokens=max_tokens, stop_token_ids=stop, ignore_eos=ignore_eos),
+                    request_id=len(self.reqs))
+        self.eos_at[r.request_id] = plen + eos_after
+        out, why = reference(r, {EOS}, self.max_model_len, self.eos_at)
+        self.truth[r.request_id], self.expect[r.request_id] = r.prompt_token_ids + out, (out, why)
+        try:
+            self.s.check(r)
+            ok = True
+        except ValueError:
+            ok = False
+        assert self.s.add(r) == ok
+        if not ok:
+            self.expect[r.request_id] = (None, "error")
+        self.reqs.append(r)
+
+    @rule(steps=st.integers(1, 6))
+    def step(self, steps):
+        for _ in range(steps):
+            plan = self.s.schedule()
+            self.check_plan(plan)
+            self.s.update(plan, simulate(plan, self.rng, self.accept, self.eos_at, self.truth))
+
+    @precondition(lambda self: self.s.running or self.s.waiting)
+    @rule(data=st.data())
+    def abort(self, data):
+        r = data.draw(st.sampled_from(self.s.running + list(self.s.waiting)))
+        self.s.abort(r, "error: injected")
+        self.aborted.add(r.request_id)
+
+    def check_plan(self, plan):
+        self.finished += plan.finished
+        assert plan.num_tokens <= self.s.max_num_batched_tokens
+        ids = [e.request.request_id for e in plan.entries]
+        assert len(ids) == len(set(ids))  # at most one entry per request per step
+        for e in plan.entries:
+            r = e.request
+            assert r in self.s.running and r not in plan.preempted
+            assert len(r.block_table) * self.s.allocator.page_size >= e.seq_len  # pages cover every write
+            assert e.seq_len <= self.max_model_len
+            if e.kind is StepKind.PREFILL:  # contiguous from the first uncached position
+                assert e.start_pos == r.num_computed_tokens and e.seq_len <= r.prefill_target
+            elif e.kind is StepKind.DRAFT:
+                assert e.start_pos == r.num_computed_tokens + len(r.draft_token_ids) == r.num_tokens - 1 + len(r.draft_token_ids)
+            else:
+                assert e.start_pos == r.num_computed_tokens == r.num_tokens - 1
+                assert e.token_ids == (r.last_token_id, *r.draft_token_ids)
+
+    @invariant()
+    def pages_and_slots_conserved(self):
+        if not hasattr(self, "s"):
+            return
+        a = self.s.allocator
+        held = [b for r in self.s.running for b in r.block_table]
+        assert len(held) == len(set(held)) and a.num_free + len(held) == a.num_blocks
+        assert all(not r.block_table and r.pillar_slot == -1 for r in self.reqs if r not in self.s.running)
+        slots = [r.pillar_slot for r in self.s.running]
+        assert len(set(slots)) == len(slots) and all(0 <= x < self.s.max_num_seqs for x in slots)
+        for r in self.s.running:
+            if r.is_decoding:
+                assert r.num_computed_tokens == r.num_tokens - 1
+
+    def teardown(self):
+        if not hasattr(self, "s"):
+            return
+        run_to_completion(self.s, self.rng, self.accept, self.eos_at, self.truth, max_steps=20_000,
+                          on_plan=self.check_plan)
+        self.pages_and_slots_conserved()
+        event(f"preempted: {sum(r.metrics.num_preemptions for r in self.reqs) > 0}")
+        event(f"requests: {min(len(self.reqs), 8)}+")
+        ids = [r.request_id for r in self.finished]
+        assert sorted(ids) == sorted(r.request_id for r in self.reqs)  # each reported finished exactly once
+        assert self.s.allocator.num_free == self.s.allocator.num_blocks
+        for r in self.reqs:  # every request finished, with exactly plain greedy decoding's output
+            assert r.is_finished, r
+            out, why = self.expect[r.request_id]
+            if r.request_id in self.aborted and r.finish_reason == "error: injected":
+                assert r.output_token_ids == out[:len(r.output_token_ids)]
+            elif why == "error":
+                assert r.finish_reason.startswith("error:")
+            else:
+                assert (r.output_token_ids, r.finish_reason) == (out, why)
+
+
+TestSchedulerMachine = SchedulerMachine.TestCase
+TestSchedulerMachine.settings = settings(max_examples=250, stateful_step_count=25, deadline=None)
