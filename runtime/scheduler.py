@@ -86,6 +86,15 @@ class StepPlan:
     def num_tokens(self) -> int:
         return sum(e.num_tokens for e in self.entries)
 
+    def logits_indices(self) -> list[int]:
+        """Indices into the flattened ``[T]`` token axis (entries back to back, in order) whose logits are needed:
+        the last ``num_logits`` tokens of each entry (``logits_to_keep`` for the forward)."""
+        out, off = [], 0
+        for e in self.entries:
+            off += e.num_tokens
+            out.extend(range(off - e.num_logits, off))
+        return out
+
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, *, stride: int = 8, max_num_seqs: int = 256,
@@ -241,7 +250,8 @@ class Scheduler:
     def update(self, plan: StepPlan, sampled: Sequence[Sequence[int]]) -> None:
         """Apply the step's results. ``sampled[i]`` belongs to ``plan.entries[i]``:
         PREFILL ``[]`` or ``[t0]`` (when ``num_logits == 1``), DRAFT ``[d]``, VERIFY the ``a`` accepted drafts then
-        the target's token (``a + 1`` ids, ``0 <= a <= j``)."""
+        the target's token (``a + 1`` ids, ``0 <= a <= j``; trailing ``-1`` padding, as ``verify.py`` returns it, is
+        dropped). A malformed result finishes that request with ``'error: ...'``; the others are unaffected."""
         if len(sampled) != len(plan.entries):
             raise ValueError(f"update got {len(sampled)} results for {len(plan.entries)} entries")
         entering: list[Request] = []
@@ -250,6 +260,12 @@ class Scheduler:
             if r.is_finished or r.state is RequestState.WAITING:
                 continue  # aborted between schedule and update
             toks = [int(t) for t in toks]
+            while e.kind is StepKind.VERIFY and toks and toks[-1] < 0:
+                toks.pop()
+            bad = self._check_result(e, toks)
+            if bad:
+                self._finish(r, f"error: {bad}")
+                continue
             if e.kind is StepKind.PREFILL:
                 r.num_computed_tokens += e.num_tokens
                 if r.num_computed_tokens == r.prefill_target:
@@ -265,8 +281,6 @@ class Scheduler:
                     r.state = RequestState.VERIFY
             else:
                 j, a = e.num_tokens - 1, len(toks) - 1
-                if not (0 <= a <= j) or toks[:a] != list(e.draft_token_ids[:a]):
-                    raise RuntimeError(f"verify result {toks} inconsistent with drafts {e.draft_token_ids}")
                 r.metrics.accepted.append(a)
                 r.metrics.drafted.append(j)
                 r.draft_start = e.start_pos  # next cycle: pillars before the chunk, dense from it on
@@ -281,6 +295,18 @@ class Scheduler:
                     self._begin_cycle(r)
         for r in entering:  # after every other request's state is final, so phase loads are exact
             self._begin_cycle(r, first=True)
+
+    @staticmethod
+    def _check_result(e: StepEntry, toks: list[int]) -> str | None:
+        """Why ``toks`` cannot be the result of entry ``e`` (an engine bug, confined to that request), or None."""
+        if any(t < 0 for t in toks):
+            return f"negative token id in step result {toks}"
+        if e.kind is StepKind.VERIFY:
+            if not 1 <= len(toks) <= e.num_tokens or toks[:-1] != list(e.draft_token_ids[:len(toks) - 1]):
+                return f"verify result {toks} inconsistent with drafts {list(e.draft_token_ids)}"
+        elif len(toks) < e.num_logits:
+            return f"{e.kind.value} step expected {e.num_logits} sampled token(s), got {toks}"
+        return None
 
     def _append(self, r: Request, toks: list[int]) -> bool:
         """Append sampled tokens, stopping at EOS / stop ids / limits; True if ``r`` finished."""

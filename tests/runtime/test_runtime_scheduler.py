@@ -43,7 +43,8 @@ def test_one_cycle_bookkeeping():
     assert e.draft_token_ids == (11, 12, 13) and e.seq_len == 7
     s.update(p, [[11, 20]])  # d1 accepted, d2 rejected, target says 20
     assert r.output_token_ids == [10, 11, 20] and r.num_computed_tokens == 5  # KV of 10, 11 verified
-    assert r.draft_start == 3 and r.has_pillars and r.metrics.accepted == [1]
+    assert r.draft_start == 3 and r.has_pillars and r.metrics.accepted == [1] and r.metrics.drafted == [3]
+    assert r.metrics.mean_accepted(3) == 1.0 and r.metrics.mean_accepted(8) == 0.0
     p = s.schedule()
     (e,) = p.entries
     assert (e.kind, e.token_ids, e.start_pos, e.sparse, e.draft_start) == (StepKind.DRAFT, (20,), 5, True, 3)
@@ -214,6 +215,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             else:
                 assert e.start_pos == r.num_computed_tokens == r.num_tokens - 1
                 assert e.token_ids == (r.last_token_id, *r.draft_token_ids)
+                assert e.score == (self.s.stride > 0) and e.num_logits == e.num_tokens <= self.s.stride + 1
+            # sparse drafts only once pillars exist; their dense tail starts at the last verify chunk
+            assert not e.sparse or (e.kind is StepKind.DRAFT and r.has_pillars and e.draft_start < e.start_pos)
 
     @invariant()
     def pages_and_slots_conserved(self):
@@ -253,3 +257,24 @@ class SchedulerMachine(RuleBasedStateMachine):
 
 TestSchedulerMachine = SchedulerMachine.TestCase
 TestSchedulerMachine.settings = settings(max_examples=250, stateful_step_count=25, deadline=None)
+
+
+def test_malformed_results_fail_only_their_request_and_logits_indices():
+    s = make(stride=2)
+    a, b = Request([1, 2, 3], SamplingParams(max_tokens=20)), Request([4, 5], SamplingParams(max_tokens=20))
+    s.add(a), s.add(b)
+    p = s.schedule()
+    assert p.logits_indices() == [2, 4]  # last token of each prompt, flattened back to back
+    s.update(p, [[7], [8]])
+    while a.state is not RequestState.VERIFY:
+        p = s.schedule()
+        s.update(p, [[9]] * len(p.entries))
+    p = s.schedule()
+    ea, eb = p.entries
+    assert ea.kind is StepKind.VERIFY and p.logits_indices() == list(range(p.num_tokens))
+    # a's result contradicts its drafts (an engine bug): a fails alone; b's result (with -1 padding) applies
+    s.update(p, [[5, 5, 5], [9, 9, 3, -1][:eb.num_tokens] if eb.kind is StepKind.VERIFY else [9]])
+    assert a.is_finished and a.finish_reason.startswith("error: verify result") and not a.block_table
+    assert not b.is_finished
+    fin = run_to_completion(s, random.Random(0), 0.5, {})
+    assert a in fin and b.finish_reason == "length"
