@@ -39,12 +39,12 @@ def _find_request(query_start_loc, R, qblock, BLOCK_Q: tl.constexpr):
 
 
 # runtime ints that vary per step are not specialised (no recompiles when a count crosses 1 or a multiple of 16)
-@triton.jit(do_not_specialize=["R", "T_pad", "num_splits", "sliding_window", "seq_bucket"])
+@triton.jit(do_not_specialize=["R", "T_pad", "num_splits", "max_pillars", "sliding_window", "seq_bucket"])
 def _attn_kernel(
     out, lse, part_acc, part_m, part_l,
     q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
     is_sparse, draft_start, pillar_indices, pillar_lengths,
-    R, T_pad, num_splits, scale, softcap, sliding_window, seq_bucket,
+    R, T_pad, num_splits, max_pillars, scale, softcap, sliding_window, seq_bucket,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cp, stride_co, stride_ch, stride_bt, stride_pr, stride_ph,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
@@ -84,7 +84,7 @@ def _attn_kernel(
     lo = 0
     if HAS_SPARSE:
         sp = tl.load(is_sparse + r) != 0
-        n_pil = tl.where(sp, tl.load(pillar_lengths + r), 0)
+        n_pil = tl.where(sp, tl.minimum(tl.load(pillar_lengths + r), max_pillars), 0)  # never read past Bmax
         dstart = tl.where(sp, tl.load(draft_start + r), 0)
     if USE_WINDOW:  # full rows skip the keys below the first query's window
         lo = tl.maximum(pos0 + qb * BLOCK_Q - sliding_window + 1, 0)
@@ -259,7 +259,7 @@ def unified_attention_triton(q, k_cache, v_cache, *, query_start_loc, seq_lens, 
     upcast = interpreting()
     args = (out, lse, part_acc, part_m, part_l, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
             is_sparse, draft_start, pillar_indices, pillar_lengths,
-            R, T, splits, float(scale), float(softcap) if softcap > 0 else 1.0, int(sliding_window),
+            R, T, splits, pillar_indices.shape[2], float(scale), float(softcap) if softcap > 0 else 1.0, int(sliding_window),
             triton.next_power_of_2(max(max_seq_len, 1)),
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),

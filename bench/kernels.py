@@ -1,0 +1,311 @@
+#!/usr/bin/env python3
+"""GPU benchmark of the sparsespec kernels: bf16 correctness against the references first, then timings.
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 bench/kernels.py --out $OUT
+
+Each timing is the median of CUDA-graph replays (triton.testing.do_bench_cudagraph), so launch gaps are out of
+the numbers, as they would be under the runtime's CUDA graphs. "floor" = bytes that must move (each K/V row the
+kernel has to read, once) / the device-to-device copy bandwidth measured in the same run (read + write bytes).
+SDPA = torch.nn.functional.scaled_dot_product_attention on contiguous [B, Hkv, L, D] copies of the same K/V.
+``--smoke`` runs everything tiny on the CPU interpreter (checks the script itself, no meaningful times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--out", default="bench_out")
+ap.add_argument("--smoke", action="store_true")
+ap.add_argument("--sections", default="check,decode,draft,verify,score,mixed")
+args = ap.parse_args()
+if args.smoke:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from sparsespec_compile import kernels as K  # noqa: E402
+
+DEV = "cpu" if args.smoke else "cuda"
+DT = torch.float32 if args.smoke else torch.bfloat16  # the interpreter's bf16 math is wrong
+MODELS = {"qwen3-8b": (32, 8, 128), "smollm2": (9, 3, 64)}  # (Hq, Hkv, D)
+PAGE = 16
+MAX_TOKENS = 2048 if args.smoke else 2 * 1024 * 1024  # KV pool: 8 GB for the Qwen shape
+BS = [1, 2] if args.smoke else [1, 8, 32, 64, 128]
+LS = [64, 160] if args.smoke else [4096, 8192, 16384, 32768]
+SUB_BS = (2,) if args.smoke else (8, 32, 64)  # batches of the draft / verify / scoring sweeps
+MIXED = (2, 160, 1) if args.smoke else (64, 16384, 8)  # (B, L, verify rows) of the fused-vs-two-launches case
+os.makedirs(args.out, exist_ok=True)
+RESULTS: dict = {"rows": [], "checks": []}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def save():
+    with open(os.path.join(args.out, "kernels.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1)
+
+
+def bench_ms(fn) -> float:
+    fn()  # compile + autotune outside the timed region
+    if args.smoke:
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    torch.cuda.synchronize()
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median")
+    except Exception as e:  # noqa: BLE001 - fall back to plain events
+        log("  (cudagraph timing failed, plain do_bench:", type(e).__name__, str(e)[:80], ")")
+        return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+class Pool:
+    """One paged K/V pool per model shape, random bf16 (never zeros), shared by every case."""
+
+    def __init__(self, name):
+        self.name = name
+        self.hq, self.hkv, self.d = MODELS[name]
+        self.pages = MAX_TOKENS // PAGE + 8
+        g = torch.Generator(device=DEV).manual_seed(0)
+        self.k = torch.randn(self.pages, PAGE, self.hkv, self.d, device=DEV, dtype=DT, generator=g)
+        self.v = torch.randn(self.pages, PAGE, self.hkv, self.d, device=DEV, dtype=DT, generator=g)
+        self.scale = 1.0 / math.sqrt(self.d)
+
+    def batch(self, B, L, q_len=1, seed=1):
+        """B requests of context L with q_len new tokens each; shuffled pages."""
+        npg = math.ceil(L / PAGE)
+        g = torch.Generator(device=DEV).manual_seed(seed)
+        bt = torch.randperm(self.pages, device=DEV, generator=g)[: B * npg].view(B, npg).to(torch.int32)
+        q = torch.randn(B * q_len, self.hq, self.d, device=DEV, dtype=DT, generator=g)
+        qsl = torch.arange(0, B * q_len + 1, q_len, device=DEV, dtype=torch.int32)
+        lens = torch.full((B,), L, device=DEV, dtype=torch.int32)
+        return dict(q=q, query_start_loc=qsl, seq_lens=lens, block_tables=bt, max_query_len=q_len, max_seq_len=L)
+
+    def pillars(self, B, L, budget, tail, seed=2):
+        """Sparse metadata: `budget` random sorted pillars below draft_start = L - tail, per (request, KV head)."""
+        ds = L - tail
+        g = torch.Generator(device=DEV).manual_seed(seed)
+        idx = torch.rand(B, self.hkv, ds, device=DEV, generator=g).argsort(-1)[..., :budget].sort(-1).values
+        return dict(is_sparse=torch.ones(B, dtype=torch.bool, device=DEV),
+                    draft_start=torch.full((B,), ds, dtype=torch.int32, device=DEV),
+                    pillar_indices=idx.to(torch.int32).contiguous(),
+                    pillar_lengths=torch.full((B,), budget, dtype=torch.int32, device=DEV))
+
+    def attend(self, b, impl="triton", **kw):
+        kw = {**{k: v for k, v in b.items() if k != "q"}, **kw}
+        return K.unified_attention(b["q"], self.k, self.v, scale=self.scale, impl=impl, **kw)
+
+    def kv_bytes(self, n_rows):
+        """Bytes of n_rows K/V rows of all KV heads (K and V)."""
+        return n_rows * self.hkv * self.d * 2 * self.k.element_size()
+
+
+def budget_for(L, s=0.05, min_budget=128):
+    return max(min_budget, math.ceil(s * L))
+
+
+def copy_bandwidth() -> float:
+    n = (1 << 20) if args.smoke else (1 << 30)  # 2 GiB of bf16 each way
+    x = torch.randn(n, device=DEV, dtype=DT)
+    y = torch.empty_like(x)
+    ms = bench_ms(lambda: y.copy_(x))
+    return 2 * x.numel() * x.element_size() / (ms * 1e-3)
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def check(pool: Pool):
+    """bf16: Triton vs the reference on a mixed batch (prefill chunk, decodes, verify, sparse drafts)."""
+    B, L = (4, 100) if args.smoke else (6, 3000)
+    specs = [(37, 37), (1, L), (9, L + 17), (1, L // 3), (1, L - 5), (9, 9 + L // 2)][:B]
+    hq, hkv, d = pool.hq, pool.hkv, pool.d
+    qlens = [n for n, _ in specs]
+    qsl = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    npg = [math.ceil(s / PAGE) for _, s in specs]
+    perm = torch.randperm(pool.pages, device=DEV)
+    bt = torch.zeros(len(specs), max(npg), dtype=torch.int32, device=DEV)
+    o = 0
+    for r, n in enumerate(npg):
+        bt[r, :n] = perm[o:o + n]
+        o += n
+    q = torch.randn(1, hq, sum(qlens) + 3, d, device=DEV, dtype=DT).transpose(1, 2)[0]  # strided, 3 padding
+    lens = torch.tensor([s for _, s in specs], dtype=torch.int32, device=DEV)
+    sparse = {"is_sparse": torch.tensor([False, True, False, True, True, False][:B], device=DEV),
+              "draft_start": (lens - torch.tensor(qlens, device=DEV) - 3).clamp(min=0).int()}
+    bud = 64
+    sparse["pillar_indices"] = torch.stack([torch.rand(hkv, max(int(ds), 1), device=DEV).argsort(-1)[:, :bud].sort(-1).values
+                                            if int(ds) >= bud else torch.zeros(hkv, bud, device=DEV, dtype=torch.long)
+                                            for ds in sparse["draft_start"].tolist()]).int()
+    sparse["pillar_lengths"] = torch.where(sparse["draft_start"] >= bud, bud, 0).int()
+    meta = dict(query_start_loc=qsl, seq_lens=lens, block_tables=bt, max_query_len=max(qlens),
+                max_seq_len=max(s for _, s in specs), scale=pool.scale, return_lse=True, softcap=0.0)
+    for label, extra in (("full", {}), ("mixed sparse", sparse), ("softcap+window", dict(softcap=30.0, sliding_window=700))):
+        kw = {**meta, **extra}
+        o_t, l_t = K.unified_attention(q, pool.k, pool.v, impl="triton", **kw)
+        o_r, l_r = K.unified_attention(q, pool.k, pool.v, impl="reference", **kw)
+        e = rel(o_t, o_r)
+        le = float((l_t - l_r).nan_to_num(neginf=0).abs().max())
+        ok = e < 1e-2 and le < 1e-2 and bool(torch.isfinite(o_t).all())
+        RESULTS["checks"].append(dict(model=pool.name, what=f"attention {label}", rel_err=e, lse_max_abs=le, ok=ok))
+        log(f"  check {pool.name} attention {label}: rel err {e:.2e}, lse max abs {le:.2e} -> {'OK' if ok else 'FAIL'}")
+    _, lse = K.unified_attention(q, pool.k, pool.v, impl="reference", **meta)
+    rows = torch.tensor([2, 5][: max(1, B - 4)], device=DEV)
+    skw = dict(query_start_loc=qsl, seq_lens=lens, block_tables=bt, rows=rows, lse=lse, scale=pool.scale,
+               max_ctx=int(meta["max_seq_len"]))
+    s_t = K.pillar_scores(q, pool.k, impl="triton", **skw)
+    s_r = K.pillar_scores(q, pool.k, impl="reference", **skw)
+    e = rel(s_t.nan_to_num(neginf=0), s_r.nan_to_num(neginf=0))
+    ctx = (lens - torch.tensor(qlens, device=DEV))[rows]
+    budget = torch.full_like(ctx, 300)
+    i_t, n_t = K.select_pillars(s_r, ctx, budget, 16, 512, impl="triton")
+    i_r, n_r = K.select_pillars(s_r, ctx, budget, 16, 512, impl="reference")
+    same = bool(torch.equal(i_t, i_r) and torch.equal(n_t, n_r))
+    kc, vc = pool.k[:64].clone(), pool.v[:64].clone()
+    kr, vr = kc.clone(), vc.clone()
+    kn = torch.randn(1, hkv, 40, d, device=DEV, dtype=DT).transpose(1, 2)[0]
+    slots = torch.randperm(64 * PAGE, device=DEV)[:40]
+    slots[::7] = -1
+    K.write_kv(kc, vc, kn, kn, slots, impl="triton")
+    K.write_kv(kr, vr, kn, kn, slots, impl="reference")
+    wk = bool(torch.equal(kc, kr) and torch.equal(vc, vr))
+    ok = e < 1e-2 and same and wk
+    RESULTS["checks"].append(dict(model=pool.name, what="scores/select/write_kv", scores_rel_err=e, select_exact=same,
+                                  write_kv_exact=wk, ok=ok))
+    log(f"  check {pool.name} scores rel err {e:.2e}, select exact {same}, write_kv exact {wk} -> {'OK' if ok else 'FAIL'}")
+
+
+def sdpa_ms(pool, b, B, L):
+    """torch SDPA over contiguous K/V holding the same data as the pages."""
+    bt = b["block_tables"].long()
+    kc = pool.k[bt].reshape(B, -1, pool.hkv, pool.d)[:, :L].transpose(1, 2).contiguous()
+    vc = pool.v[bt].reshape(B, -1, pool.hkv, pool.d)[:, :L].transpose(1, 2).contiguous()
+    q = b["q"].view(B, -1, pool.hq, pool.d).transpose(1, 2)
+    f = torch.nn.functional.scaled_dot_product_attention
+    try:
+        ms = bench_ms(lambda: f(q, kc, vc, scale=pool.scale, enable_gqa=True))
+    except Exception as e:  # noqa: BLE001
+        log("  sdpa failed:", str(e)[:100])
+        ms = float("nan")
+    del kc, vc
+    return ms
+
+
+def row(**r):
+    RESULTS["rows"].append(r)
+    log("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+    save()
+
+
+def main():
+    RESULTS["env"] = dict(date=datetime.datetime.utcnow().isoformat() + "Z", torch=torch.__version__,
+                          triton=triton.__version__, device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
+                          argv=sys.argv)
+    log(RESULTS["env"])
+    bw = copy_bandwidth()
+    RESULTS["copy_bw_TBps"] = bw / 1e12
+    log(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
+    sections = args.sections.split(",")
+    full_ms = {}
+    for name in MODELS:
+        pool = Pool(name)
+        if "check" in sections:
+            check(pool)
+        if "decode" in sections:
+            for B in BS:
+                for L in LS:
+                    if B * L > MAX_TOKENS:
+                        continue
+                    b = pool.batch(B, L)
+                    ms = bench_ms(lambda: pool.attend(b))
+                    full_ms[name, B, L] = ms
+                    floor = pool.kv_bytes(B * L) / bw * 1e3
+                    sd = sdpa_ms(pool, b, B, L)
+                    row(kind="decode", model=name, B=B, L=L, ms=ms, floor_frac=floor / ms, sdpa_ms=sd, vs_sdpa=sd / ms)
+        if "draft" in sections:
+            for B in SUB_BS:
+                for L in LS[-2:]:
+                    if B * L > MAX_TOKENS or (name, B, L) not in full_ms:
+                        continue
+                    bud = min(budget_for(L), L - 5)
+                    b = pool.batch(B, L)
+                    sp = pool.pillars(B, L, bud, tail=5)
+                    ms = bench_ms(lambda: pool.attend(b, **sp))
+                    floor = pool.kv_bytes(B * (bud + 5)) / bw * 1e3
+                    row(kind="draft s=5%", model=name, B=B, L=L, ms=ms, floor_frac=floor / ms,
+                        speedup_vs_full=full_ms[name, B, L] / ms)
+        if "verify" in sections:
+            for B in SUB_BS:
+                for L in LS[1::2]:
+                    if (name, B, L) not in full_ms:
+                        continue
+                    b = pool.batch(B, L, q_len=9)
+                    ms = bench_ms(lambda: pool.attend(b, return_lse=True))
+                    row(kind="verify 9q", model=name, B=B, L=L, ms=ms, vs_decode=ms / full_ms[name, B, L],
+                        floor_frac=pool.kv_bytes(B * L) / bw * 1e3 / ms)
+        if "score" in sections:
+            for B in SUB_BS[1:] or SUB_BS:
+                for L in LS[1::2]:
+                    if (name, B, L) not in full_ms:
+                        continue
+                    for rv in (B, max(1, B // 9)):  # every request verifying / the steady-state share (1 in k+1)
+                        b = pool.batch(rv, L, q_len=9)
+                        _, lse = pool.attend(b, return_lse=True)
+                        rows = torch.arange(rv, device=DEV)
+                        skw = {k: b[k] for k in ("query_start_loc", "seq_lens", "block_tables")}
+                        sc = lambda: K.pillar_scores(b["q"], pool.k, **skw, rows=rows, lse=lse,  # noqa: E731
+                                                     scale=pool.scale, max_ctx=L)
+                        s_ms = bench_ms(sc)
+                        scores = sc()
+                        ctx = torch.full((rv,), L - 9, device=DEV, dtype=torch.int32)
+                        bud = budget_for(L - 9)
+                        budget = torch.full_like(ctx, bud)
+                        sel_ms = bench_ms(lambda: K.select_pillars(scores, ctx, budget, 16, bud))
+                        sel_t_ms = bench_ms(lambda: K.select_pillars(scores, ctx, budget, 16, bud, impl="reference"))
+                        d = full_ms[name, B, L]
+                        row(kind="score+select", model=name, B=B, Rv=rv, L=L, score_ms=s_ms, select_ms=sel_ms,
+                            torch_select_ms=sel_t_ms, frac_of_decode=(s_ms + sel_ms) / d)
+        if "mixed" in sections and (name, MIXED[0], MIXED[1]) in full_ms:
+            B, L, nv = MIXED  # e.g. 56 sparse drafts + 8 verify chunks: one launch vs two
+            bd = pool.batch(B - nv, L, seed=3)
+            spd = pool.pillars(B - nv, L, min(budget_for(L), L - 5), tail=5)
+            bv = pool.batch(nv, L, q_len=9, seed=4)
+            t_d = bench_ms(lambda: pool.attend(bd, **spd))
+            t_v = bench_ms(lambda: pool.attend(bv))
+            qsl = torch.cat([bd["query_start_loc"], bv["query_start_loc"][1:] + bd["query_start_loc"][-1]])
+            cat = lambda a, c: torch.cat([a, c])  # noqa: E731
+            mb = dict(q=cat(bd["q"], bv["q"]), query_start_loc=qsl, seq_lens=cat(bd["seq_lens"], bv["seq_lens"]),
+                      block_tables=cat(bd["block_tables"], bv["block_tables"]), max_query_len=9, max_seq_len=L)
+            msp = dict(is_sparse=cat(spd["is_sparse"], torch.zeros(nv, dtype=torch.bool, device=DEV)),
+                       draft_start=cat(spd["draft_start"], bv["seq_lens"] * 0),
+                       pillar_indices=cat(spd["pillar_indices"],
+                                          torch.zeros(nv, pool.hkv, spd["pillar_indices"].shape[-1], dtype=torch.int32,
+                                                      device=DEV)),
+                       pillar_lengths=cat(spd["pillar_lengths"], bv["seq_lens"] * 0))
+            t_m = bench_ms(lambda: pool.attend(mb, **msp))
+            row(kind=f"mixed {B - nv} draft + {nv} verify", model=name, B=B, L=L, fused_ms=t_m, two_launches_ms=t_d + t_v,
+                fused_gain=(t_d + t_v) / t_m)
+        del pool
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+    save()
+    ok = all(c["ok"] for c in RESULTS["checks"])
+    log("\nSUMMARY checks", "OK" if ok else "FAIL")
+    for r in RESULTS["rows"]:
+        log(" ", json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
+
+
+if __name__ == "__main__":
+    main()
