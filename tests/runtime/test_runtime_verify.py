@@ -77,6 +77,21 @@ def test_filters_match_hf_warpers(temperature, top_k, top_p):
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
+def test_mixed_rows_each_get_their_own_filters():
+    torch.manual_seed(2)
+    cfg = [(0.0, 0, 1.0), (0.7, 5, 1.0), (1.2, 0, 0.8), (0.9, 3, 0.7), (1.0, 0, 1.0)]
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p) for t, k, p in cfg]
+    logits = torch.randn(5, 30) * 2
+    for rows in (params, params[1:4:2]):  # mixed (full sort) and all-top-k (topk path)
+        idx = [params.index(p) for p in rows]
+        got = probs_from_logits(logits[idx], SamplingTensors.build(rows, len(rows), 30, "cpu"))
+        for r, i in enumerate(idx):
+            t, k, p = cfg[i]
+            want = (torch.nn.functional.one_hot(logits[i].argmax(), 30).float() if t == 0
+                    else reference_probs(logits[i], t, k, p))
+            torch.testing.assert_close(got[r], want, atol=1e-6, rtol=1e-5)
+
+
 def chi2_sf(x: float, df: int) -> float:
     """P(chi2_df > x) = 1 - regularized lower gamma P(df/2, x/2), by its power series (fine for small df)."""
     a, z = df / 2, x / 2
