@@ -19,8 +19,9 @@ import triton.language as tl
 
 from ._validate import interpreting
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# Kernels write log2(e) = 1.4426950408889634 and ln(2) = 0.6931471805599453 as literals: a plain global is
+# not visible inside @triton.jit, and a tl.constexpr global breaks the interpreter (triton 3.7).
+
 
 
 @triton.jit
@@ -116,9 +117,9 @@ def _attn_kernel(
             kt = kt.to(tl.float32)
         s = tl.dot(qt, kt, input_precision=DOT_PREC) * scale  # [BLOCK_M, BLOCK_N]
         if USE_SOFTCAP:  # softcap * tanh(s / softcap), tanh through exp2 (no tanh in every triton version)
-            e = tl.exp2((2.0 * LOG2E / softcap) * s)
+            e = tl.exp2((2.0 * 1.4426950408889634 / softcap) * s)
             s = softcap * (1.0 - 2.0 / (e + 1.0))
-        s = s * LOG2E
+        s = s * 1.4426950408889634
         ok = row_ok[:, None] & j_ok[None, :] & (pos[None, :] <= qpos[:, None])
         if USE_WINDOW:
             ok = ok & (pos[None, :] > qpos[:, None] - sliding_window)
@@ -142,7 +143,7 @@ def _attn_kernel(
         o = acc / l_safe[:, None]
         tl.store(out + qrow[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
                  o.to(out.dtype.element_ty), mask=out_mask)
-        lse_v = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
+        lse_v = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
         tl.store(lse + qrow * (GROUP * tl.num_programs(1)) + head, lse_v, mask=row_ok)
     else:  # partials [num_splits, T_pad, Hq, (D)]; merged by _merge_kernel
         Hq = GROUP * tl.num_programs(1)
@@ -177,15 +178,15 @@ def _merge_kernel(out, lse, part_acc, part_m, part_l, query_start_loc, R, T_pad,
     dd = tl.arange(0, BLOCK_D)
     tl.store(out + t.to(tl.int64) * stride_ot + hh[:, None] * stride_oh + dd[None, :], o.to(out.dtype.element_ty),
              mask=(hh[:, None] < HQ) & (dd[None, :] < HEAD_DIM))
-    tl.store(lse + t.to(tl.int64) * HQ + hh, tl.where(l_sum > 0, (m_max + tl.log2(l_safe)) * LN2, float("-inf")),
+    tl.store(lse + t.to(tl.int64) * HQ + hh, tl.where(l_sum > 0, (m_max + tl.log2(l_safe)) * 0.6931471805599453, float("-inf")),
              mask=hh < HQ)
 
 
 def _tuning_configs():
-    # Measured on the H200 (bench/RESULTS.md): decode is bound by the gathered K/V loads, so wide key tiles and
-    # 2-3 stages of prefetch matter most; the set is kept small because every shape tunes once.
+    # Decode is bound by the gathered K/V loads: key-tile width and prefetch depth are what matter. Three configs
+    # only: each (head dim, group, block, split/sparse) variant compiles every config (~2-4 s each).
     return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bn, w, s in ((32, 4, 3), (64, 4, 2), (64, 4, 3), (128, 8, 2))]
+            for bn, w, s in ((64, 4, 2), (64, 4, 3), (128, 8, 3))]
 
 
 def _quick_bench(fn, quantiles=None):

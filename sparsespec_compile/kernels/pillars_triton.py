@@ -18,7 +18,6 @@ import triton.language as tl
 
 from ._validate import interpreting
 
-LOG2E = 1.4426950408889634
 
 
 @triton.jit(do_not_specialize=["max_ctx", "sliding_window", "seq_bucket"])
@@ -65,12 +64,12 @@ def _scores_kernel(
         if UPCAST:
             qt = qt.to(tl.float32)
         lse_r = tl.load(lse + qrow * HQ + head, mask=row_ok, other=float("inf"))
-        lse_r = tl.where(lse_r == float("-inf"), float("inf"), lse_r) * LOG2E  # a row that saw nothing adds 0
+        lse_r = tl.where(lse_r == float("-inf"), float("inf"), lse_r) * 1.4426950408889634  # a row that saw nothing adds 0
         s = tl.dot(qt, kt, input_precision=DOT_PREC) * scale
         if USE_SOFTCAP:
-            e = tl.exp2((2.0 * LOG2E / softcap) * s)
+            e = tl.exp2((2.0 * 1.4426950408889634 / softcap) * s)
             s = softcap * (1.0 - 2.0 / (e + 1.0))
-        p = tl.exp2(s * LOG2E - lse_r[:, None])
+        p = tl.exp2(s * 1.4426950408889634 - lse_r[:, None])
         ok = row_ok[:, None] & pos_ok[None, :]
         if USE_WINDOW:
             ok = ok & (pos[None, :] > (seq_len - q_len + tok)[:, None] - sliding_window)
