@@ -2,6 +2,8 @@
 machine that drives it with a fake model (ss_runtime_sim) and checks nothing is lost, duplicated or leaked."""
 
 import random
+import sys
+from pathlib import Path
 
 import hypothesis.strategies as st
 import pytest
@@ -12,6 +14,7 @@ from sparsespec_compile.runtime.block_allocator import BlockAllocator
 from sparsespec_compile.runtime.request import Request, RequestState
 from sparsespec_compile.runtime.sampling_params import SamplingParams
 from sparsespec_compile.runtime.scheduler import Scheduler, StepKind
+sys.path.insert(0, str(Path(__file__).parent))  # the fake model beside this file, whatever pytest's import mode
 from ss_runtime_sim import EOS, V, reference, run_to_completion, simulate
 
 
