@@ -32,16 +32,16 @@ def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
 
 
 def shape(node: Any) -> tuple[int, ...] | None:
-    """Static shape of a Dynamo node from its example value (None if unknown or symbolic)."""
+    """Shape of a Dynamo node from its example value: ints, with -1 for symbolic (dynamic) sizes.
+
+    Never calls ``int()`` on a SymInt: that would add a guard and specialise the graph to one token count.
+    """
     if not isinstance(node, fx.Node):
         return None
     val = node.meta.get("example_value", node.meta.get("val"))
     if not isinstance(val, torch.Tensor):
         return None
-    try:
-        return tuple(int(s) for s in val.shape)
-    except (TypeError, ValueError):  # symbolic sizes that cannot be specialised here
-        return tuple(s if isinstance(s, int) else -1 for s in val.shape)
+    return tuple(s if type(s) is int else -1 for s in val.shape)
 
 
 def single_user(node: fx.Node) -> fx.Node | None:

@@ -11,7 +11,23 @@ from .context import ForwardContext, forward_context, get_forward_context
 from .inspection import inspect
 from .passes import RewriteReport
 
+_RUNTIME = {"LLM": "llm", "RequestOutput": "llm", "SamplingParams": "sampling_params"}
+
+
+def __getattr__(name: str):
+    # The runtime sits above the backend (kernels <- ops <- passes <- backend <- runtime): import it lazily so
+    # `import sparsespec_compile` (and the entry point) stay light and free of cycles.
+    if name in _RUNTIME:
+        import importlib
+
+        return getattr(importlib.import_module(f".runtime.{_RUNTIME[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "LLM",
+    "RequestOutput",
+    "SamplingParams",
     "ForwardContext",
     "RewriteReport",
     "SparseSpecConfig",

@@ -91,6 +91,9 @@ class ForwardContext:
     sliding_windows: list[int] = field(default_factory=list)  # per layer, -1 = none
     # Which implementation the attention op dispatches to: "reference" (pure PyTorch) or "triton"
     impl: str = "reference"
+    # Incremented by every attention op that reads this context: lets the runtime check, after its first step,
+    # that the graph it calls really was rewritten (one call per layer).
+    attention_calls: int = 0
 
     @property
     def num_requests(self) -> int:

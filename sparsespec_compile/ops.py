@@ -105,6 +105,7 @@ def _runtime_attention(ctx: ForwardContext, q, k, v, layer_idx, scale, softcap):
         )
     if not 0 <= layer_idx < len(ctx.kv.k):
         raise RuntimeError(f"attention layer {layer_idx} has no KV pool (the pool holds {len(ctx.kv.k)} layers)")
+    ctx.attention_calls += 1
     q_t, k_t, v_t = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)  # [T, H, D] views
     k_cache, v_cache = ctx.kv.k[layer_idx], ctx.kv.v[layer_idx]
     kernels.write_kv(k_cache, v_cache, k_t, v_t, ctx.slot_mapping, impl=ctx.impl)
@@ -128,7 +129,7 @@ def _runtime_attention(ctx: ForwardContext, q, k, v, layer_idx, scale, softcap):
         v_cache,
         max_query_len=ctx.max_query_len,
         max_seq_len=ctx.max_seq_len,
-        is_sparse=ctx.is_sparse,
+        is_sparse=ctx.is_sparse if ctx.pillars is not None else None,  # no pillar store: every row is full
         draft_start=ctx.draft_start,
         pillar_indices=pillar_idx,
         pillar_lengths=pillar_len,
@@ -142,7 +143,7 @@ def _runtime_attention(ctx: ForwardContext, q, k, v, layer_idx, scale, softcap):
 
 def _refresh_pillars(ctx: ForwardContext, kernels, q_t, k_cache, lse, layer_idx, common) -> None:
     rows = ctx.score_rows
-    scores = kernels.pillar_scores(q_t, k_cache, rows=rows, lse=lse, **common)  # [Rv, Hkv, Lmax]
+    scores = kernels.pillar_scores(q_t, k_cache, rows=rows, lse=lse, max_ctx=ctx.max_seq_len, **common)  # [Rv, Hkv, L]
     q_lens = ctx.query_start_loc[1:] - ctx.query_start_loc[:-1]
     ctx_lens = (ctx.seq_lens - q_lens).index_select(0, rows)  # verified context before the verify chunk
     idx, lengths = kernels.select_pillars(

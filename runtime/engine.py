@@ -1,0 +1,215 @@
+"""The engine loop: schedule → build step inputs → run the compiled graph → sample / verify → update.
+
+One step runs every scheduled request — prefill chunks, sparse drafts and full verifies — through ONE call of
+the compiled graph on a flattened ragged batch; the attention op reads the ForwardContext to tell them apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from sparsespec_compile.config import SparseSpecConfig
+from sparsespec_compile.context import forward_context
+
+from .block_allocator import BlockAllocator
+from .kv_cache import allocate_kv_cache, allocate_pillar_store, kv_shape_from_config
+from .request import Request
+from .scheduler import Scheduler, StepKind, StepPlan
+from .step_inputs import build_step_inputs, write_streaming_pillars
+from .verify import make_generator, rejection_sample, sample
+
+log = logging.getLogger("sparsespec.runtime")
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    forward_tokens: int = 0
+    output_tokens: int = 0
+    seconds: float = 0.0
+    cycles: int = 0
+    accepted_hist: list[int] = field(default_factory=list)  # accepted_hist[a] = full cycles that accepted a
+
+
+def sliding_windows_from_config(config, num_layers: int) -> list[int]:
+    """Per-layer window (-1 = full) as HF builds its masks: ``layer_types`` when given, else one window for all."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None) or -1
+    types = getattr(text, "layer_types", None)
+    if types:
+        return [window if t == "sliding_attention" else -1 for t in types][:num_layers]
+    use = getattr(text, "use_sliding_window", True)
+    return [window if use else -1] * num_layers
+
+
+class Engine:
+    def __init__(self, compiled, model: torch.nn.Module, config: SparseSpecConfig, eos_token_ids=()) -> None:
+        self.compiled = compiled
+        self.config = config
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.impl = config.attention_impl
+        if self.impl == "auto":
+            self.impl = "triton" if self.device.type == "cuda" else "reference"
+        num_layers, kv_heads, head_dim = kv_shape_from_config(model.config)
+        self.num_layers = num_layers
+        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.max_model_len = int(getattr(text, "max_position_embeddings", 4096) or 4096)
+        self.vocab_size = int(text.vocab_size)
+        self.kv = allocate_kv_cache(
+            num_layers, kv_heads, head_dim, dtype=self.dtype, device=self.device, page_size=config.page_size,
+            num_pages=config.num_pages, memory_fraction=config.kv_memory_fraction,
+        )
+        max_budget = min(config.max_budget, max(config.min_budget, math.ceil(config.sparsity * self.max_model_len)))
+        self.pillars = None
+        if config.stride > 0 and config.draft != "full":
+            self.pillars = allocate_pillar_store(num_layers, config.max_num_seqs, kv_heads, max_budget, self.device)
+        self.sliding_windows = sliding_windows_from_config(model.config, num_layers)
+        self.scheduler = Scheduler(
+            BlockAllocator(self.kv.num_pages, config.page_size),
+            stride=config.stride,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            eos_token_ids=eos_token_ids,
+        )
+        self.stats = EngineStats(accepted_hist=[0] * (config.stride + 1))
+        self._draft_probs: dict[int, list[torch.Tensor]] = {}  # request id -> q_i of this cycle's drafts ([V] each)
+        self._generators: dict[int, torch.Generator | None] = {}
+
+    # ---- requests -------------------------------------------------------------------------------------------
+    def add_request(self, req: Request) -> bool:
+        self._generators[req.request_id] = (
+            make_generator(req.params.seed, self.device) if req.params.seed is not None else None
+        )
+        return self.scheduler.add(req)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step -------------------------------------------------------------------------------------------
+    def step(self) -> list[Request]:
+        """Run one step; returns the requests that finished (including rejected ones)."""
+        plan = self.scheduler.schedule()
+        finished = list(plan.finished)
+        if not plan.entries:
+            return self._forget(finished)
+        t0 = time.perf_counter()
+        try:
+            logits = self._forward(plan)  # [N, V]
+            sampled = self._sample_and_verify(plan, logits)
+        except Exception as exc:  # a failing step must not lose the other requests' state silently
+            log.exception("step %d failed", plan.step)
+            for e in plan.entries:
+                self.scheduler.abort(e.request, f"error: step failed: {exc}")
+            return self._forget(finished + [e.request for e in plan.entries])
+        before = sum(len(e.request.output_token_ids) for e in plan.entries)
+        self.scheduler.update(plan, sampled)
+        self._after_update(plan)
+        self.stats.steps += 1
+        self.stats.forward_tokens += plan.num_tokens
+        self.stats.output_tokens += sum(len(e.request.output_token_ids) for e in plan.entries) - before
+        self.stats.seconds += time.perf_counter() - t0
+        finished += [e.request for e in plan.entries if e.request.is_finished]
+        return self._forget(finished)
+
+    def _forward(self, plan: StepPlan) -> torch.Tensor:
+        inp = build_step_inputs(plan, self.kv, self.pillars, self.config, self.sliding_windows, self.impl, self.device)
+        for t in (inp.input_ids, inp.position_ids):
+            torch._dynamo.maybe_mark_dynamic(t, 1)  # T varies every step: one dynamic graph, not one per T
+        torch._dynamo.maybe_mark_dynamic(inp.logits_indices, 0)
+        with forward_context(inp.ctx), torch.inference_mode():
+            out = self.compiled(
+                input_ids=inp.input_ids,
+                position_ids=inp.position_ids,
+                use_cache=False,
+                logits_to_keep=inp.logits_indices,
+            )
+        self._check_rewrite(inp.ctx.attention_calls)
+        return out.logits[0]
+
+    def _check_rewrite(self, calls: int) -> None:
+        # Every step, not just the first: if Dynamo ever falls back to the original forward (recompile limit,
+        # a new graph break), plain attention over the flattened batch would produce wrong tokens silently.
+        if calls != self.num_layers:
+            raise RuntimeError(
+                f"the compiled model ran {calls} sparsespec attention op(s) for {self.num_layers} layers: it was not "
+                "compiled with backend='sparsespec', or some attention was left alone "
+                "(print(sparsespec_compile.inspect(model)) shows which and why), or Dynamo fell back to eager "
+                "(TORCH_LOGS=recompiles shows why)"
+            )
+
+    def _sample_and_verify(self, plan: StepPlan, logits: torch.Tensor) -> list[list[int]]:
+        rows, sample_entries, verify_entries = 0, [], []
+        for i, e in enumerate(plan.entries):
+            if e.num_logits and e.kind is not StepKind.VERIFY:
+                sample_entries.append((i, rows))
+            elif e.kind is StepKind.VERIFY:
+                verify_entries.append((i, rows))
+            rows += e.num_logits
+        result: list[list[int]] = [[] for _ in plan.entries]
+        if sample_entries:
+            idx = torch.tensor([r for _, r in sample_entries], device=logits.device)
+            reqs = [plan.entries[i].request for i, _ in sample_entries]
+            tokens, probs = sample(logits[idx], [r.params for r in reqs], self._gens(reqs))
+            for (i, _), tok, p in zip(sample_entries, tokens.tolist(), probs):
+                result[i] = [tok]
+                e = plan.entries[i]
+                if e.kind is StepKind.DRAFT and not e.request.params.greedy:
+                    self._draft_probs.setdefault(e.request.request_id, []).append(p)
+        if verify_entries:
+            self._verify(plan, logits, verify_entries, result)
+        return result
+
+    def _verify(self, plan, logits, verify_entries, result) -> None:
+        entries = [plan.entries[i] for i, _ in verify_entries]
+        k = max(e.num_tokens - 1 for e in entries)
+        n, vocab = len(entries), logits.shape[-1]
+        target = logits.new_zeros(n, k + 1, vocab)  # [Nv, k+1, V]
+        drafts = torch.zeros(n, k, dtype=torch.long, device=logits.device)
+        draft_probs = torch.zeros(n, k, vocab, dtype=torch.float32, device=logits.device)
+        num_drafts = []
+        for j, ((_, row), e) in enumerate(zip(verify_entries, entries)):
+            d = e.num_tokens - 1
+            target[j, : d + 1] = logits[row : row + d + 1]
+            if d:
+                drafts[j, :d] = torch.tensor(e.draft_token_ids, device=logits.device)
+                probs = self._draft_probs.pop(e.request.request_id, [])
+                if probs:  # sampled (non-greedy) rows; greedy rows keep q = 0: accepted iff d == argmax p
+                    draft_probs[j, :d] = torch.stack(probs)
+            num_drafts.append(d)
+        reqs = [e.request for e in entries]
+        _, tokens = rejection_sample(
+            drafts, draft_probs, target, [r.params for r in reqs], self._gens(reqs),
+            num_drafts=torch.tensor(num_drafts, device=logits.device),
+        )
+        for (i, _), row in zip(verify_entries, tokens.tolist()):
+            result[i] = [t for t in row if t >= 0]
+
+    def _after_update(self, plan: StepPlan) -> None:
+        for e in plan.entries:
+            r = e.request
+            if e.kind is not StepKind.VERIFY or r.state.value == "waiting":
+                continue
+            if self.config.stride > 0 and r.metrics.drafted and r.metrics.drafted[-1] == self.config.stride:
+                self.stats.cycles += 1  # only full cycles: shortened ones say nothing about draft quality
+                self.stats.accepted_hist[r.metrics.accepted[-1]] += 1
+            if r.is_finished:
+                continue
+            if self.config.draft == "streaming" and self.pillars is not None and e.score:
+                write_streaming_pillars(self.pillars, r.pillar_slot, e.start_pos, self.config.budget(e.start_pos))
+
+    def _gens(self, reqs: list[Request]):
+        gens = [self._generators.get(r.request_id) for r in reqs]
+        return gens if any(g is not None for g in gens) else None
+
+    def _forget(self, finished: list[Request]) -> list[Request]:
+        for r in finished:
+            self._draft_probs.pop(r.request_id, None)
+            self._generators.pop(r.request_id, None)
+        return finished

@@ -1,0 +1,170 @@
+"""The public API: ``LLM(model_or_compiled).generate(prompts, SamplingParams(...))``."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from sparsespec_compile.config import SparseSpecConfig
+
+from .engine import Engine
+from .request import Request
+from .sampling_params import SamplingParams
+
+log = logging.getLogger("sparsespec.runtime")
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str  # "stop" | "length" | "error: ..."
+    metrics: dict = field(default_factory=dict)
+
+
+def _unwrap(model_or_compiled):
+    """(compiled callable, original nn.Module) from a model or a ``torch.compile``-d model."""
+    orig = getattr(model_or_compiled, "_orig_mod", None)
+    if orig is not None:
+        return model_or_compiled, orig
+    if isinstance(model_or_compiled, torch.nn.Module):
+        return None, model_or_compiled
+    raise TypeError(
+        f"LLM() takes a Hugging Face causal LM or torch.compile(model, backend='sparsespec'), "
+        f"got {type(model_or_compiled).__name__}"
+    )
+
+
+class LLM:
+    """Speculative generation with a sparsespec-compiled Hugging Face causal LM.
+
+    ``LLM(model)`` compiles it with ``backend="sparsespec"`` (Inductor unless ``config.compiler == "eager"``);
+    ``LLM(torch.compile(model, backend="sparsespec"))`` uses yours. Prompts are strings (needs ``tokenizer``)
+    or lists of token ids.
+    """
+
+    def __init__(self, model_or_compiled, config: SparseSpecConfig | None = None, tokenizer=None) -> None:
+        self.config = config or SparseSpecConfig()
+        compiled, model = _unwrap(model_or_compiled)
+        if getattr(model.config, "is_encoder_decoder", False) or not hasattr(model, "lm_head") and not hasattr(
+            model, "get_output_embeddings"
+        ):
+            raise ValueError(f"{type(model).__name__} is not a causal decoder-only LM: sparsespec cannot serve it")
+        if model.training:
+            model.eval()
+        if compiled is None:
+            import sparsespec_compile  # noqa: F401  (registers the backend)
+
+            compiled = torch.compile(model, backend="sparsespec", options={"compiler": self.config.compiler})
+        self.model, self.compiled, self.tokenizer = model, compiled, tokenizer
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if eos is None:
+            eos = getattr(model.config, "eos_token_id", None)
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        self.engine = Engine(compiled, model, self.config, eos_token_ids=eos_ids)
+
+    # ---- prompts ----------------------------------------------------------------------------------------------
+    def _encode(self, prompt, chat: bool) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer: LLM(model, tokenizer=...) or pass token ids")
+            if chat:
+                enc = self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+                )
+                return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+            return list(self.tokenizer(prompt)["input_ids"])
+        return list(prompt)
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]] | str,
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_chat_template: bool = False,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in prompt order.
+
+        A bad prompt (empty, too long, out-of-vocabulary ids) gets ``finish_reason="error: ..."`` and no tokens;
+        the other prompts are generated as usual.
+        """
+        if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        per = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(per) != len(prompts):
+            raise ValueError(f"got {len(per)} SamplingParams for {len(prompts)} prompts")
+        reqs: list[Request | None] = []
+        outputs: dict[int, RequestOutput] = {}
+        for i, (prompt, p) in enumerate(zip(prompts, per)):
+            try:
+                ids = self._encode(prompt, use_chat_template)
+                req = Request(ids, p)
+                bad = [t for t in ids if t >= self.engine.vocab_size]
+                if bad:
+                    raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {self.engine.vocab_size})")
+            except ValueError as exc:
+                outputs[i] = RequestOutput(-1, [], [], None, f"error: {exc}")
+                reqs.append(None)
+                continue
+            reqs.append(req)
+            self.engine.add_request(req)
+        by_id = {r.request_id: i for i, r in enumerate(reqs) if r is not None}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            total = sum(r.params.max_tokens for r in reqs if r is not None)
+            bar = tqdm(total=total, desc="generate", unit="tok", dynamic_ncols=True)
+        done = 0
+        while self.engine.has_unfinished():
+            for r in self.engine.step():
+                if r.request_id in by_id:
+                    outputs[by_id[r.request_id]] = self._output(r)
+            if bar is not None:
+                now = sum(len(r.output_token_ids) for r in reqs if r is not None)
+                bar.update(now - done)
+                done = now
+        if bar is not None:
+            bar.close()
+        return [outputs[i] for i in range(len(prompts))]
+
+    def _output(self, r: Request) -> RequestOutput:
+        text = None
+        if self.tokenizer is not None and r.output_token_ids:
+            text = self.tokenizer.decode(r.output_token_ids, skip_special_tokens=True)
+        m = r.metrics
+        metrics = {
+            "accepted": list(m.accepted),
+            "drafted": list(m.drafted),
+            "mean_accepted": m.mean_accepted(self.config.stride),
+            "preemptions": m.num_preemptions,
+        }
+        return RequestOutput(r.request_id, r.prompt_token_ids, list(r.output_token_ids), text, r.finish_reason or "",
+                             metrics)
+
+    def stats(self) -> dict:
+        """Mean accepted length and per-position acceptance over full cycles, throughput, step counts."""
+        s, k = self.engine.stats, self.config.stride
+        cycles = s.cycles
+        mean = sum(a * c for a, c in enumerate(s.accepted_hist)) / cycles if cycles else 0.0
+        # position i (1-based) accepted in a cycle iff that cycle accepted >= i drafts
+        per_pos = [sum(s.accepted_hist[i:]) / cycles if cycles else 0.0 for i in range(1, k + 1)]
+        return {
+            "stride": k,
+            "draft": self.config.draft,
+            "cycles": cycles,
+            "mean_accepted": mean,
+            "per_position_acceptance": per_pos,
+            "steps": s.steps,
+            "output_tokens": s.output_tokens,
+            "forward_tokens": s.forward_tokens,
+            "seconds": s.seconds,
+            "tokens_per_s": s.output_tokens / s.seconds if s.seconds else 0.0,
+        }

@@ -1,0 +1,93 @@
+"""Plan → tensors: the flattened ragged batch and the ForwardContext of one step (built once, read by every layer)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparsespec_compile.config import SparseSpecConfig
+from sparsespec_compile.context import ForwardContext, PagedKVCache, PillarStore
+
+from .scheduler import StepKind, StepPlan
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [1, T] int64
+    position_ids: torch.Tensor  # [1, T] int64
+    logits_indices: torch.Tensor  # [N] int64: rows of the flattened batch whose logits are sampled
+    ctx: ForwardContext
+
+
+def build_step_inputs(
+    plan: StepPlan,
+    kv: PagedKVCache,
+    pillars: PillarStore | None,
+    config: SparseSpecConfig,
+    sliding_windows: list[int],
+    impl: str,
+    device: torch.device,
+) -> StepInputs:
+    ids: list[int] = []
+    pos: list[int] = []
+    slots: list[int] = []
+    qsl = [0]
+    seq_lens, is_sparse, draft_start, pillar_slot = [], [], [], []
+    score_rows, budget = [], []
+    page = kv.page_size
+    width = max(len(e.request.block_table) for e in plan.entries)
+    tables = []
+    for i, e in enumerate(plan.entries):
+        bt = e.request.block_table
+        ids += e.token_ids
+        pos += e.positions
+        slots += [bt[p // page] * page + p % page for p in e.positions]
+        qsl.append(len(ids))
+        seq_lens.append(e.seq_len)
+        tables.append(bt + [0] * (width - len(bt)))
+        # "full" drafts attend everything (the acceptance upper bound); the others use the pillar store.
+        is_sparse.append(e.kind is StepKind.DRAFT and e.sparse and config.draft != "full")
+        draft_start.append(e.draft_start)
+        pillar_slot.append(e.request.pillar_slot)
+        if e.kind is StepKind.VERIFY and e.score and config.draft == "pillar":
+            score_rows.append(i)
+            budget.append(config.budget(e.start_pos))
+
+    def t(x, dtype):
+        return torch.tensor(x, dtype=dtype).to(device, non_blocking=True)
+
+    ctx = ForwardContext(
+        kv=kv,
+        slot_mapping=t(slots, torch.int64),
+        query_start_loc=t(qsl, torch.int32),
+        seq_lens=t(seq_lens, torch.int32),
+        block_tables=t(tables, torch.int32),
+        max_query_len=max(e.num_tokens for e in plan.entries),
+        max_seq_len=max(seq_lens),
+        is_sparse=t(is_sparse, torch.bool),
+        draft_start=t(draft_start, torch.int32),
+        pillar_slot=t(pillar_slot, torch.int64),
+        pillars=pillars,
+        score_rows=t(score_rows, torch.int64) if score_rows else None,
+        budget=t(budget, torch.int32) if budget else None,
+        recent=config.recent,
+        sliding_windows=sliding_windows,
+        impl=impl,
+    )
+    return StepInputs(
+        input_ids=t([ids], torch.int64),
+        position_ids=t([pos], torch.int64),
+        logits_indices=t(plan.logits_indices(), torch.int64),
+        ctx=ctx,
+    )
+
+
+def write_streaming_pillars(pillars: PillarStore, slot: int, context_len: int, budget: int, sinks: int = 4) -> None:
+    """MagicDec-style fixed draft set at the same budget: ``sinks`` first tokens + the newest ``budget - sinks``."""
+    b = min(budget, context_len)
+    s = min(sinks, b)
+    idx = list(range(s)) + list(range(context_len - (b - s), context_len))
+    row = torch.tensor(idx, dtype=torch.int32, device=pillars.indices.device)
+    pillars.indices[:, slot, :, :b] = row
+    pillars.lengths[slot] = b

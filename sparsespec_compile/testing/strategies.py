@@ -1,0 +1,114 @@
+"""Public Hypothesis strategies: tiny model specs and the inputs to feed them.
+
+    @given(spec=model_configs(families=["llama", "gpt2"]), data=st.data())
+    def test_mine(spec, data):
+        inputs = data.draw(inputs_for(spec.config, max_len=12))
+        check_rewrite(tiny_model(spec.config, spec.attn), inputs)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import transformers
+from hypothesis import strategies as st
+
+from .families import FAMILIES, Family, family_of
+
+FIRST_TOKEN = 3  # ids 0, 1, 2 are pad / bos / eos in the tiny configs
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One drawn tiny model: its family, the attention implementation to load it with, and its config."""
+
+    family: str
+    attn: str
+    config: transformers.PretrainedConfig
+
+    def __repr__(self) -> str:  # what Hypothesis prints for a falsifying example
+        c = self.config
+        kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return (
+            f"ModelSpec({self.family}/{self.attn}: layers={c.num_hidden_layers} heads={c.num_attention_heads} "
+            f"kv_heads={kv} head_dim={head_dim})"
+        )
+
+
+def _names(families: Iterable[str] | None) -> list[str]:
+    names = list(FAMILIES) if families is None else list(families)
+    unknown = sorted(set(names) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown families {unknown}; known: {sorted(FAMILIES)}")
+    return names
+
+
+def family_attn_pairs(families: Iterable[str] | None = None, attn: Iterable[str] | None = None) -> list[tuple[str, str]]:
+    """Every (family, attention implementation) pair transformers supports, in a stable order."""
+    wanted = None if attn is None else set(attn)
+    return [(f, a) for f in _names(families) for a in FAMILIES[f].attn if wanted is None or a in wanted]
+
+
+@st.composite
+def model_configs(
+    draw,
+    families: Iterable[str] | None = None,
+    attn: Iterable[str] | None = None,
+    max_layers: int = 3,
+    head_counts: tuple[int, ...] = (1, 2, 4),
+) -> ModelSpec:
+    """A tiny model spec: family x attention impl, layers 1..max_layers, heads, KV heads (MHA, GQA, MQA), head dim."""
+    pairs = family_attn_pairs(families, attn)
+    if not pairs:
+        raise ValueError(f"no (family, attn) pair supports attn={attn} among families={families}")
+    name, impl = draw(st.sampled_from(pairs))
+    fam: Family = FAMILIES[name]
+    layers = draw(st.integers(1, max_layers))
+    heads = draw(st.sampled_from(head_counts))
+    if fam.gqa:
+        kv_heads = draw(st.sampled_from([d for d in range(1, heads + 1) if heads % d == 0]))
+    else:
+        kv_heads = heads
+    head_dim = draw(st.sampled_from(fam.head_dims))
+    config = fam.config(layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+    return ModelSpec(name, impl, config)
+
+
+@st.composite
+def inputs_for(
+    draw,
+    config: transformers.PretrainedConfig,
+    max_len: int = 16,
+    max_batch: int = 3,
+    padding: bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """``{"input_ids": [B, S] int64, "attention_mask": [B, S] int64}`` for a model built from ``config``.
+
+    ``padding``: ``True`` = left padding (each row keeps at least one real token), ``False`` = none, ``None`` =
+    either. Without padding the mask is sometimes left out, so the mask-free (``is_causal``) form is drawn too.
+    """
+    batch = draw(st.integers(1, max_batch))
+    seq = draw(st.integers(1, max_len))
+    vocab = config.vocab_size
+    pad_id = getattr(config, "pad_token_id", None) or 0
+    ids = draw(st.lists(st.lists(st.integers(FIRST_TOKEN, vocab - 1), min_size=seq, max_size=seq), min_size=batch, max_size=batch))
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    pad = draw(st.booleans()) if padding is None else padding
+    if pad and seq > 1:
+        lefts = draw(st.lists(st.integers(0, seq - 1), min_size=batch, max_size=batch))
+        if max(lefts) == 0:  # make the padding real
+            lefts[0] = seq - 1 if seq > 1 else 0
+        for row, n in enumerate(lefts):
+            mask[row, :n] = 0
+            input_ids[row, :n] = pad_id
+        return {"input_ids": input_ids, "attention_mask": mask}
+    if draw(st.booleans()):
+        return {"input_ids": input_ids}
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+__all__ = ["ModelSpec", "family_attn_pairs", "family_of", "inputs_for", "model_configs"]
