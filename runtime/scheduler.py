@@ -12,9 +12,11 @@ between ``n + k*floor(n/C)`` and ``n + k*ceil(n/C)`` tokens, i.e. about ``n(2k+1
 
 Order inside a step: decode requests first (oldest admitted first; they are latency-critical and phase-locked),
 then running prefills, then newly admitted prompts, all within ``max_num_batched_tokens`` (chunked prefill).
-When a decode request needs a page and none is free, the newest running request not yet scheduled this step is
-preempted (recompute: its KV is dropped and it re-prefills later). Issue 5 replaces ``_preempt`` with an offload
-to host memory; nothing else needs to change.
+When a decode request needs a page and none is free, the newest running request younger than it is preempted (it
+itself if none is younger: the oldest always progresses, so no livelock). Preemption is by recompute today: the KV
+is dropped, drafts are discarded and the request re-prefills ``prompt + output[:-1]`` later; it is listed in
+``plan.preempted`` so the engine drops per-request device state (draft probs, pillars). Issue 5 replaces
+``_preempt`` with an offload to host memory; nothing else needs to change.
 """
 
 from __future__ import annotations

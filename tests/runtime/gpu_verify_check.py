@@ -10,7 +10,7 @@ import time
 import torch
 
 from sparsespec_compile.runtime.sampling_params import SamplingParams
-from sparsespec_compile.runtime.verify import SamplingTensors, greedy_verify, make_generator, rejection_sample, sample
+from sparsespec_compile.runtime.verify import SamplingTensors, make_generator, rejection_sample, sample
 
 dev, N, k, V = "cuda", 64, 8, 151_936
 torch.manual_seed(0)
