@@ -155,26 +155,27 @@ def _attn_kernel(
 
 @triton.jit(do_not_specialize=["R", "T_pad", "num_splits"])
 def _merge_kernel(out, lse, part_acc, part_m, part_l, query_start_loc, R, T_pad, num_splits, stride_ot, stride_oh,
-                  HQ: tl.constexpr, HQ_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  HQ: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   SPLITS_PAD: tl.constexpr):
-    t = tl.program_id(0)  # one program per token, all heads: few programs (the interpreter pays per program)
+    # program (token, block of BLOCK_H heads): 1 head on the GPU (registers), all heads in the interpreter
+    t = tl.program_id(0)
     if t >= tl.load(query_start_loc + R):  # padding tokens keep their zeros
         return
     sp = tl.arange(0, SPLITS_PAD)[:, None]
-    h = tl.arange(0, HQ_PAD)[None, :]
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
     ok = (sp < num_splits) & (h < HQ)
-    prow = (sp * T_pad + t) * HQ + h  # [SPLITS_PAD, HQ_PAD]
+    prow = (sp * T_pad + t) * HQ + h  # [SPLITS_PAD, BLOCK_H]
     m = tl.load(part_m + prow, mask=ok, other=float("-inf"))
     l = tl.load(part_l + prow, mask=ok, other=0.0)
-    m_max = tl.max(m, 0)  # [HQ_PAD]
+    m_max = tl.max(m, 0)  # [BLOCK_H]
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.exp2(m - m_safe[None, :])  # splits that saw nothing have m = -inf: weight 0
     l_sum = tl.sum(w * l, 0)
     l_safe = tl.where(l_sum > 0, l_sum, 1.0)
     d = tl.arange(0, BLOCK_D)[None, None, :]
     a = tl.load(part_acc + prow[:, :, None] * HEAD_DIM + d, mask=ok[:, :, None] & (d < HEAD_DIM), other=0.0)
-    o = tl.sum(a * w[:, :, None], 0) / l_safe[:, None]  # [HQ_PAD, BLOCK_D]
-    hh = tl.arange(0, HQ_PAD)
+    o = tl.sum(a * w[:, :, None], 0) / l_safe[:, None]  # [BLOCK_H, BLOCK_D]
+    hh = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     dd = tl.arange(0, BLOCK_D)
     tl.store(out + t.to(tl.int64) * stride_ot + hh[:, None] * stride_oh + dd[None, :], o.to(out.dtype.element_ty),
              mask=(hh[:, None] < HQ) & (dd[None, :] < HEAD_DIM))
@@ -183,10 +184,10 @@ def _merge_kernel(out, lse, part_acc, part_m, part_l, query_start_loc, R, T_pad,
 
 
 def _tuning_configs():
-    # Decode is bound by the gathered K/V loads: key-tile width and prefetch depth are what matter. Three configs
+    # Decode is bound by the gathered K/V loads: key-tile width and prefetch depth are what matter. Two configs
     # only: each (head dim, group, block, split/sparse) variant compiles every config (~2-4 s each).
     return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bn, w, s in ((64, 4, 2), (64, 4, 3), (128, 8, 3))]
+            for bn, w, s in ((64, 4, 3), (128, 8, 2))]
 
 
 def _quick_bench(fn, quantiles=None):
@@ -228,7 +229,8 @@ def plan_splits(num_programs: int, max_seq_len: int, device: torch.device, min_k
         min_keys = 16
     if num_programs >= target or max_seq_len < 2 * min_keys:
         return 1
-    return int(max(1, min(math.ceil(target / num_programs), max_seq_len // min_keys, 64)))
+    want = min(math.ceil(target / num_programs), max_seq_len // min_keys, 32)
+    return triton.next_power_of_2(want) if want > 1 else 1  # powers of two: few merge variants to compile
 
 
 def unified_attention_triton(q, k_cache, v_cache, *, query_start_loc, seq_lens, block_tables, max_query_len,
@@ -275,7 +277,8 @@ def unified_attention_triton(q, k_cache, v_cache, *, query_start_loc, seq_lens, 
     else:
         _attn_kernel_tuned[grid](*args, **meta)
     if splits > 1:
-        _merge_kernel[(T,)](out, lse, part_acc, part_m, part_l, query_start_loc, R, T, splits, out.stride(0), out.stride(1),
-                            HQ=Hq, HQ_PAD=triton.next_power_of_2(Hq), HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D),
+        bh = triton.next_power_of_2(Hq) if upcast else 1
+        _merge_kernel[(T, triton.cdiv(Hq, bh))](out, lse, part_acc, part_m, part_l, query_start_loc, R, T, splits,
+                            out.stride(0), out.stride(1), HQ=Hq, BLOCK_H=bh, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D),
                             SPLITS_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4)
     return out, lse

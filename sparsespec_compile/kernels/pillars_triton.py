@@ -80,7 +80,7 @@ def _scores_kernel(
 
 _scores_kernel_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-             for bn, w, s in ((64, 4, 2), (128, 4, 2), (128, 8, 2))],
+             for bn, w, s in ((64, 4, 2), (128, 8, 2))],
     key=["HEAD_DIM", "BLOCK_M", "seq_bucket", "PAGE_SIZE"],
     do_bench=lambda fn, quantiles=None: triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles),
 )(_scores_kernel)
