@@ -281,7 +281,7 @@ def run_model(name, sections, bw, full_ms, t0):
     if "decode" in sections:
         for B in BS:
             for L in LS:
-                if B * L > MAX_TOKENS:
+                if B * L > MAX_TOKENS or time.time() - t0 > 170:
                     continue
                 b = pool.batch(B, L)
                 ms = bench_ms(lambda: pool.attend(b))
@@ -290,7 +290,7 @@ def run_model(name, sections, bw, full_ms, t0):
                 sd = sdpa_ms(pool, b, B, L)
                 row(kind="decode", model=name, B=B, L=L, ms=ms, floor_frac=floor / ms, sdpa_ms=sd, vs_sdpa=sd / ms,
                     cfg=best_config())
-    if "draft" in sections and time.time() - t0 < 200:
+    if "draft" in sections and time.time() - t0 < 170:
         for B in SUB_BS:
             for L in LS[-2:]:
                 if B * L > MAX_TOKENS or (name, B, L) not in full_ms:
@@ -302,7 +302,7 @@ def run_model(name, sections, bw, full_ms, t0):
                 floor = pool.kv_bytes(B * (bud + 5)) / bw * 1e3
                 row(kind="draft s=5%", model=name, B=B, L=L, ms=ms, floor_frac=floor / ms,
                     speedup_vs_full=full_ms[name, B, L] / ms, cfg=best_config())
-    if "verify" in sections and time.time() - t0 < 200:
+    if "verify" in sections and time.time() - t0 < 170:
         for B in SUB_BS:
             for L in LS[1::2]:
                 if (name, B, L) not in full_ms:
@@ -311,7 +311,7 @@ def run_model(name, sections, bw, full_ms, t0):
                 ms = bench_ms(lambda: pool.attend(b, return_lse=True))
                 row(kind="verify 9q", model=name, B=B, L=L, ms=ms, vs_decode=ms / full_ms[name, B, L],
                     floor_frac=pool.kv_bytes(B * L) / bw * 1e3 / ms, cfg=best_config())
-    if "score" in sections and time.time() - t0 < 200:
+    if "score" in sections and time.time() - t0 < 170:
         for B in SUB_BS[1:] or SUB_BS:
             for L in LS[1::2]:
                 if (name, B, L) not in full_ms:
@@ -333,7 +333,7 @@ def run_model(name, sections, bw, full_ms, t0):
                     d = full_ms[name, B, L]
                     row(kind="score+select", model=name, B=B, Rv=rv, L=L, score_ms=s_ms, select_ms=sel_ms,
                         torch_select_ms=sel_t_ms, frac_of_decode=(s_ms + sel_ms) / d)
-    if "mixed" in sections and time.time() - t0 < 200 and (name, MIXED[0], MIXED[1]) in full_ms:
+    if "mixed" in sections and time.time() - t0 < 170 and (name, MIXED[0], MIXED[1]) in full_ms:
         B, L, nv = MIXED  # e.g. 56 sparse drafts + 8 verify chunks: one launch vs two
         bd = pool.batch(B - nv, L, seed=3)
         spd = pool.pillars(B - nv, L, min(budget_for(L), L - 5), tail=5)
