@@ -94,20 +94,21 @@ class Engine:
 
     # ---- one step -------------------------------------------------------------------------------------------
     def step(self) -> list[Request]:
-        """Run one step; returns the requests that finished (including rejected ones)."""
+        """Run one step; returns the requests the scheduler reported finished (each exactly once, rejected and
+        aborted ones included; a request finishing in this step is reported by the next one)."""
         plan = self.scheduler.schedule()
-        finished = list(plan.finished)
+        self._forget(plan.finished + plan.preempted)  # a preempted request restarts its cycle: drop its q_i
         if not plan.entries:
-            return self._forget(finished)
+            return plan.finished
         t0 = time.perf_counter()
         try:
             logits = self._forward(plan)  # [N, V]
             sampled = self._sample_and_verify(plan, logits)
-        except Exception as exc:  # a failing step must not lose the other requests' state silently
+        except Exception as exc:  # confined to this step's requests; the others keep going
             log.exception("step %d failed", plan.step)
             for e in plan.entries:
                 self.scheduler.abort(e.request, f"error: step failed: {exc}")
-            return self._forget(finished + [e.request for e in plan.entries])
+            return plan.finished
         before = sum(len(e.request.output_token_ids) for e in plan.entries)
         self.scheduler.update(plan, sampled)
         self._after_update(plan)
@@ -115,8 +116,7 @@ class Engine:
         self.stats.forward_tokens += plan.num_tokens
         self.stats.output_tokens += sum(len(e.request.output_token_ids) for e in plan.entries) - before
         self.stats.seconds += time.perf_counter() - t0
-        finished += [e.request for e in plan.entries if e.request.is_finished]
-        return self._forget(finished)
+        return plan.finished
 
     def _forward(self, plan: StepPlan) -> torch.Tensor:
         inp = build_step_inputs(plan, self.kv, self.pillars, self.config, self.sliding_windows, self.impl, self.device)
@@ -208,8 +208,8 @@ class Engine:
         gens = [self._generators.get(r.request_id) for r in reqs]
         return gens if any(g is not None for g in gens) else None
 
-    def _forget(self, finished: list[Request]) -> list[Request]:
-        for r in finished:
+    def _forget(self, requests: list[Request]) -> None:
+        for r in requests:
             self._draft_probs.pop(r.request_id, None)
-            self._generators.pop(r.request_id, None)
-        return finished
+            if r.is_finished:
+                self._generators.pop(r.request_id, None)

@@ -39,7 +39,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(prompt=args.prompt, max_tokens=args.max_tokens, stride=args.stride)
+    return run_demo(prompt=args.prompt, max_tokens=args.max_tokens, stride=args.stride, compiler=args.compiler)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -64,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("demo", help="compile the embedded SmolLM2 and generate, checking against the original")
     p.add_argument("--prompt", default=None)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--stride", type=int, default=4)
+    p.add_argument("--compiler", default="eager", choices=["eager", "inductor"])
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("generate", help="generate with the speculative runtime")
