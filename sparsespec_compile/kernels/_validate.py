@@ -76,7 +76,8 @@ def check_paged_metadata(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     return T, Hq, Hkv, D, R
 
 
-def check_sparse_metadata(R: int, Hkv: int, dev, is_sparse, draft_start, pillar_indices, pillar_lengths) -> bool:
+def check_sparse_metadata(R: int, Hkv: int, dev, is_sparse, draft_start, pillar_indices, pillar_lengths,
+                          pillar_rows=None) -> bool:
     """Returns True when sparse rows are possible (``is_sparse`` given)."""
     if is_sparse is None:
         return False
@@ -86,8 +87,18 @@ def check_sparse_metadata(R: int, Hkv: int, dev, is_sparse, draft_start, pillar_
     check_tensor("draft_start", draft_start, ndim=1, dtypes=(torch.int32, torch.int64), device=dev)
     check_tensor("pillar_indices", pillar_indices, ndim=3, dtypes=(torch.int32, torch.int64), device=dev)
     check_tensor("pillar_lengths", pillar_lengths, ndim=1, dtypes=(torch.int32, torch.int64), device=dev)
-    if is_sparse.shape[0] != R or draft_start.shape[0] != R or pillar_lengths.shape[0] != R:
-        raise ValueError(f"is_sparse, draft_start and pillar_lengths must have R = {R} entries")
-    if pillar_indices.shape[0] != R or pillar_indices.shape[1] != Hkv:
-        raise ValueError(f"pillar_indices must be [R={R}, Hkv={Hkv}, Bmax], got {tuple(pillar_indices.shape)}")
+    if is_sparse.shape[0] != R or draft_start.shape[0] != R:
+        raise ValueError(f"is_sparse and draft_start must have R = {R} entries")
+    S = R  # rows of pillar_indices / pillar_lengths: one per request, or any count addressed through pillar_rows
+    if pillar_rows is not None:
+        check_tensor("pillar_rows", pillar_rows, ndim=1, dtypes=(torch.int32, torch.int64), device=dev)
+        if pillar_rows.shape[0] != R:
+            raise ValueError(f"pillar_rows must have R = {R} entries, got {pillar_rows.shape[0]}")
+        S = pillar_indices.shape[0]
+    if pillar_lengths.shape[0] != S:
+        raise ValueError(f"pillar_lengths must have {S} entries (one per pillar_indices row), got {pillar_lengths.shape[0]}")
+    if pillar_indices.shape[0] != S or pillar_indices.shape[1] != Hkv:
+        raise ValueError(f"pillar_indices must be [{S}, Hkv={Hkv}, Bmax], got {tuple(pillar_indices.shape)}")
+    if pillar_indices.stride(-1) != 1:
+        raise ValueError("pillar_indices must be contiguous in its last dim")
     return True

@@ -44,7 +44,7 @@ def _find_request(query_start_loc, R, qblock, BLOCK_Q: tl.constexpr):
 def _attn_kernel(
     out, lse, part_acc, part_m, part_l,
     q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
-    is_sparse, draft_start, pillar_indices, pillar_lengths,
+    is_sparse, draft_start, pillar_indices, pillar_lengths, pillar_rows,
     R, T_pad, num_splits, max_pillars, scale, softcap, sliding_window, seq_bucket,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cp, stride_co, stride_ch, stride_bt, stride_pr, stride_ph,
@@ -85,7 +85,8 @@ def _attn_kernel(
     lo = 0
     if HAS_SPARSE:
         sp = tl.load(is_sparse + r) != 0
-        n_pil = tl.where(sp, tl.minimum(tl.load(pillar_lengths + r), max_pillars), 0)  # never read past Bmax
+        pil_row = tl.load(pillar_rows + r).to(tl.int64)  # the request's row in the pillar store
+        n_pil = tl.where(sp, tl.minimum(tl.load(pillar_lengths + pil_row), max_pillars), 0)  # never read past Bmax
         dstart = tl.where(sp, tl.load(draft_start + r), 0)
     if USE_WINDOW:  # full rows skip the keys below the first query's window
         lo = tl.maximum(pos0 + qb * BLOCK_Q - sliding_window + 1, 0)
@@ -99,7 +100,9 @@ def _attn_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    pil_base = pillar_indices + r.to(tl.int64) * stride_pr + kvh * stride_ph
+    pil_base = pillar_indices + kvh * stride_ph
+    if HAS_SPARSE:
+        pil_base += pil_row * stride_pr
     bt_base = block_tables + r.to(tl.int64) * stride_bt
     for start in range(j_begin, j_end, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)
@@ -235,7 +238,7 @@ def plan_splits(num_programs: int, max_seq_len: int, device: torch.device, min_k
 
 def unified_attention_triton(q, k_cache, v_cache, *, query_start_loc, seq_lens, block_tables, max_query_len,
                              max_seq_len, scale, softcap=0.0, sliding_window=-1, is_sparse=None, draft_start=None,
-                             pillar_indices=None, pillar_lengths=None, num_splits: int | None = None,
+                             pillar_indices=None, pillar_lengths=None, pillar_rows=None, num_splits: int | None = None,
                              block_n: int | None = None):
     """Launcher; arguments as :func:`sparsespec_compile.kernels.unified_attention` (validated there).
     ``num_splits`` / ``block_n`` override the plan (tests, benchmarks)."""
@@ -248,11 +251,19 @@ def unified_attention_triton(q, k_cache, v_cache, *, query_start_loc, seq_lens, 
         return out, lse
     bq, gp = plan_blocks(Hq, Hkv, max_query_len)
     n_qblocks = T // bq + R
-    splits = num_splits or plan_splits(n_qblocks * Hkv if max_query_len > bq else R * Hkv, max_seq_len, q.device)
     has_sparse = is_sparse is not None
+    splits = num_splits or plan_splits(n_qblocks * Hkv if max_query_len > bq else R * Hkv, max_seq_len, q.device)
+    if num_splits is None and has_sparse and max_query_len > 1:
+        # A mixed step (sparse drafts next to verify/prefill chunks): the drafts' key ranges are ~B_pillar long,
+        # the full rows' max_seq_len. Measured on the H200 (bench/RESULTS.md): 56 drafts + 8 verify rows at
+        # L = 16k took 1.125 ms in one launch with the program-count plan (1 split: each verify program walked
+        # 16k keys alone) vs 0.297 ms as two launches. Cap the keys per program instead (not re-measured).
+        splits = max(splits, min(32, triton.next_power_of_2(triton.cdiv(max_seq_len, 2048))))
     if not has_sparse:  # dummies, never read (HAS_SPARSE is a constexpr)
-        is_sparse = draft_start = pillar_lengths = seq_lens
+        is_sparse = draft_start = pillar_lengths = pillar_rows = seq_lens
         pillar_indices = block_tables[:, None, :]
+    elif pillar_rows is None:
+        pillar_rows = torch.arange(R, device=q.device, dtype=torch.int32)
     if splits > 1:
         part_acc = torch.empty(splits, T, Hq, D, dtype=torch.float32, device=q.device)
         part_m = torch.empty(splits, T, Hq, dtype=torch.float32, device=q.device)
@@ -261,7 +272,7 @@ def unified_attention_triton(q, k_cache, v_cache, *, query_start_loc, seq_lens, 
         part_acc = part_m = part_l = lse
     upcast = interpreting()
     args = (out, lse, part_acc, part_m, part_l, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
-            is_sparse, draft_start, pillar_indices, pillar_lengths,
+            is_sparse, draft_start, pillar_indices, pillar_lengths, pillar_rows,
             R, T, splits, pillar_indices.shape[2], float(scale), float(softcap) if softcap > 0 else 1.0, int(sliding_window),
             triton.next_power_of_2(max(max_seq_len, 1)),
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),

@@ -52,7 +52,7 @@ def _allowed(qpos: torch.Tensor, L: int, sliding_window: int) -> torch.Tensor:
 
 def unified_attention_reference(q, k_cache, v_cache, *, query_start_loc, seq_lens, block_tables, scale, softcap=0.0,
                                 sliding_window=-1, is_sparse=None, draft_start=None, pillar_indices=None,
-                                pillar_lengths=None):
+                                pillar_lengths=None, pillar_rows=None):
     """Returns (out [T, Hq, D] in q's dtype, lse [T, Hq] fp32). Rows that attend nothing (padding) get 0 / -inf."""
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
@@ -73,7 +73,8 @@ def unified_attention_reference(q, k_cache, v_cache, *, query_start_loc, seq_len
             # attended set per KV head: the pillars plus every position >= draft_start
             pos = torch.arange(L, device=q.device)
             sel = (pos >= int(draft_start[r])).expand(Hkv, L).clone()  # [Hkv, L]
-            idx = pillar_indices[r, :, : int(pillar_lengths[r])].long()
+            pr = int(pillar_rows[r]) if pillar_rows is not None else r
+            idx = pillar_indices[pr, :, : int(pillar_lengths[pr])].long()
             sel.scatter_(1, idx.clamp(max=L - 1), True)
         for c0 in range(0, n, _QUERY_CHUNK):
             c1 = min(n, c0 + _QUERY_CHUNK)
