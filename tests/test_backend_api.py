@@ -28,12 +28,9 @@ class _TinySDPA(torch.nn.Module):
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in sparsespec_compile/backend.py: importing the module during torch's entry-point load calls "
-    "register_backend('sparsespec') itself, so torch's own register_backend then raises 'duplicate name: sparsespec'",
-)
 def test_backend_found_through_entry_point_without_importing_us(tmp_path):
+    """Regression: backend.py once registered itself while torch was loading the entry point, so torch's own
+    register_backend raised 'duplicate name: sparsespec' in any process that had not imported us first."""
     script = textwrap.dedent(
         """
         import sys, torch
@@ -107,11 +104,10 @@ def test_output_attentions_is_left_alone_with_a_reason():
         check_rewrite(model, inputs)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="bug in passes/cleanup.py: DeadCodePass removes in-place cache writes (index_copy_, 0 users)"
-)
 def test_inplace_cache_write_survives_the_rewrite():
-    """What HF's StaticCache does: write the new K/V into a persistent buffer in place, then attend over it."""
+    """What HF's StaticCache does: write the new K/V into a persistent buffer in place, then attend over it.
+
+    Regression: DeadCodePass once ran a graph-wide eliminate_dead_code, which erased the index_copy_ writes."""
 
     class StaticKV(torch.nn.Module):
         def __init__(self):
