@@ -12,10 +12,9 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import venv
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,10 +78,12 @@ def _isolated_venv(tmp_path: Path) -> str:
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=False)
     python = env_dir / "bin" / "python"
-    site_new = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path).strip())
+    purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site_new = Path(_run([str(python), "-c", purelib], cwd=tmp_path).strip())
     borrowed = tmp_path / "borrowed"
     borrowed.mkdir()
-    for site in {Path(p) for p in (sysconfig_purelib(), sysconfig_platlib())}:
+    paths = sysconfig.get_paths()
+    for site in {Path(paths["purelib"]), Path(paths["platlib"])}:
         for entry in site.iterdir():
             name = entry.name.lower()
             if name.startswith(("sparsespec", "__editable__", "_sparsespec")) or entry.suffix == ".pth":
@@ -93,22 +94,12 @@ def _isolated_venv(tmp_path: Path) -> str:
     return str(python)
 
 
-def sysconfig_purelib() -> str:
-    import sysconfig
-
-    return sysconfig.get_paths()["purelib"]
-
-
-def sysconfig_platlib() -> str:
-    import sysconfig
-
-    return sysconfig.get_paths()["platlib"]
-
-
 def test_editable_install_imports_passes_and_runtime(tmp_path):
     python = _isolated_venv(tmp_path)
     # not importable before the install: the check below proves the editable install, not a leak from here
-    proc = subprocess.run([python, "-c", "import sparsespec_compile"], cwd=tmp_path, env=_clean_env(), capture_output=True)
+    proc = subprocess.run(
+        [python, "-c", "import sparsespec_compile"], cwd=tmp_path, env=_clean_env(), capture_output=True
+    )
     assert proc.returncode != 0, "sparsespec_compile importable in the fresh venv before installing it"
     _pip_install(python, "-e", str(REPO), cwd=tmp_path)
     out = _run([python, "-c", IMPORT_CHECK], cwd=tmp_path, env=_clean_env())

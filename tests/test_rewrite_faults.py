@@ -31,7 +31,8 @@ def test_op_that_drops_the_scale_is_caught(monkeypatch):
         return original(q, k, v, attn_mask, 1.0, is_causal, softcap, math_)
 
     monkeypatch.setattr(ops, "_original_attention", no_scale)
-    with pytest.raises(AssertionError, match=r"logits differ.*worst at batch \d+, position \d+.*first diverging layer: 0"):
+    where = r"logits differ.*worst at batch \d+, position \d+.*first diverging layer: 0"
+    with pytest.raises(AssertionError, match=where):
         check_rewrite(_model("llama", "sdpa"))
 
 

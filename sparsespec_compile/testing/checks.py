@@ -44,7 +44,6 @@ def tiny_model(config: transformers.PretrainedConfig, attn: str = "sdpa", seed: 
     a wrong scale or a dropped mask barely moves the logits): linear weights ~ N(0, 1/fan_in), embeddings
     ~ N(0, 1), norm weights and biases ~ small noise around their defaults.
     """
-    torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -97,7 +96,8 @@ class RewriteCheck:
     def __str__(self) -> str:
         return (
             f"check_rewrite[{self.compiler}]: {len(self.rewritten_layers)}/{self.num_layers} layers rewritten, "
-            f"{self.num_cases} case(s), max |logit diff| {self.max_abs_diff:.3g} (atol {self.atol:g}, rtol {self.rtol:g})"
+            f"{self.num_cases} case(s), max |logit diff| {self.max_abs_diff:.3g} "
+            f"(atol {self.atol:g}, rtol {self.rtol:g})"
         )
 
 
@@ -213,8 +213,13 @@ def _compare(model, case, ref, out, atol, rtol, compiler, options, index) -> flo
     raise AssertionError(
         f"case {index}: compiled logits differ from eager: max |diff| {max_diff:.4g} (atol {atol:g}, rtol {rtol:g}); "
         f"worst at batch {b}, position {s}, vocab {v}: compiled {out_v[b, s, v].item():.6g} vs eager "
-        f"{ref_v[b, s, v].item():.6g}; {where}; input shape {tuple(case['input_ids'].shape) if 'input_ids' in case else '?'}"
+        f"{ref_v[b, s, v].item():.6g}; {where}; input_ids shape {_shape_of(case)}"
     )
+
+
+def _shape_of(case: Mapping[str, Any]) -> str:
+    ids = case.get("input_ids")
+    return str(tuple(ids.shape)) if isinstance(ids, torch.Tensor) else "?"
 
 
 def _first_diverging_layer(model, case, atol, rtol, compiler, options) -> str:

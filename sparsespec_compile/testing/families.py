@@ -59,7 +59,9 @@ def _common(layers: int, heads: int, head_dim: int) -> dict:
 
 
 def _llama(*, layers, heads, kv_heads, head_dim, **kw):
-    return transformers.LlamaConfig(num_key_value_heads=kv_heads, head_dim=head_dim, **_common(layers, heads, head_dim), **kw)
+    return transformers.LlamaConfig(
+        num_key_value_heads=kv_heads, head_dim=head_dim, **_common(layers, heads, head_dim), **kw
+    )
 
 
 def _mistral(*, layers, heads, kv_heads, head_dim, **kw):
@@ -74,7 +76,9 @@ def _qwen2(*, layers, heads, kv_heads, head_dim, **kw):
 
 
 def _qwen3(*, layers, heads, kv_heads, head_dim, **kw):
-    return transformers.Qwen3Config(num_key_value_heads=kv_heads, head_dim=head_dim, **_common(layers, heads, head_dim), **kw)
+    return transformers.Qwen3Config(
+        num_key_value_heads=kv_heads, head_dim=head_dim, **_common(layers, heads, head_dim), **kw
+    )
 
 
 def _phi3(*, layers, heads, kv_heads, head_dim, **kw):
@@ -138,4 +142,5 @@ def family_of(config: transformers.PretrainedConfig) -> Family:
     try:
         return FAMILIES[model_type]
     except KeyError:
-        raise ValueError(f"no tiny-model family for model_type {config.model_type!r}; known: {sorted(FAMILIES)}") from None
+        known = sorted(FAMILIES)
+        raise ValueError(f"no tiny-model family for model_type {config.model_type!r}; known: {known}") from None

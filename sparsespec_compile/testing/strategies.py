@@ -46,7 +46,9 @@ def _names(families: Iterable[str] | None) -> list[str]:
     return names
 
 
-def family_attn_pairs(families: Iterable[str] | None = None, attn: Iterable[str] | None = None) -> list[tuple[str, str]]:
+def family_attn_pairs(
+    families: Iterable[str] | None = None, attn: Iterable[str] | None = None
+) -> list[tuple[str, str]]:
     """Every (family, attention implementation) pair transformers supports, in a stable order."""
     wanted = None if attn is None else set(attn)
     return [(f, a) for f in _names(families) for a in FAMILIES[f].attn if wanted is None or a in wanted]
@@ -94,7 +96,8 @@ def inputs_for(
     seq = draw(st.integers(1, max_len))
     vocab = config.vocab_size
     pad_id = getattr(config, "pad_token_id", None) or 0
-    ids = draw(st.lists(st.lists(st.integers(FIRST_TOKEN, vocab - 1), min_size=seq, max_size=seq), min_size=batch, max_size=batch))
+    row = st.lists(st.integers(FIRST_TOKEN, vocab - 1), min_size=seq, max_size=seq)
+    ids = draw(st.lists(row, min_size=batch, max_size=batch))
     input_ids = torch.tensor(ids, dtype=torch.long)
     mask = torch.ones(batch, seq, dtype=torch.long)
     pad = draw(st.booleans()) if padding is None else padding
