@@ -7,7 +7,7 @@ import logging
 import torch
 from torch import fx
 
-from .graph_utils import shape
+from .graph_utils import ancestors, shape
 from .report import AttentionRecord
 
 log = logging.getLogger("sparsespec.passes")
@@ -22,12 +22,15 @@ class GraphPass:
         self.matched = 0
         self.records: list[AttentionRecord] = []
         self.rewrites: list[tuple[fx.Node, AttentionRecord]] = []  # (new op node, its record)
+        # Nodes of the replaced subgraphs and their inputs: the only nodes DeadCodePass may remove.
+        self.dead_candidates: set[fx.Node] = set()
 
     def __call__(self, gm: fx.GraphModule) -> None:
         raise NotImplementedError  # each pass implements its own rewrite
 
-    def accept(self, op_node: fx.Node, record: AttentionRecord) -> None:
+    def accept(self, op_node: fx.Node, record: AttentionRecord, replaced: fx.Node) -> None:
         self.matched += 1
+        self.dead_candidates |= ancestors([replaced])
         self.records.append(record)
         self.rewrites.append((op_node, record))
 

@@ -64,7 +64,7 @@ class EagerAttentionPass(GraphPass):
                 mask="mask tensor" if mask is not None else "none",
                 softcap=softcap,
             )
-            self.accept(op_node, describe(record, q, k_src))
+            self.accept(op_node, describe(record, q, k_src), replaced=out)
 
     @staticmethod
     def _forward(softmax: fx.Node) -> tuple[fx.Node, fx.Node]:

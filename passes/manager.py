@@ -23,7 +23,6 @@ class PassManager:
 
     def __init__(self) -> None:
         self.attention_passes: list[GraphPass] = [SDPAAttentionPass(), EagerAttentionPass()]
-        self.cleanup = DeadCodePass()
 
     def __call__(self, gm: fx.GraphModule) -> RewriteReport:
         report = RewriteReport()
@@ -34,8 +33,10 @@ class PassManager:
             report.records += p.records
             rewrites += p.rewrites
         self._number_layers(gm, rewrites, report)
-        self.cleanup(gm)
-        report.removed_nodes = self.cleanup.matched
+        cleanup = DeadCodePass(set().union(*(p.dead_candidates for p in self.attention_passes)))
+        cleanup(gm)
+        report.passes.append((cleanup.name, cleanup.matched))
+        report.removed_nodes = cleanup.matched
         gm.graph.lint()
         gm.recompile()
         log.info("%s", report)

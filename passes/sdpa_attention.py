@@ -70,4 +70,4 @@ class SDPAAttentionPass(GraphPass):
             record = AttentionRecord(
                 node=node.name, form="sdpa", rewritten=True, gqa=gqa, scale=scale, mask=mask_desc
             )
-            self.accept(op_node, describe(record, q, k_src))
+            self.accept(op_node, describe(record, q, k_src), replaced=node)

@@ -71,9 +71,12 @@ class capture_reports:
 
 
 def _register() -> None:
-    from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
+    from torch._dynamo.backends.registry import _BACKENDS, _COMPILER_FNS, register_backend
 
-    if "sparsespec" not in _COMPILER_FNS:
+    # When torch itself is loading us through the entry point, _BACKENDS holds that (not yet loaded) entry
+    # point and torch registers the function right after the import returns: registering here too would make
+    # torch's own register_backend fail with "duplicate name".
+    if "sparsespec" not in _COMPILER_FNS and _BACKENDS.get("sparsespec") is None:
         register_backend(name="sparsespec")(sparsespec_backend)
 
 

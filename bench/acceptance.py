@@ -1,0 +1,81 @@
+"""Acceptance of sparse self-speculation on real weights (SmolLM2-135M-Instruct), per draft kind.
+
+Acceptance is a property of the model and the draft, not of the hardware, so this runs on the CPU:
+
+    python -m bench.acceptance --prompts ../shared/data/prompts/gsm8k_test.jsonl --num-prompts 16 \
+        --max-tokens 2048 --drafts pillar streaming full --temperatures 0 0.6 --out bench/acceptance.json
+
+Writes one JSON record per (draft, temperature) and prints a markdown table (mean accepted drafts per full
+stride-k cycle, per-position acceptance, tokens generated, mean output length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from sparsespec_compile import LLM, SamplingParams, SparseSpecConfig
+from sparsespec_compile.models import load_smollm2
+
+
+def load_prompts(path: Path, n: int) -> list[str]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][:n]
+    return [(r.get("question") or r.get("problem")) + "\nAnswer step by step." for r in rows]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", type=Path, default=Path("../shared/data/prompts/gsm8k_test.jsonl"))
+    ap.add_argument("--num-prompts", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=2048)
+    ap.add_argument("--stride", type=int, default=8)
+    ap.add_argument("--sparsity", type=float, default=0.05)
+    ap.add_argument("--min-budget", type=int, default=128)
+    ap.add_argument("--drafts", nargs="+", default=["pillar", "streaming", "full"])
+    ap.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 0.6])
+    ap.add_argument("--out", type=Path, default=Path("bench/acceptance.json"))
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    model, tok = load_smollm2()
+    prompts = load_prompts(args.prompts, args.num_prompts)
+    results = []
+    for temperature in args.temperatures:
+        for draft in args.drafts:
+            torch._dynamo.reset()
+            cfg = SparseSpecConfig(
+                stride=args.stride, sparsity=args.sparsity, min_budget=args.min_budget, draft=draft,
+                compiler="eager", num_pages=(args.max_tokens + 512) * args.num_prompts // 16 + 64,
+                max_num_seqs=args.num_prompts, max_num_batched_tokens=4096,
+            )
+            llm = LLM(model, cfg, tokenizer=tok)
+            params = SamplingParams(max_tokens=args.max_tokens, temperature=temperature, top_p=0.95 if temperature else 1.0,
+                                    seed=0 if temperature else None)
+            t = time.perf_counter()
+            outs = llm.generate(prompts, params, use_chat_template=True, use_tqdm=False)
+            stats = llm.stats()
+            rec = {
+                "model": "SmolLM2-135M-Instruct (fp32, CPU)", "draft": draft, "temperature": temperature,
+                "stride": args.stride, "sparsity": args.sparsity, "min_budget": args.min_budget,
+                "prompts": len(prompts), "max_tokens": args.max_tokens,
+                "mean_output_len": sum(len(o.token_ids) for o in outs) / len(outs),
+                "finish_reasons": sorted({o.finish_reason for o in outs}),
+                "wall_s": time.perf_counter() - t, **stats,
+            }
+            results.append(rec)
+            print(json.dumps(rec), flush=True)
+            args.out.write_text(json.dumps(results, indent=1))
+    print("\n| draft | temp | mean accepted (of k) | per-position acceptance 1..k | cycles | mean output len |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        pos = " ".join(f"{p:.2f}" for p in r["per_position_acceptance"])
+        print(f"| {r['draft']} | {r['temperature']} | {r['mean_accepted']:.2f} of {r['stride']} | {pos} | "
+              f"{r['cycles']} | {r['mean_output_len']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

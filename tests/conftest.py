@@ -1,0 +1,16 @@
+"""Test-wide set-up. TRITON_INTERPRET must be set before anything imports triton: CI has no GPU, so the Triton
+kernels run in the interpreter (upcast to fp32 after every load: its bf16 arithmetic is wrong)."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Small, deterministic example counts: CI has 2 cores and a 15-minute budget for the whole suite.
+settings.register_profile(
+    "ci", max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("dev", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
