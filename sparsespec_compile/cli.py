@@ -42,10 +42,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(prompt=args.prompt, max_tokens=args.max_tokens, stride=args.stride, compiler=args.compiler)
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from .runtime_cli import run_generate
+DEFAULT_PROMPTS = [
+    "Natalia sold clips to 48 of her friends in April, and then half as many in May. How many clips did she sell?",
+    "A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts in total does it take?",
+]
 
-    return run_generate(args, _load(args))
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from . import LLM, SamplingParams, SparseSpecConfig
+
+    model, tok = _load(args)
+    prompts = args.prompts or DEFAULT_PROMPTS
+    if tok is None and any(isinstance(p, str) for p in prompts):
+        raise SystemExit("--config builds a model without a tokenizer: text prompts need --model or the default model")
+    llm = LLM(model, SparseSpecConfig(stride=args.stride, draft=args.draft, compiler="eager"), tokenizer=tok)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    for out in llm.generate(prompts, params, use_chat_template=True, use_tqdm=not args.no_progress):
+        print(f"[{out.finish_reason}] {out.text!r}")
+    print(llm.stats())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
