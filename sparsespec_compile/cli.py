@@ -63,6 +63,46 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Every check of ``sparsespec_compile.testing`` on one model; a pass/fail table; exit 1 if any failed."""
+    from pathlib import Path
+
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .testing import tiny_model
+    from .testing.suite import format_table, run_checks
+
+    path = Path(args.path) if args.path else None
+    if path is None:
+        from .models import load_smollm2
+
+        model, _ = load_smollm2(attn=args.attn)
+    elif not path.exists():
+        raise SystemExit(f"sparsespec check: {path} does not exist (a model directory, or a config.json / its dir)")
+    elif path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin"))):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=args.attn)
+    else:  # a config alone: random weights, redrawn at O(1) scale so greedy argmaxes are not near-ties
+        model = tiny_model(AutoConfig.from_pretrained(path), attn=args.attn, seed=args.seed)
+    model.eval()
+    with tqdm(total=5, desc="sparsespec check", unit="check", disable=args.no_progress) as bar:
+        started: list[str] = []
+
+        def progress(name: str) -> None:  # called as each check starts: the previous one is done
+            if started:
+                bar.update(1)
+            started.append(name)
+            bar.set_postfix_str(name)
+
+        rows = run_checks(model, stride=args.stride, budget=args.budget, max_new_tokens=args.max_new_tokens,
+                          compiler=args.compiler, num_cycles=args.num_cycles, num_requests=args.num_requests,
+                          max_graphs=args.max_graphs, progress=progress)
+        bar.update(bar.total - bar.n)
+    print(format_table(rows))
+    return 0 if all(r.ok is not False for r in rows) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sparsespec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +133,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draft", default="pillar", choices=["pillar", "streaming", "full"])
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("check", help="CI checks: rewrite coverage, logits, greedy lossless, sampling, recompiles")
+    p.add_argument("path", nargs="?", help="HF model dir, or config.json / its dir (random weights); "
+                   "default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="HF attention implementation")
+    p.add_argument("--stride", type=int, default=4)
+    p.add_argument("--budget", type=int, default=8, help="pillars per sparse draft (below the prompt lengths)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--compiler", default="eager", choices=["eager", "inductor"])
+    p.add_argument("--num-cycles", type=int, default=50_000, help="draft/verify cycles of the sampler check")
+    p.add_argument("--num-requests", type=int, default=64, help="sampled requests through the engine (0: skip)")
+    p.add_argument("--max-graphs", type=int, default=3, help="most Dynamo graphs allowed while generating")
+    p.add_argument("--seed", type=int, default=0, help="weights of a config-only model")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_check)
 
     args = parser.parse_args(argv)
     return int(args.fn(args) or 0)

@@ -114,4 +114,43 @@ def inputs_for(
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
-__all__ = ["ModelSpec", "family_attn_pairs", "family_of", "inputs_for", "model_configs"]
+@st.composite
+def prompts(
+    draw, vocab_size: int, max_len: int = 32, max_prompts: int = 3, min_len: int = 1
+) -> list[list[int]]:
+    """1..``max_prompts`` token-id prompts of ``min_len..max_len`` tokens (ids from 3: not pad / bos / eos), for
+    ``check_lossless``; mixed lengths put requests at different phases of their draft cycles."""
+    if not 1 <= min_len <= max_len:
+        raise ValueError(f"need 1 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
+    row = st.integers(min_len, max_len).flatmap(
+        lambda n: st.lists(st.integers(FIRST_TOKEN, vocab_size - 1), min_size=n, max_size=n)
+    )
+    return draw(st.lists(row, min_size=1, max_size=max_prompts))
+
+
+@dataclass(frozen=True)
+class SpeculationSettings:
+    """A (stride, budget) pair for ``check_lossless(model, inputs, **settings.kwargs)``."""
+
+    stride: int
+    budget: int
+
+    @property
+    def kwargs(self) -> dict[str, int]:
+        return {"stride": self.stride, "budget": self.budget}
+
+
+@st.composite
+def speculation_settings(
+    draw, max_stride: int = 8, budgets: Iterable[int] = (1, 2, 5, 8, 1000)
+) -> SpeculationSettings:
+    """Stride 1..``max_stride`` and a pillar budget from ``budgets``: 1 (the sparsest draft), small ones below
+    typical prompt lengths, and one above every context (the draft is then full attention)."""
+    budgets = tuple(budgets)
+    if max_stride < 1 or not budgets or min(budgets) < 1:
+        raise ValueError(f"need max_stride >= 1 and budgets >= 1, got {max_stride}, {budgets}")
+    return SpeculationSettings(draw(st.integers(1, max_stride)), draw(st.sampled_from(budgets)))
+
+
+__all__ = ["ModelSpec", "SpeculationSettings", "family_attn_pairs", "family_of", "inputs_for", "model_configs",
+           "prompts", "speculation_settings"]
