@@ -24,7 +24,9 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--out", default="bench_out")
 ap.add_argument("--smoke", action="store_true")
 ap.add_argument("--sections", default="check,decode,draft,verify,score,mixed")
-args = ap.parse_args()
+# Parse the command line only when run as a script: transformers probes for a package named `kernels`, and a
+# script started from bench/ puts this file first on sys.path under that name.
+args = ap.parse_args() if __name__ == "__main__" else ap.parse_args([])
 if args.smoke:
     os.environ["TRITON_INTERPRET"] = "1"
 

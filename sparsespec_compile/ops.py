@@ -112,8 +112,10 @@ def _runtime_attention(ctx: ForwardContext, q, k, v, layer_idx, scale, softcap):
     window = ctx.sliding_windows[layer_idx] if ctx.sliding_windows else -1
     pillar_idx = pillar_len = None
     if ctx.pillars is not None:
-        pillar_idx = ctx.pillars.indices[layer_idx].index_select(0, ctx.pillar_slot)  # [R, Hkv, Bmax]
-        pillar_len = ctx.pillars.lengths.index_select(0, ctx.pillar_slot)  # [R]
+        # The kernel reads request r's pillars from row pillar_slot[r] of the store: no per-layer gather copy
+        # (~12 MB per layer at 64 requests with a 6,144-token budget).
+        pillar_idx = ctx.pillars.indices[layer_idx]  # [max_slots, Hkv, Bmax]
+        pillar_len = ctx.pillars.lengths  # [max_slots]
     common = dict(
         query_start_loc=ctx.query_start_loc,
         seq_lens=ctx.seq_lens,
@@ -133,6 +135,7 @@ def _runtime_attention(ctx: ForwardContext, q, k, v, layer_idx, scale, softcap):
         draft_start=ctx.draft_start,
         pillar_indices=pillar_idx,
         pillar_lengths=pillar_len,
+        pillar_rows=ctx.pillar_slot if ctx.pillars is not None else None,
         return_lse=True,
         **common,
     )

@@ -133,3 +133,14 @@ def test_a_model_compiled_with_another_backend_is_refused():
                                                                       min_budget=2, recent=1))
     out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4), use_tqdm=False)[0]
     assert out.finish_reason.startswith("error:") and "sparsespec" in out.finish_reason
+
+
+def test_triton_kernels_in_the_engine_are_lossless_too():
+    """The runtime with the Triton kernels (CPU interpreter in CI) instead of the PyTorch references."""
+    model = _model("qwen3", "sdpa")
+    prompt = list(range(30, 41))
+    llm = _llm(model, stride=3, min_budget=3, attention_impl="triton")
+    out = llm.generate([prompt, [7, 8]], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+    assert out[0].token_ids == _hf_greedy(model, prompt, 8)
+    assert out[1].token_ids == _hf_greedy(model, [7, 8], 8)
+    assert llm.stats()["cycles"] > 0
