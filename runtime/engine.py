@@ -18,6 +18,7 @@ from sparsespec_compile.context import forward_context
 
 from .block_allocator import BlockAllocator
 from .kv_cache import allocate_kv_cache, allocate_pillar_store, kv_shape_from_config
+from .parallel import agree_on_tokens, local_kv_heads, tp_world_size
 from .request import Request
 from .scheduler import Scheduler, StepKind, StepPlan
 from .step_inputs import build_step_inputs, write_streaming_pillars
@@ -57,6 +58,8 @@ class Engine:
         if self.impl == "auto":
             self.impl = "triton" if self.device.type == "cuda" else "reference"
         num_layers, kv_heads, head_dim = kv_shape_from_config(model.config)
+        self.tp_world = tp_world_size(model)
+        kv_heads = local_kv_heads(kv_heads, self.tp_world)  # under TP the op sees this rank's heads only
         self.num_layers = num_layers
         text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.max_model_len = int(getattr(text, "max_position_embeddings", 4096) or 4096)
@@ -103,7 +106,7 @@ class Engine:
         t0 = time.perf_counter()
         try:
             logits = self._forward(plan)  # [N, V]
-            sampled = self._sample_and_verify(plan, logits)
+            sampled = agree_on_tokens(self._sample_and_verify(plan, logits), self.tp_world)
         except Exception as exc:  # confined to this step's requests; the others keep going
             log.exception("step %d failed", plan.step)
             for e in plan.entries:
