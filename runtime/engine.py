@@ -18,6 +18,7 @@ from sparsespec_compile.context import forward_context
 
 from .block_allocator import BlockAllocator
 from .kv_cache import allocate_kv_cache, allocate_pillar_store, kv_shape_from_config
+from .offload import HostKVPool, default_host_pages
 from .parallel import agree_on_tokens, local_kv_heads, tp_world_size
 from .request import Request
 from .scheduler import Scheduler, StepKind, StepPlan
@@ -73,6 +74,10 @@ class Engine:
         if config.stride > 0 and config.draft != "full":
             self.pillars = allocate_pillar_store(num_layers, config.max_num_seqs, kv_heads, max_budget, self.device)
         self.sliding_windows = sliding_windows_from_config(model.config, num_layers)
+        self.offload = None  # host pool of the dynamic KV cache (swaps planned by the scheduler, run by _apply_swaps)
+        if config.offload:
+            self.offload = HostKVPool(self.kv, self.pillars, config.host_kv_pages or default_host_pages(self.kv),
+                                      config.max_num_seqs, config.offload_chunk_pages)
         self.scheduler = Scheduler(
             BlockAllocator(self.kv.num_pages, config.page_size),
             stride=config.stride,
@@ -80,6 +85,9 @@ class Engine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             eos_token_ids=eos_token_ids,
+            delayed_verify=config.overlap,
+            num_host_blocks=self.offload.num_pages if self.offload is not None else 0,
+            max_oversubscription=config.kv_oversubscription,
         )
         self.stats = EngineStats(accepted_hist=[0] * (config.stride + 1))
         self._draft_probs: dict[int, list[torch.Tensor]] = {}  # request id -> q_i of this cycle's drafts ([V] each)
@@ -100,6 +108,7 @@ class Engine:
         """Run one step; returns the requests the scheduler reported finished (each exactly once, rejected and
         aborted ones included; a request finishing in this step is reported by the next one)."""
         plan = self.scheduler.schedule()
+        self._apply_swaps(plan)
         self._forget(plan.finished + plan.preempted)  # a preempted request restarts its cycle: drop its q_i
         if not plan.entries:
             return plan.finished
@@ -172,24 +181,25 @@ class Engine:
     def _verify(self, plan, logits, verify_entries, result) -> None:
         entries = [plan.entries[i] for i, _ in verify_entries]
         k = max(e.num_tokens - 1 for e in entries)
-        n, vocab = len(entries), logits.shape[-1]
-        target = logits.new_zeros(n, k + 1, vocab)  # [Nv, k+1, V]
-        drafts = torch.zeros(n, k, dtype=torch.long, device=logits.device)
-        draft_probs = torch.zeros(n, k, vocab, dtype=torch.float32, device=logits.device)
-        num_drafts = []
-        for j, ((_, row), e) in enumerate(zip(verify_entries, entries)):
-            d = e.num_tokens - 1
-            target[j, : d + 1] = logits[row : row + d + 1]
-            if d:
-                drafts[j, :d] = torch.tensor(e.draft_token_ids, device=logits.device)
+        n, vocab, dev = len(entries), logits.shape[-1], logits.device
+        num_drafts = [e.num_tokens - 1 for e in entries]
+        # One gather for the target logits [Nv, k+1, V]: slots past a row's own j repeat its last row (never read:
+        # verification stops at j). Drafts padded with 0 on the host, one copy.
+        rows = [[row + min(i, d) for i in range(k + 1)] for (_, row), d in zip(verify_entries, num_drafts)]
+        target = logits[torch.tensor(rows, device=dev)]
+        drafts = torch.tensor([list(e.draft_token_ids) + [0] * (k - d) for e, d in zip(entries, num_drafts)],
+                              dtype=torch.long, device=dev).view(n, k)
+        draft_probs = None
+        if not all(e.request.params.greedy for e in entries):
+            draft_probs = torch.zeros(n, k, vocab, dtype=torch.float32, device=dev)
+            for j, e in enumerate(entries):
                 probs = self._draft_probs.pop(e.request.request_id, [])
-                if probs:  # sampled (non-greedy) rows; greedy rows keep q = 0: accepted iff d == argmax p
-                    draft_probs[j, :d] = torch.stack(probs)
-            num_drafts.append(d)
+                if probs:  # sampled rows; greedy rows keep q = 0, i.e. accepted iff d == argmax p (exact)
+                    draft_probs[j, : len(probs)] = torch.stack(probs)
         reqs = [e.request for e in entries]
         _, tokens = rejection_sample(
             drafts, draft_probs, target, [r.params for r in reqs], self._gens(reqs),
-            num_drafts=torch.tensor(num_drafts, device=logits.device),
+            num_drafts=torch.tensor(num_drafts, device=dev),
         )
         for (i, _), row in zip(verify_entries, tokens.tolist()):
             result[i] = [t for t in row if t >= 0]
@@ -216,3 +226,9 @@ class Engine:
             self._draft_probs.pop(r.request_id, None)
             if r.is_finished:
                 self._generators.pop(r.request_id, None)
+
+    def _apply_swaps(self, plan: StepPlan) -> None:
+        """Run the plan's restores and offloads (KV pages of every layer and pillar rows, host pool <-> device)
+        before the forward. Offloaded requests keep their cycle's draft probabilities here: they resume mid-cycle."""
+        if plan.swap_in or plan.swap_out:
+            self.offload.execute(plan.swap_in, plan.swap_out)
