@@ -144,3 +144,23 @@ def test_triton_kernels_in_the_engine_are_lossless_too():
     assert out[0].token_ids == _hf_greedy(model, prompt, 8)
     assert out[1].token_ids == _hf_greedy(model, [7, 8], 8)
     assert llm.stats()["cycles"] > 0
+
+
+def test_varying_token_counts_compile_one_graph():
+    """Steps carry different token counts (prefill chunks, drafts, verifies): Dynamo must not recompile per count."""
+    from sparsespec_compile.backend import sparsespec_backend
+
+    compiles = []
+
+    def counting_backend(gm, example_inputs, **kw):
+        compiles.append(gm)
+        return sparsespec_backend(gm, example_inputs, options={"compiler": "eager"})
+
+    model = _model("llama", "sdpa")
+    torch._dynamo.reset()
+    llm = LLM(torch.compile(model, backend=counting_backend),
+              SparseSpecConfig(compiler="eager", num_pages=96, page_size=4, stride=3, min_budget=2, recent=1,
+                               max_num_batched_tokens=32))
+    llm.generate([list(range(5, 30)), [7, 8, 9], [4]], SamplingParams(max_tokens=14, ignore_eos=True), use_tqdm=False)
+    assert llm.stats()["steps"] > 10
+    assert len(compiles) <= 2, f"{len(compiles)} graphs compiled for one workload"
