@@ -38,6 +38,7 @@ class LosslessCheck:
     token_counts: list[int] = field(default_factory=list)  # distinct flattened token counts T the graph ran with
     per_position: list[float] = field(default_factory=list)  # acceptance of draft slot 1..stride
     dense_acceptance: float | None = None  # acceptance with a budget covering the context (dense_drafts=True)
+    refs: list[list[int]] = field(default_factory=list, repr=False)  # HF greedy tokens per request
 
     def __str__(self) -> str:
         return (
@@ -82,28 +83,30 @@ def default_prompts(config, seed: int = 0) -> list[list[int]]:
 
 
 def hf_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
-    """The reference: ``model.generate`` greedy, exactly ``n`` new tokens (EOS ignored), the prompt unpadded."""
-    from transformers import GenerationConfig
-
+    """The reference: ``model.generate`` greedy, exactly ``n`` new tokens (EOS neither stops nor is suppressed:
+    ``min_new_tokens`` would suppress it, which the runtime's ``ignore_eos`` does not), the prompt unpadded."""
     pad = getattr(model.config, "pad_token_id", None)
-    gen = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
-                           pad_token_id=0 if pad is None else pad, eos_token_id=None)
     device = next(model.parameters()).device
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt], device=device), generation_config=gen)
-    return out[0, len(prompt):].tolist()
+    with torch.no_grad():  # keyword overrides: a GenerationConfig argument would inherit the model's EOS again
+        out = model.generate(torch.tensor([prompt], device=device), max_new_tokens=n, do_sample=False, num_beams=1,
+                             repetition_penalty=1.0, eos_token_id=None, pad_token_id=0 if pad is None else pad)
+    out = out[0, len(prompt):].tolist()
+    assert len(out) == n, f"HF generate stopped after {len(out)} of {n} tokens"
+    return out
 
 
 def make_llm(model: torch.nn.Module, prompts: list[list[int]], max_new: int, *, stride: int, budget: int,
-             draft: str = "pillar", compiler: str = "eager", page_size: int = 4, **config: Any):
-    """An ``LLM`` sized for these prompts, on a fresh Dynamo state, whose compiled forward records the token
-    counts it runs with (``llm.token_counts``). ``recent`` defaults to 1: a small budget stays mostly pillars."""
+             draft: str = "pillar", compiler: str = "eager", page_size: int = 4, fresh: bool = True, **config: Any):
+    """An ``LLM`` sized for these prompts whose compiled forward records the token counts it runs with
+    (``llm.token_counts``); ``fresh``: on a reset Dynamo state (else the graphs of the previous LLM of this model
+    are reused: its compile options are the same). ``recent`` defaults to 1: a small budget stays mostly pillars."""
     from sparsespec_compile import LLM, SparseSpecConfig
 
     pages = sum(-(-(len(p) + max_new + stride + 1) // page_size) for p in prompts) + 8
     base = dict(stride=stride, min_budget=budget, recent=min(1, budget), draft=draft, compiler=compiler,
                 page_size=page_size, num_pages=pages, max_num_batched_tokens=max(32, stride + 1))
-    torch._dynamo.reset()  # a fresh compile: graphs counted below are this model's only
+    if fresh:
+        torch._dynamo.reset()  # a fresh compile: graphs counted below are this model's only
     llm = LLM(model, SparseSpecConfig(**{**base, **config}))
     counts: set[int] = set()
     compiled = llm.engine.compiled
@@ -153,7 +156,7 @@ def check_lossless(
         result = _run(model, prompts, stride, budget, max_new_tokens, draft, compiler, config)
         if dense_drafts and stride > 0:
             dense = _run(model, prompts, stride, DENSE_BUDGET, max_new_tokens, draft, compiler,
-                         {**config, "max_budget": DENSE_BUDGET, "sparsity": 1.0})
+                         {**config, "max_budget": DENSE_BUDGET, "sparsity": 1.0, "fresh": False}, refs=result.refs)
             if dense.cycles and dense.acceptance < min_dense_acceptance:
                 raise AssertionError(
                     f"with a budget covering the whole context (dense drafts == the target), only "
@@ -162,16 +165,15 @@ def check_lossless(
                     f"Per position: {dense.per_position}; prompt lengths {[len(p) for p in prompts]}"
                 )
             result.dense_acceptance = dense.acceptance
-    finally:
-        torch._dynamo.reset()
+    finally:  # the compiled graphs stay cached (check_sampling's engine stage reuses them)
         model.train(was_training)
     return result
 
 
-def _run(model, prompts, stride, budget, max_new, draft, compiler, config) -> LosslessCheck:
+def _run(model, prompts, stride, budget, max_new, draft, compiler, config, refs=None) -> LosslessCheck:
     from sparsespec_compile import SamplingParams
 
-    refs = [hf_greedy(model, p, max_new) for p in prompts]
+    refs = refs or [hf_greedy(model, p, max_new) for p in prompts]
     frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     llm = make_llm(model, prompts, max_new, stride=stride, budget=budget, draft=draft, compiler=compiler, **config)
     outs = llm.generate(prompts, SamplingParams(max_tokens=max_new, ignore_eos=True), use_tqdm=False)
@@ -192,11 +194,16 @@ def _run(model, prompts, stride, budget, max_new, draft, compiler, config) -> Lo
                 f"accepted per cycle {out.metrics.get('accepted')}"
             )
     s = llm.stats()
+    if stride and max_new >= 3 * (stride + 1) and not s["cycles"]:
+        drafted = [o.metrics.get("drafted") for o in outs]
+        raise AssertionError(f"no verify step judged {stride} drafts in {max_new} tokens per request ({setting}): "
+                             f"the scheduler drops drafts; drafts per cycle, per request: {drafted}")
     check = LosslessCheck(
         num_requests=len(prompts), num_tokens=sum(map(len, refs)), stride=stride, budget=budget, draft=draft,
         mean_accepted=s["mean_accepted"], acceptance=s["mean_accepted"] / stride if stride else 1.0,
         cycles=s["cycles"], graphs_compiled=torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before,
         token_counts=sorted(llm.token_counts), per_position=[round(x, 2) for x in s["per_position_acceptance"]],
+        refs=refs,
     )
     _note(check)
     return check

@@ -12,7 +12,8 @@ Two stages, both fast on a tiny model (~2 s on one CPU core):
 * engine: ``num_requests`` seeded requests of one prompt through ``LLM`` with sparse drafts; each emitted token's
   randomized probability-integral transform ``u = F(x-) + U * p(x)`` under the model's own conditional ``p`` (one
   HF forward over the outputs) is Uniform(0, 1) and independent of the earlier ones, so the pooled ``u`` must fit
-  a uniform histogram; and no emitted token may have target probability 0 (outside top-k / top-p).
+  a uniform histogram; their mean surprise ``-log p(x)`` must match the target entropy (z-test: tokens drawn from
+  the draft instead of the target shift it); and no emitted token may have target probability 0.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 ALPHA = 1e-6  # a correct sampler fails a check with probability ~1e-6 per test (seeds are fixed: deterministic)
+Z_MAX = 5.0  # two-sided normal tail at 5 sigma: ~6e-7
 
 
 def chi2_sf(stat: float, df: int) -> float:
@@ -74,6 +76,7 @@ class SamplingCheck:
     acceptance_expected: float  # sum_x min(p_1(x), q_1(x))
     engine_tokens: int = 0
     engine_pvalue: float = 1.0  # uniformity of the pooled PIT values of the engine's tokens
+    engine_z: float = 0.0  # pooled surprise minus entropy, in standard errors
     failures: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
@@ -81,7 +84,8 @@ class SamplingCheck:
              f"{[f'{p:.2g}' for p in self.slot_pvalues]}, TV {[round(t, 4) for t in self.slot_tv]}, acceptance "
              f"{self.acceptance:.4f} (theory {self.acceptance_expected:.4f})")
         if self.engine_tokens:
-            s += f"; engine: {self.engine_tokens} tokens, PIT p-value {self.engine_pvalue:.2g}"
+            s += (f"; engine: {self.engine_tokens} tokens, PIT p-value {self.engine_pvalue:.2g}, surprise z "
+                  f"{self.engine_z:+.2f}")
         return s
 
 
@@ -179,7 +183,7 @@ def _engine_stage(model, prompt, params, k, n, max_tokens, budget, seed, alpha, 
     from .lossless import make_llm
 
     prompts = [prompt] * n
-    llm = make_llm(model, prompts, max_tokens, stride=k, budget=budget)
+    llm = make_llm(model, prompts, max_tokens, stride=k, budget=budget, fresh=False)  # reuse cached graphs
     try:
         per = [SamplingParams(max_tokens=max_tokens, temperature=params.temperature, top_k=params.top_k,
                               top_p=params.top_p, seed=seed * 100_003 + i, ignore_eos=True) for i in range(n)]
@@ -206,10 +210,21 @@ def _engine_stage(model, prompt, params, k, n, max_tokens, budget, seed, alpha, 
     u = (p.cumsum(-1).gather(-1, x).squeeze(-1) - px) + torch.rand(n * T, generator=torch.Generator().manual_seed(seed)) * px
     bins = 16
     pval, _ = goodness_of_fit((u.clamp(0, 1 - 1e-9) * bins).long(), torch.full((bins,), 1 / bins))
-    check.engine_tokens, check.engine_pvalue = n * T, pval
+    # Surprise test: -log p(x_t) - H(p_t) has mean 0 given the prefix when x_t ~ p_t (a martingale difference), so
+    # the pooled sum over variance is ~N(0, 1); tokens from another distribution r shift it by H(r, p) - H(p).
+    logp = p.clamp_min(1e-30).log()
+    entropy = -(p * logp).sum(-1)  # [n*T]
+    var = (p * logp ** 2).sum(-1) - entropy ** 2
+    surprise = -logp.gather(-1, x).squeeze(-1).masked_fill(px <= 0, 0.0)
+    z = ((surprise - entropy).sum() / var.sum().clamp_min(1e-12).sqrt()).item()
+    check.engine_tokens, check.engine_pvalue, check.engine_z = n * T, pval, z
     if pval < alpha:
         check.failures.append(f"engine: tokens do not follow the model's conditionals (PIT uniformity p-value "
                               f"{pval:.3g} over {n * T} tokens)")
+    if abs(z) > Z_MAX:
+        check.failures.append(f"engine: mean surprise -log p(x) of the {n * T} emitted tokens is {z:+.1f} standard "
+                              f"errors from the target entropy (bound {Z_MAX}): they are drawn from "
+                              f"{'a flatter' if z > 0 else 'a sharper'} distribution than the target's")
 
 
 __all__ = ["SamplingCheck", "check_sampling", "chi2_sf", "goodness_of_fit", "tv_noise"]
