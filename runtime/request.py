@@ -16,6 +16,9 @@ Life cycle (stride ``k`` > 0)::
   position ``>= draft_start`` and sparsely (pillars) before it. ``has_pillars`` is False until the first
   verification after (re)prefill: that cycle drafts with full attention.
 * Stride 0 (plain decoding) is the degenerate cycle ``j = 0``: every decode step is a 1-token VERIFY.
+* Offload (``SWAPPED``): under page pressure a running request's pages (and pillar row) are copied to the host
+  pool and freed; everything else is kept as is — state, drafts of the interrupted cycle, ``draft_start``,
+  ``has_pillars`` — and on restore it continues exactly where it was (``swapped_state``). No token is recomputed.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class RequestState(enum.Enum):
     DRAFT = "draft"  # drafting this cycle's tokens, one per step
     VERIFY = "verify"  # drafts done; the next step verifies them
     STALL = "stall"  # delayed verification: sits out one step while the host consumes its result
+    SWAPPED = "swapped"  # KV offloaded to the host pool; resumes in ``swapped_state`` when restored
     FINISHED = "finished"
 
 
@@ -43,7 +47,9 @@ _ids = itertools.count()
 class RequestMetrics:
     accepted: list[int] = field(default_factory=list)  # accepted drafts per cycle (0..j)
     drafted: list[int] = field(default_factory=list)  # drafts proposed per cycle (j)
-    num_preemptions: int = 0
+    num_preemptions: int = 0  # recompute preemptions (KV dropped, re-prefilled later)
+    num_offloads: int = 0  # swaps to the host pool (KV kept, nothing recomputed)
+    offload_fallbacks: int = 0  # recompute preemptions taken because the host pool was full
     arrival_step: int = -1
     first_token_step: int = -1
     finish_step: int = -1
@@ -84,6 +90,10 @@ class Request:
         self.num_computed_tokens = 0  # tokens whose (verified) KV is in the cache
         self.block_table: list[int] = []
         self.pillar_slot = -1  # row in the PillarStore while admitted
+        self.admit_order = -1  # position in the scheduler's running order (set at each admission)
+        self.host_blocks: list[int] = []  # host pool pages holding the KV while SWAPPED
+        self.host_row = -1  # host pillar row while SWAPPED
+        self.swapped_state: RequestState | None = None  # state to resume in when restored
         self.draft_token_ids: list[int] = []  # this cycle's drafts so far
         self.num_cycle_drafts = 0  # j: drafts this cycle will make before verifying
         self.draft_start = 0

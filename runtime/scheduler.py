@@ -12,22 +12,35 @@ between ``n + k*floor(n/C)`` and ``n + k*ceil(n/C)`` tokens, i.e. about ``n(2k+1
 
 Order inside a step: decode requests first (oldest admitted first; they are latency-critical and phase-locked),
 then running prefills, then newly admitted prompts, all within ``max_num_batched_tokens`` (chunked prefill).
-When a decode request needs a page and none is free, the newest running request younger than it is preempted (it
-itself if none is younger: the oldest always progresses, so no livelock). Preemption is by recompute today: the KV
-is dropped, drafts are discarded and the request re-prefills ``prompt + output[:-1]`` later; it is listed in
-``plan.preempted`` so the engine drops per-request device state (draft probs, pillars). Issue 5 replaces
-``_preempt`` with an offload to host memory; nothing else needs to change.
+Memory pressure (the dynamic KV cache): admission is aggressive — a prompt is admitted as soon as its prefill fits
+in the free pages, with no reservation for its (unknown) output length; ``max_oversubscription`` optionally caps the
+sum of worst-case page demands at that multiple of the pool. When a decode request needs a page and none is free,
+the newest running request younger than it is evicted (it itself if none is younger: the oldest always progresses,
+so no livelock). Eviction is an **offload** when the host pool has room: the request's written pages and its pillar
+row are listed in ``plan.swap_out`` (the engine copies them to host memory before the forward), its device pages and
+pillar slot are freed, and it waits in ``self.swapped`` in state SWAPPED with everything else intact — drafts of an
+interrupted cycle included. Swapped requests are restored first, before any admission (none is admitted while one
+is swapped), oldest first, into fresh pages (``plan.swap_in``; new block table, maybe a new pillar slot), as soon as
+their pages plus the running requests' growth for the step fit; they continue exactly where they were. Only when
+the host pool is full does eviction fall back to **recompute** preemption (logged; ``metrics.offload_fallbacks``):
+the KV is dropped, drafts are discarded and the request re-prefills ``prompt + output[:-1]`` later; it is listed
+in ``plan.preempted`` so the engine drops per-request device state (draft probs).
 """
 
 from __future__ import annotations
 
+import bisect
 import enum
+import itertools
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
 
 from .block_allocator import BlockAllocator
 from .request import Request, RequestState
+
+log = logging.getLogger("sparsespec.runtime")
 
 
 class StepKind(enum.Enum):
@@ -77,12 +90,30 @@ class StepEntry:
         return self.token_ids[1:]
 
 
+@dataclass(frozen=True)
+class SwapOp:
+    """Copy one request's KV between the pools: ``device_blocks[i] <-> host_blocks[i]`` (block-table order, every
+    layer, K and V), and its PillarStore row ``pillar_slot <-> host_row`` (indices and length)."""
+
+    request: Request
+    device_blocks: tuple[int, ...]
+    host_blocks: tuple[int, ...]
+    pillar_slot: int
+    host_row: int
+
+
 @dataclass
 class StepPlan:
+    """What one step runs. The engine executes ``swap_in`` and then ``swap_out`` before the forward: in that order,
+    since a host page (or host row) freed by a swap-in may be handed to a swap-out of the same plan, while a device
+    page freed by a swap-out is never one a swap-in of the same plan writes (swap-ins are planned first)."""
+
     step: int
     entries: list[StepEntry] = field(default_factory=list)
     finished: list[Request] = field(default_factory=list)  # FINISHED since the previous plan (incl. rejected)
     preempted: list[Request] = field(default_factory=list)  # lost their KV this step (back to waiting)
+    swap_out: list[SwapOp] = field(default_factory=list)  # device -> host, then the device pages are reused
+    swap_in: list[SwapOp] = field(default_factory=list)  # host -> device, into freshly allocated pages
 
     @property
     def num_tokens(self) -> int:
@@ -101,7 +132,8 @@ class StepPlan:
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, *, stride: int = 8, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, max_model_len: int = 4096,
-                 eos_token_ids: Sequence[int] = (), delayed_verify: bool = False) -> None:
+                 eos_token_ids: Sequence[int] = (), delayed_verify: bool = False, num_host_blocks: int = 0,
+                 max_oversubscription: float | None = None) -> None:
         if stride < 0:
             raise ValueError(f"stride must be >= 0 (0 = plain decoding), got {stride}")
         if max_num_seqs < 1:
@@ -109,6 +141,10 @@ class Scheduler:
         if max_num_batched_tokens < stride + 1:
             raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must hold one verify chunk "
                              f"(stride + 1 = {stride + 1})")
+        if num_host_blocks < 0:
+            raise ValueError(f"num_host_blocks must be >= 0 (0 = no offload), got {num_host_blocks}")
+        if max_oversubscription is not None and max_oversubscription <= 0:
+            raise ValueError(f"max_oversubscription must be > 0 or None, got {max_oversubscription}")
         self.allocator = allocator
         self.stride = stride
         self.max_num_seqs = max_num_seqs
@@ -124,6 +160,14 @@ class Scheduler:
         self._ids: set = set()
         self._finished: list[Request] = []  # not yet reported in a plan
         self._stall_step: dict[int, int] = {}  # request_id -> step it sits out
+        # Offload: host pages (same page size) and host pillar rows. running + swapped <= max_num_seqs always (no
+        # admission while a request is swapped), so max_num_seqs rows never run out.
+        self.host = BlockAllocator(num_host_blocks, allocator.page_size) if num_host_blocks else None
+        self._free_host_rows = deque(range(max_num_seqs))
+        self.swapped: list[Request] = []
+        self.max_oversubscription = max_oversubscription
+        self._admissions = itertools.count()
+        self.num_swap_outs = self.num_swap_ins = self.num_recomputes = 0
 
     # ---- admission ----------------------------------------------------------------------------------------------
     def check(self, req: Request) -> None:
@@ -162,26 +206,27 @@ class Scheduler:
         self._finish(req, reason)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self._finished)
+        return bool(self.waiting or self.running or self.swapped or self._finished)
 
     # ---- schedule -----------------------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         self.step += 1
         plan = StepPlan(self.step, finished=self._finished)
         self._finished = []
+        self._restore(plan)
         while True:
             budget = self._schedule_running(plan)
             self._admit(plan, budget)
             if plan.entries or not self.running or any(r.state is RequestState.STALL for r in self.running):
                 return plan  # (an empty plan is legal: everyone left is sitting out a delayed verification)
             # Nothing could run although requests hold pages (prefills starved of pages): free the newest and retry.
-            self._preempt(self.running[-1], plan)
+            self._evict(self.running[-1], plan)
 
     def _schedule_running(self, plan: StepPlan) -> int:
         budget = self.max_num_batched_tokens
         for r in [r for r in self.running if r.is_decoding]:
-            if r.state is RequestState.WAITING:
-                continue  # preempted earlier in this loop
+            if r not in self.running:
+                continue  # evicted earlier in this loop
             if r.state is RequestState.STALL:
                 if self._stall_step[r.request_id] >= self.step:
                     continue
@@ -194,10 +239,10 @@ class Scheduler:
                 # Only younger requests are victims (the oldest always progresses: no livelock); they are
                 # unscheduled so far because decode goes in admission order and prefills come after.
                 younger = self.running[self.running.index(r) + 1:]
-                self._preempt(younger[-1] if younger else r, plan)
+                self._evict(younger[-1] if younger else r, plan)
                 if not younger:
                     break
-            if r.state is RequestState.WAITING:
+            if r not in self.running:
                 continue
             plan.entries.append(e)
             budget -= e.num_tokens
@@ -228,7 +273,7 @@ class Scheduler:
         return chunk
 
     def _admit(self, plan: StepPlan, budget: int) -> None:
-        while self.waiting and budget > 0 and self._free_slots:
+        while self.waiting and budget > 0 and self._free_slots and not self.swapped:  # swapped ones come first
             r = self.waiting[0]
             if r in plan.preempted:
                 return  # not back in the step that evicted it: that would only thrash
@@ -238,8 +283,12 @@ class Scheduler:
                 return
             if self._decode_load(len(self.running) + 1) > self.max_num_batched_tokens:
                 return
+            if self.max_oversubscription is not None and sum(self._worst_blocks(o) for o in [*self.running, r]) > \
+                    self.max_oversubscription * self.allocator.num_blocks:
+                return
             self.waiting.popleft()
             r.state = RequestState.PREFILL
+            r.admit_order = next(self._admissions)
             r.pillar_slot = self._free_slots.popleft()
             self.running.append(r)
             budget -= self._prefill_chunk(r, plan, budget)
@@ -259,7 +308,7 @@ class Scheduler:
         entering: list[Request] = []
         for e, toks in zip(plan.entries, sampled):
             r = e.request
-            if r.is_finished or r.state is RequestState.WAITING:
+            if r.is_finished or r.state in (RequestState.WAITING, RequestState.SWAPPED):
                 continue  # aborted between schedule and update
             toks = [int(t) for t in toks]
             while e.kind is StepKind.VERIFY and toks and toks[-1] < 0:
@@ -347,6 +396,11 @@ class Scheduler:
     def _release(self, r: Request) -> None:
         self.allocator.free(r.block_table)
         r.block_table = []
+        if r in self.swapped:  # aborted while offloaded
+            self.host.free(r.host_blocks)
+            self._free_host_rows.append(r.host_row)
+            r.host_blocks, r.host_row = [], -1
+            self.swapped.remove(r)
         if r.pillar_slot >= 0:
             self._free_slots.append(r.pillar_slot)
             r.pillar_slot = -1
@@ -363,6 +417,7 @@ class Scheduler:
 
     def _preempt(self, r: Request, plan: StepPlan) -> None:
         """Recompute preemption: drop ``r``'s KV; it re-prefills ``prompt + output[:-1]`` when pages free up."""
+        self.num_recomputes += 1
         self._release(r)
         r.state = RequestState.WAITING
         r.num_computed_tokens = 0
@@ -372,3 +427,69 @@ class Scheduler:
         r.metrics.num_preemptions += 1
         self.waiting.appendleft(r)
         plan.preempted.append(r)
+
+    # ---- offload ------------------------------------------------------------------------------------------------
+    def _evict(self, r: Request, plan: StepPlan) -> None:
+        """Free ``r``'s device pages: offload it when the host pool has room, else recompute preemption."""
+        n = self.allocator.blocks_for(self._kv_tokens(r))
+        if self.host is not None and self.host.can_allocate(n) and self._free_host_rows:
+            self._swap_out(r, n, plan)
+            return
+        if self.host is not None:
+            r.metrics.offload_fallbacks += 1
+            log.warning("step %d: host KV pool full (%d of %d pages free, request %s needs %d): recompute preemption "
+                        "of request %s instead of offload", self.step, self.host.num_free, self.host.num_blocks,
+                        r.request_id, n, r.request_id)
+        self._preempt(r, plan)
+
+    @staticmethod
+    def _kv_tokens(r: Request) -> int:
+        """Positions whose KV a resumed ``r`` still reads: the verified context, plus the drafts of its cycle so far
+        (a DRAFT step's dense tail). A VERIFY step rewrites its drafts' KV, a STALL request's old drafts are dead."""
+        state = r.swapped_state if r.state is RequestState.SWAPPED else r.state
+        return r.num_computed_tokens + (len(r.draft_token_ids) if state is RequestState.DRAFT else 0)
+
+    def _next_seq_len(self, r: Request) -> int:
+        """Context length of ``r``'s next entry (pages it needs to run one more step)."""
+        state = r.swapped_state if r.state is RequestState.SWAPPED else r.state
+        return self._kv_tokens(r) + (len(r.draft_token_ids) + 1 if state is RequestState.VERIFY else 1)
+
+    def _worst_blocks(self, r: Request) -> int:
+        return self.allocator.blocks_for(
+            min(r.num_prompt_tokens + r.params.max_tokens, self.max_model_len) + self.stride)
+
+    def _swap_out(self, r: Request, n: int, plan: StepPlan) -> None:
+        host = self.host.allocate(n)
+        row = self._free_host_rows.popleft()
+        plan.swap_out.append(SwapOp(r, tuple(r.block_table[:n]), tuple(host), r.pillar_slot, row))
+        self.allocator.free(r.block_table)
+        self._free_slots.append(r.pillar_slot)
+        self.running.remove(r)
+        r.block_table, r.pillar_slot, r.host_blocks, r.host_row = [], -1, host, row
+        r.swapped_state, r.state = r.state, RequestState.SWAPPED  # a STALL keeps its _stall_step entry
+        r.metrics.num_offloads += 1
+        self.num_swap_outs += 1
+        self.swapped.append(r)
+
+    def _restore(self, plan: StepPlan) -> None:
+        """Bring swapped requests back, oldest admitted first and none overtaking another, while their pages plus
+        every running decode request's growth this step fit in the free pages (always when nothing runs:
+        ``check`` guarantees one request's worst case fits the pool)."""
+        growth = sum(max(0, self.allocator.blocks_for(self._next_seq_len(o)) - len(o.block_table))
+                     for o in self.running if o.is_decoding)
+        for r in sorted(self.swapped, key=lambda x: x.admit_order):
+            need = self.allocator.blocks_for(self._next_seq_len(r))
+            if self.running and need + growth > self.allocator.num_free:
+                return
+            assert self._free_slots, "running + swapped exceeds max_num_seqs"
+            blocks = self.allocator.allocate(len(r.host_blocks))
+            slot = self._free_slots.popleft()
+            plan.swap_in.append(SwapOp(r, tuple(blocks), tuple(r.host_blocks), slot, r.host_row))
+            self.host.free(r.host_blocks)
+            self._free_host_rows.append(r.host_row)
+            self.swapped.remove(r)
+            r.block_table, r.pillar_slot, r.host_blocks, r.host_row = blocks, slot, [], -1
+            r.state, r.swapped_state = r.swapped_state, None
+            bisect.insort(self.running, r, key=lambda x: x.admit_order)  # back in its place: victims stay the newest
+            self.num_swap_ins += 1
+            growth += need - len(blocks)

@@ -29,6 +29,14 @@ class SparseSpecConfig:
     compiler: "inductor" (default) or "eager" (run the rewritten graph without Inductor).
     attention_impl: "auto" (Triton on GPU, PyTorch reference on CPU), "reference" or "triton".
     overlap: delayed verification (a request that verified sits out one step while the host reads its result).
+    offload: under KV page pressure, offload whole requests to a host pool and restore them later (no recompute);
+        False: recompute preemption (drop the KV, re-prefill later).
+    host_kv_pages: host pool size in pages (None: as many as the device pool, at most a quarter of free host
+        memory). When it is full, eviction falls back to recompute preemption (logged, counted per request).
+    offload_chunk_pages: pages per copy when offloading or restoring (paper: 1,024 tokens = 64 pages of 16).
+    kv_oversubscription: admit a request only while the running requests' worst-case KV (prompt + max_tokens)
+        stays within this multiple of the device pool (1.0 = guaranteed capacity, never offloads); None: admit as
+        soon as the prompt fits in the free pages (aggressive, the default: output lengths are unknown).
     """
 
     stride: int = 8
@@ -45,6 +53,10 @@ class SparseSpecConfig:
     compiler: str = "inductor"
     attention_impl: str = "auto"
     overlap: bool = True
+    offload: bool = True
+    host_kv_pages: int | None = None
+    offload_chunk_pages: int = 64
+    kv_oversubscription: float | None = None
 
     def __post_init__(self) -> None:
         def fail(name: str, why: str) -> None:
@@ -76,6 +88,12 @@ class SparseSpecConfig:
             fail("compiler", f"must be one of {_COMPILERS}")
         if self.attention_impl not in _IMPLS:
             fail("attention_impl", f"must be one of {_IMPLS}")
+        if self.host_kv_pages is not None and (not isinstance(self.host_kv_pages, int) or self.host_kv_pages < 1):
+            fail("host_kv_pages", "must be an int >= 1 or None (as many as the device pool); offload=False disables")
+        if not isinstance(self.offload_chunk_pages, int) or self.offload_chunk_pages < 1:
+            fail("offload_chunk_pages", "must be an int >= 1")
+        if self.kv_oversubscription is not None and not self.kv_oversubscription > 0:
+            fail("kv_oversubscription", "must be > 0 (1.0 = guaranteed capacity) or None (admit aggressively)")
 
     def budget(self, context_len: int) -> int:
         """Pillar count B for a verified context of ``context_len`` tokens (never more than the context)."""

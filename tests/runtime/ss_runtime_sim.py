@@ -78,3 +78,48 @@ def run_to_completion(sched: Scheduler, rng: random.Random, accept_prob: float, 
             on_plan(plan)
         sched.update(plan, simulate(plan, rng, accept_prob, eos_at, truth))
     raise AssertionError(f"not finished after {max_steps} steps: {sched.running} {list(sched.waiting)}")
+
+
+class FakeKV:
+    """The device and host pools as the engine would hold them, one label per token slot: ``(request id, position,
+    token)``; pillar rows labelled ``(request id, draft_start)``. ``apply`` runs a plan's swaps in the engine's order
+    (swap-in, then swap-out), ``run`` checks every entry reads exactly the KV (and pillars) it wrote and then writes
+    its own tokens — so a page lost, overwritten or restored to the wrong place by a swap cannot go unnoticed."""
+
+    def __init__(self, page_size: int) -> None:
+        self.page = page_size
+        self.dev: dict[tuple[int, int], tuple] = {}
+        self.host: dict[tuple[int, int], tuple] = {}
+        self.dev_pillars: dict[int, tuple] = {}
+        self.host_pillars: dict[int, tuple] = {}
+
+    @staticmethod
+    def _copy(src: dict, dst: dict, src_blocks, dst_blocks, page: int) -> None:
+        for s, d in zip(src_blocks, dst_blocks, strict=True):
+            for o in range(page):
+                if (s, o) in src:
+                    dst[(d, o)] = src[(s, o)]
+                else:
+                    dst.pop((d, o), None)
+
+    def apply(self, plan: StepPlan) -> None:
+        for op in plan.swap_in:
+            self._copy(self.host, self.dev, op.host_blocks, op.device_blocks, self.page)
+            self.dev_pillars[op.pillar_slot] = self.host_pillars.get(op.host_row)
+        for op in plan.swap_out:
+            self._copy(self.dev, self.host, op.device_blocks, op.host_blocks, self.page)
+            self.host_pillars[op.host_row] = self.dev_pillars.get(op.pillar_slot)
+
+    def run(self, plan: StepPlan) -> None:
+        for e in plan.entries:
+            r, page = e.request, self.page
+            seq = r.all_token_ids + (r.draft_token_ids if e.kind is StepKind.DRAFT else [])
+            for p in range(e.start_pos):
+                got = self.dev.get((r.block_table[p // page], p % page))
+                assert got == (r.request_id, p, seq[p]), (e, p, got)
+            if e.sparse:
+                assert self.dev_pillars.get(r.pillar_slot) == (r.request_id, e.draft_start), e
+            for p, t in zip(e.positions, e.token_ids):
+                self.dev[(r.block_table[p // page], p % page)] = (r.request_id, p, t)
+            if e.score:
+                self.dev_pillars[r.pillar_slot] = (r.request_id, e.start_pos)

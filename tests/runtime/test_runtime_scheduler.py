@@ -15,7 +15,7 @@ from sparsespec_compile.runtime.request import Request, RequestState
 from sparsespec_compile.runtime.sampling_params import SamplingParams
 from sparsespec_compile.runtime.scheduler import Scheduler, StepKind
 sys.path.insert(0, str(Path(__file__).parent))  # the fake model beside this file, whatever pytest's import mode
-from ss_runtime_sim import EOS, V, reference, run_to_completion, simulate
+from ss_runtime_sim import EOS, V, FakeKV, reference, run_to_completion, simulate
 
 
 def make(stride=3, blocks=64, page=4, budget=256, max_model_len=512, **kw):
@@ -152,16 +152,23 @@ def test_staggered_phases_keep_step_sizes_flat(k, n, seed):
 
 
 class SchedulerMachine(RuleBasedStateMachine):
-    """Random arrivals, aborts and tiny page pools (forcing preemptions); a fake model answers every step."""
+    """Random arrivals, aborts and tiny page pools (forcing offloads to a host pool — none, small: recompute
+    fallbacks, or ample: never a recompute — and preemptions); a fake model answers every step and a fake KV pool
+    (ss_runtime_sim.FakeKV) checks every step reads exactly the KV and pillars it wrote, across swaps."""
 
     @initialize(stride=st.integers(0, 5), page=st.integers(1, 6), blocks=st.integers(10, 40),
                 budget=st.integers(6, 48), delayed=st.booleans(), accept=st.sampled_from([0.0, 0.5, 0.9, 1.0]),
-                seed=st.integers(0, 2**16), initial=st.integers(1, 8))
-    def init(self, stride, page, blocks, budget, delayed, accept, seed, initial):
+                seed=st.integers(0, 2**16), initial=st.integers(1, 8),
+                host=st.sampled_from(["none", "small", "ample"]), small=st.integers(1, 12))
+    def init(self, stride, page, blocks, budget, delayed, accept, seed, initial, host, small):
         self.max_model_len = 48
+        self.host_kind = host
+        num_host = {"none": 0, "small": small, "ample": 6 * blocks}[host]  # ample: 6 requests' whole pools
         self.s = Scheduler(BlockAllocator(blocks, page), stride=stride, max_num_seqs=6,
                            max_num_batched_tokens=max(budget, stride + 1), max_model_len=self.max_model_len,
-                           eos_token_ids=[EOS], delayed_verify=delayed)
+                           eos_token_ids=[EOS], delayed_verify=delayed, num_host_blocks=num_host)
+        self.kv = FakeKV(page)
+        self.swapped_aborts = 0
         self.rng, self.accept = random.Random(seed), accept
         self.truth, self.expect, self.eos_at, self.reqs, self.aborted = {}, {}, {}, [], set()
         self.finished: list[Request] = []
@@ -190,19 +197,36 @@ class SchedulerMachine(RuleBasedStateMachine):
     @rule(steps=st.integers(1, 6))
     def step(self, steps):
         for _ in range(steps):
-            plan = self.s.schedule()
+            plan = self.schedule()
             self.check_plan(plan)
             self.s.update(plan, simulate(plan, self.rng, self.accept, self.eos_at, self.truth))
 
-    @precondition(lambda self: self.s.running or self.s.waiting)
+    def schedule(self):
+        admitted_before = max((r.admit_order for r in self.reqs), default=-1)
+        plan = self.s.schedule()
+        if self.s.swapped:  # swapped requests come back before anyone new is admitted
+            assert all(r.admit_order <= admitted_before for r in self.s.running)
+        return plan
+
+    @precondition(lambda self: self.s.running or self.s.waiting or self.s.swapped)
     @rule(data=st.data())
     def abort(self, data):
-        r = data.draw(st.sampled_from(self.s.running + list(self.s.waiting)))
+        r = data.draw(st.sampled_from(self.s.running + self.s.swapped + list(self.s.waiting)))
+        self.swapped_aborts += r.state is RequestState.SWAPPED
         self.s.abort(r, "error: injected")
         self.aborted.add(r.request_id)
 
     def check_plan(self, plan):
         self.finished += plan.finished
+        for op in plan.swap_in + plan.swap_out:
+            r = op.request
+            assert len(op.device_blocks) == len(op.host_blocks) and r not in plan.preempted
+        for op in plan.swap_in:
+            assert op.request in self.s.running and list(op.device_blocks) == op.request.block_table[:len(op.device_blocks)]
+        for op in plan.swap_out:
+            assert op.request.state is RequestState.SWAPPED or op.request in self.s.running or op.request.is_finished
+        self.kv.apply(plan)
+        self.kv.run(plan)
         assert plan.num_tokens <= self.s.max_num_batched_tokens
         ids = [e.request.request_id for e in plan.entries]
         assert len(ids) == len(set(ids))  # at most one entry per request per step
@@ -226,12 +250,26 @@ class SchedulerMachine(RuleBasedStateMachine):
     def pages_and_slots_conserved(self):
         if not hasattr(self, "s"):
             return
-        a = self.s.allocator
-        held = [b for r in self.s.running for b in r.block_table]
+        a, h, s = self.s.allocator, self.s.host, self.s
+        held = [b for r in s.running for b in r.block_table]
         assert len(held) == len(set(held)) and a.num_free + len(held) == a.num_blocks
-        assert all(not r.block_table and r.pillar_slot == -1 for r in self.reqs if r not in self.s.running)
-        slots = [r.pillar_slot for r in self.s.running]
-        assert len(set(slots)) == len(slots) and all(0 <= x < self.s.max_num_seqs for x in slots)
+        assert all(not r.block_table and r.pillar_slot == -1 for r in self.reqs if r not in s.running)
+        slots = [r.pillar_slot for r in s.running]
+        assert len(set(slots)) == len(slots) and all(0 <= x < s.max_num_seqs for x in slots)
+        # host pages and host pillar rows: held by swapped requests only, each once, the rest free
+        assert len(s.running) + len(s.swapped) <= s.max_num_seqs
+        assert all(r.state is RequestState.SWAPPED for r in s.swapped) and not set(s.swapped) & set(s.running)
+        assert all(not r.host_blocks and r.host_row == -1 for r in self.reqs if r not in s.swapped)
+        hosted = [b for r in s.swapped for b in r.host_blocks]
+        rows = [r.host_row for r in s.swapped]
+        assert len(hosted) == len(set(hosted)) and len(rows) == len(set(rows))
+        assert len(s._free_host_rows) + len(rows) == s.max_num_seqs
+        if h is None:
+            assert not s.swapped and s.num_swap_outs == 0
+        else:
+            assert h.num_free + len(hosted) == h.num_blocks
+        if self.host_kind == "ample":
+            assert s.num_recomputes == 0  # the host pool always had room: nothing was recomputed
         for r in self.s.running:
             if r.is_decoding:
                 assert r.num_computed_tokens == r.num_tokens - 1
@@ -243,6 +281,11 @@ class SchedulerMachine(RuleBasedStateMachine):
                           on_plan=self.check_plan)
         self.pages_and_slots_conserved()
         event(f"preempted: {sum(r.metrics.num_preemptions for r in self.reqs) > 0}")
+        event(f"offloaded ({self.host_kind} host pool): {self.s.num_swap_outs > 0}")
+        assert self.s.num_swap_ins + self.swapped_aborts == self.s.num_swap_outs and not self.s.swapped
+        assert self.s.host is None or self.s.host.num_free == self.s.host.num_blocks
+        assert sum(r.metrics.num_offloads for r in self.reqs) == self.s.num_swap_outs
+        assert sum(r.metrics.num_preemptions for r in self.reqs) == self.s.num_recomputes
         event(f"requests: {min(len(self.reqs), 8)}+")
         ids = [r.request_id for r in self.finished]
         assert sorted(ids) == sorted(r.request_id for r in self.reqs)  # each reported finished exactly once
