@@ -1,7 +1,7 @@
 """Allocation of the device-side pools the attention op reads: the paged K/V cache and the PillarStore.
 
 Bookkeeping of which page belongs to whom is ``block_allocator.py`` (torch-free); this file only sizes and
-allocates tensors in the layout ``context.py`` defines. The host (pinned) offload pool of issue 5 goes here too.
+allocates tensors in the layout ``context.py`` defines. The host (pinned) offload pool is ``offload.py``.
 """
 
 from __future__ import annotations

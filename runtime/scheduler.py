@@ -382,7 +382,14 @@ class Scheduler:
                 if o is not r and o.is_decoding:
                     load[self._next_verify_step(o) % self.cycle_len] += 1
             nxt = self.step + 1
-            j = min(range(j_max + 1), key=lambda c: (load[(nxt + c) % self.cycle_len], -c))
+            # With delayed verification a cycle is k+2 steps but drafts reach only k+1 verify phases; the last one
+            # is reached by sitting out one step first (without it, steps drifted k tokens past the bound: tested).
+            c_max = j_max + 1 if self.delayed_verify and j_max == self.stride else j_max
+            j = min(range(c_max + 1), key=lambda c: (load[(nxt + c) % self.cycle_len], c > j_max, -c))
+            if j > j_max:
+                r.state = RequestState.STALL
+                self._stall_step[r.request_id] = nxt
+                return
         r.num_cycle_drafts = j
         r.draft_token_ids = []
         r.state = RequestState.DRAFT if j > 0 else RequestState.VERIFY

@@ -128,16 +128,18 @@ def test_bad_requests_are_rejected_others_unaffected():
 
 
 @settings(max_examples=60, deadline=None)
-@given(k=st.integers(1, 8), n=st.integers(1, 40), seed=st.integers(0, 2**16))
-def test_staggered_phases_keep_step_sizes_flat(k, n, seed):
+@given(k=st.integers(1, 8), n=st.integers(1, 40), seed=st.integers(0, 2**16), delayed=st.booleans())
+def test_staggered_phases_keep_step_sizes_flat(k, n, seed, delayed):
     """Steady state (all decoding, no departures): every step carries n + k*v tokens with v verifying requests,
-    v in {floor(n/(k+1)), ceil(n/(k+1))} — about n(2k+1)/(k+1), versus swinging between n and n(k+1)."""
+    v in {floor(n/(k+1)), ceil(n/(k+1))} — about n(2k+1)/(k+1), versus swinging between n and n(k+1).
+    With delayed verification the cycle is C = k+2 steps and the s requests that verified last step sit out:
+    n - s + k*v tokens, v and s in {floor(n/C), ceil(n/C)}."""
     rng = random.Random(seed)
-    s = make(stride=k, blocks=4096, page=16, budget=100_000, max_model_len=100_000)
+    s = make(stride=k, blocks=4096, page=16, budget=100_000, max_model_len=100_000, delayed_verify=delayed)
     pending = [Request([rng.randrange(1, V) for _ in range(rng.randint(1, 30))],
                        SamplingParams(max_tokens=10_000)) for _ in range(n)]
     sizes = []
-    for step in range(6 * (k + 1) + 4 * n):
+    for step in range(6 * (k + 2) + 4 * n):
         if pending and rng.random() < 0.5:  # arrivals spread over time, at arbitrary phases
             s.add(pending.pop())
         p = s.schedule()
@@ -146,8 +148,9 @@ def test_staggered_phases_keep_step_sizes_flat(k, n, seed):
             sizes.append(p.num_tokens)
         s.update(p, simulate(p, rng, 0.6, {}))
     assert len(sizes) >= k + 1
-    c = k + 1
-    lo, hi = n + k * (n // c), n + k * -(-n // c)
+    c = k + 1 + delayed
+    lo = n - delayed * -(-n // c) + k * (n // c)
+    hi = n - delayed * (n // c) + k * -(-n // c)
     assert lo <= min(sizes) and max(sizes) <= hi, (sizes, lo, hi)
 
 
@@ -169,6 +172,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                            eos_token_ids=[EOS], delayed_verify=delayed, num_host_blocks=num_host)
         self.kv = FakeKV(page)
         self.swapped_aborts = 0
+        self.verified_last: set = set()
         self.rng, self.accept = random.Random(seed), accept
         self.truth, self.expect, self.eos_at, self.reqs, self.aborted = {}, {}, {}, [], set()
         self.finished: list[Request] = []
@@ -218,6 +222,10 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     def check_plan(self, plan):
         self.finished += plan.finished
+        ids = {e.request.request_id for e in plan.entries}
+        if self.s.delayed_verify:  # a request that verified at step i sits out step i+1
+            assert not ids & self.verified_last, (plan.step, ids & self.verified_last)
+        self.verified_last = {e.request.request_id for e in plan.entries if e.kind is StepKind.VERIFY}
         for op in plan.swap_in + plan.swap_out:
             r = op.request
             assert len(op.device_blocks) == len(op.host_blocks) and r not in plan.preempted
