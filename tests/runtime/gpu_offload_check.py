@@ -4,7 +4,7 @@ ordering against the compute stream — a swap-out followed at once by compute-s
 end-to-end run of a tiny model with a device pool just above one request's need (offload on the GPU) against HF
 greedy. Run: python3 tests/runtime/gpu_offload_check.py  (needs the package importable, testing/ included).
 
-Measured on one H200 (torch 2.11+cu130), 2026-11-29 ~05:12 UTC: host pool pinned; round trip exact; 70 MiB (200
+Measured on one H200 (torch 2.11+cu130), 2026-11-29 ~05:07 UTC: host pool pinned; round trip exact; 70 MiB (200
 scattered pages of a SmolLM2-shaped bf16 pool) out in 53 ms and back in 18 ms, first call, launches included (not
 tuned: one gather per layer per chunk); tiny Llama, Triton kernels, 6 requests: 8-page pool with 64 host pages ->
 9 swaps out, 9 in, 0 recomputes, output equal to HF greedy (and to a 96-page run)."""
