@@ -145,6 +145,7 @@ class LLM:
             "drafted": list(m.drafted),
             "mean_accepted": m.mean_accepted(self.config.stride),
             "preemptions": m.num_preemptions,
+            "offloads": m.num_offloads,
         }
         return RequestOutput(r.request_id, r.prompt_token_ids, list(r.output_token_ids), text, r.finish_reason or "",
                              metrics)
