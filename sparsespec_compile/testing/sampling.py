@@ -145,8 +145,9 @@ def _sampler_stage(model, prompt, params, k, n, max_vocab, seed, alpha, max_tv) 
         target = model(ids).logits[0, -(k + 1):].float().cpu()  # [k+1, V] p_i: the full context
         draft = model(ids[:, len(prompt) // 2:]).logits[0, -(k + 1):-1].float().cpu()  # [k, V] q_i: newer half
     if target.shape[-1] > max_vocab:  # the union of each distribution's top tokens, at every slot
-        top = torch.cat([target.topk(max_vocab // 2, -1).indices.flatten(), draft.topk(max_vocab // 2, -1).indices.flatten()])
-        keep = torch.unique(top)
+        half = max_vocab // 2
+        keep = torch.unique(torch.cat([target.topk(half, -1).indices.flatten(),
+                                       draft.topk(half, -1).indices.flatten()]))
         target, draft = target[:, keep], draft[:, keep]
     v = target.shape[-1]
     gen = verify.make_generator(seed, "cpu")
@@ -207,7 +208,8 @@ def _engine_stage(model, prompt, params, k, n, max_tokens, budget, seed, alpha, 
     if outside:
         check.failures.append(f"engine: {outside} emitted token(s) have target probability 0 (filtered out by "
                               f"top-k / top-p): the draft's filters or residual leak into the output")
-    u = (p.cumsum(-1).gather(-1, x).squeeze(-1) - px) + torch.rand(n * T, generator=torch.Generator().manual_seed(seed)) * px
+    jitter = torch.rand(n * T, generator=torch.Generator().manual_seed(seed))
+    u = (p.cumsum(-1).gather(-1, x).squeeze(-1) - px) + jitter * px  # F(x-) + U p(x) ~ Uniform(0, 1) if x ~ p
     bins = 16
     pval, _ = goodness_of_fit((u.clamp(0, 1 - 1e-9) * bins).long(), torch.full((bins,), 1 / bins))
     # Surprise test: -log p(x_t) - H(p_t) has mean 0 given the prefix when x_t ~ p_t (a martingale difference), so

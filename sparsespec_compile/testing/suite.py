@@ -15,6 +15,10 @@ import torch
 MAX_GRAPHS = 3  # measured: 2 (a static graph for the first step, then one graph dynamic in the token count T)
 
 
+class _Skip(Exception):
+    """A check that cannot run because one it builds on failed."""
+
+
 @dataclass
 class CheckRow:
     name: str
@@ -106,10 +110,6 @@ def run_checks(
             ok, detail = False, f"{type(exc).__name__}: {exc}"
         rows.append(CheckRow(name, ok, detail, time.perf_counter() - t0))
     return rows
-
-
-class _Skip(Exception):
-    pass
 
 
 def format_table(rows: list[CheckRow], width: int = 100) -> str:
