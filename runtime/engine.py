@@ -21,7 +21,8 @@ from .kv_cache import allocate_kv_cache, allocate_pillar_store, kv_shape_from_co
 from .offload import HostKVPool, default_host_pages
 from .parallel import agree_on_tokens, local_kv_heads, tp_world_size
 from .request import Request
-from .scheduler import Scheduler, StepKind, StepPlan
+from .scheduler import Scheduler
+from .step_plan import StepKind, StepPlan
 from .step_inputs import build_step_inputs, write_streaming_pillars
 from .verify import make_generator, rejection_sample, sample
 

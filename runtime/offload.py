@@ -25,7 +25,7 @@ import torch
 from sparsespec_compile.context import PagedKVCache, PillarStore
 
 from .kv_cache import free_memory_bytes, page_bytes
-from .scheduler import SwapOp
+from .step_plan import SwapOp
 
 HOST_MEMORY_FRACTION = 0.25  # default host pool: at most this share of available host memory
 

@@ -9,7 +9,7 @@ import torch
 from sparsespec_compile.config import SparseSpecConfig
 from sparsespec_compile.context import ForwardContext, PagedKVCache, PillarStore
 
-from .scheduler import StepKind, StepPlan
+from .step_plan import StepKind, StepPlan
 
 
 @dataclass

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Sequence
 
-import torch
 from torch import fx
 
 from . import ops  # noqa: F401  (registers torch.ops.sparsespec.attention)

@@ -1,0 +1,97 @@
+"""What one step runs: the StepPlan the scheduler hands the engine (entries, finished, preempted, swaps).
+
+Torch-free; ``scheduler.py`` builds these, ``step_inputs.py`` turns them into tensors, ``offload.py`` runs the swaps.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .request import Request
+
+
+class StepKind(enum.Enum):
+    PREFILL = "prefill"
+    DRAFT = "draft"
+    VERIFY = "verify"
+
+
+@dataclass(frozen=True)
+class StepEntry:
+    """One request's query tokens in a step: ``token_ids[i]`` sits at position ``start_pos + i``.
+
+    * PREFILL: a chunk of ``prompt`` (or of ``prompt + output[:-1]`` after a preemption); ``num_logits`` is 1 on
+      the chunk that completes a fresh prompt (sample the first output token from its last position), else 0.
+    * DRAFT: ``[t]`` where ``t`` is the last sampled token (first draft of the cycle) or the previous draft;
+      ``num_logits == 1``; the engine samples the next draft. ``sparse`` = attend with pillars + dense tail.
+    * VERIFY: ``[last, d1..dj]`` at ``start_pos .. start_pos + j`` (``start_pos == num_computed_tokens``), full
+      attention, ``num_logits == j + 1``: logits at ``start_pos + i`` judge ``d_{i+1}`` and the last one gives the
+      bonus token. ``score`` = refresh this request's pillars from the verify queries (stride > 0).
+    """
+
+    request: Request
+    kind: StepKind
+    token_ids: tuple[int, ...]
+    start_pos: int
+    num_logits: int
+    sparse: bool = False
+    score: bool = False
+    draft_start: int = 0  # positions >= this are the dense tail of a sparse draft
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def positions(self) -> range:
+        return range(self.start_pos, self.start_pos + len(self.token_ids))
+
+    @property
+    def seq_len(self) -> int:
+        """Context length including this step's tokens (ForwardContext.seq_lens)."""
+        return self.start_pos + len(self.token_ids)
+
+    @property
+    def draft_token_ids(self) -> tuple[int, ...]:
+        """VERIFY only: the drafts being judged (``token_ids[1:]``)."""
+        return self.token_ids[1:]
+
+
+@dataclass(frozen=True)
+class SwapOp:
+    """Copy one request's KV between the pools: ``device_blocks[i] <-> host_blocks[i]`` (block-table order, every
+    layer, K and V), and its PillarStore row ``pillar_slot <-> host_row`` (indices and length)."""
+
+    request: Request
+    device_blocks: tuple[int, ...]
+    host_blocks: tuple[int, ...]
+    pillar_slot: int
+    host_row: int
+
+
+@dataclass
+class StepPlan:
+    """What one step runs. The engine executes ``swap_in`` and then ``swap_out`` before the forward: in that order,
+    since a host page (or host row) freed by a swap-in may be handed to a swap-out of the same plan, while a device
+    page freed by a swap-out is never one a swap-in of the same plan writes (swap-ins are planned first)."""
+
+    step: int
+    entries: list[StepEntry] = field(default_factory=list)
+    finished: list[Request] = field(default_factory=list)  # FINISHED since the previous plan (incl. rejected)
+    preempted: list[Request] = field(default_factory=list)  # lost their KV this step (back to waiting)
+    swap_out: list[SwapOp] = field(default_factory=list)  # device -> host, then the device pages are reused
+    swap_in: list[SwapOp] = field(default_factory=list)  # host -> device, into freshly allocated pages
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(e.num_tokens for e in self.entries)
+
+    def logits_indices(self) -> list[int]:
+        """Indices into the flattened ``[T]`` token axis (entries back to back, in order) whose logits are needed:
+        the last ``num_logits`` tokens of each entry (``logits_to_keep`` for the forward)."""
+        out, off = [], 0
+        for e in self.entries:
+            off += e.num_tokens
+            out.extend(range(off - e.num_logits, off))
+        return out
