@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import logging
 
 import torch
@@ -15,7 +16,7 @@ log = logging.getLogger("sparsespec.passes")
 LAYER_UNSET = -1  # filled in by the manager once every attention node of the graph is known
 
 
-class GraphPass:
+class GraphPass(abc.ABC):
     name = "pass"
 
     def __init__(self) -> None:
@@ -25,8 +26,9 @@ class GraphPass:
         # Nodes of the replaced subgraphs and their inputs: the only nodes DeadCodePass may remove.
         self.dead_candidates: set[fx.Node] = set()
 
+    @abc.abstractmethod
     def __call__(self, gm: fx.GraphModule) -> None:
-        raise NotImplementedError  # each pass implements its own rewrite
+        """Rewrite ``gm`` in place, counting matches in ``self.matched``."""
 
     def accept(self, op_node: fx.Node, record: AttentionRecord, replaced: fx.Node) -> None:
         self.matched += 1

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from sparsespec_compile import LLM, SamplingParams, SparseSpecConfig
 from sparsespec_compile.testing import FAMILIES
 from sparsespec_compile.testing.checks import tiny_model
+from sparsespec_compile.testing.lossless import hf_greedy
 
 # Six families, the attention forms transformers emits for each, sliding windows (mistral, gemma2/3: window 5).
 CASES = [("llama", "sdpa"), ("qwen3", "sdpa"), ("mistral", "eager"), ("gemma2", "eager"), ("gpt2", "sdpa"),
@@ -24,13 +25,6 @@ def _model(family: str, attn: str, kv_heads: int = 2, seed: int = 0):
     return tiny_model(cfg, attn=attn, seed=seed)
 
 
-def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
 def _llm(model, **cfg) -> LLM:
     torch._dynamo.reset()  # each test compiles afresh; recompiles of earlier tests must not count
     base = dict(compiler="eager", num_pages=96, page_size=4, max_num_batched_tokens=32, recent=1)
@@ -41,7 +35,7 @@ def _llm(model, **cfg) -> LLM:
 def test_greedy_speculative_equals_hf_generate(family, attn):
     model = _model(family, attn)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], list(range(20, 47))]  # mixed lengths, one > page*budget
-    ref = [_hf_greedy(model, p, MAX_NEW) for p in prompts]
+    ref = [hf_greedy(model, p, MAX_NEW) for p in prompts]
     llm = _llm(model, stride=4, min_budget=3)  # budget 3 << context: the drafts really are sparse
     outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_NEW, ignore_eos=True), use_tqdm=False)
     for o, r in zip(outs, ref):
@@ -63,7 +57,7 @@ def test_lossless_property(case, stride, budget, lengths, seed):
     model = _model(family, attn, seed=seed)
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(3, 96, (n,), generator=g).tolist() for n in lengths]
-    ref = [_hf_greedy(model, p, 12) for p in prompts]
+    ref = [hf_greedy(model, p, 12) for p in prompts]
     llm = _llm(model, stride=stride, min_budget=budget, recent=min(1, budget))
     outs = llm.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True), use_tqdm=False)
     assert [o.token_ids for o in outs] == ref
@@ -84,7 +78,7 @@ def test_other_drafts_are_lossless_too(draft):
     prompt = list(range(30, 60))
     llm = _llm(model, stride=3, min_budget=4, draft=draft)
     out = llm.generate([prompt], SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)[0]
-    assert out.token_ids == _hf_greedy(model, prompt, 16)
+    assert out.token_ids == hf_greedy(model, prompt, 16)
 
 
 def test_stride_zero_is_plain_decoding():
@@ -92,7 +86,7 @@ def test_stride_zero_is_plain_decoding():
     prompt = [4, 5, 6]
     llm = _llm(model, stride=0)
     out = llm.generate([prompt], SamplingParams(max_tokens=10, ignore_eos=True), use_tqdm=False)[0]
-    assert out.token_ids == _hf_greedy(model, prompt, 10)
+    assert out.token_ids == hf_greedy(model, prompt, 10)
     assert llm.stats()["cycles"] == 0
 
 
@@ -114,7 +108,7 @@ def test_bad_requests_get_errors_and_the_others_finish():
     assert outs[0].finish_reason.startswith("error:") and "empty" in outs[0].finish_reason
     assert outs[2].finish_reason.startswith("error:") and "max_model_len" in outs[2].finish_reason
     assert outs[3].finish_reason.startswith("error:") and "vocabulary" in outs[3].finish_reason
-    assert outs[1].token_ids == _hf_greedy(model, good, 8)
+    assert outs[1].token_ids == hf_greedy(model, good, 8)
 
 
 def test_invalid_sampling_values_are_rejected_with_the_field_name():
@@ -141,8 +135,8 @@ def test_triton_kernels_in_the_engine_are_lossless_too():
     prompt = list(range(30, 41))
     llm = _llm(model, stride=3, min_budget=3, attention_impl="triton")
     out = llm.generate([prompt, [7, 8]], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
-    assert out[0].token_ids == _hf_greedy(model, prompt, 8)
-    assert out[1].token_ids == _hf_greedy(model, [7, 8], 8)
+    assert out[0].token_ids == hf_greedy(model, prompt, 8)
+    assert out[1].token_ids == hf_greedy(model, [7, 8], 8)
     assert llm.stats()["cycles"] > 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sparsespec_compile.testing.lossless import hf_greedy as reference_greedy
 from sparsespec_compile import LLM, SamplingParams, SparseSpecConfig
 from sparsespec_compile.runtime.scheduler import StepKind
 from sparsespec_compile.testing import FAMILIES
@@ -22,16 +23,6 @@ ONE_REQUEST = -(-(max(map(len, PROMPTS)) + MAX_NEW + STRIDE) // PAGE)
 PARAMS = SamplingParams(max_tokens=MAX_NEW, ignore_eos=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: intra-op threads only spin. On a loaded 2-core box one offloading run took 19.8 s of CPU with
-    torch's 2 threads and 0.7 s with 1 (cProfile: all of it in linear)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model():
     fam = FAMILIES["llama"]
@@ -40,9 +31,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def hf_greedy(model):
-    with torch.no_grad():
-        return [model.generate(torch.tensor([p]), max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False,
-                               eos_token_id=None, pad_token_id=0)[0, len(p):].tolist() for p in PROMPTS]
+    return [reference_greedy(model, p, MAX_NEW) for p in PROMPTS]
 
 
 @pytest.fixture(scope="module")

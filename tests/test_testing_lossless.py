@@ -30,16 +30,6 @@ from sparsespec_compile.testing import (FAMILIES, check_lossless, check_sampling
 CONFIG = FAMILIES["llama"].config(layers=2, heads=4, kv_heads=2, head_dim=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls on 2 shared cores: intra-op threads spin against each other (measured: a step 240 ms with 2
-    # threads under load, 6 ms with 1).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model():
     return tiny_model(CONFIG)
