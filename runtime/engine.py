@@ -17,6 +17,7 @@ from sparsespec_compile.config import SparseSpecConfig
 from sparsespec_compile.context import forward_context
 
 from .block_allocator import BlockAllocator
+from .cuda_graphs import StepGraphs
 from .kv_cache import allocate_kv_cache, allocate_pillar_store, kv_shape_from_config
 from .offload import HostKVPool, default_host_pages
 from .parallel import agree_on_tokens, local_kv_heads, tp_world_size
@@ -37,6 +38,14 @@ class EngineStats:
     seconds: float = 0.0
     cycles: int = 0
     accepted_hist: list[int] = field(default_factory=list)  # accepted_hist[a] = full cycles that accepted a
+    graph_steps: int = 0  # steps run through StepGraphs (padded static shape, replayed graph on CUDA)
+    # CUDA only: device time from a step's first launch to its last result read (events), summed. The rest of
+    # ``seconds`` is host time the GPU sat idle (scheduling, input packing, bookkeeping).
+    gpu_busy_seconds: float = 0.0
+    # Keys each step's attention read (full rows: the context; sparse rows: pillars + dense tail): the KV half of
+    # the bytes-moved floor.
+    kv_tokens_read: int = 0
+    capture_seconds: float = 0.0  # one-off graph warm-up + capture, left out of ``seconds``
 
 
 def sliding_windows_from_config(config, num_layers: int) -> list[int]:
@@ -73,7 +82,9 @@ class Engine:
         max_budget = min(config.max_budget, max(config.min_budget, math.ceil(config.sparsity * self.max_model_len)))
         self.pillars = None
         if config.stride > 0 and config.draft != "full":
-            self.pillars = allocate_pillar_store(num_layers, config.max_num_seqs, kv_heads, max_budget, self.device)
+            # + 1: a scratch row for the padding score rows of graphed steps (cuda_graphs.py)
+            self.pillars = allocate_pillar_store(num_layers, config.max_num_seqs + 1, kv_heads, max_budget,
+                                                 self.device)
         self.sliding_windows = sliding_windows_from_config(model.config, num_layers)
         self.offload = None  # host pool of the dynamic KV cache (swaps planned by the scheduler, run by _apply_swaps)
         if config.offload:
@@ -91,6 +102,13 @@ class Engine:
             max_oversubscription=config.kv_oversubscription,
         )
         self.stats = EngineStats(accepted_hist=[0] * (config.stride + 1))
+        graphs = config.cuda_graphs
+        if graphs == "auto":
+            graphs = "on" if self.device.type == "cuda" and self.tp_world == 1 else "off"
+        self.graphs = None
+        if graphs != "off":
+            self.graphs = StepGraphs(compiled, self.kv, self.pillars, config, self.sliding_windows, self.impl,
+                                     self.device, num_layers, capture=graphs == "on")
         self._draft_probs: dict[int, list[torch.Tensor]] = {}  # request id -> q_i of this cycle's drafts ([V] each)
         self._generators: dict[int, torch.Generator | None] = {}
 
@@ -108,15 +126,25 @@ class Engine:
     def step(self) -> list[Request]:
         """Run one step; returns the requests the scheduler reported finished (each exactly once, rejected and
         aborted ones included; a request finishing in this step is reported by the next one)."""
+        t0 = time.perf_counter()  # the step's wall time includes scheduling: host time the GPU may idle through
         plan = self.scheduler.schedule()
         self._apply_swaps(plan)
         self._forget(plan.finished + plan.preempted)  # a preempted request restarts its cycle: drop its q_i
         if not plan.entries:
             return plan.finished
-        t0 = time.perf_counter()
+        captured_before = self.graphs.capture_seconds if self.graphs is not None else 0.0
+        timed = self.device.type == "cuda"
+        if timed:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
         try:
             logits = self._forward(plan)  # [N, V]
             sampled = agree_on_tokens(self._sample_and_verify(plan, logits), self.tp_world)
+            capture = (self.graphs.capture_seconds if self.graphs is not None else 0.0) - captured_before
+            if timed and not capture:  # sampling read its results on the host already: the GPU is done here
+                end.record()
+                end.synchronize()
+                self.stats.gpu_busy_seconds += start.elapsed_time(end) / 1e3
         except Exception as exc:  # confined to this step's requests; the others keep going
             log.exception("step %d failed", plan.step)
             for e in plan.entries:
@@ -127,11 +155,29 @@ class Engine:
         self._after_update(plan)
         self.stats.steps += 1
         self.stats.forward_tokens += plan.num_tokens
+        self.stats.kv_tokens_read += self._kv_tokens_read(plan)
         self.stats.output_tokens += sum(len(e.request.output_token_ids) for e in plan.entries) - before
-        self.stats.seconds += time.perf_counter() - t0
+        # A step that captured a graph counts without its capture time (one-off, reported as capture_seconds).
+        self.stats.seconds += time.perf_counter() - t0 - capture
+        self.stats.capture_seconds += capture
         return plan.finished
 
+    def _kv_tokens_read(self, plan: StepPlan) -> int:
+        n = 0
+        for e in plan.entries:
+            if e.kind is StepKind.DRAFT and e.sparse and self.pillars is not None and self.config.draft != "full":
+                ctx = e.draft_start
+                n += min(self.config.budget(ctx), ctx) + e.seq_len - ctx
+            else:
+                n += e.seq_len
+        return n
+
     def _forward(self, plan: StepPlan) -> torch.Tensor:
+        if self.graphs is not None:
+            shape = self.graphs.shape_for(plan)
+            if shape is not None:
+                self.stats.graph_steps += 1
+                return self.graphs.run(plan, shape)
         inp = build_step_inputs(plan, self.kv, self.pillars, self.config, self.sliding_windows, self.impl, self.device)
         for t in (inp.input_ids, inp.position_ids):
             torch._dynamo.maybe_mark_dynamic(t, 1)  # T varies every step: one dynamic graph, not one per T

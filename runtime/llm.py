@@ -168,4 +168,11 @@ class LLM:
             "forward_tokens": s.forward_tokens,
             "seconds": s.seconds,
             "tokens_per_s": s.output_tokens / s.seconds if s.seconds else 0.0,
+            "graph_steps": s.graph_steps,
+            "cuda_graphs": self.engine.graphs.num_graphs if self.engine.graphs is not None else 0,
+            "gpu_busy_seconds": s.gpu_busy_seconds,
+            # share of the step loop's wall time the GPU had no work (0.0 when not measured: CPU)
+            "idle_fraction": 1.0 - s.gpu_busy_seconds / s.seconds if s.seconds and s.gpu_busy_seconds else 0.0,
+            "kv_tokens_read": s.kv_tokens_read,
+            "capture_seconds": s.capture_seconds,
         }

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 _DRAFTS = ("pillar", "streaming", "full")
 _COMPILERS = ("inductor", "eager")
 _IMPLS = ("auto", "reference", "triton")
+_GRAPHS = ("auto", "on", "off", "pad")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class SparseSpecConfig:
     host_kv_pages: host pool size in pages (None: as many as the device pool, at most a quarter of free host
         memory). When it is full, eviction falls back to recompute preemption (logged, counted per request).
     offload_chunk_pages: pages per copy when offloading or restoring (paper: 1,024 tokens = 64 pages of 16).
+    cuda_graphs: decode steps (no prefill chunk) run padded to a bucketed static shape and replayed as one CUDA
+        graph per shape: "auto" (on when the model is on a CUDA device), "on", "off", or "pad" (the padded
+        static-shape path without capture: what the CPU tests run to prove padding exact).
     kv_oversubscription: admit a request only while the running requests' worst-case KV (prompt + max_tokens)
         stays within this multiple of the device pool (1.0 = guaranteed capacity, never offloads); None: admit as
         soon as the prompt fits in the free pages (aggressive, the default: output lengths are unknown).
@@ -57,6 +61,7 @@ class SparseSpecConfig:
     host_kv_pages: int | None = None
     offload_chunk_pages: int = 64
     kv_oversubscription: float | None = None
+    cuda_graphs: str = "auto"
 
     def __post_init__(self) -> None:
         def fail(name: str, why: str) -> None:
@@ -88,6 +93,8 @@ class SparseSpecConfig:
             fail("compiler", f"must be one of {_COMPILERS}")
         if self.attention_impl not in _IMPLS:
             fail("attention_impl", f"must be one of {_IMPLS}")
+        if self.cuda_graphs not in _GRAPHS:
+            fail("cuda_graphs", f"must be one of {_GRAPHS}")
         if self.host_kv_pages is not None and (not isinstance(self.host_kv_pages, int) or self.host_kv_pages < 1):
             fail("host_kv_pages", "must be an int >= 1 or None (as many as the device pool); offload=False disables")
         if not isinstance(self.offload_chunk_pages, int) or self.offload_chunk_pages < 1:

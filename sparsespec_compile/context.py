@@ -17,7 +17,7 @@ The contract (plan once per step, run in every layer — FlashInfer's plan/run s
      ``< seq_lens[r] - query_len[r]``, which is the next cycle's ``draft_start``) by the attention probability
      of the verify queries (averaged over the GQA group and the verify queries) and stores the
      top-``budget`` positions (the ``recent`` newest always among them) into
-     ``pillars.indices[layer, pillar_slot[r]]``.
+     ``pillars.indices[layer, score_slots[j]]`` (by default the request's own ``pillar_slot[r]``).
 
 Positions are *logical* token positions inside a request (0 .. seq_len-1); ``block_tables`` maps them to pages.
 All tensors live on the model's device; shapes are given with ``T`` = query tokens in the step (padding
@@ -85,6 +85,9 @@ class ForwardContext:
     pillars: PillarStore | None = None
     # Pillar refresh on verification rows
     score_rows: torch.Tensor | None = None  # [Rv] int64 indices into the R requests
+    # [Rv] int64 PillarStore row each scored row is written to (None: ``pillar_slot[score_rows]``). Explicit so a
+    # step padded for a CUDA graph can send its padding rows (budget 0) to a scratch row nobody reads.
+    score_slots: torch.Tensor | None = None
     budget: torch.Tensor | None = None  # [Rv] int32 pillar count B to select for each scored row
     recent: int = 16  # newest tokens before draft_start always kept among the B pillars
     # Per-layer semantics the graph alone cannot carry (from the model config at link time)

@@ -152,7 +152,7 @@ def _refresh_pillars(ctx: ForwardContext, kernels, q_t, k_cache, lse, layer_idx,
     idx, lengths = kernels.select_pillars(
         scores, ctx_lens, ctx.budget, recent=ctx.recent, max_budget=ctx.pillars.max_budget, impl=ctx.impl
     )
-    slots = ctx.pillar_slot.index_select(0, rows)
+    slots = ctx.score_slots if ctx.score_slots is not None else ctx.pillar_slot.index_select(0, rows)
     ctx.pillars.indices[layer_idx].index_copy_(0, slots, idx)
     if layer_idx == 0:  # the count is the same for every layer
         ctx.pillars.lengths.index_copy_(0, slots, lengths.to(ctx.pillars.lengths.dtype))

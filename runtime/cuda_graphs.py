@@ -1,0 +1,132 @@
+"""Decode steps as CUDA graphs, one per StepShape (captured on first use), fed by one packed metadata copy.
+
+Why: HF's eager forward costs ~95 ms of host time for ~7 ms of GPU work at batch 64 (SmolLM2 shape, H200, see
+bench/RESULTS.md); a graph replays a whole step — every layer's projections, the sparsespec attention ops, the
+pillar refresh and the LM head — as one launch.
+
+What makes a step capturable (and why the rest of the runtime is written the way it is):
+
+* every tensor the graph reads lives at a fixed address: the KV pool and the PillarStore are allocated once, and
+  the step metadata is unpacked inside the graph from one static buffer (padded_step.py);
+* every host int the kernels are launched with is a property of the shape: T, R, Rv, ``max_query_len`` and
+  ``max_seq_len`` are the shape's bucket maxima, never the step's own values;
+* nothing syncs: the attention op, the Triton launchers and the pillar refresh never read device values on the
+  host (``pillar_scores`` gets ``max_ctx`` from the shape).
+
+``capture=False`` runs the same padded static-shape path without graphs: what the CPU tests use to prove the
+padding exact (the graph only replays these kernels).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from sparsespec_compile.config import SparseSpecConfig
+from sparsespec_compile.context import ForwardContext, PagedKVCache, PillarStore, forward_context
+
+from .padded_step import pack_step, unpack_step
+from .step_plan import StepPlan
+from .step_shapes import StepShape, shape_for
+
+log = logging.getLogger("sparsespec.runtime")
+
+
+@dataclass
+class _Entry:
+    packed: torch.Tensor  # static device buffer the graph reads
+    host: torch.Tensor  # pinned staging buffer (CPU), reused every step of this shape
+    logits: torch.Tensor  # static output [T, V]
+    graph: torch.cuda.CUDAGraph | None
+
+
+class StepGraphs:
+    def __init__(self, compiled, kv: PagedKVCache, pillars: PillarStore | None, config: SparseSpecConfig,
+                 sliding_windows: list[int], impl: str, device: torch.device, num_layers: int, capture: bool) -> None:
+        if capture and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, the model is on {device}")
+        self.compiled, self.kv, self.pillars, self.config = compiled, kv, pillars, config
+        self.sliding_windows, self.impl, self.device, self.num_layers = sliding_windows, impl, device, num_layers
+        self.capture = capture
+        # The last PillarStore row is reserved (the engine allocates max_num_seqs + 1): padding score rows write there.
+        self.scratch_slot = pillars.indices.shape[1] - 1 if pillars is not None else 0
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self._entries: dict[StepShape, _Entry] = {}
+        self.capture_seconds = 0.0
+        self.steps = 0
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._entries)
+
+    def shape_for(self, plan: StepPlan) -> StepShape | None:
+        return shape_for(plan, self.config.stride, self.kv.page_size, self.config.max_num_batched_tokens,
+                         score_pillars=self.pillars is not None and self.config.draft == "pillar")
+
+    def run(self, plan: StepPlan, shape: StepShape) -> torch.Tensor:
+        """Logits ``[N, V]`` of the plan's ``logits_indices`` (a view of the static output: read it before the next
+        step)."""
+        entry = self._entries.get(shape)
+        if entry is None:
+            entry = self._new_entry(plan, shape)
+        else:
+            pack_step(plan, shape, self.config, self.kv.page_size, self.scratch_slot, out=entry.host.numpy())
+            entry.packed.copy_(entry.host, non_blocking=True)
+            if entry.graph is not None:
+                entry.graph.replay()
+            else:
+                entry.logits = self._forward(entry.packed, shape)
+        self.steps += 1
+        return entry.logits[: sum(e.num_logits for e in plan.entries)]
+
+    def _new_entry(self, plan: StepPlan, shape: StepShape) -> _Entry:
+        t0 = time.perf_counter()
+        host = torch.zeros(shape.packed_size, dtype=torch.int64, pin_memory=self.capture)
+        pack_step(plan, shape, self.config, self.kv.page_size, self.scratch_slot, out=host.numpy())
+        packed = torch.zeros(shape.packed_size, dtype=torch.int64, device=self.device)
+        packed.copy_(host)
+        if not self.capture:
+            return self._store(shape, _Entry(packed, host, self._forward(packed, shape), None))
+        # Warm-up on a side stream (what torch.cuda.graph requires): Dynamo compiles for this shape and Triton
+        # compiles / autotunes every launch, none of which may happen during capture. The warm-up really runs the
+        # step; its writes (this step's K/V, its pillar refresh) are recomputed identically by the replay below.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self._forward(packed, shape)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._forward(packed, shape)
+        graph.replay()  # capture records without running
+        self.capture_seconds += time.perf_counter() - t0
+        log.info("captured a CUDA graph for %s in %.2f s (%d graphs)", shape, time.perf_counter() - t0,
+                 len(self._entries) + 1)
+        return self._store(shape, _Entry(packed, host, logits, graph))
+
+    def _store(self, shape: StepShape, entry: _Entry) -> _Entry:
+        self._entries[shape] = entry
+        return entry
+
+    def _forward(self, packed: torch.Tensor, shape: StepShape) -> torch.Tensor:
+        t = unpack_step(packed, shape)
+        ctx = ForwardContext(
+            kv=self.kv, slot_mapping=t.slot_mapping, query_start_loc=t.query_start_loc, seq_lens=t.seq_lens,
+            block_tables=t.block_tables, max_query_len=shape.max_query_len, max_seq_len=shape.max_seq_len,
+            is_sparse=t.is_sparse, draft_start=t.draft_start, pillar_slot=t.pillar_slot, pillars=self.pillars,
+            score_rows=t.score_rows, score_slots=t.score_slots, budget=t.budget, recent=self.config.recent,
+            sliding_windows=self.sliding_windows, impl=self.impl,
+        )
+        for x in (t.input_ids, t.position_ids):
+            torch._dynamo.maybe_mark_dynamic(x, 1)  # one dynamic graph serves every shape
+        torch._dynamo.maybe_mark_dynamic(t.logits_indices, 0)
+        with forward_context(ctx), torch.inference_mode():
+            out = self.compiled(input_ids=t.input_ids, position_ids=t.position_ids, use_cache=False,
+                                logits_to_keep=t.logits_indices)
+        if ctx.attention_calls != self.num_layers:
+            raise RuntimeError(f"the compiled model ran {ctx.attention_calls} sparsespec attention op(s) for "
+                               f"{self.num_layers} layers while capturing a step graph: see Engine._check_rewrite")
+        return out.logits[0]

@@ -1,0 +1,126 @@
+"""A decode step padded to a StepShape: all metadata packed in ONE int64 buffer, one host->device copy per step.
+
+The graph runner (cuda_graphs.py) copies :func:`pack_step`'s host buffer into a static device buffer and replays a
+graph whose first kernels are :func:`unpack_step`'s slices and casts — so every layer's ForwardContext tensors have
+fixed addresses, and a step costs one H2D copy instead of one per metadata tensor (13).
+
+Padding is inert by construction:
+
+* padding tokens sit past ``query_start_loc[R_real]``: no request owns them, the attention kernel skips them,
+  ``slot_mapping = -1`` keeps their K/V out of the cache, and their logits are never read;
+* padding requests have zero query tokens and ``seq_len = 0``: every kernel program of theirs exits at once;
+* padding score rows have budget 0 and write their (empty) pillar selection to a scratch row of the PillarStore
+  (``scratch_slot``) that no request owns.
+
+Layout (int64, in this order): input_ids[T], positions[T], slot_mapping[T], logits_indices[T], query_start_loc
+[R+1], seq_lens[R], draft_start[R], pillar_slot[R], is_sparse[R], block_tables[R*W], score_rows[Rv],
+score_slots[Rv], budget[Rv].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sparsespec_compile.config import SparseSpecConfig
+
+from .step_plan import StepKind, StepPlan
+from .step_shapes import StepShape
+
+
+def pack_step(plan: StepPlan, shape: StepShape, config: SparseSpecConfig, page_size: int, scratch_slot: int,
+              out: np.ndarray | None = None) -> np.ndarray:
+    T, R, Rv, W = shape.tokens, shape.requests, shape.scored, shape.table_width
+    buf = np.zeros(shape.packed_size, dtype=np.int64) if out is None else out
+    ids, pos, slots, logits = (buf[i * T:(i + 1) * T] for i in range(4))
+    o = 4 * T
+    qsl = buf[o:o + R + 1]
+    o += R + 1
+    seq_lens, draft_start, pillar_slot, is_sparse = (buf[o + i * R:o + (i + 1) * R] for i in range(4))
+    o += 4 * R
+    tables = buf[o:o + R * W].reshape(R, W)
+    o += R * W
+    score_rows, score_slots, budget = (buf[o + i * Rv:o + (i + 1) * Rv] for i in range(3))
+    if out is not None:
+        buf[:] = 0
+    slots[:] = -1
+    pillar_slot[:] = scratch_slot
+    score_slots[:] = scratch_slot
+    t = n_scored = n_logits = 0
+    for i, e in enumerate(plan.entries):
+        r = e.request
+        n = e.num_tokens
+        ids[t:t + n] = e.token_ids
+        p = np.arange(e.start_pos, e.start_pos + n)
+        pos[t:t + n] = p
+        bt = np.asarray(r.block_table[:W], dtype=np.int64)
+        slots[t:t + n] = bt[p // page_size] * page_size + p % page_size
+        logits[n_logits:n_logits + e.num_logits] = np.arange(t + n - e.num_logits, t + n)
+        n_logits += e.num_logits
+        t += n
+        qsl[i + 1] = t
+        seq_lens[i] = e.seq_len
+        draft_start[i] = e.draft_start
+        pillar_slot[i] = r.pillar_slot
+        is_sparse[i] = e.kind is StepKind.DRAFT and e.sparse and config.draft != "full"
+        tables[i, :len(bt)] = bt
+        if Rv and e.kind is StepKind.VERIFY and e.score:
+            score_rows[n_scored] = i
+            score_slots[n_scored] = r.pillar_slot
+            budget[n_scored] = config.budget(e.start_pos)
+            n_scored += 1
+    qsl[len(plan.entries) + 1:] = t  # padding requests own no tokens
+    # Padding score rows: budget 0 into the scratch row; scored from a padding request (no work) when there is one.
+    score_rows[n_scored:] = R - 1
+    return buf
+
+
+@dataclass
+class PaddedStepTensors:
+    """Device views of one packed buffer, typed as the ForwardContext and the model call want them."""
+
+    input_ids: torch.Tensor  # [1, T] int64
+    position_ids: torch.Tensor  # [1, T] int64
+    logits_indices: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    draft_start: torch.Tensor
+    pillar_slot: torch.Tensor
+    is_sparse: torch.Tensor
+    block_tables: torch.Tensor
+    score_rows: torch.Tensor | None
+    score_slots: torch.Tensor | None
+    budget: torch.Tensor | None
+
+
+def unpack_step(packed: torch.Tensor, shape: StepShape) -> PaddedStepTensors:
+    """Slices and casts of ``packed`` (run inside the graph capture, so they replay as a few tiny kernels).
+    Model inputs are cloned: views of one buffer would be aliased graph inputs to Dynamo."""
+    T, R, Rv, W = shape.tokens, shape.requests, shape.scored, shape.table_width
+    o = 4 * T
+    qsl = packed[o:o + R + 1]
+    o += R + 1
+    seq_lens, draft_start, pillar_slot, is_sparse = (packed[o + i * R:o + (i + 1) * R] for i in range(4))
+    o += 4 * R
+    tables = packed[o:o + R * W].view(R, W)
+    o += R * W
+    score_rows, score_slots, budget = (packed[o + i * Rv:o + (i + 1) * Rv] for i in range(3))
+    i32 = torch.int32
+    return PaddedStepTensors(
+        input_ids=packed[:T].view(1, T).clone(),
+        position_ids=packed[T:2 * T].view(1, T).clone(),
+        logits_indices=packed[3 * T:4 * T].clone(),
+        slot_mapping=packed[2 * T:3 * T],
+        query_start_loc=qsl.to(i32),
+        seq_lens=seq_lens.to(i32),
+        draft_start=draft_start.to(i32),
+        pillar_slot=pillar_slot,
+        is_sparse=is_sparse.to(torch.bool),
+        block_tables=tables.to(i32),
+        score_rows=score_rows if Rv else None,
+        score_slots=score_slots if Rv else None,
+        budget=budget.to(i32) if Rv else None,
+    )

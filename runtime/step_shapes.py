@@ -1,0 +1,82 @@
+"""Static step shapes: which padded shape a decode step runs at, so a handful of CUDA graphs serve every step.
+
+A captured graph fixes every tensor size and every host int the kernels were launched with. A decode step is
+described by five numbers, each rounded up to a bucket:
+
+* ``tokens`` (T): query tokens — buckets of at most 1/8 padding above 64 (T = 64 drafts + 8 verify chunks of
+  9 = 136 runs at 144, 5.9% padding);
+* ``requests`` (R): zero-length padding requests are skipped by the kernels at the cost of one early exit;
+* ``scored`` (Rv): verify rows refreshing pillars (padding rows get budget 0 and a scratch pillar row);
+* ``max_query_len``: 1 for pure single-token steps, else ``stride + 1`` (sets the kernel's query tile);
+* ``max_seq_len``: the next power of two (at least 1,024) — the kernels' split-KV plan and the pillar scores'
+  width are sized from it; keys past a request's own length are masked, so over-sizing only costs empty programs.
+
+Steps that contain a prefill chunk are not graphed (their token counts are large and varied: vLLM, too, runs
+them outside full graphs); ``shape_for`` returns None and the engine runs them as before. Torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .step_plan import StepKind, StepPlan
+
+MIN_SEQ_BUCKET = 1024
+
+
+@dataclass(frozen=True)
+class StepShape:
+    tokens: int
+    requests: int
+    scored: int
+    max_query_len: int
+    max_seq_len: int
+    table_width: int  # block-table columns: ceil(max_seq_len / page_size)
+
+    @property
+    def packed_size(self) -> int:
+        """int64 entries of the packed host->device metadata buffer (see padded_step.py for the layout)."""
+        return 4 * self.tokens + (self.requests + 1) + 4 * self.requests + self.requests * self.table_width \
+            + 3 * self.scored
+
+
+def token_bucket(n: int) -> int:
+    """Smallest bucket >= n: multiples of 8 up to 64, then steps of 1/8 of the power of two below n."""
+    if n <= 0:
+        raise ValueError(f"token_bucket: n must be >= 1, got {n}")
+    if n <= 64:
+        return -(-n // 8) * 8
+    step = (1 << (n.bit_length() - 1)) // 8
+    return -(-n // step) * step
+
+
+def request_bucket(n: int) -> int:
+    """1, 2, 4, 8, then 1/4-of-a-power-of-two steps (12, 16, 20, ... 24, 32, 40, 48, 56, 64, 80, ...)."""
+    if n <= 0:
+        return 0
+    if n <= 8:
+        return 1 << (n - 1).bit_length()
+    step = (1 << (n.bit_length() - 1)) // 4
+    return -(-n // step) * step
+
+
+def seq_bucket(n: int) -> int:
+    return max(MIN_SEQ_BUCKET, 1 << max(0, n - 1).bit_length())
+
+
+def shape_for(plan: StepPlan, stride: int, page_size: int, max_tokens: int, score_pillars: bool) -> StepShape | None:
+    """The padded shape of ``plan``, or None when the step is not graphed (a prefill chunk in it, or more than
+    ``max_tokens`` tokens — the largest shape worth a graph). ``score_pillars``: verify rows refresh pillars on the
+    device (draft == "pillar"; streaming pillars are written by the host)."""
+    if not plan.entries or any(e.kind is StepKind.PREFILL for e in plan.entries):
+        return None
+    t = plan.num_tokens
+    if t > max_tokens:
+        return None
+    mq = 1 if all(e.num_tokens == 1 for e in plan.entries) else stride + 1
+    if max(e.num_tokens for e in plan.entries) > mq:
+        return None
+    scored = sum(1 for e in plan.entries if e.kind is StepKind.VERIFY and e.score) if score_pillars else 0
+    seq = seq_bucket(max(e.seq_len for e in plan.entries))
+    return StepShape(tokens=token_bucket(t), requests=request_bucket(len(plan.entries)), scored=request_bucket(scored),
+                     max_query_len=mq, max_seq_len=seq, table_width=-(-seq // page_size))
