@@ -27,6 +27,7 @@ import torch
 
 from sparsespec_compile.config import SparseSpecConfig
 from sparsespec_compile.context import ForwardContext, PagedKVCache, PillarStore, forward_context
+from sparsespec_compile.ops import select_step_pillars
 
 from .padded_step import pack_step, unpack_step
 from .step_plan import StepPlan
@@ -119,6 +120,7 @@ class StepGraphs:
             is_sparse=t.is_sparse, draft_start=t.draft_start, pillar_slot=t.pillar_slot, pillars=self.pillars,
             score_rows=t.score_rows, score_slots=t.score_slots, budget=t.budget, recent=self.config.recent,
             sliding_windows=self.sliding_windows, impl=self.impl,
+            layer_scores=step_score_buffer(self.pillars, self.num_layers, shape.scored, self.kv, shape.max_seq_len),
         )
         for x in (t.input_ids, t.position_ids):
             torch._dynamo.maybe_mark_dynamic(x, 1)  # one dynamic graph serves every shape
@@ -129,4 +131,14 @@ class StepGraphs:
         if ctx.attention_calls != self.num_layers:
             raise RuntimeError(f"the compiled model ran {ctx.attention_calls} sparsespec attention op(s) for "
                                f"{self.num_layers} layers while capturing a step graph: see Engine._check_rewrite")
+        select_step_pillars(ctx)
         return out.logits[0]
+
+
+def step_score_buffer(pillars: PillarStore | None, num_layers: int, num_scored: int, kv: PagedKVCache,
+                      max_ctx: int) -> torch.Tensor | None:
+    """``ForwardContext.layer_scores`` for a step that scores ``num_scored`` rows (None when it scores none)."""
+    if pillars is None or num_scored == 0:
+        return None
+    kv_heads = kv.k[0].shape[2]
+    return torch.empty(num_layers, num_scored, kv_heads, max_ctx, dtype=torch.float32, device=kv.k[0].device)

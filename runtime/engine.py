@@ -15,9 +15,10 @@ import torch
 
 from sparsespec_compile.config import SparseSpecConfig
 from sparsespec_compile.context import forward_context
+from sparsespec_compile.ops import select_step_pillars
 
 from .block_allocator import BlockAllocator
-from .cuda_graphs import StepGraphs
+from .cuda_graphs import StepGraphs, step_score_buffer
 from .kv_cache import allocate_kv_cache, allocate_pillar_store, kv_shape_from_config
 from .offload import HostKVPool, default_host_pages
 from .parallel import agree_on_tokens, local_kv_heads, tp_world_size
@@ -46,6 +47,9 @@ class EngineStats:
     # the bytes-moved floor.
     kv_tokens_read: int = 0
     capture_seconds: float = 0.0  # one-off graph warm-up + capture, left out of ``seconds``
+    # The graphed (decode-only) steps on their own: their wall time and keys read, for the step-time floor.
+    graph_seconds: float = 0.0
+    graph_kv_tokens_read: int = 0
 
 
 def sliding_windows_from_config(config, num_layers: int) -> list[int]:
@@ -133,6 +137,7 @@ class Engine:
         if not plan.entries:
             return plan.finished
         captured_before = self.graphs.capture_seconds if self.graphs is not None else 0.0
+        graph_steps_before = self.stats.graph_steps
         timed = self.device.type == "cuda"
         if timed:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -155,11 +160,16 @@ class Engine:
         self._after_update(plan)
         self.stats.steps += 1
         self.stats.forward_tokens += plan.num_tokens
-        self.stats.kv_tokens_read += self._kv_tokens_read(plan)
+        kv_read = self._kv_tokens_read(plan)
+        self.stats.kv_tokens_read += kv_read
         self.stats.output_tokens += sum(len(e.request.output_token_ids) for e in plan.entries) - before
         # A step that captured a graph counts without its capture time (one-off, reported as capture_seconds).
-        self.stats.seconds += time.perf_counter() - t0 - capture
+        wall = time.perf_counter() - t0 - capture
+        self.stats.seconds += wall
         self.stats.capture_seconds += capture
+        if self.stats.graph_steps > graph_steps_before:
+            self.stats.graph_seconds += wall
+            self.stats.graph_kv_tokens_read += kv_read
         return plan.finished
 
     def _kv_tokens_read(self, plan: StepPlan) -> int:
@@ -182,6 +192,9 @@ class Engine:
         for t in (inp.input_ids, inp.position_ids):
             torch._dynamo.maybe_mark_dynamic(t, 1)  # T varies every step: one dynamic graph, not one per T
         torch._dynamo.maybe_mark_dynamic(inp.logits_indices, 0)
+        if inp.ctx.score_rows is not None:
+            inp.ctx.layer_scores = step_score_buffer(self.pillars, self.num_layers, inp.ctx.score_rows.shape[0],
+                                                     self.kv, inp.ctx.max_seq_len)
         with forward_context(inp.ctx), torch.inference_mode():
             out = self.compiled(
                 input_ids=inp.input_ids,
@@ -190,6 +203,8 @@ class Engine:
                 logits_to_keep=inp.logits_indices,
             )
         self._check_rewrite(inp.ctx.attention_calls)
+        with torch.inference_mode():
+            select_step_pillars(inp.ctx)
         return out.logits[0]
 
     def _check_rewrite(self, calls: int) -> None:

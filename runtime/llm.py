@@ -175,4 +175,6 @@ class LLM:
             "idle_fraction": 1.0 - s.gpu_busy_seconds / s.seconds if s.seconds and s.gpu_busy_seconds else 0.0,
             "kv_tokens_read": s.kv_tokens_read,
             "capture_seconds": s.capture_seconds,
+            "graph_seconds": s.graph_seconds,
+            "graph_kv_tokens_read": s.graph_kv_tokens_read,
         }

@@ -88,6 +88,12 @@ class ForwardContext:
     # [Rv] int64 PillarStore row each scored row is written to (None: ``pillar_slot[score_rows]``). Explicit so a
     # step padded for a CUDA graph can send its padding rows (budget 0) to a scratch row nobody reads.
     score_slots: torch.Tensor | None = None
+    # [num_layers, Rv, Hkv, max_seq_len] fp32. When set, each layer only *scores* into its slice and the runtime
+    # selects for every layer at once after the forward (``ops.select_step_pillars``): one launch of
+    # num_layers * Rv * Hkv programs instead of num_layers launches of Rv * Hkv programs each (a bisection per
+    # (row, head) is latency-bound: ~55 us per launch with Rv = 7 on the H200, bench/RESULTS.md). Exact: pillars
+    # written in a step are only read by later steps, and a request appears once per step.
+    layer_scores: torch.Tensor | None = None
     budget: torch.Tensor | None = None  # [Rv] int32 pillar count B to select for each scored row
     recent: int = 16  # newest tokens before draft_start always kept among the B pillars
     # Per-layer semantics the graph alone cannot carry (from the model config at link time)

@@ -146,13 +146,44 @@ def _runtime_attention(ctx: ForwardContext, q, k, v, layer_idx, scale, softcap):
 
 def _refresh_pillars(ctx: ForwardContext, kernels, q_t, k_cache, lse, layer_idx, common) -> None:
     rows = ctx.score_rows
+    if ctx.layer_scores is not None:  # deferred: select_step_pillars picks for all layers after the forward
+        kernels.pillar_scores(q_t, k_cache, rows=rows, lse=lse, max_ctx=ctx.max_seq_len,
+                              out=ctx.layer_scores[layer_idx], **common)
+        return
     scores = kernels.pillar_scores(q_t, k_cache, rows=rows, lse=lse, max_ctx=ctx.max_seq_len, **common)  # [Rv, Hkv, L]
-    q_lens = ctx.query_start_loc[1:] - ctx.query_start_loc[:-1]
-    ctx_lens = (ctx.seq_lens - q_lens).index_select(0, rows)  # verified context before the verify chunk
     idx, lengths = kernels.select_pillars(
-        scores, ctx_lens, ctx.budget, recent=ctx.recent, max_budget=ctx.pillars.max_budget, impl=ctx.impl
+        scores, _scored_context_lens(ctx), ctx.budget, recent=ctx.recent, max_budget=ctx.pillars.max_budget,
+        impl=ctx.impl,
     )
-    slots = ctx.score_slots if ctx.score_slots is not None else ctx.pillar_slot.index_select(0, rows)
+    slots = _score_slots(ctx)
     ctx.pillars.indices[layer_idx].index_copy_(0, slots, idx)
     if layer_idx == 0:  # the count is the same for every layer
         ctx.pillars.lengths.index_copy_(0, slots, lengths.to(ctx.pillars.lengths.dtype))
+
+
+def _scored_context_lens(ctx: ForwardContext) -> torch.Tensor:
+    q_lens = ctx.query_start_loc[1:] - ctx.query_start_loc[:-1]
+    return (ctx.seq_lens - q_lens).index_select(0, ctx.score_rows)  # verified context before the verify chunk
+
+
+def _score_slots(ctx: ForwardContext) -> torch.Tensor:
+    return ctx.score_slots if ctx.score_slots is not None else ctx.pillar_slot.index_select(0, ctx.score_rows)
+
+
+def select_step_pillars(ctx: ForwardContext) -> None:
+    """After a forward run with ``ctx.layer_scores`` set: select every layer's pillars from its scores in one
+    launch and write them to the PillarStore (what each layer does itself when ``layer_scores`` is None)."""
+    if ctx.layer_scores is None or ctx.score_rows is None or ctx.score_rows.numel() == 0 or ctx.pillars is None:
+        return
+    from . import kernels
+
+    L, Rv, H, N = ctx.layer_scores.shape
+    idx, lengths = kernels.select_pillars(
+        ctx.layer_scores.view(L * Rv, H, N), _scored_context_lens(ctx).repeat(L), ctx.budget.repeat(L),
+        recent=ctx.recent, max_budget=ctx.pillars.max_budget, impl=ctx.impl,
+    )
+    slots = _score_slots(ctx)
+    store = ctx.pillars.indices  # [L, S, H, B]
+    flat = (torch.arange(L, device=slots.device)[:, None] * store.shape[1] + slots[None, :]).reshape(-1)
+    store.view(-1, store.shape[2], store.shape[3]).index_copy_(0, flat, idx)
+    ctx.pillars.lengths.index_copy_(0, slots, lengths[:Rv].to(ctx.pillars.lengths.dtype))

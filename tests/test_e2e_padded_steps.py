@@ -55,3 +55,17 @@ def test_padded_steps_with_the_triton_kernels():
 def test_graphs_on_refuse_a_cpu_model():
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
         _run(_model("llama", "sdpa"), "on", 2)
+
+
+def test_deferred_all_layer_selection_equals_per_layer_selection(monkeypatch):
+    """ForwardContext.layer_scores (select once for all layers after the forward) picks the same pillars as each
+    layer selecting its own: identical acceptance in every cycle."""
+    import sparsespec_compile.runtime.engine as engine
+
+    model = _model("llama", "sdpa")
+    deferred, s1 = _run(model, "off", 20)
+    monkeypatch.setattr(engine, "step_score_buffer", lambda *a, **k: None)  # every layer selects itself
+    per_layer, s2 = _run(model, "off", 20)
+    assert [o.token_ids for o in deferred] == [o.token_ids for o in per_layer]
+    assert [o.metrics["accepted"] for o in deferred] == [o.metrics["accepted"] for o in per_layer]
+    assert s1["cycles"] > 0

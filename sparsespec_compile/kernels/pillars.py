@@ -11,7 +11,7 @@ from .reference import pillar_scores_reference, select_pillars_reference
 def pillar_scores(q: torch.Tensor, k_cache: torch.Tensor, *, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                   block_tables: torch.Tensor, rows: torch.Tensor, lse: torch.Tensor, scale: float,
                   softcap: float = 0.0, sliding_window: int = -1, max_ctx: int | None = None,
-                  impl: str = "triton") -> torch.Tensor:
+                  impl: str = "triton", out: torch.Tensor | None = None) -> torch.Tensor:
     """Full-attention probability of each context token, averaged over the GQA group and the verify queries.
 
     For scored request ``r = rows[j]`` (int64 indices into the R requests) the candidates are positions
@@ -22,7 +22,7 @@ def pillar_scores(q: torch.Tensor, k_cache: torch.Tensor, *, query_start_loc: to
 
     ``max_ctx`` is the last dim of the result; pass a host bound (e.g. ``ForwardContext.max_seq_len``) to
     avoid a device sync, or leave None to use the largest ``c`` among the rows (syncs).
-    Returns ``scores: [Rv, Hkv, max_ctx]`` fp32.
+    Returns ``scores: [Rv, Hkv, max_ctx]`` fp32, written into ``out`` when given (contiguous, that shape).
     """
     T, Hq, Hkv, D, R = check_paged_metadata(q, k_cache, k_cache, query_start_loc, seq_lens, block_tables)
     check_tensor("rows", rows, ndim=1, dtypes=(torch.int64, torch.int32), device=q.device)
@@ -35,11 +35,17 @@ def pillar_scores(q: torch.Tensor, k_cache: torch.Tensor, *, query_start_loc: to
         max_ctx = int((seq_lens - qlen)[rows.long()].max().clamp(min=1)) if rows.numel() else 1
     kw = dict(query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=block_tables, rows=rows, lse=lse,
               scale=float(scale), softcap=float(softcap), sliding_window=int(sliding_window), max_ctx=int(max_ctx))
+    if out is not None:
+        check_tensor("out", out, ndim=3, dtypes=(torch.float32,), device=q.device)
+        if out.shape != (rows.shape[0], Hkv, max_ctx) or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous [{rows.shape[0]}, {Hkv}, {max_ctx}] tensor, got "
+                             f"{tuple(out.shape)}")
     if impl == "reference":
-        return pillar_scores_reference(q, k_cache, **kw)
+        scores = pillar_scores_reference(q, k_cache, **kw)
+        return scores if out is None else out.copy_(scores)
     from .pillars_triton import pillar_scores_triton
 
-    return pillar_scores_triton(q, k_cache, **kw)
+    return pillar_scores_triton(q, k_cache, out=out, **kw)
 
 
 def select_pillars(scores: torch.Tensor, ctx_lens: torch.Tensor, budget: torch.Tensor, recent: int, max_budget: int,

@@ -87,11 +87,11 @@ _scores_kernel_tuned = triton.autotune(
 
 
 def pillar_scores_triton(q, k_cache, *, query_start_loc, seq_lens, block_tables, rows, lse, scale, softcap=0.0,
-                         sliding_window=-1, max_ctx, block_n: int | None = None):
+                         sliding_window=-1, max_ctx, block_n: int | None = None, out: torch.Tensor | None = None):
     T, Hq, D = q.shape
     _, P, Hkv, _ = k_cache.shape
     Rv = rows.shape[0]
-    scores = torch.empty(Rv, Hkv, max_ctx, dtype=torch.float32, device=q.device)
+    scores = torch.empty(Rv, Hkv, max_ctx, dtype=torch.float32, device=q.device) if out is None else out
     if Rv == 0 or max_ctx == 0:
         return scores
     gp = triton.next_power_of_2(Hq // Hkv)
