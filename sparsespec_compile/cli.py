@@ -1,5 +1,5 @@
 """``sparsespec`` command line: ``inspect`` (the rewrite report), ``demo`` (the embedded model end to end),
-``generate`` (the speculative runtime on prompts)."""
+``generate`` (the speculative runtime on prompts), ``check`` (CI checks), ``bench`` (the end-to-end benchmark)."""
 
 from __future__ import annotations
 
@@ -104,6 +104,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the benchmark parses its own options (and --help): hand it the rest untouched
+        from .benchmark import main as bench_main
+
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="sparsespec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -148,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="weights of a config-only model")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_check)
+
+    # Listed for `sparsespec --help` only: main() hands `bench ...` to sparsespec_compile.benchmark before parsing.
+    sub.add_parser("bench", help="end-to-end benchmark: HF generate vs the runtime (stride 0, PillarAttn, "
+                   "streaming drafts); `sparsespec bench --help`", add_help=False)
 
     args = parser.parse_args(argv)
     return int(args.fn(args) or 0)

@@ -1,0 +1,94 @@
+"""CPU smoke test of the end-to-end benchmark (``sparsespec bench``): a 2-layer random Llama, batch 2, 8 tokens,
+HF eager vs the runtime at stride 0 / PillarAttn / streaming, compiler eager. In fp32 on the CPU every greedy output
+must be identical: the runtime's plain decoding equals HF ``generate``, speculation equals plain decoding."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sparsespec_compile import benchmark
+
+FIELDS = ("method", "batch", "output_len", "temperature", "status", "seconds", "output_tokens", "tokens_per_s",
+          "steps", "step_ms", "floor_seconds", "floor_step_ms", "floor_fraction", "kv_tokens_read",
+          "mean_accepted", "idle_fraction", "peak_memory_bytes", "generated_per_request",
+          "graphs_compiled_in_timed_run", "speedup_vs_stride0", "speedup_vs_hf_eager")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e")
+    md = out / "RESULTS.md"
+    argv = ["--model", "tiny-random", "--device", "cpu", "--batch-sizes", "1", "2", "--output-lens", "8",
+            "--prompt-len", "12", "--methods", "hf_eager", "stride0", "pillar", "streaming", "--temperature", "0",
+            "--compiler", "eager", "--stride", "3", "--min-budget", "6", "--recent", "2", "--hf-max-tokens", "8",
+            "--warmup-tokens", "4", "--save-tokens", "--out", str(out), "--results-md", str(md)]
+    assert benchmark.main(argv) == 0
+    return out, md, json.loads((out / benchmark.JSON_NAME).read_text())
+
+
+def test_records_have_the_fields(run):
+    _, _, result = run
+    env = result["environment"]
+    for key in ("device", "torch", "triton", "transformers", "date", "command", "copy_bandwidth_bytes_per_s"):
+        assert env.get(key), key
+    records = result["records"]
+    assert [(r["batch"], r["method"]) for r in records] == [
+        (b, m) for b in (1, 2) for m in ("hf_eager", "stride0", "pillar", "streaming")]
+    for r in records:
+        assert r["status"] == "ok", r
+        missing = [f for f in FIELDS if f not in r]
+        assert not missing, (r["method"], missing)
+        assert r["output_tokens"] == r["batch"] * 8 and r["tokens_per_s"] > 0 and r["floor_fraction"] > 0
+        assert r["graphs_compiled_in_timed_run"] == 0, r  # the warm-up compiled everything the timed run needed
+        assert r["speedup_vs_stride0"] is not None and r["speedup_vs_hf_eager"] is not None
+    by = {(r["batch"], r["method"]): r for r in records}
+    assert by[(2, "pillar")]["mean_accepted"] is not None and by[(2, "pillar")]["cycles"] > 0
+    assert by[(2, "stride0")]["kv_tokens_read"] > 0
+
+
+def test_greedy_outputs_identical(run):
+    """fp32 CPU: stride 0 == HF eager token for token; PillarAttn and streaming drafts == stride 0."""
+    _, _, result = run
+    by = {(r["batch"], r["method"]): r for r in result["records"]}
+    for b in (1, 2):
+        assert by[(b, "stride0")]["tokens"] == by[(b, "hf_eager")]["tokens"]
+        assert by[(b, "stride0")]["greedy_vs"]["hf_eager"]["identical"] == b
+        for m in ("pillar", "streaming"):
+            assert by[(b, m)]["tokens"] == by[(b, "stride0")]["tokens"], m
+            assert by[(b, m)]["greedy_vs"]["stride0"]["first_divergence"] == [None] * b
+
+
+def test_markdown_and_png(run):
+    out, md, _ = run
+    text = md.read_text()
+    assert "### End-to-end benchmark" in text and "sparsespec bench --model tiny-random" in text
+    assert text.count("| pillar |") == 2 and "tokens/s" in text
+    pytest.importorskip("matplotlib")  # the `bench` extra (scripts/setup.sh installs it); without it: no PNG
+    png = out / benchmark.PNG_NAME
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_static_compile_is_skipped_on_cpu_by_default():
+    args = benchmark.parse_args(["--device", "cpu"])
+    methods, skipped = benchmark.select_methods(args, benchmark.torch.device("cpu"))
+    assert "hf_static_compile" not in methods and "hf_static_compile" in skipped
+
+
+def test_kv_read_estimates():
+    assert benchmark.plain_kv_tokens_read([10], 3) == 11 + 12  # tokens 1 and 2 read 11 and 12 keys
+    from sparsespec_compile import SparseSpecConfig
+
+    cfg = SparseSpecConfig(stride=2, min_budget=4, recent=1)
+    # one cycle of 2 drafts on a context of 11 (prompt 10 + the prefill's token), both accepted: drafts read
+    # B(11)=4 and 4+1, the verify 11+2+1; then 3 tokens are covered, the 4th is a plain step on 11+3 keys.
+    assert benchmark.spec_kv_tokens_read(10, 5, [2], [2], cfg) == 4 + 5 + 14 + 14
+
+
+def test_cli_forwards_bench(capsys):
+    from sparsespec_compile.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0 and "--hf-max-tokens" in capsys.readouterr().out
