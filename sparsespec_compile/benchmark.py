@@ -107,6 +107,8 @@ def load_prompts(path: Path | None, tok, vocab_size: int, batch: int, prompt_len
                                               tokenize=True)
                 prompts.append(list(enc["input_ids"] if hasattr(enc, "keys") else enc))
             return prompts, f"{path.name} (first {batch}, chat template)"
+        print(f"warning: {path} has {len(rows)} prompts for a batch of {batch}: random-token prompts instead",
+              file=sys.stderr)
     g = torch.Generator().manual_seed(seed)
     low = min(10, vocab_size // 4)  # keep clear of the special tokens at the start of most vocabularies
     ids = torch.randint(low, vocab_size - low, (batch, prompt_len), generator=g)
