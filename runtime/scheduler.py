@@ -64,8 +64,10 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.delayed_verify = delayed_verify
-        self.cycle_len = stride + 1 + (1 if delayed_verify else 0)
+        # Plain decoding (stride 0) verifies nothing: its token is final when sampled, so it never sits out a step
+        # (it used to: every token then took two steps — measured on the H200, bench/RESULTS.md).
+        self.delayed_verify = delayed_verify and stride > 0
+        self.cycle_len = stride + 1 + (1 if self.delayed_verify else 0)
         self.step = 0  # index of the last plan handed out
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order: the tail is preempted first

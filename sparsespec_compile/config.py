@@ -29,7 +29,10 @@ class SparseSpecConfig:
     max_num_seqs / max_num_batched_tokens: requests and tokens per step.
     compiler: "inductor" (default) or "eager" (run the rewritten graph without Inductor).
     attention_impl: "auto" (Triton on GPU, PyTorch reference on CPU), "reference" or "triton".
-    overlap: delayed verification (a request that verified sits out one step while the host reads its result).
+    overlap: delayed verification — a request that verified at step i sits out step i + 1 (the schedule that lets
+        the host read step i's accept counts while the device runs step i + 1). Off by default: this engine still
+        reads every step's results synchronously (device-side patching of the next step's inputs is not built),
+        so the sit-out step only costs throughput (one step in k + 2). Never applies at stride 0.
     offload: under KV page pressure, offload whole requests to a host pool and restore them later (no recompute);
         False: recompute preemption (drop the KV, re-prefill later).
     host_kv_pages: host pool size in pages (None: as many as the device pool, at most a quarter of free host
@@ -56,7 +59,7 @@ class SparseSpecConfig:
     max_num_batched_tokens: int = 2048
     compiler: str = "inductor"
     attention_impl: str = "auto"
-    overlap: bool = True
+    overlap: bool = False
     offload: bool = True
     host_kv_pages: int | None = None
     offload_chunk_pages: int = 64

@@ -103,6 +103,21 @@ def test_delayed_verification_sits_out_one_step():
     assert kinds == ["prefill", "draft", "draft", "verify", "-", "draft", "draft", "verify", "-"]
 
 
+def test_stride_zero_never_sits_out_a_step_even_with_delayed_verification():
+    """Regression: plain decoding's token is final when sampled; with delayed_verify it used to stall every other
+    step (2 steps per token, measured on the H200)."""
+    s = make(stride=0, delayed_verify=True)
+    reqs = [Request([1, 2, 3], SamplingParams(max_tokens=6)) for _ in range(3)]
+    for r in reqs:
+        s.add(r)
+    steps = 0
+    while s.has_unfinished():
+        p = s.schedule()
+        steps += bool(p.entries)
+        s.update(p, simulate(p, random.Random(0), 1.0, {}))
+    assert steps == 6 and all(len(r.output_token_ids) == 6 for r in reqs)  # 1 prefill (+ t0) + 5 decode steps
+
+
 def test_bad_requests_are_rejected_others_unaffected():
     for bad, msg in (([], "empty"), ("hi", "string"), ([1, -2], "negative"), ([1, "x"], "ints")):
         with pytest.raises(ValueError, match=msg):
