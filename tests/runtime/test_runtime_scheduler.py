@@ -110,12 +110,12 @@ def test_stride_zero_never_sits_out_a_step_even_with_delayed_verification():
     reqs = [Request([1, 2, 3], SamplingParams(max_tokens=6)) for _ in range(3)]
     for r in reqs:
         s.add(r)
-    steps = 0
+    plans = []
     while s.has_unfinished():
-        p = s.schedule()
-        steps += bool(p.entries)
-        s.update(p, simulate(p, random.Random(0), 1.0, {}))
-    assert steps == 6 and all(len(r.output_token_ids) == 6 for r in reqs)  # 1 prefill (+ t0) + 5 decode steps
+        plans.append(s.schedule())
+        s.update(plans[-1], simulate(plans[-1], random.Random(0), 1.0, {}))
+    # 1 prefill (+ t0) + 5 decode steps, then the plan that reports them finished; no empty (sit-out) step between
+    assert [len(p.entries) for p in plans] == [3] * 6 + [0] and all(len(r.output_token_ids) == 6 for r in reqs)
 
 
 def test_bad_requests_are_rejected_others_unaffected():
