@@ -29,7 +29,7 @@ from sparsespec_compile.config import SparseSpecConfig
 from sparsespec_compile.context import ForwardContext, PagedKVCache, PillarStore, forward_context
 from sparsespec_compile.ops import select_step_pillars
 
-from .padded_step import pack_step, unpack_step
+from .padded_step import BlockTableMirror, pack_step, unpack_step
 from .step_plan import StepPlan
 from .step_shapes import StepShape, shape_for
 
@@ -56,6 +56,7 @@ class StepGraphs:
         self.scratch_slot = pillars.indices.shape[1] - 1 if pillars is not None else 0
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self._entries: dict[StepShape, _Entry] = {}
+        self._tables = BlockTableMirror()
         self.capture_seconds = 0.0
         self.steps = 0
 
@@ -70,11 +71,14 @@ class StepGraphs:
     def run(self, plan: StepPlan, shape: StepShape) -> torch.Tensor:
         """Logits ``[N, V]`` of the plan's ``logits_indices`` (a view of the static output: read it before the next
         step)."""
+        if self.steps % 256 == 0:  # drop the block-table copies of requests that left
+            self._tables.forget_all_but({e.request.request_id for e in plan.entries})
         entry = self._entries.get(shape)
         if entry is None:
             entry = self._new_entry(plan, shape)
         else:
-            pack_step(plan, shape, self.config, self.kv.page_size, self.scratch_slot, out=entry.host.numpy())
+            pack_step(plan, shape, self.config, self.kv.page_size, self.scratch_slot, out=entry.host.numpy(),
+                      tables=self._tables)
             entry.packed.copy_(entry.host, non_blocking=True)
             if entry.graph is not None:
                 entry.graph.replay()
@@ -86,7 +90,7 @@ class StepGraphs:
     def _new_entry(self, plan: StepPlan, shape: StepShape) -> _Entry:
         t0 = time.perf_counter()
         host = torch.zeros(shape.packed_size, dtype=torch.int64, pin_memory=self.capture)
-        pack_step(plan, shape, self.config, self.kv.page_size, self.scratch_slot, out=host.numpy())
+        pack_step(plan, shape, self.config, self.kv.page_size, self.scratch_slot, out=host.numpy(), tables=self._tables)
         packed = torch.zeros(shape.packed_size, dtype=torch.int64, device=self.device)
         packed.copy_(host)
         if not self.capture:

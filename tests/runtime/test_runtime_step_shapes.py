@@ -88,3 +88,23 @@ def test_pack_step_layout_and_inert_padding():
 def test_config_rejects_unknown_graph_mode():
     with pytest.raises(ValueError, match="cuda_graphs"):
         SparseSpecConfig(cuda_graphs="yes")
+
+
+@given(st.lists(st.tuples(st.sampled_from(["grow", "replace", "clear"]), st.integers(0, 40)), max_size=30))
+def test_block_table_mirror_tracks_growth_and_replacement(ops):
+    """The incremental numpy copy always equals the request's current block table (grown in place, or replaced
+    by a new list after a preemption / swap)."""
+    from sparsespec_compile.runtime.padded_step import BlockTableMirror
+
+    mirror, r, nxt = BlockTableMirror(), _req([], 0), 0
+    for op, n in ops:
+        if op == "grow":
+            r.block_table.extend(range(nxt, nxt + n))
+        elif op == "replace":
+            r.block_table = list(range(nxt, nxt + n))
+        else:
+            r.block_table = []
+        nxt += n
+        assert mirror.get(r).tolist() == r.block_table
+    mirror.forget_all_but(set())
+    assert mirror.get(r).tolist() == r.block_table
