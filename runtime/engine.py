@@ -63,6 +63,13 @@ def sliding_windows_from_config(config, num_layers: int) -> list[int]:
     return [window if use else -1] * num_layers
 
 
+def _params(reqs: list[Request]):
+    """One SamplingParams when every request shares it (LLM.generate's usual case: built on the device with
+    torch.full, no host list -> device copy), else one per row."""
+    first = reqs[0].params
+    return first if all(r.params is first for r in reqs) else [r.params for r in reqs]
+
+
 class Engine:
     def __init__(self, compiled, model: torch.nn.Module, config: SparseSpecConfig, eos_token_ids=()) -> None:
         self.compiled = compiled
@@ -230,7 +237,7 @@ class Engine:
         if sample_entries:
             idx = torch.tensor([r for _, r in sample_entries], device=logits.device)
             reqs = [plan.entries[i].request for i, _ in sample_entries]
-            tokens, probs = sample(logits[idx], [r.params for r in reqs], self._gens(reqs))
+            tokens, probs = sample(logits[idx], _params(reqs), self._gens(reqs))
             for (i, _), tok, p in zip(sample_entries, tokens.tolist(), probs):
                 result[i] = [tok]
                 e = plan.entries[i]
@@ -260,7 +267,7 @@ class Engine:
                     draft_probs[j, : len(probs)] = torch.stack(probs)
         reqs = [e.request for e in entries]
         _, tokens = rejection_sample(
-            drafts, draft_probs, target, [r.params for r in reqs], self._gens(reqs),
+            drafts, draft_probs, target, _params(reqs), self._gens(reqs),
             num_drafts=torch.tensor(num_drafts, device=dev),
         )
         for (i, _), row in zip(verify_entries, tokens.tolist()):

@@ -33,10 +33,11 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
 class SamplingTensors:
     """Per-row sampling parameters on the device, plus host flags that pick the code path without a sync."""
 
-    temperature: torch.Tensor  # [N] float32 (greedy rows hold 1.0: never divided by 0)
-    top_k: torch.Tensor  # [N] int64, V where off
-    top_p: torch.Tensor  # [N] float32
-    greedy: torch.Tensor  # [N] bool
+    # Device tensors; None when every row is greedy (the argmax path reads none of them: no H2D copy per step).
+    temperature: torch.Tensor | None  # [N] float32 (greedy rows hold 1.0: never divided by 0)
+    top_k: torch.Tensor | None  # [N] int64, V where off
+    top_p: torch.Tensor | None  # [N] float32
+    greedy: torch.Tensor | None  # [N] bool
     any_greedy: bool
     all_greedy: bool
     use_top_k: bool
@@ -55,6 +56,9 @@ class SamplingTensors:
             if len(rows) != n:
                 raise ValueError(f"got {len(rows)} SamplingParams for {n} rows")
         greedy = [p.greedy for p in rows]
+        if all(greedy):
+            return cls(None, None, None, None, any_greedy=True, all_greedy=True, use_top_k=False, use_top_p=False,
+                       max_top_k=0)
         return cls(
             temperature=f([1.0 if g else p.temperature for p, g in zip(rows, greedy)], torch.float32),
             top_k=f([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in rows], torch.int64),
