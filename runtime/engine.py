@@ -212,7 +212,7 @@ class Engine:
         self._check_rewrite(inp.ctx.attention_calls)
         with torch.inference_mode():
             select_step_pillars(inp.ctx)
-        return out.logits[0]
+        return out.logits[0][: sum(e.num_logits for e in plan.entries)]
 
     def _check_rewrite(self, calls: int) -> None:
         # Every step, not just the first: if Dynamo ever falls back to the original forward (recompile limit,

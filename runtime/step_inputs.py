@@ -54,6 +54,16 @@ def build_step_inputs(
             score_rows.append(i)
             budget.append(config.budget(e.start_pos))
 
+    # Dynamo specializes sizes 0 and 1 even on dims marked dynamic: a one-token step (the last request decoding
+    # alone) or a one-logit step would recompile the whole model (~40 s with Inductor for SmolLM2 on the H200).
+    # Pad to two: the extra token belongs to no request (past query_start_loc[R], slot -1), the extra logit rows
+    # repeat the last one (or token 0); the engine reads only the plan's rows.
+    if len(ids) == 1:
+        ids, pos, slots = ids + [0], pos + [0], slots + [-1]
+    logits_indices = plan.logits_indices()
+    if len(logits_indices) < 2:  # (none: a step of non-final prefill chunks)
+        logits_indices = (logits_indices or [0]) * 2
+
     def t(x, dtype):
         return torch.tensor(x, dtype=dtype).to(device, non_blocking=True)
 
@@ -78,7 +88,7 @@ def build_step_inputs(
     return StepInputs(
         input_ids=t([ids], torch.int64),
         position_ids=t([pos], torch.int64),
-        logits_indices=t(plan.logits_indices(), torch.int64),
+        logits_indices=t(logits_indices, torch.int64),
         ctx=ctx,
     )
 

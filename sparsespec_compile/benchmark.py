@@ -468,16 +468,38 @@ def cells(args, methods: list[str]):
                     yield output_len, batch, temperature, method
 
 
-def add_comparisons(rec: dict, group: dict[str, dict]) -> None:
+@torch.inference_mode()
+def divergence_margins(model, prompts, tokens, ref_tokens, first, limit: int = 16) -> list[dict]:
+    """For the first ``limit`` divergent requests: the uncompiled model's logits after the reference's prefix, as
+    ``margin`` (top-1 − top-2) and ``gap`` (logit of the reference's token − logit of the other run's token). A
+    near-zero gap says the runs parted at a near-tie (bf16 rounding of differently shaped kernels), a large one would
+    be a bug."""
+    dev = next(model.parameters()).device
+    out = []
+    for i, d in enumerate(first):
+        if d is None or len(out) >= limit:
+            continue
+        ids = torch.tensor([list(prompts[i]) + list(ref_tokens[i][:d])], device=dev)
+        logits = model(ids).logits[0, -1].float()
+        top = logits.topk(2).values
+        out.append({"request": i, "position": d, "margin": float(top[0] - top[1]),
+                    "gap": float(logits[ref_tokens[i][d]] - logits[tokens[i][d]])})
+    return out
+
+
+def add_comparisons(rec: dict, group: dict[str, dict], model=None, prompts=None) -> None:
     """Greedy agreement over the common length: drafts vs stride 0 (speculation is lossless), stride 0 and HF static
-    vs HF eager (same model, other kernels and padding)."""
+    vs HF eager (same model, other kernels and padding); with ``model``, the logit margins where they part."""
     if rec["temperature"] != 0 or rec.get("status") != "ok":
         return
     ref = {"pillar": "stride0", "streaming": "stride0", "stride0": "hf_eager", "hf_static_compile": "hf_eager"}
     other = group.get(ref.get(rec["method"], ""))
     rec["greedy_vs"] = {}
     if other and other.get("status") == "ok":  # the reference ran earlier in the same group
-        rec["greedy_vs"][ref[rec["method"]]] = compare(rec["tokens"], other["tokens"])
+        c = compare(rec["tokens"], other["tokens"])
+        if model is not None and prompts is not None:
+            c["margins"] = divergence_margins(model, prompts, rec["tokens"], other["tokens"], c["first_divergence"])
+        rec["greedy_vs"][ref[rec["method"]]] = c
 
 
 def add_speedups(records: list[dict]) -> None:
@@ -546,6 +568,9 @@ def _agreement(r: dict) -> str:
         if firsts:
             shown = ", ".join(map(str, sorted(firsts)[:6])) + (" …" if len(firsts) > 6 else "")
             s += f" (first diff at {shown})"
+        gaps = [abs(m["gap"]) for m in c.get("margins") or []]
+        if gaps:
+            s += f", logit gap there ≤ {max(gaps):.3g}"
         parts.append(s)
     return "; ".join(parts) or "–"
 
@@ -720,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
                     r.pop("tokens", None)
         group = groups.setdefault(key, {})
         group[method] = rec
-        add_comparisons(rec, group)
+        add_comparisons(rec, group, model, prompts)
         result["records"].append(rec)
         print(json.dumps({k: v for k, v in rec.items() if k not in ("tokens", "stats")}, default=str), flush=True)
         write_json(result, args.out, args.save_tokens)

@@ -92,3 +92,25 @@ def test_cli_forwards_bench(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--help"])
     assert exc.value.code == 0 and "--hf-max-tokens" in capsys.readouterr().out
+
+
+def test_divergence_margins_measure_the_tie_where_two_runs_part():
+    """At a forced divergence from the greedy reference, the reference token is the argmax: gap >= margin >= 0."""
+    import torch
+
+    from sparsespec_compile.testing.checks import tiny_model
+    from sparsespec_compile.testing import FAMILIES
+    from sparsespec_compile.testing.lossless import hf_greedy
+
+    fam = FAMILIES["llama"]
+    model = tiny_model(fam.config(layers=2, heads=4, kv_heads=2, head_dim=8), attn="sdpa", seed=0)
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    ref = [hf_greedy(model, p, 6) for p in prompts]
+    other = [list(ref[0]), list(ref[1])]
+    other[1][3] = (ref[1][3] + 1) % model.config.vocab_size
+    first = [benchmark.first_divergence(a, b) for a, b in zip(other, ref)]
+    (m,) = benchmark.divergence_margins(model, prompts, other, ref, first)
+    assert (m["request"], m["position"]) == (1, 3) and m["gap"] >= m["margin"] >= 0
+    with torch.no_grad():
+        logits = model(torch.tensor([prompts[1] + ref[1][:3]])).logits[0, -1]
+    assert m["gap"] == pytest.approx(float(logits[ref[1][3]] - logits[other[1][3]]), abs=1e-5)
