@@ -30,6 +30,20 @@ from .step_plan import StepKind, StepPlan
 from .step_shapes import StepShape
 
 
+def packed_fields(buf, shape: StepShape) -> dict:
+    """Named views of a packed buffer (a numpy array on the host or a tensor on the device), in layout order."""
+    T, R, Rv, W = shape.tokens, shape.requests, shape.scored, shape.table_width
+    sizes = (("input_ids", T), ("positions", T), ("slot_mapping", T), ("logits_indices", T),
+             ("query_start_loc", R + 1), ("seq_lens", R), ("draft_start", R), ("pillar_slot", R), ("is_sparse", R),
+             ("block_tables", R * W), ("score_rows", Rv), ("score_slots", Rv), ("budget", Rv))
+    fields, o = {}, 0
+    for name, n in sizes:
+        fields[name] = buf[o:o + n]
+        o += n
+    fields["block_tables"] = fields["block_tables"].reshape(R, W)
+    return fields
+
+
 class BlockTableMirror:
     """numpy copies of the running requests' block tables, extended by what grew since the last step.
 
@@ -66,17 +80,13 @@ class BlockTableMirror:
 
 def pack_step(plan: StepPlan, shape: StepShape, config: SparseSpecConfig, page_size: int, scratch_slot: int,
               out: np.ndarray | None = None, tables: BlockTableMirror | None = None) -> np.ndarray:
-    T, R, Rv, W = shape.tokens, shape.requests, shape.scored, shape.table_width
     buf = np.zeros(shape.packed_size, dtype=np.int64) if out is None else out
-    ids, pos, slots, logits = (buf[i * T:(i + 1) * T] for i in range(4))
-    o = 4 * T
-    qsl = buf[o:o + R + 1]
-    o += R + 1
-    seq_lens, draft_start, pillar_slot, is_sparse = (buf[o + i * R:o + (i + 1) * R] for i in range(4))
-    o += 4 * R
-    table_rows = buf[o:o + R * W].reshape(R, W)
-    o += R * W
-    score_rows, score_slots, budget = (buf[o + i * Rv:o + (i + 1) * Rv] for i in range(3))
+    f = packed_fields(buf, shape)
+    ids, pos, slots, logits, qsl = f["input_ids"], f["positions"], f["slot_mapping"], f["logits_indices"], \
+        f["query_start_loc"]
+    seq_lens, draft_start, pillar_slot, is_sparse = f["seq_lens"], f["draft_start"], f["pillar_slot"], f["is_sparse"]
+    table_rows, score_rows, score_slots, budget = f["block_tables"], f["score_rows"], f["score_slots"], f["budget"]
+    R, Rv, W = shape.requests, shape.scored, shape.table_width
     if out is not None:
         buf[:] = 0
     slots[:] = -1
@@ -145,28 +155,21 @@ class PaddedStepTensors:
 def unpack_step(packed: torch.Tensor, shape: StepShape) -> PaddedStepTensors:
     """Slices and casts of ``packed`` (run inside the graph capture, so they replay as a few tiny kernels).
     Model inputs are cloned: views of one buffer would be aliased graph inputs to Dynamo."""
-    T, R, Rv, W = shape.tokens, shape.requests, shape.scored, shape.table_width
-    o = 4 * T
-    qsl = packed[o:o + R + 1]
-    o += R + 1
-    seq_lens, draft_start, pillar_slot, is_sparse = (packed[o + i * R:o + (i + 1) * R] for i in range(4))
-    o += 4 * R
-    tables = packed[o:o + R * W].view(R, W)
-    o += R * W
-    score_rows, score_slots, budget = (packed[o + i * Rv:o + (i + 1) * Rv] for i in range(3))
+    f = packed_fields(packed, shape)
+    T, Rv = shape.tokens, shape.scored
     i32 = torch.int32
     return PaddedStepTensors(
-        input_ids=packed[:T].view(1, T).clone(),
-        position_ids=packed[T:2 * T].view(1, T).clone(),
-        logits_indices=packed[3 * T:4 * T].clone(),
-        slot_mapping=packed[2 * T:3 * T],
-        query_start_loc=qsl.to(i32),
-        seq_lens=seq_lens.to(i32),
-        draft_start=draft_start.to(i32),
-        pillar_slot=pillar_slot,
-        is_sparse=is_sparse.to(torch.bool),
-        block_tables=tables.to(i32),
-        score_rows=score_rows if Rv else None,
-        score_slots=score_slots if Rv else None,
-        budget=budget.to(i32) if Rv else None,
+        input_ids=f["input_ids"].view(1, T).clone(),
+        position_ids=f["positions"].view(1, T).clone(),
+        logits_indices=f["logits_indices"].clone(),
+        slot_mapping=f["slot_mapping"],
+        query_start_loc=f["query_start_loc"].to(i32),
+        seq_lens=f["seq_lens"].to(i32),
+        draft_start=f["draft_start"].to(i32),
+        pillar_slot=f["pillar_slot"],
+        is_sparse=f["is_sparse"].to(torch.bool),
+        block_tables=f["block_tables"].to(i32),
+        score_rows=f["score_rows"] if Rv else None,
+        score_slots=f["score_slots"] if Rv else None,
+        budget=f["budget"].to(i32) if Rv else None,
     )
