@@ -59,6 +59,10 @@ class StepGraphs:
         self._tables = BlockTableMirror()
         self.capture_seconds = 0.0
         self.steps = 0
+        # Logits land in a few shared buffers (capacity a power of two >= T) instead of each graph keeping its own
+        # output alive in the pool: Qwen3-8B's [T, 151,936] bf16 logits are ~40 MB at T = 144 and a run captures
+        # ~100 shapes (114 for SmolLM2 at batch 64, bench/RESULTS.md). One extra copy per step (~3 us there).
+        self._logits_bufs: dict[int, torch.Tensor] = {}
 
     @property
     def num_graphs(self) -> int:
@@ -83,7 +87,7 @@ class StepGraphs:
             if entry.graph is not None:
                 entry.graph.replay()
             else:
-                entry.logits = self._forward(entry.packed, shape)
+                self._forward(entry.packed, shape, entry.logits)
         self.steps += 1
         return entry.logits[: sum(e.num_logits for e in plan.entries)]
 
@@ -94,18 +98,22 @@ class StepGraphs:
         packed = torch.zeros(shape.packed_size, dtype=torch.int64, device=self.device)
         packed.copy_(host)
         if not self.capture:
-            return self._store(shape, _Entry(packed, host, self._forward(packed, shape), None))
+            first = self._forward(packed, shape)
+            logits = self._logits_view(shape, first)
+            logits.copy_(first)
+            return self._store(shape, _Entry(packed, host, logits, None))
         # Warm-up on a side stream (what torch.cuda.graph requires): Dynamo compiles for this shape and Triton
         # compiles / autotunes every launch, none of which may happen during capture. The warm-up really runs the
         # step; its writes (this step's K/V, its pillar refresh) are recomputed identically by the replay below.
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            self._forward(packed, shape)
+            first = self._forward(packed, shape)
         torch.cuda.current_stream(self.device).wait_stream(side)
+        logits = self._logits_view(shape, first)  # allocated on the replay stream, not the side one
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(packed, shape)
+            self._forward(packed, shape, logits)  # its own output is freed after capture: the pool reuses it
         graph.replay()  # capture records without running
         self.capture_seconds += time.perf_counter() - t0
         log.info("captured a CUDA graph for %s in %.2f s (%d graphs)", shape, time.perf_counter() - t0,
@@ -116,7 +124,16 @@ class StepGraphs:
         self._entries[shape] = entry
         return entry
 
-    def _forward(self, packed: torch.Tensor, shape: StepShape) -> torch.Tensor:
+    def _logits_view(self, shape: StepShape, like: torch.Tensor) -> torch.Tensor:
+        """``[shape.tokens, V]`` view of the shared logits buffer of capacity the next power of two."""
+        cap = 1 << (shape.tokens - 1).bit_length()
+        buf = self._logits_bufs.get(cap)
+        if buf is None:
+            buf = self._logits_bufs[cap] = like.new_empty(cap, like.shape[-1])
+        return buf[: shape.tokens]
+
+    def _forward(self, packed: torch.Tensor, shape: StepShape, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the padded step; the logits are copied into ``out`` when given (inside a capture: a static buffer)."""
         t = unpack_step(packed, shape)
         ctx = ForwardContext(
             kv=self.kv, slot_mapping=t.slot_mapping, query_start_loc=t.query_start_loc, seq_lens=t.seq_lens,
@@ -130,13 +147,16 @@ class StepGraphs:
             torch._dynamo.maybe_mark_dynamic(x, 1)  # one dynamic graph serves every shape
         torch._dynamo.maybe_mark_dynamic(t.logits_indices, 0)
         with forward_context(ctx), torch.inference_mode():
-            out = self.compiled(input_ids=t.input_ids, position_ids=t.position_ids, use_cache=False,
+            res = self.compiled(input_ids=t.input_ids, position_ids=t.position_ids, use_cache=False,
                                 logits_to_keep=t.logits_indices)
         if ctx.attention_calls != self.num_layers:
             raise RuntimeError(f"the compiled model ran {ctx.attention_calls} sparsespec attention op(s) for "
                                f"{self.num_layers} layers while capturing a step graph: see Engine._check_rewrite")
         select_step_pillars(ctx)
-        return out.logits[0]
+        logits = res.logits[0]
+        if out is not None:
+            out.copy_(logits)
+        return logits
 
 
 def step_score_buffer(pillars: PillarStore | None, num_layers: int, num_scored: int, kv: PagedKVCache,
