@@ -2,7 +2,7 @@
 
     python3 bench/gpu_graph_check.py --out $OUT [--runs NAME ...]
 
-Each run: ``name  stride graphs compiler batch prompt_len max_tokens``. Checks, in one process:
+Each run: ``name  stride graphs compiler batch prompt_len max_tokens [overlap]`` (overlap: on|off, default off). Checks, in one process:
 
 * graphs="on" replays exactly what graphs="pad" computes eagerly (same padded shapes, same kernels): the greedy
   tokens must be identical — any difference is a capture bug, not rounding;
@@ -33,6 +33,7 @@ RUNS = [
     "k8_graph_ind 8 on inductor 16 512 128",
     "s0_graph_ind_b64 0 on inductor 64 2048 256",
     "k8_graph_ind_b64 8 on inductor 64 2048 256",
+    "k8_graph_ind_b64_overlap 8 on inductor 64 2048 256 on",
 ]
 
 
@@ -93,13 +94,15 @@ def main() -> None:
     tokens: dict[str, list[list[int]]] = {}
     prompts_by: dict[tuple[int, int], list[list[int]]] = {}
     for spec in args.runs:
-        name, stride, graphs, compiler, batch, plen, ntok = spec.split()
+        name, stride, graphs, compiler, batch, plen, ntok, *rest = spec.split()
+        overlap = bool(rest) and rest[0] == "on"
         stride, batch, plen, ntok = int(stride), int(batch), int(plen), int(ntok)
         prompts = prompts_by.setdefault((batch, plen), [torch.randint(10, 49000, (plen,), generator=g).tolist()
                                                         for _ in range(batch)])
         torch._dynamo.reset()
         t_build = time.perf_counter()
         llm = LLM(model, SparseSpecConfig(stride=stride, compiler=compiler, cuda_graphs=graphs, min_budget=128,
+                                          overlap=overlap,
                                           num_pages=batch * (plen + ntok + 64) // 16 + 64, max_num_seqs=batch,
                                           max_num_batched_tokens=max(2048, batch * (stride + 1))))
         params = SamplingParams(max_tokens=ntok, ignore_eos=True)
@@ -128,7 +131,7 @@ def main() -> None:
         if graphs == "on" and f"s0_pad_{compiler}" in tokens and stride == 0 and batch == 16 and ntok <= 64:
             rec["identical_to_pad"] = tokens[name] == tokens[f"s0_pad_{compiler}"]
         base = next((n for n, r in results.items() if r["spec"].split()[1] == "0" and r["spec"].split()[3] == compiler
-                     and r["spec"].split()[4:] == spec.split()[4:]), None)
+                     and r["spec"].split()[4:7] == spec.split()[4:7]), None)
         if stride > 0 and base:
             divs = [first_divergence(a, b) for a, b in zip(tokens[base], tokens[name])]
             rec["vs"] = base

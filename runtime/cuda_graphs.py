@@ -23,12 +23,14 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from sparsespec_compile.config import SparseSpecConfig
 from sparsespec_compile.context import ForwardContext, PagedKVCache, PillarStore, forward_context
 from sparsespec_compile.ops import select_step_pillars
 
+from .overlap import apply_patch
 from .padded_step import BlockTableMirror, pack_step, unpack_step
 from .step_plan import StepPlan
 from .step_shapes import StepShape, shape_for
@@ -39,7 +41,6 @@ log = logging.getLogger("sparsespec.runtime")
 @dataclass
 class _Entry:
     packed: torch.Tensor  # static device buffer the graph reads
-    host: torch.Tensor  # pinned staging buffer (CPU), reused every step of this shape
     logits: torch.Tensor  # static output [T, V]
     graph: torch.cuda.CUDAGraph | None
 
@@ -57,6 +58,7 @@ class StepGraphs:
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self._entries: dict[StepShape, _Entry] = {}
         self._tables = BlockTableMirror()
+        self._host: dict[int, np.ndarray] = {}  # packing scratch per buffer size (copied to pinned memory per step)
         self.capture_seconds = 0.0
         self.steps = 0
         # Logits land in a few shared buffers (capacity a power of two >= T) instead of each graph keeping its own
@@ -72,36 +74,43 @@ class StepGraphs:
         return shape_for(plan, self.config.stride, self.kv.page_size, self.config.max_num_batched_tokens,
                          score_pillars=self.pillars is not None and self.config.draft == "pillar")
 
-    def run(self, plan: StepPlan, shape: StepShape) -> torch.Tensor:
-        """Logits ``[N, V]`` of the plan's ``logits_indices`` (a view of the static output: read it before the next
-        step)."""
+    def run(self, plan: StepPlan, shape: StepShape, patch=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits ``[N, V]`` of the plan's ``logits_indices``, input ids ``[T]`` the step ran on) — views of static
+        buffers: read them (or enqueue what reads them) before the next step. ``patch``: overlap placeholders."""
         if self.steps % 256 == 0:  # drop the block-table copies of requests that left
             self._tables.forget_all_but({e.request.request_id for e in plan.entries})
+        host = self._host.get(shape.packed_size)
+        if host is None:
+            host = self._host[shape.packed_size] = np.zeros(shape.packed_size, dtype=np.int64)
+        pack_step(plan, shape, self.config, self.kv.page_size, self.scratch_slot, out=host, tables=self._tables)
         entry = self._entries.get(shape)
         if entry is None:
-            entry = self._new_entry(plan, shape)
+            entry = self._new_entry(shape, host, patch)
         else:
-            pack_step(plan, shape, self.config, self.kv.page_size, self.scratch_slot, out=entry.host.numpy(),
-                      tables=self._tables)
-            entry.packed.copy_(entry.host, non_blocking=True)
+            self._upload(entry.packed, host, patch)
             if entry.graph is not None:
                 entry.graph.replay()
             else:
                 self._forward(entry.packed, shape, entry.logits)
         self.steps += 1
-        return entry.logits[: sum(e.num_logits for e in plan.entries)]
+        return entry.logits[: sum(e.num_logits for e in plan.entries)], entry.packed[: shape.tokens]
 
-    def _new_entry(self, plan: StepPlan, shape: StepShape) -> _Entry:
+    def _upload(self, packed: torch.Tensor, host: np.ndarray, patch) -> None:
+        # Through a fresh pinned copy: the caching host allocator keeps it until the non-blocking copy is done, so
+        # the next step may repack `host` while this one is still queued (overlap).
+        src = torch.from_numpy(host)
+        packed.copy_(src.pin_memory() if self.device.type == "cuda" else src, non_blocking=True)
+        apply_patch(packed, patch)  # placeholders sit in the first T entries: the input ids
+
+    def _new_entry(self, shape: StepShape, host: np.ndarray, patch) -> _Entry:
         t0 = time.perf_counter()
-        host = torch.zeros(shape.packed_size, dtype=torch.int64, pin_memory=self.capture)
-        pack_step(plan, shape, self.config, self.kv.page_size, self.scratch_slot, out=host.numpy(), tables=self._tables)
         packed = torch.zeros(shape.packed_size, dtype=torch.int64, device=self.device)
-        packed.copy_(host)
+        self._upload(packed, host, patch)
         if not self.capture:
             first = self._forward(packed, shape)
             logits = self._logits_view(shape, first)
             logits.copy_(first)
-            return self._store(shape, _Entry(packed, host, logits, None))
+            return self._store(shape, _Entry(packed, logits, None))
         # Warm-up on a side stream (what torch.cuda.graph requires): Dynamo compiles for this shape and Triton
         # compiles / autotunes every launch, none of which may happen during capture. The warm-up really runs the
         # step; its writes (this step's K/V, its pillar refresh) are recomputed identically by the replay below.
@@ -118,7 +127,7 @@ class StepGraphs:
         self.capture_seconds += time.perf_counter() - t0
         log.info("captured a CUDA graph for %s in %.2f s (%d graphs)", shape, time.perf_counter() - t0,
                  len(self._entries) + 1)
-        return self._store(shape, _Entry(packed, host, logits, graph))
+        return self._store(shape, _Entry(packed, logits, graph))
 
     def _store(self, shape: StepShape, entry: _Entry) -> _Entry:
         self._entries[shape] = entry

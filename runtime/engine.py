@@ -6,6 +6,7 @@ the compiled graph on a flattened ragged batch; the attention op reads the Forwa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -19,12 +20,14 @@ from sparsespec_compile.ops import select_step_pillars
 
 from .block_allocator import BlockAllocator
 from .cuda_graphs import StepGraphs, step_score_buffer
+from .overlap import apply_patch, placeholder, placeholder_patch
 from .kv_cache import allocate_kv_cache, allocate_pillar_store, kv_shape_from_config
 from .offload import HostKVPool, default_host_pages
 from .parallel import agree_on_tokens, local_kv_heads, tp_world_size
 from .request import Request
 from .scheduler import Scheduler
 from .step_plan import StepKind, StepPlan
+from .step_results import StepResults
 from .step_inputs import build_step_inputs, write_streaming_pillars
 from .verify import make_generator, rejection_sample, sample
 
@@ -61,6 +64,15 @@ def sliding_windows_from_config(config, num_layers: int) -> list[int]:
         return [window if t == "sliding_attention" else -1 for t in types][:num_layers]
     use = getattr(text, "use_sliding_window", True)
     return [window if use else -1] * num_layers
+
+
+def _h2d(values: list, device: torch.device) -> torch.Tensor:
+    """int64 host list -> device without waiting for the stream: a copy from pageable memory may synchronize with
+    the device (CUDA stages it), one from pinned memory does not."""
+    t = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def _params(reqs: list[Request]):
@@ -120,6 +132,12 @@ class Engine:
         if graphs != "off":
             self.graphs = StepGraphs(compiled, self.kv, self.pillars, config, self.sliding_windows, self.impl,
                                      self.device, num_layers, capture=graphs == "on")
+        # overlap: the launched step whose results are still on the device (read during the next step)
+        self.overlap = config.overlap and config.stride > 0
+        if self.overlap and self.tp_world > 1:
+            raise ValueError("overlap=True is not supported with tensor parallelism yet (ranks agree on tokens "
+                             "on the host every step): use overlap=False")
+        self._inflight: StepResults | None = None
         self._draft_probs: dict[int, list[torch.Tensor]] = {}  # request id -> q_i of this cycle's drafts ([V] each)
         self._generators: dict[int, torch.Generator | None] = {}
 
@@ -131,12 +149,14 @@ class Engine:
         return self.scheduler.add(req)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     # ---- one step -------------------------------------------------------------------------------------------
     def step(self) -> list[Request]:
         """Run one step; returns the requests the scheduler reported finished (each exactly once, rejected and
         aborted ones included; a request finishing in this step is reported by the next one)."""
+        if self.overlap:
+            return self._step_overlapped()
         t0 = time.perf_counter()  # the step's wall time includes scheduling: host time the GPU may idle through
         plan = self.scheduler.schedule()
         self._apply_swaps(plan)
@@ -150,8 +170,8 @@ class Engine:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         try:
-            logits = self._forward(plan)  # [N, V]
-            sampled = agree_on_tokens(self._sample_and_verify(plan, logits), self.tp_world)
+            logits, _ = self._forward(plan)  # [N, V]
+            sampled = agree_on_tokens(self._sample_and_verify(plan, logits).lists(), self.tp_world)
             capture = (self.graphs.capture_seconds if self.graphs is not None else 0.0) - captured_before
             if timed and not capture:  # sampling read its results on the host already: the GPU is done here
                 end.record()
@@ -179,6 +199,94 @@ class Engine:
             self.stats.graph_kv_tokens_read += kv_read
         return plan.finished
 
+    # ---- overlap (overlap.py): launch step i+1, then read step i's results while the device runs it ------------
+    def _step_overlapped(self) -> list[Request]:
+        t0 = time.perf_counter()
+        captured_before = self.graphs.capture_seconds if self.graphs is not None else 0.0
+        plan = self.scheduler.schedule()
+        self._apply_swaps(plan)
+        self._forget(plan.finished + plan.preempted)
+        launched = None
+        if plan.entries:
+            graph_steps_before = self.stats.graph_steps
+            try:
+                logits, ids = self._forward(plan, self._patch(plan))
+                launched = self._sample_and_verify(plan, logits, ids)
+                launched.start_copy()
+            except Exception as exc:  # confined to this step's requests; the others keep going
+                log.exception("step %d failed", plan.step)
+                for e in plan.entries:
+                    self.scheduler.abort(e.request, f"error: step failed: {exc}")
+                launched = None
+            if launched is not None:
+                self._launched_structure(launched)
+                self.stats.steps += 1
+                self.stats.forward_tokens += plan.num_tokens
+                kv_read = self._kv_tokens_read(plan)
+                self.stats.kv_tokens_read += kv_read
+                if self.stats.graph_steps > graph_steps_before:
+                    self.stats.graph_kv_tokens_read += kv_read
+        prev, self._inflight = self._inflight, launched
+        if prev is not None:  # the device is running `launched` meanwhile: this host work overlaps it
+            self._resolve(prev)
+        capture = (self.graphs.capture_seconds if self.graphs is not None else 0.0) - captured_before
+        wall = time.perf_counter() - t0 - capture
+        self.stats.seconds += wall
+        self.stats.capture_seconds += capture
+        return plan.finished
+
+    def _patch(self, plan: StepPlan):
+        dst, src = placeholder_patch(plan)
+        if not dst:
+            return None
+        prev = self._inflight
+        if prev is None or prev.sampled is None:
+            raise RuntimeError(f"step {plan.step} has placeholder inputs but no step in flight to take them from")
+        return _h2d(dst, self.device), _h2d(src, self.device), prev.sampled
+
+    def _launched_structure(self, res: StepResults) -> None:
+        """What the scheduler can apply before the values exist: drafts go in as placeholders; a verify or a
+        prompt-ending prefill is held (sits out) until its result is read."""
+        row_of = {i: j for j, i in enumerate(res.sample_rows)}
+        now, res.held, res.placeholders = [], [], []
+        for i, e in enumerate(res.plan.entries):
+            r = e.request
+            if r.is_finished:
+                continue
+            if e.kind is StepKind.DRAFT:
+                now.append((e, [placeholder(row_of[i])]))
+                res.placeholders.append((r, len(r.draft_token_ids), row_of[i]))
+            elif e.kind is StepKind.PREFILL and not e.num_logits:
+                now.append((e, []))
+            else:
+                self.scheduler.hold(r)
+                res.held.append(i)
+        if now:
+            self.scheduler.update(StepPlan(res.plan.step, entries=[e for e, _ in now]), [t for _, t in now])
+
+    def _resolve(self, res: StepResults) -> None:
+        """Read a step's results (waits for its copies): fill its draft placeholders, apply the held updates."""
+        values = res.lists()
+        for r, idx, row in res.placeholders:
+            if idx < len(r.draft_token_ids) and r.draft_token_ids[idx] == placeholder(row):
+                r.draft_token_ids[idx] = values[res.sample_rows[row]][0]
+        if not res.held:
+            return
+        ids, offsets = None, res.plan.token_offsets()
+        entries = []
+        for i in res.held:
+            e = res.plan.entries[i]
+            if any(t < -1 for t in e.token_ids):  # a verify chunk that ran on a placeholder: the real tokens
+                ids = ids if ids is not None else res.host_input_ids()
+                e = dataclasses.replace(e, token_ids=tuple(ids[offsets[i]:offsets[i] + e.num_tokens]))
+            self.scheduler.release(e.request)
+            entries.append(e)
+        sub = StepPlan(res.plan.step, entries=entries)
+        before = sum(len(e.request.output_token_ids) for e in entries)
+        self.scheduler.update(sub, [values[i] for i in res.held])
+        self._after_update(sub)
+        self.stats.output_tokens += sum(len(e.request.output_token_ids) for e in entries) - before
+
     def _kv_tokens_read(self, plan: StepPlan) -> int:
         n = 0
         for e in plan.entries:
@@ -189,13 +297,15 @@ class Engine:
                 n += e.seq_len
         return n
 
-    def _forward(self, plan: StepPlan) -> torch.Tensor:
+    def _forward(self, plan: StepPlan, patch=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [N, V], input ids [T'] the step ran on, T' >= T with padding); ``patch``: overlap placeholders."""
         if self.graphs is not None:
             shape = self.graphs.shape_for(plan)
             if shape is not None:
                 self.stats.graph_steps += 1
-                return self.graphs.run(plan, shape)
+                return self.graphs.run(plan, shape, patch)
         inp = build_step_inputs(plan, self.kv, self.pillars, self.config, self.sliding_windows, self.impl, self.device)
+        apply_patch(inp.input_ids.view(-1), patch)
         for t in (inp.input_ids, inp.position_ids):
             torch._dynamo.maybe_mark_dynamic(t, 1)  # T varies every step: one dynamic graph, not one per T
         torch._dynamo.maybe_mark_dynamic(inp.logits_indices, 0)
@@ -212,7 +322,7 @@ class Engine:
         self._check_rewrite(inp.ctx.attention_calls)
         with torch.inference_mode():
             select_step_pillars(inp.ctx)
-        return out.logits[0][: sum(e.num_logits for e in plan.entries)]
+        return out.logits[0][: sum(e.num_logits for e in plan.entries)], inp.input_ids.view(-1)
 
     def _check_rewrite(self, calls: int) -> None:
         # Every step, not just the first: if Dynamo ever falls back to the original forward (recompile limit,
@@ -225,39 +335,47 @@ class Engine:
                 "(TORCH_LOGS=recompiles shows why)"
             )
 
-    def _sample_and_verify(self, plan: StepPlan, logits: torch.Tensor) -> list[list[int]]:
-        rows, sample_entries, verify_entries = 0, [], []
+    def _sample_and_verify(self, plan: StepPlan, logits: torch.Tensor,
+                           input_ids: torch.Tensor | None = None) -> StepResults:
+        """Launch sampling and verification for the plan; nothing is read on the host here (StepResults.lists()).
+        ``input_ids``: the [T] ids the step ran on (device); when given, verify drafts are gathered from it (their
+        values may be device-side placeholders the host does not know yet) and kept in the results."""
+        rows, sample_rows, sample_logit_rows, verify_entries = 0, [], [], []
         for i, e in enumerate(plan.entries):
             if e.num_logits and e.kind is not StepKind.VERIFY:
-                sample_entries.append((i, rows))
+                sample_rows.append(i)
+                sample_logit_rows.append(rows)
             elif e.kind is StepKind.VERIFY:
                 verify_entries.append((i, rows))
             rows += e.num_logits
-        result: list[list[int]] = [[] for _ in plan.entries]
-        if sample_entries:
-            idx = torch.tensor([r for _, r in sample_entries], device=logits.device)
-            reqs = [plan.entries[i].request for i, _ in sample_entries]
-            tokens, probs = sample(logits[idx], _params(reqs), self._gens(reqs))
-            for (i, _), tok, p in zip(sample_entries, tokens.tolist(), probs):
-                result[i] = [tok]
+        sampled = verify_tokens = None
+        if sample_rows:
+            reqs = [plan.entries[i].request for i in sample_rows]
+            sampled, probs = sample(logits[_h2d(sample_logit_rows, logits.device)], _params(reqs), self._gens(reqs))
+            for i, p in zip(sample_rows, probs):
                 e = plan.entries[i]
                 if e.kind is StepKind.DRAFT and not e.request.params.greedy:
                     self._draft_probs.setdefault(e.request.request_id, []).append(p)
         if verify_entries:
-            self._verify(plan, logits, verify_entries, result)
-        return result
+            verify_tokens = self._verify(plan, logits, verify_entries, input_ids)
+        return StepResults(plan, sample_rows, sampled, [i for i, _ in verify_entries], verify_tokens, input_ids)
 
-    def _verify(self, plan, logits, verify_entries, result) -> None:
+    def _verify(self, plan, logits, verify_entries, input_ids) -> torch.Tensor:
         entries = [plan.entries[i] for i, _ in verify_entries]
         k = max(e.num_tokens - 1 for e in entries)
         n, vocab, dev = len(entries), logits.shape[-1], logits.device
         num_drafts = [e.num_tokens - 1 for e in entries]
         # One gather for the target logits [Nv, k+1, V]: slots past a row's own j repeat its last row (never read:
-        # verification stops at j). Drafts padded with 0 on the host, one copy.
+        # verification stops at j).
         rows = [[row + min(i, d) for i in range(k + 1)] for (_, row), d in zip(verify_entries, num_drafts)]
-        target = logits[torch.tensor(rows, device=dev)]
-        drafts = torch.tensor([list(e.draft_token_ids) + [0] * (k - d) for e, d in zip(entries, num_drafts)],
-                              dtype=torch.long, device=dev).view(n, k)
+        target = logits[_h2d(rows, dev)]
+        if input_ids is None:  # drafts known on the host, padded with 0: one copy
+            drafts = _h2d([list(e.draft_token_ids) + [0] * (k - d) for e, d in zip(entries, num_drafts)], dev)
+        else:  # from the ids the step ran on: a chunk is [last, d1..dj] at the entry's offset (padding repeats dj)
+            offsets = plan.token_offsets()
+            idx = [[offsets[i] + 1 + min(s, max(d - 1, 0)) for s in range(k)] for (i, _), d in zip(verify_entries, num_drafts)]
+            drafts = input_ids[_h2d(idx, dev)]
+        drafts = drafts.view(n, k)
         draft_probs = None
         if not all(e.request.params.greedy for e in entries):
             draft_probs = torch.zeros(n, k, vocab, dtype=torch.float32, device=dev)
@@ -268,10 +386,9 @@ class Engine:
         reqs = [e.request for e in entries]
         _, tokens = rejection_sample(
             drafts, draft_probs, target, _params(reqs), self._gens(reqs),
-            num_drafts=torch.tensor(num_drafts, device=dev),
+            num_drafts=_h2d(num_drafts, dev),
         )
-        for (i, _), row in zip(verify_entries, tokens.tolist()):
-            result[i] = [t for t in row if t >= 0]
+        return tokens
 
     def _after_update(self, plan: StepPlan) -> None:
         for e in plan.entries:

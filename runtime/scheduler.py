@@ -75,6 +75,7 @@ class Scheduler:
         self._ids: set = set()
         self._finished: list[Request] = []  # not yet reported in a plan
         self._stall_step: dict[int, int] = {}  # request_id -> step it sits out
+        self._held: set[int] = set()  # sitting out until release(): their step's results are still on the device
         # Offload: host pages (same page size) and host pillar rows. running + swapped <= max_num_seqs always (no
         # admission while a request is swapped), so max_num_seqs rows never run out.
         self.host = BlockAllocator(num_host_blocks, allocator.page_size) if num_host_blocks else None
@@ -143,7 +144,7 @@ class Scheduler:
             if r not in self.running:
                 continue  # evicted earlier in this loop
             if r.state is RequestState.STALL:
-                if self._stall_step[r.request_id] >= self.step:
+                if r.request_id in self._held or self._stall_step[r.request_id] >= self.step:
                     continue
                 del self._stall_step[r.request_id]
                 self._begin_cycle(r)
@@ -262,9 +263,23 @@ class Scheduler:
         for r in entering:  # after every other request's state is final, so phase loads are exact
             self._begin_cycle(r, first=True)
 
+    def hold(self, r: Request) -> None:
+        """Overlap: ``r`` (a verify, or a prefill that ends its prompt) ran in the step just launched and its result
+        is still on the device: it sits out every step until ``release`` — at least the next one, which is the
+        delayed verification schedule. Its ``update`` comes with the release."""
+        r.state = RequestState.STALL
+        self._stall_step[r.request_id] = self.step + 1
+        self._held.add(r.request_id)
+
+    def release(self, r: Request) -> None:
+        self._held.discard(r.request_id)
+
     @staticmethod
     def _check_result(e: StepEntry, toks: list[int]) -> str | None:
-        """Why ``toks`` cannot be the result of entry ``e`` (an engine bug, confined to that request), or None."""
+        """Why ``toks`` cannot be the result of entry ``e`` (an engine bug, confined to that request), or None.
+        A DRAFT result may be a negative placeholder (overlap: the token is still on the device)."""
+        if e.kind is StepKind.DRAFT and len(toks) == 1:
+            return None
         if any(t < 0 for t in toks):
             return f"negative token id in step result {toks}"
         if e.kind is StepKind.VERIFY:

@@ -87,6 +87,14 @@ class StepPlan:
     def num_tokens(self) -> int:
         return sum(e.num_tokens for e in self.entries)
 
+    def token_offsets(self) -> list[int]:
+        """Where each entry's tokens start on the flattened ``[T]`` token axis."""
+        out, off = [], 0
+        for e in self.entries:
+            out.append(off)
+            off += e.num_tokens
+        return out
+
     def logits_indices(self) -> list[int]:
         """Indices into the flattened ``[T]`` token axis (entries back to back, in order) whose logits are needed:
         the last ``num_logits`` tokens of each entry (``logits_to_keep`` for the forward)."""

@@ -320,6 +320,7 @@ def runtime_config(method: str, args, batch: int, prompts: list[list[int]], outp
         recent=min(args.recent, args.min_budget), compiler=args.compiler, page_size=args.page_size, num_pages=pages,
         max_num_seqs=batch, max_num_batched_tokens=max(args.max_num_batched_tokens, stride + 1),
         **({"cuda_graphs": args.cuda_graphs} if args.cuda_graphs else {}),  # else the config's default
+        overlap=args.overlap,
     )
 
 
@@ -677,6 +678,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="the runtime's compiler (default: inductor on the GPU, eager on the CPU)")
     ap.add_argument("--cuda-graphs", default=None, choices=["auto", "on", "off", "pad"],
                     help="the runtime's CUDA-graph mode (default: SparseSpecConfig's)")
+    ap.add_argument("--overlap", action="store_true",
+                    help="host/device overlap with delayed verification (SparseSpecConfig.overlap) for the runtime")
     ap.add_argument("--warmup-tokens", type=int, default=32, help="tokens per request of each runtime warm-up")
     ap.add_argument("--hf-max-tokens", type=int, default=128,
                     help="tokens per request of the HF baselines (capped at the output length)")

@@ -29,10 +29,11 @@ class SparseSpecConfig:
     max_num_seqs / max_num_batched_tokens: requests and tokens per step.
     compiler: "inductor" (default) or "eager" (run the rewritten graph without Inductor).
     attention_impl: "auto" (Triton on GPU, PyTorch reference on CPU), "reference" or "triton".
-    overlap: delayed verification — a request that verified at step i sits out step i + 1 (the schedule that lets
-        the host read step i's accept counts while the device runs step i + 1). Off by default: this engine still
-        reads every step's results synchronously (device-side patching of the next step's inputs is not built),
-        so the sit-out step only costs throughput (one step in k + 2). Never applies at stride 0.
+    overlap: host/device overlap with delayed verification (stride > 0): the engine launches step i + 1 before
+        reading step i's results; a request that verified (or ended its prompt) at step i sits out step i + 1, and
+        drafts sampled at step i enter step i + 1 as placeholders patched on the device. Hides the host's per-step
+        work behind the device's, at the cost of one sit-out step per cycle (k + 2 steps instead of k + 1). Off by
+        default until measured on the GPU (CPU tests prove it exact).
     offload: under KV page pressure, offload whole requests to a host pool and restore them later (no recompute);
         False: recompute preemption (drop the KV, re-prefill later).
     host_kv_pages: host pool size in pages (None: as many as the device pool, at most a quarter of free host

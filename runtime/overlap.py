@@ -1,0 +1,43 @@
+"""Host/device overlap (``SparseSpecConfig.overlap``): launch step i+1 before reading step i's results.
+
+What makes it possible is delayed verification: a request whose step-i result decides its future (a verify, or
+the prefill chunk that ends its prompt) sits out step i+1 (``Scheduler.hold``), so scheduling step i+1 needs no
+value from step i except the drafts sampled in it — and those are only *inputs* of step i+1 (the next draft's
+token, the last token of a verify chunk). They travel as placeholders: the scheduler records draft ``-2 - row``
+(``row`` = the draft's row in step i's sampled-token tensor; -1 is the verify padding), and after step i+1's inputs
+reach the device one ``index_put_`` copies the real tokens from step i's tensor. The host reads step i's results
+while the device runs step i+1, then swaps the placeholders for the values and applies the held updates.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .step_plan import StepPlan
+
+
+def placeholder(row: int) -> int:
+    return -2 - row
+
+
+def source_row(token: int) -> int:
+    return -2 - token
+
+
+def placeholder_patch(plan: StepPlan) -> tuple[list[int], list[int]]:
+    """(positions on the flattened [T] token axis that hold a placeholder, the sampled-tensor row each copies)."""
+    dst, src = [], []
+    for off, e in zip(plan.token_offsets(), plan.entries):
+        for j, tok in enumerate(e.token_ids):
+            if tok < -1:
+                dst.append(off + j)
+                src.append(source_row(tok))
+    return dst, src
+
+
+def apply_patch(input_ids: torch.Tensor, patch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
+    """``input_ids[dst] = sampled[src]`` on the device (``patch = (dst, src, sampled)``, index tensors on the device)."""
+    if patch is None:
+        return
+    dst, src, sampled = patch
+    input_ids.index_put_((dst,), sampled.index_select(0, src))

@@ -1,0 +1,63 @@
+"""What one step produced, still on the device: sampled tokens and verify results, read on the host later.
+
+The synchronous engine reads them at once (``lists()``); with ``overlap`` the engine launches the next step first
+and reads these while the device runs it (delayed verification: the requests whose results are pending sit that
+step out, and the others' inputs that depend on them are placeholders patched on the device — see overlap.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .step_plan import StepPlan
+
+
+@dataclass
+class StepResults:
+    plan: StepPlan
+    sample_rows: list[int]  # entries that sampled one token (prefill ends, drafts, plain decodes), in order
+    sampled: torch.Tensor | None  # [len(sample_rows)] int64 on the device
+    verify_rows: list[int]  # VERIFY entries, in order
+    verify_tokens: torch.Tensor | None  # [len(verify_rows), k+1] int64 on the device, -1 past each row's result
+    input_ids: torch.Tensor | None = None  # [T] int64 the step ran on (placeholders patched), when kept
+    # overlap bookkeeping (engine._launched_structure): entries held until these results are read, and the
+    # placeholders their drafts were recorded as: (request, index in draft_token_ids, row in `sampled`)
+    held: list[int] = field(default_factory=list)
+    placeholders: list[tuple] = field(default_factory=list)
+    _host: list[torch.Tensor | None] | None = None
+    _event: torch.cuda.Event | None = None
+
+    def start_copy(self) -> None:
+        """Non-blocking device->host copies of everything the host will read, and an event marking them done."""
+        tensors = (self.sampled, self.verify_tokens, self.input_ids)
+        # (a CPU tensor is cloned: `input_ids` may view a static buffer the next step overwrites)
+        self._host = [None if t is None else t.to("cpu", non_blocking=True) if t.is_cuda else t.clone()
+                      for t in tensors]
+        if any(t is not None and t.is_cuda for t in tensors):
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def lists(self) -> list[list[int]]:
+        """Per entry of the plan: its sampled token ids (the format ``Scheduler.update`` takes). Waits for the copy."""
+        if self._host is None:
+            self.start_copy()
+        if self._event is not None:
+            self._event.synchronize()
+        sampled, verify, _ = self._host
+        out: list[list[int]] = [[] for _ in self.plan.entries]
+        if sampled is not None:
+            for i, tok in zip(self.sample_rows, sampled.tolist()):
+                out[i] = [tok]
+        if verify is not None:
+            for i, row in zip(self.verify_rows, verify.tolist()):
+                out[i] = [t for t in row if t >= 0]
+        return out
+
+    def host_input_ids(self) -> list[int] | None:
+        if self._host is None or self._host[2] is None:
+            return None
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host[2].tolist()
