@@ -209,9 +209,14 @@ class Engine:
         launched = None
         if plan.entries:
             graph_steps_before = self.stats.graph_steps
+            start = None
+            if self.device.type == "cuda":  # reached by the device when it starts this step: busy time, not queueing
+                start = torch.cuda.Event(enable_timing=True)
+                start.record()
             try:
                 logits, ids = self._forward(plan, self._patch(plan))
                 launched = self._sample_and_verify(plan, logits, ids)
+                launched.start_event = start
                 launched.start_copy()
             except Exception as exc:  # confined to this step's requests; the others keep going
                 log.exception("step %d failed", plan.step)
@@ -230,6 +235,8 @@ class Engine:
         if prev is not None:  # the device is running `launched` meanwhile: this host work overlaps it
             self._resolve(prev)
         capture = (self.graphs.capture_seconds if self.graphs is not None else 0.0) - captured_before
+        if launched is not None and capture:
+            launched.start_event = None  # a step that captured a graph: its device time includes the warm-up
         wall = time.perf_counter() - t0 - capture
         self.stats.seconds += wall
         self.stats.capture_seconds += capture
@@ -267,6 +274,9 @@ class Engine:
     def _resolve(self, res: StepResults) -> None:
         """Read a step's results (waits for its copies): fill its draft placeholders, apply the held updates."""
         values = res.lists()
+        busy = res.device_seconds()
+        if busy is not None:
+            self.stats.gpu_busy_seconds += busy
         for r, idx, row in res.placeholders:
             if idx < len(r.draft_token_ids) and r.draft_token_ids[idx] == placeholder(row):
                 r.draft_token_ids[idx] = values[res.sample_rows[row]][0]

@@ -64,8 +64,9 @@ def build_step_inputs(
     if len(logits_indices) < 2:  # (none: a step of non-final prefill chunks)
         logits_indices = (logits_indices or [0]) * 2
 
-    def t(x, dtype):
-        return torch.tensor(x, dtype=dtype).to(device, non_blocking=True)
+    def t(x, dtype):  # from pinned memory on CUDA: a pageable copy may wait for the device (breaks overlap)
+        h = torch.tensor(x, dtype=dtype)
+        return (h.pin_memory() if device.type == "cuda" else h).to(device, non_blocking=True)
 
     ctx = ForwardContext(
         kv=kv,

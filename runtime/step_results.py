@@ -26,6 +26,7 @@ class StepResults:
     # placeholders their drafts were recorded as: (request, index in draft_token_ids, row in `sampled`)
     held: list[int] = field(default_factory=list)
     placeholders: list[tuple] = field(default_factory=list)
+    start_event: torch.cuda.Event | None = None  # recorded before the step's first device op (GPU busy time)
     _host: list[torch.Tensor | None] | None = None
     _event: torch.cuda.Event | None = None
 
@@ -36,7 +37,7 @@ class StepResults:
         self._host = [None if t is None else t.to("cpu", non_blocking=True) if t.is_cuda else t.clone()
                       for t in tensors]
         if any(t is not None and t.is_cuda for t in tensors):
-            self._event = torch.cuda.Event()
+            self._event = torch.cuda.Event(enable_timing=True)
             self._event.record()
 
     def lists(self) -> list[list[int]]:
@@ -54,6 +55,12 @@ class StepResults:
             for i, row in zip(self.verify_rows, verify.tolist()):
                 out[i] = [t for t in row if t >= 0]
         return out
+
+    def device_seconds(self) -> float | None:
+        """Device time from ``start_event`` to the end of the result copies (after ``lists()``), when both exist."""
+        if self.start_event is None or self._event is None:
+            return None
+        return self.start_event.elapsed_time(self._event) / 1e3
 
     def host_input_ids(self) -> list[int] | None:
         if self._host is None or self._host[2] is None:
