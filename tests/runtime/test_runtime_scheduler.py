@@ -347,3 +347,25 @@ def test_malformed_results_fail_only_their_request_and_logits_indices():
     assert not b.is_finished
     fin = run_to_completion(s, random.Random(0), 0.5, {})
     assert a in fin and b.finish_reason == "length"
+
+
+def test_held_requests_sit_out_until_released_then_resume():
+    """Overlap: a verify whose result is still on the device is held — never scheduled, however many steps pass —
+    and after release + update it sits out as delayed verification does, then starts its next cycle."""
+    s = make(stride=2, delayed_verify=True)
+    r = Request([1, 2], SamplingParams(max_tokens=50))
+    s.add(r)
+    rng = random.Random(0)
+    while True:
+        p = s.schedule()
+        if p.entries and p.entries[0].kind is StepKind.VERIFY:
+            break
+        s.update(p, simulate(p, rng, 1.0, {}))
+    verify_plan = p
+    s.hold(r)
+    assert r.state is RequestState.STALL
+    assert not any(s.schedule().entries for _ in range(3))  # held: sits out every step until released
+    s.release(r)
+    s.update(verify_plan, simulate(verify_plan, rng, 1.0, {}))
+    kinds = [e.kind for e in s.schedule().entries]
+    assert kinds == [StepKind.DRAFT] and r.metrics.accepted == [2]
