@@ -30,6 +30,7 @@ from sparsespec_compile.config import SparseSpecConfig
 from sparsespec_compile.context import ForwardContext, PagedKVCache, PillarStore, forward_context
 from sparsespec_compile.ops import select_step_pillars
 
+from .host_copy import pinned_for
 from .overlap import apply_patch
 from .padded_step import BlockTableMirror, pack_step, unpack_step
 from .step_plan import StepPlan
@@ -96,10 +97,8 @@ class StepGraphs:
         return entry.logits[: sum(e.num_logits for e in plan.entries)], entry.packed[: shape.tokens]
 
     def _upload(self, packed: torch.Tensor, host: np.ndarray, patch) -> None:
-        # Through a fresh pinned copy: the caching host allocator keeps it until the non-blocking copy is done, so
-        # the next step may repack `host` while this one is still queued (overlap).
-        src = torch.from_numpy(host)
-        packed.copy_(src.pin_memory() if self.device.type == "cuda" else src, non_blocking=True)
+        # Through a fresh pinned copy: the next step may repack `host` while this copy is still queued.
+        packed.copy_(pinned_for(torch.from_numpy(host), self.device), non_blocking=True)
         apply_patch(packed, patch)  # placeholders sit in the first T entries: the input ids
 
     def _new_entry(self, shape: StepShape, host: np.ndarray, patch) -> _Entry:

@@ -20,6 +20,7 @@ from sparsespec_compile.ops import select_step_pillars
 
 from .block_allocator import BlockAllocator
 from .cuda_graphs import StepGraphs, step_score_buffer
+from .host_copy import to_device
 from .overlap import apply_patch, placeholder, placeholder_patch
 from .kv_cache import allocate_kv_cache, allocate_pillar_store, kv_shape_from_config
 from .offload import HostKVPool, default_host_pages
@@ -64,15 +65,6 @@ def sliding_windows_from_config(config, num_layers: int) -> list[int]:
         return [window if t == "sliding_attention" else -1 for t in types][:num_layers]
     use = getattr(text, "use_sliding_window", True)
     return [window if use else -1] * num_layers
-
-
-def _h2d(values: list, device: torch.device) -> torch.Tensor:
-    """int64 host list -> device without waiting for the stream: a copy from pageable memory may synchronize with
-    the device (CUDA stages it), one from pinned memory does not."""
-    t = torch.tensor(values, dtype=torch.long)
-    if device.type == "cuda":
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
 
 
 def _params(reqs: list[Request]):
@@ -133,7 +125,7 @@ class Engine:
             self.graphs = StepGraphs(compiled, self.kv, self.pillars, config, self.sliding_windows, self.impl,
                                      self.device, num_layers, capture=graphs == "on")
         # overlap: the launched step whose results are still on the device (read during the next step)
-        self.overlap = config.overlap and config.stride > 0
+        self.overlap = self.scheduler.delayed_verify  # (never at stride 0: nothing to verify)
         if self.overlap and self.tp_world > 1:
             raise ValueError("overlap=True is not supported with tensor parallelism yet (ranks agree on tokens "
                              "on the host every step): use overlap=False")
@@ -249,7 +241,7 @@ class Engine:
         prev = self._inflight
         if prev is None or prev.sampled is None:
             raise RuntimeError(f"step {plan.step} has placeholder inputs but no step in flight to take them from")
-        return _h2d(dst, self.device), _h2d(src, self.device), prev.sampled
+        return to_device(dst, self.device), to_device(src, self.device), prev.sampled
 
     def _launched_structure(self, res: StepResults) -> None:
         """What the scheduler can apply before the values exist: drafts go in as placeholders; a verify or a
@@ -361,11 +353,11 @@ class Engine:
         sampled = verify_tokens = None
         if sample_rows:
             reqs = [plan.entries[i].request for i in sample_rows]
-            sampled, probs = sample(logits[_h2d(sample_logit_rows, logits.device)], _params(reqs), self._gens(reqs))
-            for i, p in zip(sample_rows, probs):
+            sampled, probs = sample(logits[to_device(sample_logit_rows, logits.device)], _params(reqs), self._gens(reqs))
+            for j, i in enumerate(sample_rows):  # keep q_i of sampled drafts for their verification
                 e = plan.entries[i]
                 if e.kind is StepKind.DRAFT and not e.request.params.greedy:
-                    self._draft_probs.setdefault(e.request.request_id, []).append(p)
+                    self._draft_probs.setdefault(e.request.request_id, []).append(probs[j])
         if verify_entries:
             verify_tokens = self._verify(plan, logits, verify_entries, input_ids)
         return StepResults(plan, sample_rows, sampled, [i for i, _ in verify_entries], verify_tokens, input_ids)
@@ -378,13 +370,13 @@ class Engine:
         # One gather for the target logits [Nv, k+1, V]: slots past a row's own j repeat its last row (never read:
         # verification stops at j).
         rows = [[row + min(i, d) for i in range(k + 1)] for (_, row), d in zip(verify_entries, num_drafts)]
-        target = logits[_h2d(rows, dev)]
+        target = logits[to_device(rows, dev)]
         if input_ids is None:  # drafts known on the host, padded with 0: one copy
-            drafts = _h2d([list(e.draft_token_ids) + [0] * (k - d) for e, d in zip(entries, num_drafts)], dev)
+            drafts = to_device([list(e.draft_token_ids) + [0] * (k - d) for e, d in zip(entries, num_drafts)], dev)
         else:  # from the ids the step ran on: a chunk is [last, d1..dj] at the entry's offset (padding repeats dj)
             offsets = plan.token_offsets()
             idx = [[offsets[i] + 1 + min(s, max(d - 1, 0)) for s in range(k)] for (i, _), d in zip(verify_entries, num_drafts)]
-            drafts = input_ids[_h2d(idx, dev)]
+            drafts = input_ids[to_device(idx, dev)]
         drafts = drafts.view(n, k)
         draft_probs = None
         if not all(e.request.params.greedy for e in entries):
@@ -396,7 +388,7 @@ class Engine:
         reqs = [e.request for e in entries]
         _, tokens = rejection_sample(
             drafts, draft_probs, target, _params(reqs), self._gens(reqs),
-            num_drafts=_h2d(num_drafts, dev),
+            num_drafts=to_device(num_drafts, dev),
         )
         return tokens
 

@@ -9,6 +9,7 @@ import torch
 from sparsespec_compile.config import SparseSpecConfig
 from sparsespec_compile.context import ForwardContext, PagedKVCache, PillarStore
 
+from .host_copy import to_device
 from .step_plan import StepKind, StepPlan
 
 
@@ -64,9 +65,8 @@ def build_step_inputs(
     if len(logits_indices) < 2:  # (none: a step of non-final prefill chunks)
         logits_indices = (logits_indices or [0]) * 2
 
-    def t(x, dtype):  # from pinned memory on CUDA: a pageable copy may wait for the device (breaks overlap)
-        h = torch.tensor(x, dtype=dtype)
-        return (h.pin_memory() if device.type == "cuda" else h).to(device, non_blocking=True)
+    def t(x, dtype):
+        return to_device(x, device, dtype)
 
     ctx = ForwardContext(
         kv=kv,

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from .host_copy import to_device
 from .sampling_params import SamplingParams
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
@@ -52,7 +53,7 @@ class SamplingTensors:
             f = lambda xs, dt: torch.full((n,), xs[0], dtype=dt, device=device)  # noqa: E731
         else:
             rows = list(params)
-            f = lambda xs, dt: _to_device(torch.tensor(xs, dtype=dt), device)  # noqa: E731
+            f = lambda xs, dt: to_device(xs, device, dt)  # noqa: E731
             if len(rows) != n:
                 raise ValueError(f"got {len(rows)} SamplingParams for {n} rows")
         greedy = [p.greedy for p in rows]
@@ -70,13 +71,6 @@ class SamplingTensors:
             max_top_k=max((p.top_k for p, g in zip(rows, greedy) if not g), default=0)
             if all(0 < p.top_k < vocab for p, g in zip(rows, greedy) if not g) else 0,
         )
-
-
-def _to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """H2D without a sync: a copy from pageable memory makes CUDA wait for the stream first, from pinned it doesn't."""
-    if torch.device(device).type == "cuda":
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
 
 
 def probs_from_logits(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from sparsespec_compile import benchmark
 
@@ -72,7 +73,7 @@ def test_markdown_and_png(run):
 
 def test_static_compile_is_skipped_on_cpu_by_default():
     args = benchmark.parse_args(["--device", "cpu"])
-    methods, skipped = benchmark.select_methods(args, benchmark.torch.device("cpu"))
+    methods, skipped = benchmark.select_methods(args, torch.device("cpu"))
     assert "hf_static_compile" not in methods and "hf_static_compile" in skipped
 
 
@@ -96,8 +97,6 @@ def test_cli_forwards_bench(capsys):
 
 def test_divergence_margins_measure_the_tie_where_two_runs_part():
     """At a forced divergence from the greedy reference, the reference token is the argmax: gap >= margin >= 0."""
-    import torch
-
     from sparsespec_compile.testing.checks import tiny_model
     from sparsespec_compile.testing import FAMILIES
     from sparsespec_compile.testing.lossless import hf_greedy

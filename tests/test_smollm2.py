@@ -39,3 +39,17 @@ def test_greedy_speculative_generation_is_lossless_on_real_weights(smollm2):
     out = llm.generate([ids], SamplingParams(max_tokens=16), use_tqdm=False)[0]
     assert out.token_ids == ref[: len(out.token_ids)] and len(out.token_ids) >= 1
     assert llm.stats()["cycles"] >= 1
+
+
+def test_cache_dir_without_platformdirs(monkeypatch, tmp_path):
+    """A --no-deps install (the GPU image) may lack platformdirs: the cache goes to $XDG_CACHE_HOME/sparsespec."""
+    import sys
+
+    from sparsespec_compile.models import cache_dir
+
+    monkeypatch.delenv("SPARSESPEC_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "platformdirs", None)  # import platformdirs -> ImportError
+    assert cache_dir() == tmp_path / "sparsespec"
+    monkeypatch.setenv("SPARSESPEC_CACHE_DIR", str(tmp_path / "explicit"))
+    assert cache_dir() == tmp_path / "explicit"

@@ -1,35 +1,11 @@
-"""End-to-end benchmark: the same workload run several ways in one process (``sparsespec bench``).
-
-Methods (``--methods``):
-
-* ``hf_eager``: Hugging Face ``model.generate`` (SDPA, dynamic cache), left-padded batch;
-* ``hf_static_compile``: HF's static cache + torch.compile (``cache_implementation="static"``, ``compile_config=
-  CompileConfig(fullgraph=True, mode="reduce-overhead")``: see ``_static_compile_kwargs`` for why not the guide's
-  ``model.forward = torch.compile(...)``); CUDA graphs, so skipped on the CPU unless named explicitly;
-* ``stride0``: our runtime without speculation (plain decoding, same scheduler and kernels);
-* ``pillar``: sparse self-speculation with PillarAttn drafts (SparseSpec);
-* ``streaming``: the same with StreamingLLM drafts (sinks + recent window at the same budget, MagicDec-like).
-
-Every (output length, batch, temperature, method) cell builds a fresh ``LLM``, warms it up (compiles), then times
-one ``generate``. Reported per cell: output tokens/s, step time against the bytes-moved floor (weights + KV read
-per step, at the copy bandwidth measured in the same run), mean accepted length, GPU idle fraction (when the
-runtime reports it), peak memory, and for greedy cells where each request first differs from the stride-0
-output (bf16 near-ties can flip a token; they are reported, never forced). The HF baselines are slow, so they
-generate ``--hf-max-tokens`` tokens per request; the table says so in its own column.
-
-Writes ``e2e.json`` (every cell + the environment) and ``e2e.png`` (tokens/s vs batch size and vs output length)
-under ``--out``, prints a markdown table and appends it to ``--results-md`` when given.
-
-    sparsespec bench --model smollm2 --batch-sizes 16 32 64 --output-lens 1024 4096 --out bench_out/e2e
-"""
+"""The benchmark driver: models and prompts, one timed cell per (method, batch, output length, temperature),
+the greedy comparisons, the command line (``main``)."""
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
-import math
 import platform
 import shlex
 import sys
@@ -40,21 +16,17 @@ from typing import Any
 
 import torch
 
-METHODS = ("hf_eager", "hf_static_compile", "stride0", "pillar", "streaming")
-HF_METHODS = ("hf_eager", "hf_static_compile")
-DRAFT_OF = {"stride0": "pillar", "pillar": "pillar", "streaming": "streaming"}  # stride0 ignores its draft
-DEFAULT_PROMPTS = Path("../shared/data/prompts/gsm8k_test.jsonl")
-JSON_NAME, PNG_NAME = "e2e.json", "e2e.png"
-# Counters of llm.stats() that accumulate over the LLM's life: the timed run's share is after - before.
-COUNTERS = ("steps", "cycles", "output_tokens", "forward_tokens", "seconds", "gpu_busy_seconds", "graph_steps",
-            "kv_tokens_read", "capture_seconds", "graph_seconds", "graph_kv_tokens_read")
-
+from .common import COUNTERS, DEFAULT_PROMPTS, DRAFT_OF, HF_METHODS, METHODS, PNG_NAME, clear, graph_count, sync
+from .floor import (floor_seconds, kv_bytes_per_token, measure_copy_bandwidth, plain_kv_tokens_read,
+                    spec_kv_tokens_read, weight_bytes)
+from .hf import run_hf
+from .report import add_speedups, markdown_table, plot_results, write_json
 
 # ---- models and prompts ---------------------------------------------------------------------------------------
 def build_model(name: str, device: str, dtype: torch.dtype, gguf: str | None):
     """(model, tokenizer or None, description) for ``--model``."""
     if name == "smollm2":
-        from .models import load_smollm2
+        from ..models import load_smollm2
 
         model, tok = load_smollm2(dtype=dtype, device=device, gguf_path=gguf)
         return model, tok, f"SmolLM2-135M-Instruct (real weights, {_dtype_name(dtype)})"
@@ -73,7 +45,7 @@ def build_model(name: str, device: str, dtype: torch.dtype, gguf: str | None):
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
         return model.eval(), None, f"Qwen3-8B-shaped, random weights (HF init, {_dtype_name(dtype)})"
     if name == "tiny-random":
-        from .testing import tiny_model
+        from ..testing import tiny_model
 
         cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
@@ -116,176 +88,6 @@ def load_prompts(path: Path | None, tok, vocab_size: int, batch: int, prompt_len
 
 
 # ---- the bytes-moved floor ------------------------------------------------------------------------------------
-def measure_copy_bandwidth(device: torch.device, repeats: int = 5) -> float:
-    """Bytes/s of a large device-to-device copy, counting read + write bytes (best of ``repeats``)."""
-    nbytes = (1 << 30) if device.type == "cuda" else (64 << 20)  # 1 GiB on the GPU: far beyond every cache
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # first touch / lazy allocation out of the timing
-    best = math.inf
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dst.copy_(src)
-            end.record()
-            end.synchronize()
-            best = min(best, start.elapsed_time(end) / 1e3)
-        else:
-            t = time.perf_counter()
-            dst.copy_(src)
-            best = min(best, time.perf_counter() - t)
-    del src, dst
-    return 2 * nbytes / best
-
-
-def weight_bytes(model) -> int:
-    """Bytes of weights one forward reads: every parameter once (shared ones, tied embeddings, counted once), except
-    an untied input embedding table, of which a step gathers only the rows of its tokens."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() in seen:
-            continue
-        seen.add(p.data_ptr())
-        total += p.numel() * p.element_size()
-    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
-    if emb is not None and (out is None or out.weight.data_ptr() != emb.weight.data_ptr()):
-        total -= emb.weight.numel() * emb.weight.element_size()
-    return total
-
-
-def kv_bytes_per_token(model) -> int:
-    """K and V of one token over every layer: 2 * layers * kv_heads * head_dim * element size."""
-    from .runtime.kv_cache import kv_shape_from_config
-
-    layers, kv_heads, head_dim = kv_shape_from_config(model.config)
-    return 2 * layers * kv_heads * head_dim * next(model.parameters()).element_size()
-
-
-def plain_kv_tokens_read(prompt_lens: list[int], generated: int) -> int:
-    """KV tokens read by plain decoding: the prefill yields token 0; the step yielding token t reads P + t keys."""
-    return sum(p * (generated - 1) + generated * (generated - 1) // 2 for p in prompt_lens)
-
-
-def spec_kv_tokens_read(prompt_len: int, out_len: int, accepted: list[int], drafted: list[int], config) -> int:
-    """Estimated KV tokens one speculative request read, from its per-cycle metrics: draft j of a cycle on a
-    verified context c reads the budget B(c) + j draft-tail tokens; the verify reads c + d + 1. Tokens outside
-    the recorded cycles are counted as plain decode steps. (Used when the runtime does not count the reads.)"""
-    ctx, total, covered = prompt_len + 1, 0, 1  # the prefill yields the first token
-    for a, d in zip(accepted, drafted):
-        total += sum(config.budget(ctx) + j for j in range(d)) + ctx + d + 1
-        ctx += a + 1
-        covered += a + 1
-    for _ in range(max(0, out_len - covered)):
-        total += ctx
-        ctx += 1
-    return total
-
-
-def floor_seconds(steps: int, kv_tokens: int, w_bytes: int, kv_token_bytes: int, bandwidth: float) -> float:
-    """Time the bytes that must move take at the measured bandwidth: the weights once per step plus the KV read."""
-    return (steps * w_bytes + kv_tokens * kv_token_bytes) / bandwidth
-
-
-# ---- one cell -------------------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _graph_count() -> int:
-    """Dynamo graphs compiled so far: a compile inside the timed run (a shape the warm-up missed) shows here."""
-    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-
-
-def _clear(device: torch.device) -> None:
-    torch._dynamo.reset()  # every cell compiles afresh: no graph or guard of an earlier cell is reused
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _hf_kwargs(model, max_new: int, temperature: float, top_p: float) -> dict:
-    pad = getattr(model.config, "pad_token_id", None)
-    kw = dict(max_new_tokens=max_new, num_beams=1, repetition_penalty=1.0, pad_token_id=0 if pad is None else pad,
-              # Keyword overrides (a GenerationConfig argument would inherit the model's EOS again): EOS neither
-              # stops the generation nor is suppressed, as ignore_eos in the runtime (min_new_tokens would mask it).
-              eos_token_id=None)
-    if temperature > 0:
-        kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-    else:
-        kw.update(do_sample=False)
-    return kw
-
-
-def _left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    return ids.to(device), mask.to(device)
-
-
-# Attributes HF generate leaves on the model for a static cache / its compiled forward, dropped after the cell so
-# the next cell starts clean (names differ between transformers versions: popping an absent one is harmless).
-_HF_LEFTOVERS = ("_cache", "_compiled_call", "_last_compile_config", "_previous_max_cache_length")
-
-
-def _static_compile_kwargs(device: torch.device) -> dict:
-    """generate() options of the static-cache + torch.compile path.
-
-    The transformers guide's recipe (``generation_config.cache_implementation = "static"`` plus ``model.forward =
-    torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)``) failed on an H200 with transformers
-    5.17 ("accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run", raised in
-    StaticLayer.update, Qwen3-8B shape), and the process running it on a 2-layer Llama segfaulted. Likely cause
-    (not isolated): transformers 5.x itself compiles the decode forward whenever the cache is static and runs the
-    prefill, where the static cache is allocated, uncompiled; a user-compiled forward moves that allocation into
-    a CUDA graph and adds a second graph tree over the same cache. So the same settings go through generate's
-    own ``compile_config`` (transformers' ``CompileConfig``), which ran on 5.17 (H200) and 5.24 (CPU).
-    """
-    from transformers import CompileConfig
-
-    config = CompileConfig(fullgraph=True, mode="reduce-overhead")
-    if device.type != "cuda":  # generate compiles on accelerators only unless told otherwise (only when asked for)
-        config._compile_all_devices = True
-    return {"cache_implementation": "static", "compile_config": config}
-
-
-def run_hf(model, prompts, method: str, max_new: int, temperature: float, top_p: float, device) -> dict:
-    """Time HF ``generate`` on the left-padded batch, after a warm-up generate."""
-    kw = _hf_kwargs(model, max_new, temperature, top_p)
-    ids, mask = _left_pad(prompts, kw["pad_token_id"], device)
-    if method == "hf_static_compile":
-        kw.update(_static_compile_kwargs(device))
-    try:
-        with torch.no_grad():
-            t = time.perf_counter()
-            torch.manual_seed(0)
-            # The warm-up is the timed generation itself: a longer static cache than the warm-up's would be
-            # re-created and recompiled, and on an H200 the first eager cell of a process ran 38 ms/step after a
-            # 2-token warm-up vs 2.8 ms/step in a later cell (cause not isolated).
-            model.generate(input_ids=ids, attention_mask=mask, **kw)
-            _sync(device)
-            warmup = time.perf_counter() - t
-            torch.manual_seed(0)
-            graphs = _graph_count()
-            t = time.perf_counter()
-            out = model.generate(input_ids=ids, attention_mask=mask, **kw)
-            _sync(device)
-            seconds = time.perf_counter() - t
-            graphs = _graph_count() - graphs
-    finally:
-        for name in _HF_LEFTOVERS:
-            model.__dict__.pop(name, None)
-    tokens = out[:, ids.shape[1]:].tolist()
-    if any(len(t) != max_new for t in tokens):
-        raise RuntimeError(f"HF generate stopped early: {[len(t) for t in tokens]} of {max_new} tokens")
-    return {"tokens": tokens, "seconds": seconds, "warmup_seconds": warmup, "steps": max_new,
-            "graphs_compiled_in_timed_run": graphs}
-
-
 def stats_delta(before: dict, after: dict) -> dict:
     """``llm.stats()`` of the timed generate alone (the warm-up's steps are in ``before``): counters subtracted,
     per-cycle means re-weighted by the cycles of each run."""
@@ -310,7 +112,7 @@ def stats_delta(before: dict, after: dict) -> dict:
 
 
 def runtime_config(method: str, args, batch: int, prompts: list[list[int]], output_len: int):
-    from . import SparseSpecConfig
+    from .. import SparseSpecConfig
 
     stride = 0 if method == "stride0" else args.stride
     # KV pages for every request's whole context (+ a verify chunk's overshoot), so nothing is preempted.
@@ -325,7 +127,7 @@ def runtime_config(method: str, args, batch: int, prompts: list[list[int]], outp
 
 
 def run_runtime(model, prompts, method: str, output_len: int, temperature: float, args, device) -> dict:
-    from . import LLM, SamplingParams
+    from .. import LLM, SamplingParams
 
     cfg = runtime_config(method, args, len(prompts), prompts, output_len)
     sampling = dict(temperature=temperature, top_p=args.top_p if temperature > 0 else 1.0, ignore_eos=True)
@@ -336,16 +138,16 @@ def run_runtime(model, prompts, method: str, output_len: int, temperature: float
         # context's sequence-length bucket is captured when first met (its time is reported, not counted).
         warm = min(output_len, args.warmup_tokens)
         llm.generate(prompts, SamplingParams(max_tokens=warm, **sampling), use_tqdm=False)
-        _sync(device)
+        sync(device)
         warmup = time.perf_counter() - t
         before = llm.stats()
         torch.manual_seed(0)
-        graphs = _graph_count()
+        graphs = graph_count()
         t = time.perf_counter()
         outs = llm.generate(prompts, SamplingParams(max_tokens=output_len, **sampling), use_tqdm=False)
-        _sync(device)
+        sync(device)
         seconds = time.perf_counter() - t
-        graphs = _graph_count() - graphs
+        graphs = graph_count() - graphs
         stats = stats_delta(before, llm.stats())
     finally:
         del llm
@@ -503,152 +305,6 @@ def add_comparisons(rec: dict, group: dict[str, dict], model=None, prompts=None)
         rec["greedy_vs"][ref[rec["method"]]] = c
 
 
-def add_speedups(records: list[dict]) -> None:
-    """tokens/s over stride 0's and HF eager's in the same (batch, output length, temperature) group."""
-    key = lambda r: (r["batch"], r["output_len"], r["temperature"])  # noqa: E731
-    base = {(key(r), r["method"]): r["tokens_per_s"] for r in records if r.get("status") == "ok"}
-    for r in records:
-        if r.get("status") == "ok":
-            for ref in ("stride0", "hf_eager"):
-                b = base.get((key(r), ref))
-                r[f"speedup_vs_{ref}"] = r["tokens_per_s"] / b if b else None
-
-
-def _fmt(x, spec: str = ".2f", none: str = "–") -> str:
-    return none if x is None else format(x, spec)
-
-
-def markdown_table(result: dict) -> str:
-    env, records = result["environment"], result["records"]
-    lines = [
-        "| method | batch | prompt len (mean) | tokens/request | temp | tokens/s | × stride0 | × HF eager | "
-        "step ms | floor step ms | floor fraction | mean accepted | idle fraction | peak GiB | "
-        "compiles / capture s in timed run | greedy agreement |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in records:
-        if r.get("status") != "ok":
-            lines.append(f"| {r['method']} | {r['batch']} | – | {r['output_len']} | {r['temperature']} | "
-                         f"{r.get('status')}: {r.get('reason', '')} |" + " |" * 10)
-            continue
-        tokens = str(r["generated_per_request"])
-        if r["method"] in HF_METHODS and r["generated_per_request"] != r["output_len"]:
-            tokens += f" (of {r['output_len']})"
-        acc = None if r.get("mean_accepted") is None else f"{r['mean_accepted']:.2f} of {r['stride']}"
-        peak = None if r.get("peak_memory_bytes") is None else r["peak_memory_bytes"] / 2**30
-        lines.append(
-            f"| {r['method']} | {r['batch']} | {r['prompt_len_mean']:.0f} | {tokens} | {r['temperature']} | "
-            f"{r['tokens_per_s']:.1f} | {_fmt(r.get('speedup_vs_stride0'))} | {_fmt(r.get('speedup_vs_hf_eager'))} | "
-            f"{_fmt(r['step_ms'], '.3f')} | {_fmt(r['floor_step_ms'], '.3f')} | {r['floor_fraction']:.3f} | "
-            f"{acc or '–'} | {_fmt(r.get('idle_fraction'))} | {_fmt(peak)} | "
-            f"{r.get('graphs_compiled_in_timed_run', '–')} / {_fmt(r.get('capture_seconds_in_timed_run'), '.1f')} | "
-            f"{_agreement(r)} |")
-    bw = env["copy_bandwidth_bytes_per_s"]
-    notes = [
-        f"Model: {env['model']}. Device: {env['device']}; torch {env['torch']}, triton {env['triton']}, "
-        f"transformers {env['transformers']}, Python {env['python']}. Copy bandwidth (read + write bytes, best of "
-        f"5): {bw / 1e12:.3f} TB/s. Prompts: {result['prompts']}.",
-        "tokens/s = output tokens / wall time of one generate (prefill included) after a warm-up generate, less "
-        "the time of CUDA-graph captures made during it (a one-off per shape, shown in its column). HF runs "
-        "generate the tokens/request shown (fewer than the runtime's: their steps are slow); × columns compare "
-        "tokens/s within the same batch, output length and temperature. Floor = (steps × weight bytes + KV tokens "
-        "read × KV bytes/token) / copy bandwidth; KV reads are the runtime's count when it reports one, else "
-        "estimated from the request lengths (and cycles). Greedy agreement: requests identical to the reference "
-        "over the common length / requests, with the first differing positions (bf16 near-ties can flip a token).",
-    ]
-    skipped = result.get("skipped_methods") or {}
-    notes += [f"{m} not run: {why}." for m, why in skipped.items()]
-    return "\n".join(lines) + "\n\n" + "\n".join(f"* {n}" for n in notes) + "\n"
-
-
-def _agreement(r: dict) -> str:
-    parts = []
-    for ref, c in (r.get("greedy_vs") or {}).items():
-        firsts = [f for f in c["first_divergence"] if f is not None]
-        s = f"vs {ref} {c['identical']}/{c['requests']}"
-        if firsts:
-            shown = ", ".join(map(str, sorted(firsts)[:6])) + (" …" if len(firsts) > 6 else "")
-            s += f" (first diff at {shown})"
-        gaps = [abs(m["gap"]) for m in c.get("margins") or []]
-        if gaps:
-            s += f", logit gap there ≤ {max(gaps):.3g}"
-        parts.append(s)
-    return "; ".join(parts) or "–"
-
-
-def plot_results(result: dict | str | Path, out_png: str | Path) -> Path | None:
-    """PNG of tokens/s vs batch size (largest output length) and vs output length (largest batch), one line per
-    method and temperature; an axis with a single point is left out. None (with a warning) without matplotlib or
-    without any axis to draw. Usable on a saved JSON: ``plot_results("e2e.json", "e2e.png")``."""
-    if not isinstance(result, dict):
-        result = json.loads(Path(result).read_text())
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("warning: matplotlib is not installed: no PNG (make it later with bench/plot_e2e.py on the JSON)",
-              file=sys.stderr)
-        return None
-    ok = [r for r in result["records"] if r.get("status") == "ok"]
-    batches = sorted({r["batch"] for r in ok})
-    lens = sorted({r["output_len"] for r in ok})
-    panels = []
-    if len(batches) > 1:
-        panels.append(("batch", "batch size", [r for r in ok if r["output_len"] == lens[-1]],
-                       f"output length {lens[-1]}"))
-    if len(lens) > 1:
-        panels.append(("output_len", "output length (tokens per request)",
-                       [r for r in ok if r["batch"] == batches[-1]], f"batch {batches[-1]}"))
-    if not panels:
-        print("warning: a single batch size and output length: nothing to plot", file=sys.stderr)
-        return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
-    for ax, (key, label, rows, fixed) in zip(axes[0], panels):
-        series: dict[tuple, list] = {}
-        for r in rows:
-            series.setdefault((r["method"], r["temperature"]), []).append((r[key], r["tokens_per_s"]))
-        for (method, temp), pts in sorted(series.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1])):
-            pts.sort()
-            name = f"{method} (T={temp:g})"
-            if method in HF_METHODS:  # their shorter generation, said on the figure as in the table
-                name += f", {min(r['generated_per_request'] for r in rows if r['method'] == method)} tok/request"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name,
-                    color=f"C{METHODS.index(method)}", linestyle="-" if temp == 0 else "--")
-        ax.set_xlabel(label)
-        ax.set_ylabel("output tokens/s")
-        ax.set_xscale("log", base=2)
-        xs = sorted({r[key] for r in rows})
-        ax.set_xticks(xs, [str(x) for x in xs])
-        ax.minorticks_off()
-        ax.set_title(f"{fixed}")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    env = result["environment"]
-    fig.suptitle(f"{env['model']} on {env['device']}", fontsize=10)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
-
-
-def _json_ready(records: list[dict], save_tokens: bool) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "tokens" or save_tokens} for r in records]
-
-
-def write_json(result: dict, out: Path, save_tokens: bool) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / JSON_NAME
-    data = {**result, "records": _json_ready(result["records"], save_tokens)}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(path)  # a run killed mid-write leaves the previous complete file
-    return path
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(prog="sparsespec bench", description=__doc__,
@@ -734,13 +390,13 @@ def main(argv: list[str] | None = None) -> int:
             rec = {**base, "status": "skipped", "reason": f"longest prompt {max(map(len, prompts))} + output "
                                                           f"{output_len} exceeds max_position_embeddings {limit}"}
         else:
-            _clear(device)
+            clear(device)
             try:
                 rec = run_cell(model, prompts, method, batch, output_len, temperature, args, ctx)
             except Exception as exc:  # one failed cell (OOM, a compile error) must not lose the others
                 traceback.print_exc()
                 rec = {**base, "status": "error", "reason": f"{type(exc).__name__}: {str(exc)[:300]}"}
-            _clear(device)
+            clear(device)
         key = (batch, output_len, temperature)
         if not args.save_tokens:  # token ids are only needed within a group (the comparisons): free the others
             for done in [k for k in groups if k != key]:
@@ -765,7 +421,3 @@ def main(argv: list[str] | None = None) -> int:
                     f"{env['command']}\n```\n\n{table}")
         print(f"appended the table to {args.results_md}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

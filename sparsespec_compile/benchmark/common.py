@@ -1,0 +1,34 @@
+"""Names every part of the benchmark shares: the methods, output file names, and device housekeeping."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import torch
+
+METHODS = ("hf_eager", "hf_static_compile", "stride0", "pillar", "streaming")
+HF_METHODS = ("hf_eager", "hf_static_compile")
+DRAFT_OF = {"stride0": "pillar", "pillar": "pillar", "streaming": "streaming"}  # stride0 ignores its draft
+DEFAULT_PROMPTS = Path("../shared/data/prompts/gsm8k_test.jsonl")
+JSON_NAME, PNG_NAME = "e2e.json", "e2e.png"
+# Counters of llm.stats() that accumulate over the LLM's life: the timed run's share is after - before.
+COUNTERS = ("steps", "cycles", "output_tokens", "forward_tokens", "seconds", "gpu_busy_seconds", "graph_steps",
+            "kv_tokens_read", "capture_seconds", "graph_seconds", "graph_kv_tokens_read")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def graph_count() -> int:
+    """Dynamo graphs compiled so far: a compile inside the timed run (a shape the warm-up missed) shows here."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def clear(device: torch.device) -> None:
+    torch._dynamo.reset()  # every cell compiles afresh: no graph or guard of an earlier cell is reused
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -1,0 +1,155 @@
+"""Reporting: speed-ups within a group, the markdown table, the PNG, the JSON file."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .common import HF_METHODS, JSON_NAME, METHODS
+
+
+def add_speedups(records: list[dict]) -> None:
+    """tokens/s over stride 0's and HF eager's in the same (batch, output length, temperature) group."""
+    key = lambda r: (r["batch"], r["output_len"], r["temperature"])  # noqa: E731
+    base = {(key(r), r["method"]): r["tokens_per_s"] for r in records if r.get("status") == "ok"}
+    for r in records:
+        if r.get("status") == "ok":
+            for ref in ("stride0", "hf_eager"):
+                b = base.get((key(r), ref))
+                r[f"speedup_vs_{ref}"] = r["tokens_per_s"] / b if b else None
+
+
+def _fmt(x, spec: str = ".2f", none: str = "–") -> str:
+    return none if x is None else format(x, spec)
+
+
+def markdown_table(result: dict) -> str:
+    env, records = result["environment"], result["records"]
+    lines = [
+        "| method | batch | prompt len (mean) | tokens/request | temp | tokens/s | × stride0 | × HF eager | "
+        "step ms | floor step ms | floor fraction | mean accepted | idle fraction | peak GiB | "
+        "compiles / capture s in timed run | greedy agreement |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in records:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['method']} | {r['batch']} | – | {r['output_len']} | {r['temperature']} | "
+                         f"{r.get('status')}: {r.get('reason', '')} |" + " |" * 10)
+            continue
+        tokens = str(r["generated_per_request"])
+        if r["method"] in HF_METHODS and r["generated_per_request"] != r["output_len"]:
+            tokens += f" (of {r['output_len']})"
+        acc = None if r.get("mean_accepted") is None else f"{r['mean_accepted']:.2f} of {r['stride']}"
+        peak = None if r.get("peak_memory_bytes") is None else r["peak_memory_bytes"] / 2**30
+        lines.append(
+            f"| {r['method']} | {r['batch']} | {r['prompt_len_mean']:.0f} | {tokens} | {r['temperature']} | "
+            f"{r['tokens_per_s']:.1f} | {_fmt(r.get('speedup_vs_stride0'))} | {_fmt(r.get('speedup_vs_hf_eager'))} | "
+            f"{_fmt(r['step_ms'], '.3f')} | {_fmt(r['floor_step_ms'], '.3f')} | {r['floor_fraction']:.3f} | "
+            f"{acc or '–'} | {_fmt(r.get('idle_fraction'))} | {_fmt(peak)} | "
+            f"{r.get('graphs_compiled_in_timed_run', '–')} / {_fmt(r.get('capture_seconds_in_timed_run'), '.1f')} | "
+            f"{_agreement(r)} |")
+    bw = env["copy_bandwidth_bytes_per_s"]
+    notes = [
+        f"Model: {env['model']}. Device: {env['device']}; torch {env['torch']}, triton {env['triton']}, "
+        f"transformers {env['transformers']}, Python {env['python']}. Copy bandwidth (read + write bytes, best of "
+        f"5): {bw / 1e12:.3f} TB/s. Prompts: {result['prompts']}.",
+        "tokens/s = output tokens / wall time of one generate (prefill included) after a warm-up generate, less "
+        "the time of CUDA-graph captures made during it (a one-off per shape, shown in its column). HF runs "
+        "generate the tokens/request shown (fewer than the runtime's: their steps are slow); × columns compare "
+        "tokens/s within the same batch, output length and temperature. Floor = (steps × weight bytes + KV tokens "
+        "read × KV bytes/token) / copy bandwidth; KV reads are the runtime's count when it reports one, else "
+        "estimated from the request lengths (and cycles). Greedy agreement: requests identical to the reference "
+        "over the common length / requests, with the first differing positions (bf16 near-ties can flip a token).",
+    ]
+    skipped = result.get("skipped_methods") or {}
+    notes += [f"{m} not run: {why}." for m, why in skipped.items()]
+    return "\n".join(lines) + "\n\n" + "\n".join(f"* {n}" for n in notes) + "\n"
+
+
+def _agreement(r: dict) -> str:
+    parts = []
+    for ref, c in (r.get("greedy_vs") or {}).items():
+        firsts = [f for f in c["first_divergence"] if f is not None]
+        s = f"vs {ref} {c['identical']}/{c['requests']}"
+        if firsts:
+            shown = ", ".join(map(str, sorted(firsts)[:6])) + (" …" if len(firsts) > 6 else "")
+            s += f" (first diff at {shown})"
+        gaps = [abs(m["gap"]) for m in c.get("margins") or []]
+        if gaps:
+            s += f", logit gap there ≤ {max(gaps):.3g}"
+        parts.append(s)
+    return "; ".join(parts) or "–"
+
+
+def plot_results(result: dict | str | Path, out_png: str | Path) -> Path | None:
+    """PNG of tokens/s vs batch size (largest output length) and vs output length (largest batch), one line per
+    method and temperature; an axis with a single point is left out. None (with a warning) without matplotlib or
+    without any axis to draw. Usable on a saved JSON: ``plot_results("e2e.json", "e2e.png")``."""
+    if not isinstance(result, dict):
+        result = json.loads(Path(result).read_text())
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("warning: matplotlib is not installed: no PNG (make it later with bench/plot_e2e.py on the JSON)",
+              file=sys.stderr)
+        return None
+    ok = [r for r in result["records"] if r.get("status") == "ok"]
+    batches = sorted({r["batch"] for r in ok})
+    lens = sorted({r["output_len"] for r in ok})
+    panels = []
+    if len(batches) > 1:
+        panels.append(("batch", "batch size", [r for r in ok if r["output_len"] == lens[-1]],
+                       f"output length {lens[-1]}"))
+    if len(lens) > 1:
+        panels.append(("output_len", "output length (tokens per request)",
+                       [r for r in ok if r["batch"] == batches[-1]], f"batch {batches[-1]}"))
+    if not panels:
+        print("warning: a single batch size and output length: nothing to plot", file=sys.stderr)
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, (key, label, rows, fixed) in zip(axes[0], panels):
+        series: dict[tuple, list] = {}
+        for r in rows:
+            series.setdefault((r["method"], r["temperature"]), []).append((r[key], r["tokens_per_s"]))
+        for (method, temp), pts in sorted(series.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1])):
+            pts.sort()
+            name = f"{method} (T={temp:g})"
+            if method in HF_METHODS:  # their shorter generation, said on the figure as in the table
+                name += f", {min(r['generated_per_request'] for r in rows if r['method'] == method)} tok/request"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name,
+                    color=f"C{METHODS.index(method)}", linestyle="-" if temp == 0 else "--")
+        ax.set_xlabel(label)
+        ax.set_ylabel("output tokens/s")
+        ax.set_xscale("log", base=2)
+        xs = sorted({r[key] for r in rows})
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.minorticks_off()
+        ax.set_title(f"{fixed}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    env = result["environment"]
+    fig.suptitle(f"{env['model']} on {env['device']}", fontsize=10)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png
+
+
+def _json_ready(records: list[dict], save_tokens: bool) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "tokens" or save_tokens} for r in records]
+
+
+def write_json(result: dict, out: Path, save_tokens: bool) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / JSON_NAME
+    data = {**result, "records": _json_ready(result["records"], save_tokens)}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)  # a run killed mid-write leaves the previous complete file
+    return path
