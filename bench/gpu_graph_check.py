@@ -55,7 +55,12 @@ def margin_at(model, prompt: list[int], tokens: list[int], pos: int) -> float:
 
 
 def profile_decode(llm, prompts: list[list[int]], out: Path, name: str, steps: int = 30) -> str:
-    """Kernel time of ``steps`` graphed decode steps (after prefill and a settling period), by kernel name."""
+    """Device time of ``steps`` decode steps (after prefill and a settling period), by kernel name, per step.
+
+    Run it with graphs="pad": the same padded kernels, launched eagerly, so every kernel is its own profiler event
+    (graph replays hide their kernels from some profiler versions)."""
+    from collections import defaultdict
+
     from torch.profiler import ProfilerActivity, profile
 
     from sparsespec_compile.runtime.request import Request
@@ -66,11 +71,26 @@ def profile_decode(llm, prompts: list[list[int]], out: Path, name: str, steps: i
     start = eng.stats.graph_steps
     while eng.stats.graph_steps < start + 20:  # past the prefill and a few cycles of every phase
         eng.step()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    tokens_before = eng.stats.forward_tokens
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             eng.step()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    fwd_tokens = (eng.stats.forward_tokens - tokens_before) / steps
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if str(getattr(e, "device_type", "")).endswith("CUDA"):
+            t = getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0)  # us
+            by_name[e.name][0] += 1
+            by_name[e.name][1] += t
+    total = sum(v[1] for v in by_name.values())
+    count = sum(v[0] for v in by_name.values())
+    lines = [f"{name}: {steps} steps, {fwd_tokens:.1f} tokens/step, device {total / steps / 1e3:.3f} ms/step, "
+             f"{count / steps:.0f} kernels/step",
+             f"{'us/step':>9} {'n/step':>7} {'us/call':>8}  kernel"]
+    for k, (n, t) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:40]:
+        lines.append(f"{t / steps:9.1f} {n / steps:7.1f} {t / max(n, 1):8.2f}  {k[:110]}")
+    table = "\n".join(lines)
     (out / f"profile_{name}.txt").write_text(table)
     while eng.has_unfinished():
         eng.step()
