@@ -2,7 +2,8 @@
 
     python3 bench/gpu_graph_check.py --out $OUT [--runs NAME ...]
 
-Each run: ``name  stride graphs compiler batch prompt_len max_tokens [overlap]`` (overlap: on|off, default off). Checks, in one process:
+Each run: ``name  stride graphs compiler batch prompt_len max_tokens [on] [freeze]`` (on: host/device overlap;
+freeze: Inductor freezing, ``freeze_weights=True``). Checks, in one process:
 
 * graphs="on" replays exactly what graphs="pad" computes eagerly (same padded shapes, same kernels): the greedy
   tokens must be identical — any difference is a capture bug, not rounding;
@@ -115,14 +116,14 @@ def main() -> None:
     prompts_by: dict[tuple[int, int], list[list[int]]] = {}
     for spec in args.runs:
         name, stride, graphs, compiler, batch, plen, ntok, *rest = spec.split()
-        overlap = bool(rest) and rest[0] == "on"
+        overlap, freeze = "on" in rest, "freeze" in rest
         stride, batch, plen, ntok = int(stride), int(batch), int(plen), int(ntok)
         prompts = prompts_by.setdefault((batch, plen), [torch.randint(10, 49000, (plen,), generator=g).tolist()
                                                         for _ in range(batch)])
         torch._dynamo.reset()
         t_build = time.perf_counter()
         llm = LLM(model, SparseSpecConfig(stride=stride, compiler=compiler, cuda_graphs=graphs, min_budget=128,
-                                          overlap=overlap,
+                                          overlap=overlap, freeze_weights=freeze,
                                           num_pages=batch * (plen + ntok + 64) // 16 + 64, max_num_seqs=batch,
                                           max_num_batched_tokens=max(2048, batch * (stride + 1))))
         params = SamplingParams(max_tokens=ntok, ignore_eos=True)
@@ -147,6 +148,8 @@ def main() -> None:
                **{k: s[k] for k in ("steps", "graph_steps", "cuda_graphs", "capture_seconds", "gpu_busy_seconds",
                                     "idle_fraction", "mean_accepted", "cycles", "seconds")}}
         rec["step_ms"] = 1e3 * s["seconds"] / max(1, s["steps"])
+        if s.get("graph_steps"):  # decode steps only: the prefill chunks (not graphed) are out of this figure
+            rec["graph_step_ms"] = 1e3 * s["graph_seconds"] / s["graph_steps"]
         # exactness: graph replay == padded eager; speculative vs stride 0 of the same compiler and batch
         if graphs == "on" and f"s0_pad_{compiler}" in tokens and stride == 0 and batch == 16 and ntok <= 64:
             rec["identical_to_pad"] = tokens[name] == tokens[f"s0_pad_{compiler}"]

@@ -232,6 +232,8 @@ class Engine:
         wall = time.perf_counter() - t0 - capture
         self.stats.seconds += wall
         self.stats.capture_seconds += capture
+        if launched is not None and self.stats.graph_steps > graph_steps_before:
+            self.stats.graph_seconds += wall  # this iteration launched a graphed step (and resolved the previous one)
         return plan.finished
 
     def _patch(self, plan: StepPlan):

@@ -28,6 +28,10 @@ class SparseSpecConfig:
     num_pages: explicit KV pool size in pages (tests, oversubscription experiments).
     max_num_seqs / max_num_batched_tokens: requests and tokens per step.
     compiler: "inductor" (default) or "eager" (run the rewritten graph without Inductor).
+    freeze_weights: Inductor freezing: the parameters become constants of the compiled graph, so projections that
+        read one input (q/k/v, gate/up) fuse into one GEMM each (Inductor's concat-linear pattern, 7 -> 4 GEMM
+        launches per Llama layer). Costs a second copy of those weights, and weights changed after the compile are
+        not seen. Needs compiler="inductor" and a forward without grad (the runtime's).
     attention_impl: "auto" (Triton on GPU, PyTorch reference on CPU), "reference" or "triton".
     overlap: host/device overlap with delayed verification (stride > 0): the engine launches step i + 1 before
         reading step i's results; a request that verified (or ended its prompt) at step i sits out step i + 1, and
@@ -59,6 +63,7 @@ class SparseSpecConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     compiler: str = "inductor"
+    freeze_weights: bool = False
     attention_impl: str = "auto"
     overlap: bool = False
     offload: bool = True
@@ -95,6 +100,8 @@ class SparseSpecConfig:
             fail("max_num_batched_tokens", f"must be >= stride + 1 = {self.stride + 1} (one verify chunk)")
         if self.compiler not in _COMPILERS:
             fail("compiler", f"must be one of {_COMPILERS}")
+        if self.freeze_weights and self.compiler != "inductor":
+            fail("freeze_weights", "needs compiler='inductor' (freezing is an Inductor pass)")
         if self.attention_impl not in _IMPLS:
             fail("attention_impl", f"must be one of {_IMPLS}")
         if self.cuda_graphs not in _GRAPHS:

@@ -239,9 +239,10 @@ def plan_splits(num_programs: int, max_seq_len: int, device: torch.device, min_k
 def unified_attention_triton(q, k_cache, v_cache, *, query_start_loc, seq_lens, block_tables, max_query_len,
                              max_seq_len, scale, softcap=0.0, sliding_window=-1, is_sparse=None, draft_start=None,
                              pillar_indices=None, pillar_lengths=None, pillar_rows=None, num_splits: int | None = None,
-                             block_n: int | None = None):
+                             block_n: int | None = None, num_warps: int = 4, num_stages: int = 2):
     """Launcher; arguments as :func:`sparsespec_compile.kernels.unified_attention` (validated there).
-    ``num_splits`` / ``block_n`` override the plan (tests, benchmarks)."""
+    ``num_splits`` / ``block_n`` (with ``num_warps`` / ``num_stages``) override the plan and the tuner (tests,
+    benchmarks)."""
     T, Hq, D = q.shape
     _, P, Hkv, _ = k_cache.shape
     R = seq_lens.shape[0]
@@ -284,7 +285,7 @@ def unified_attention_triton(q, k_cache, v_cache, *, query_start_loc, seq_lens, 
                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
     grid = (n_qblocks, Hkv, splits)
     if upcast or block_n is not None:
-        _attn_kernel[grid](*args, BLOCK_N=block_n or 16, num_warps=4, num_stages=2, **meta)
+        _attn_kernel[grid](*args, BLOCK_N=block_n or 16, num_warps=num_warps, num_stages=num_stages, **meta)
     else:
         _attn_kernel_tuned[grid](*args, **meta)
     if splits > 1:
