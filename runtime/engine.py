@@ -112,7 +112,7 @@ class Engine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             eos_token_ids=eos_token_ids,
-            delayed_verify=config.overlap,
+            delayed_verify=self._wants_overlap(config),
             num_host_blocks=self.offload.num_pages if self.offload is not None else 0,
             max_oversubscription=config.kv_oversubscription,
         )
@@ -144,6 +144,11 @@ class Engine:
         return self.scheduler.has_unfinished() or self._inflight is not None
 
     # ---- one step -------------------------------------------------------------------------------------------
+    def _wants_overlap(self, config: SparseSpecConfig) -> bool:
+        if config.overlap is None:  # auto: where the host's per-step work would leave the device idle
+            return self.device.type == "cuda" and self.tp_world == 1
+        return config.overlap
+
     def step(self) -> list[Request]:
         """Run one step; returns the requests the scheduler reported finished (each exactly once, rejected and
         aborted ones included; a request finishing in this step is reported by the next one)."""

@@ -60,8 +60,7 @@ class LLM:
         if compiled is None:
             import sparsespec_compile  # noqa: F401  (registers the backend)
 
-            compiled = torch.compile(model, backend="sparsespec", options={"compiler": self.config.compiler,
-                                                                          "freeze_weights": self.config.freeze_weights})
+            compiled = torch.compile(model, backend="sparsespec", options={"compiler": self.config.compiler})
         self.model, self.compiled, self.tokenizer = model, compiled, tokenizer
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         if eos is None:

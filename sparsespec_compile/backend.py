@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Sequence
 
-import torch
 from torch import fx
 
 from . import ops  # noqa: F401  (registers torch.ops.sparsespec.attention)
@@ -44,12 +43,7 @@ def sparsespec_backend(
     from torch._inductor.compile_fx import compile_fx
 
     # Inductor's own config is left untouched; `mode` is honoured the way torch.compile would.
-    config_patches = {"triton.cudagraphs": True} if mode in ("reduce-overhead", "max-autotune") else {}
-    if config.freeze_weights:
-        if torch.is_grad_enabled():
-            raise RuntimeError("sparsespec freeze_weights=True compiles constants: call the model under "
-                               "torch.no_grad() or torch.inference_mode() (the runtime does)")
-        config_patches["freezing"] = True
+    config_patches = {"triton.cudagraphs": True} if mode in ("reduce-overhead", "max-autotune") else None
     if config_patches:
         return compile_fx(gm, example_inputs, config_patches=config_patches)
     return compile_fx(gm, example_inputs)

@@ -69,18 +69,3 @@ def test_deferred_all_layer_selection_equals_per_layer_selection(monkeypatch):
     assert [o.token_ids for o in deferred] == [o.token_ids for o in per_layer]
     assert [o.metrics["accepted"] for o in deferred] == [o.metrics["accepted"] for o in per_layer]
     assert s1["cycles"] > 0
-
-
-def test_frozen_weights_inductor_equals_hf_greedy():
-    """freeze_weights=True (Inductor freezing: weights as constants, concat-linear fusion on CUDA) changes nothing
-    the model computes: greedy output equals HF greedy on the padded step path."""
-    model = _model("llama", "sdpa")
-    prompts = PROMPTS[:2]
-    ref = [hf_greedy(model, p, 8) for p in prompts]
-    outs, _ = _run(model, "pad", 8, prompts=prompts, compiler="inductor", freeze_weights=True)
-    assert [o.token_ids for o in outs] == ref
-
-
-def test_freeze_weights_needs_inductor():
-    with pytest.raises(ValueError, match="freeze_weights"):
-        SparseSpecConfig(compiler="eager", freeze_weights=True)

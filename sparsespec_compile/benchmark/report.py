@@ -24,18 +24,25 @@ def _fmt(x, spec: str = ".2f", none: str = "–") -> str:
     return none if x is None else format(x, spec)
 
 
+def _decode(r: dict) -> str:
+    """Graphed (decode-only) step time and its floor fraction: the prefill chunks are out of these."""
+    if r.get("decode_step_ms") is None:
+        return "–"
+    return f"{r['decode_step_ms']:.3f} / {r['decode_floor_fraction']:.3f}"
+
+
 def markdown_table(result: dict) -> str:
     env, records = result["environment"], result["records"]
     lines = [
         "| method | batch | prompt len (mean) | tokens/request | temp | tokens/s | × stride0 | × HF eager | "
-        "step ms | floor step ms | floor fraction | mean accepted | idle fraction | peak GiB | "
+        "step ms | floor step ms | floor fraction | decode step ms / floor fraction | mean accepted | idle fraction | peak GiB | "
         "compiles / capture s in timed run | greedy agreement |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in records:
         if r.get("status") != "ok":
             lines.append(f"| {r['method']} | {r['batch']} | – | {r['output_len']} | {r['temperature']} | "
-                         f"{r.get('status')}: {r.get('reason', '')} |" + " |" * 10)
+                         f"{r.get('status')}: {r.get('reason', '')} |" + " |" * 11)
             continue
         tokens = str(r["generated_per_request"])
         if r["method"] in HF_METHODS and r["generated_per_request"] != r["output_len"]:
@@ -46,7 +53,7 @@ def markdown_table(result: dict) -> str:
             f"| {r['method']} | {r['batch']} | {r['prompt_len_mean']:.0f} | {tokens} | {r['temperature']} | "
             f"{r['tokens_per_s']:.1f} | {_fmt(r.get('speedup_vs_stride0'))} | {_fmt(r.get('speedup_vs_hf_eager'))} | "
             f"{_fmt(r['step_ms'], '.3f')} | {_fmt(r['floor_step_ms'], '.3f')} | {r['floor_fraction']:.3f} | "
-            f"{acc or '–'} | {_fmt(r.get('idle_fraction'))} | {_fmt(peak)} | "
+            f"{_decode(r)} | {acc or '–'} | {_fmt(r.get('idle_fraction'))} | {_fmt(peak)} | "
             f"{r.get('graphs_compiled_in_timed_run', '–')} / {_fmt(r.get('capture_seconds_in_timed_run'), '.1f')} | "
             f"{_agreement(r)} |")
     bw = env["copy_bandwidth_bytes_per_s"]
@@ -59,7 +66,8 @@ def markdown_table(result: dict) -> str:
         "generate the tokens/request shown (fewer than the runtime's: their steps are slow); × columns compare "
         "tokens/s within the same batch, output length and temperature. Floor = (steps × weight bytes + KV tokens "
         "read × KV bytes/token) / copy bandwidth; KV reads are the runtime's count when it reports one, else "
-        "estimated from the request lengths (and cycles). Greedy agreement: requests identical to the reference "
+        "estimated from the request lengths (and cycles). Decode step: the graphed steps only (no prefill chunk), "
+        "wall time per step against the same floor over those steps. Greedy agreement: requests identical to the reference "
         "over the common length / requests, with the first differing positions (bf16 near-ties can flip a token).",
     ]
     skipped = result.get("skipped_methods") or {}

@@ -122,7 +122,7 @@ def runtime_config(method: str, args, batch: int, prompts: list[list[int]], outp
         recent=min(args.recent, args.min_budget), compiler=args.compiler, page_size=args.page_size, num_pages=pages,
         max_num_seqs=batch, max_num_batched_tokens=max(args.max_num_batched_tokens, stride + 1),
         **({"cuda_graphs": args.cuda_graphs} if args.cuda_graphs else {}),  # else the config's default
-        overlap=args.overlap,
+        overlap={"auto": None, "on": True, "off": False}[args.overlap],
     )
 
 
@@ -218,6 +218,13 @@ def run_cell(model, prompts, method: str, batch: int, output_len: int, temperatu
         cuda_graphs=stats.get("cuda_graphs"),
         stats=stats, tokens=r["tokens"],
     )
+    if stats.get("graph_steps") and stats.get("graph_seconds"):
+        # decode steps only (the graphed ones: no prefill chunk), what the step-floor target is about
+        g_floor = floor_seconds(stats["graph_steps"], stats["graph_kv_tokens_read"], ctx["weight_bytes"],
+                                ctx["kv_bytes_per_token"], ctx["bandwidth"])
+        rec.update(decode_step_ms=1e3 * stats["graph_seconds"] / stats["graph_steps"],
+                   decode_floor_step_ms=1e3 * g_floor / stats["graph_steps"],
+                   decode_floor_fraction=g_floor / stats["graph_seconds"])
     return rec
 
 
@@ -334,8 +341,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="the runtime's compiler (default: inductor on the GPU, eager on the CPU)")
     ap.add_argument("--cuda-graphs", default=None, choices=["auto", "on", "off", "pad"],
                     help="the runtime's CUDA-graph mode (default: SparseSpecConfig's)")
-    ap.add_argument("--overlap", action="store_true",
-                    help="host/device overlap with delayed verification (SparseSpecConfig.overlap) for the runtime")
+    ap.add_argument("--overlap", default="auto", choices=["auto", "on", "off"],
+                    help="host/device overlap with delayed verification (SparseSpecConfig.overlap; auto: on for one "
+                         "CUDA device, stride > 0)")
     ap.add_argument("--warmup-tokens", type=int, default=32, help="tokens per request of each runtime warm-up")
     ap.add_argument("--hf-max-tokens", type=int, default=128,
                     help="tokens per request of the HF baselines (capped at the output length)")

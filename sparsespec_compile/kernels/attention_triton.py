@@ -187,10 +187,13 @@ def _merge_kernel(out, lse, part_acc, part_m, part_l, query_start_loc, R, T_pad,
 
 
 def _tuning_configs():
-    # Decode is bound by the gathered K/V loads: key-tile width and prefetch depth are what matter. Two configs
-    # only: each (head dim, group, block, split/sparse) variant compiles every config (~2-4 s each).
+    # Decode is bound by the gathered K/V loads: key-tile width, warps and prefetch depth decide how many bytes are
+    # in flight. Chosen by a sweep on the H200 (bench/attn_sweep.py, bench/RESULTS.md): SmolLM2 (d64) decode at
+    # B 64 is fastest with N64/2 warps/4 stages up to L 4k and N128/4/4 at 8k; the mixed draft + verify step with
+    # N128/4/2; Qwen3-8B (d128) with N64/4/4. The old pair (N64w4s3, N128w8s2) was 0.50-0.62 of the floor on
+    # SmolLM2 decode where these reach 0.64-0.86. Each config compiles per variant (~2-4 s): four only.
     return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bn, w, s in ((64, 4, 3), (128, 8, 2))]
+            for bn, w, s in ((64, 2, 4), (128, 4, 4), (128, 4, 2), (64, 4, 4))]
 
 
 def _quick_bench(fn, quantiles=None):
@@ -225,11 +228,18 @@ def plan_blocks(Hq: int, Hkv: int, max_query_len: int) -> tuple[int, int]:
     return bq, gp
 
 
-def plan_splits(num_programs: int, max_seq_len: int, device: torch.device, min_keys: int = 512) -> int:
-    """Split the keys when the grid would not fill the GPU twice over, keeping >= min_keys keys per split."""
-    target = 2 * _num_sms(device)
-    if interpreting():
-        min_keys = 16
+def plan_splits(num_programs: int, max_seq_len: int, device: torch.device, head_dim: int = 128,
+                min_keys: int = 512) -> int:
+    """Split the keys until the grid has ``programs_per_sm`` programs per SM, keeping >= min_keys keys per split.
+
+    A d64 program moves half the bytes per key of a d128 one, so it needs more programs in flight: measured on the
+    H200 (bench/attn_sweep.py), SmolLM2 decode at B 64 (192 programs unsplit) was fastest at 4 splits up to L 4k
+    and 8 at L 8k (0.64-0.86 of the floor vs 0.50-0.62 with the old 2-per-SM target), while Qwen3-8B (d128) at
+    B 32 L 4k is within 3% from 1 to 4 splits."""
+    programs_per_sm = 8 if head_dim <= 64 else 2
+    if interpreting():  # tests: small, so they still exercise the split path, and few programs (interpreter time)
+        min_keys, programs_per_sm = 16, 2
+    target = programs_per_sm * _num_sms(device)
     if num_programs >= target or max_seq_len < 2 * min_keys:
         return 1
     want = min(math.ceil(target / num_programs), max_seq_len // min_keys, 32)
@@ -253,13 +263,14 @@ def unified_attention_triton(q, k_cache, v_cache, *, query_start_loc, seq_lens, 
     bq, gp = plan_blocks(Hq, Hkv, max_query_len)
     n_qblocks = T // bq + R
     has_sparse = is_sparse is not None
-    splits = num_splits or plan_splits(n_qblocks * Hkv if max_query_len > bq else R * Hkv, max_seq_len, q.device)
+    splits = num_splits or plan_splits(n_qblocks * Hkv if max_query_len > bq else R * Hkv, max_seq_len, q.device,
+                                       head_dim=D)
     if num_splits is None and has_sparse and max_query_len > 1:
         # A mixed step (sparse drafts next to verify/prefill chunks): the drafts' key ranges are ~B_pillar long,
-        # the full rows' max_seq_len. Measured on the H200 (bench/RESULTS.md): 56 drafts + 8 verify rows at
-        # L = 16k took 1.125 ms in one launch with the program-count plan (1 split: each verify program walked
-        # 16k keys alone) vs 0.297 ms as two launches. Cap the keys per program instead (not re-measured).
-        splits = max(splits, min(32, triton.next_power_of_2(triton.cdiv(max_seq_len, 2048))))
+        # the full rows' max_seq_len, so the few verify programs set the time. Cap the keys per program at 512:
+        # measured on the H200 (bench/attn_sweep.py), 57 SmolLM2 drafts + 7 verify chunks ran fastest at 4 splits
+        # for L 2k and 8 for L 4k (0.032 / 0.044 ms vs 0.064 / 0.115 ms with the old 2,048-key cap).
+        splits = max(splits, min(32, triton.next_power_of_2(triton.cdiv(max_seq_len, 512))))
     if not has_sparse:  # dummies, never read (HAS_SPARSE is a constexpr)
         is_sparse = draft_start = pillar_lengths = pillar_rows = seq_lens
         pillar_indices = block_tables[:, None, :]
