@@ -39,6 +39,9 @@ log = logging.getLogger("sparsespec.runtime")
 class EngineStats:
     steps: int = 0
     forward_tokens: int = 0
+    # Requests in each step, summed: / steps = the mean batch a step actually ran. A closed batch of speculative
+    # requests drains unevenly (a request that accepts little needs more steps), so the last steps run nearly empty.
+    request_steps: int = 0
     output_tokens: int = 0
     seconds: float = 0.0
     cycles: int = 0
@@ -184,6 +187,7 @@ class Engine:
         self._after_update(plan)
         self.stats.steps += 1
         self.stats.forward_tokens += plan.num_tokens
+        self.stats.request_steps += len(plan.entries)
         kv_read = self._kv_tokens_read(plan)
         self.stats.kv_tokens_read += kv_read
         self.stats.output_tokens += sum(len(e.request.output_token_ids) for e in plan.entries) - before
@@ -224,6 +228,7 @@ class Engine:
                 self._launched_structure(launched)
                 self.stats.steps += 1
                 self.stats.forward_tokens += plan.num_tokens
+                self.stats.request_steps += len(plan.entries)
                 kv_read = self._kv_tokens_read(plan)
                 self.stats.kv_tokens_read += kv_read
                 if self.stats.graph_steps > graph_steps_before:

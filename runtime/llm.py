@@ -166,6 +166,7 @@ class LLM:
             "steps": s.steps,
             "output_tokens": s.output_tokens,
             "forward_tokens": s.forward_tokens,
+            "mean_requests_per_step": s.request_steps / s.steps if s.steps else 0.0,
             "seconds": s.seconds,
             "tokens_per_s": s.output_tokens / s.seconds if s.seconds else 0.0,
             "graph_steps": s.graph_steps,

@@ -47,6 +47,7 @@ def test_records_have_the_fields(run):
     by = {(r["batch"], r["method"]): r for r in records}
     assert by[(2, "pillar")]["mean_accepted"] is not None and by[(2, "pillar")]["cycles"] > 0
     assert by[(2, "stride0")]["kv_tokens_read"] > 0
+    assert 1 <= by[(2, "pillar")]["mean_requests_per_step"] <= 2  # batch occupancy: at most the batch
 
 
 def test_greedy_outputs_identical(run):
@@ -113,3 +114,12 @@ def test_divergence_margins_measure_the_tie_where_two_runs_part():
     with torch.no_grad():
         logits = model(torch.tensor([prompts[1] + ref[1][:3]])).logits[0, -1]
     assert m["gap"] == pytest.approx(float(logits[ref[1][3]] - logits[other[1][3]]), abs=1e-5)
+
+
+def test_one_cell_is_drawn_as_bars(run, tmp_path):
+    """A run of one batch size and one output length (what a 10-minute device call fits) still gets a PNG."""
+    pytest.importorskip("matplotlib")
+    _, _, result = run
+    one = {**result, "records": [r for r in result["records"] if r["batch"] == 2]}
+    png = benchmark.plot_results(one, tmp_path / "one.png")
+    assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

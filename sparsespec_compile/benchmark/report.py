@@ -92,8 +92,8 @@ def _agreement(r: dict) -> str:
 
 def plot_results(result: dict | str | Path, out_png: str | Path) -> Path | None:
     """PNG of tokens/s vs batch size (largest output length) and vs output length (largest batch), one line per
-    method and temperature; an axis with a single point is left out. None (with a warning) without matplotlib or
-    without any axis to draw. Usable on a saved JSON: ``plot_results("e2e.json", "e2e.png")``."""
+    method and temperature; an axis with a single point is left out; a single cell is drawn as bars per method.
+    None (with a warning) without matplotlib or without a successful run. Usable on a saved JSON: ``plot_results("e2e.json", "e2e.png")``."""
     if not isinstance(result, dict):
         result = json.loads(Path(result).read_text())
     try:
@@ -115,9 +115,8 @@ def plot_results(result: dict | str | Path, out_png: str | Path) -> Path | None:
     if len(lens) > 1:
         panels.append(("output_len", "output length (tokens per request)",
                        [r for r in ok if r["batch"] == batches[-1]], f"batch {batches[-1]}"))
-    if not panels:
-        print("warning: a single batch size and output length: nothing to plot", file=sys.stderr)
-        return None
+    if not panels:  # one cell: tokens/s per method as bars, with the step time and its floor fraction
+        return _plot_one_cell(plt, result, ok, out_png)
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
     for ax, (key, label, rows, fixed) in zip(axes[0], panels):
         series: dict[tuple, list] = {}
@@ -141,6 +140,40 @@ def plot_results(result: dict | str | Path, out_png: str | Path) -> Path | None:
         ax.legend(fontsize=8)
     env = result["environment"]
     fig.suptitle(f"{env['model']} on {env['device']}", fontsize=10)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png
+
+
+def _plot_one_cell(plt, result: dict, rows: list[dict], out_png: str | Path) -> Path | None:
+    if not rows:
+        print("warning: no successful run: nothing to plot", file=sys.stderr)
+        return None
+    rows = sorted(rows, key=lambda r: (METHODS.index(r["method"]), r["temperature"]))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    names = [f"{r['method']}\nT={r['temperature']:g}" for r in rows]
+    bars = ax.bar(range(len(rows)), [r["tokens_per_s"] for r in rows],
+                  color=[f"C{METHODS.index(r['method'])}" for r in rows])
+    for b, r in zip(bars, rows):
+        note = f"{r['tokens_per_s']:,.0f} tok/s"
+        if r.get("step_ms") is not None:
+            note += f"\n{r['step_ms']:.2f} ms/step"
+        if r.get("mean_accepted") is not None:
+            note += f"\nacc {r['mean_accepted']:.2f}/{r['stride']}"
+        if r["method"] in HF_METHODS:
+            note += f"\n({r['generated_per_request']} tok/req)"
+        ax.annotate(note, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(rows)), names, fontsize=8)
+    ax.set_ylabel("output tokens/s")
+    ax.set_ylim(0, 1.3 * max(r["tokens_per_s"] for r in rows))
+    r0 = rows[0]
+    env = result["environment"]
+    ax.set_title(f"{env['model']} on {env['device']}\nbatch {r0['batch']}, {r0['output_len']} tokens/request",
+                 fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)

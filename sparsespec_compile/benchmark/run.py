@@ -210,7 +210,7 @@ def run_cell(model, prompts, method: str, batch: int, output_len: int, temperatu
         floor_step_ms=1e3 * floor / steps if steps else None, floor_fraction=floor / seconds,
         mean_accepted=stats.get("mean_accepted") if not hf and method != "stride0" else None,
         per_position_acceptance=stats.get("per_position_acceptance") if method in ("pillar", "streaming") else None,
-        cycles=stats.get("cycles"), stride=0 if hf or method == "stride0" else args.stride,
+        cycles=stats.get("cycles"), mean_requests_per_step=stats.get("mean_requests_per_step"), stride=0 if hf or method == "stride0" else args.stride,
         gpu_busy_seconds=stats.get("gpu_busy_seconds"), graph_steps=stats.get("graph_steps"),
         idle_fraction=_idle_fraction(stats, seconds),
         peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
