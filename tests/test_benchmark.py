@@ -123,3 +123,21 @@ def test_one_cell_is_drawn_as_bars(run, tmp_path):
     one = {**result, "records": [r for r in result["records"] if r["batch"] == 2]}
     png = benchmark.plot_results(one, tmp_path / "one.png")
     assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_requests_per_slot_keeps_the_slots_filled(tmp_path):
+    """--requests-per-slot 2: twice the requests through the same batch slots (max_num_seqs = batch), every one
+    finishes with all its tokens, a step never runs more than the batch, and greedy output still equals HF's."""
+    argv = ["--model", "tiny-random", "--device", "cpu", "--batch-sizes", "2", "--requests-per-slot", "2",
+            "--output-lens", "6", "--prompt-len", "10", "--methods", "hf_eager", "stride0", "pillar",
+            "--temperature", "0", "--compiler", "eager", "--stride", "2", "--min-budget", "4", "--recent", "2",
+            "--hf-max-tokens", "6", "--warmup-tokens", "2", "--save-tokens", "--out", str(tmp_path)]
+    assert benchmark.main(argv) == 0
+    by = {r["method"]: r for r in json.loads((tmp_path / benchmark.JSON_NAME).read_text())["records"]}
+    assert by["hf_eager"]["requests"] == 2 and len(by["hf_eager"]["tokens"]) == 2
+    for m in ("stride0", "pillar"):
+        r = by[m]
+        assert r["status"] == "ok" and r["requests"] == 4 and r["output_tokens"] == 4 * 6
+        assert 0 < r["mean_requests_per_step"] <= 2
+        assert r["tokens"][:2] == by["hf_eager"]["tokens"]
+    assert by["pillar"]["tokens"] == by["stride0"]["tokens"]

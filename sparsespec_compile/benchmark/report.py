@@ -24,6 +24,12 @@ def _fmt(x, spec: str = ".2f", none: str = "–") -> str:
     return none if x is None else format(x, spec)
 
 
+def _batch(r: dict) -> str:
+    """Batch slots, and the request count when a queue kept them filled (--requests-per-slot > 1)."""
+    n = r.get("requests", r["batch"])
+    return str(r["batch"]) if n == r["batch"] else f"{r['batch']} ({n} requests)"
+
+
 def _decode(r: dict) -> str:
     """Graphed (decode-only) step time and its floor fraction: the prefill chunks are out of these."""
     if r.get("decode_step_ms") is None:
@@ -50,7 +56,7 @@ def markdown_table(result: dict) -> str:
         acc = None if r.get("mean_accepted") is None else f"{r['mean_accepted']:.2f} of {r['stride']}"
         peak = None if r.get("peak_memory_bytes") is None else r["peak_memory_bytes"] / 2**30
         lines.append(
-            f"| {r['method']} | {r['batch']} | {r['prompt_len_mean']:.0f} | {tokens} | {r['temperature']} | "
+            f"| {r['method']} | {_batch(r)} | {r['prompt_len_mean']:.0f} | {tokens} | {r['temperature']} | "
             f"{r['tokens_per_s']:.1f} | {_fmt(r.get('speedup_vs_stride0'))} | {_fmt(r.get('speedup_vs_hf_eager'))} | "
             f"{_fmt(r['step_ms'], '.3f')} | {_fmt(r['floor_step_ms'], '.3f')} | {r['floor_fraction']:.3f} | "
             f"{_decode(r)} | {acc or '–'} | {_fmt(r.get('idle_fraction'))} | {_fmt(peak)} | "

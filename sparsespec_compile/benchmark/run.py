@@ -65,25 +65,29 @@ def max_positions(model) -> int:
     return int(getattr(text, "max_position_embeddings", 0) or 0)
 
 
-def load_prompts(path: Path | None, tok, vocab_size: int, batch: int, prompt_len: int, seed: int) -> tuple[
-        list[list[int]], str]:
-    """``batch`` token-id prompts and where they came from: the first GSM8K questions through the chat template
-    when a tokenizer and the file exist, else random tokens (``prompt_len`` each, same seed every cell)."""
+def load_prompts(path: Path | None, tok, vocab_size: int, batch: int, prompt_len: int, seed: int,
+                 num_requests: int | None = None) -> tuple[list[list[int]], str]:
+    """``num_requests`` (default ``batch``) token-id prompts and where they came from: the first GSM8K questions
+    through the chat template when a tokenizer and the file has ``batch`` of them (repeated in order past the
+    file's end), else random tokens (``prompt_len`` each, same seed every cell)."""
+    n = num_requests or batch
     if tok is not None and path is not None and path.is_file():
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if len(rows) >= batch:
             prompts = []
-            for r in rows[:batch]:
+            for i in range(n):
+                r = rows[i % len(rows)]
                 text = (r.get("question") or r.get("problem")) + "\nAnswer step by step."
                 enc = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                               tokenize=True)
                 prompts.append(list(enc["input_ids"] if hasattr(enc, "keys") else enc))
-            return prompts, f"{path.name} (first {batch}, chat template)"
+            what = f"first {n}" if n <= len(rows) else f"{len(rows)} repeated to {n}"
+            return prompts, f"{path.name} ({what}, chat template)"
         print(f"warning: {path} has {len(rows)} prompts for a batch of {batch}: random-token prompts instead",
               file=sys.stderr)
     g = torch.Generator().manual_seed(seed)
     low = min(10, vocab_size // 4)  # keep clear of the special tokens at the start of most vocabularies
-    ids = torch.randint(low, vocab_size - low, (batch, prompt_len), generator=g)
+    ids = torch.randint(low, vocab_size - low, (n, prompt_len), generator=g)
     return ids.tolist(), f"random tokens ({prompt_len} each)"
 
 
@@ -115,8 +119,10 @@ def runtime_config(method: str, args, batch: int, prompts: list[list[int]], outp
     from .. import SparseSpecConfig
 
     stride = 0 if method == "stride0" else args.stride
-    # KV pages for every request's whole context (+ a verify chunk's overshoot), so nothing is preempted.
-    pages = sum(-(-(len(p) + output_len + stride + 2) // args.page_size) for p in prompts) + 16
+    # KV pages for the whole context of `batch` requests at once (+ a verify chunk's overshoot): nothing is
+    # preempted; with more requests than slots, a finished request's pages go to the next one.
+    per_request = sorted((-(-(len(p) + output_len + stride + 2) // args.page_size) for p in prompts), reverse=True)
+    pages = sum(per_request[:batch]) + 16
     return SparseSpecConfig(
         stride=stride, draft=DRAFT_OF[method], sparsity=args.sparsity, min_budget=args.min_budget,
         recent=min(args.recent, args.min_budget), compiler=args.compiler, page_size=args.page_size, num_pages=pages,
@@ -126,10 +132,10 @@ def runtime_config(method: str, args, batch: int, prompts: list[list[int]], outp
     )
 
 
-def run_runtime(model, prompts, method: str, output_len: int, temperature: float, args, device) -> dict:
+def run_runtime(model, prompts, method: str, batch: int, output_len: int, temperature: float, args, device) -> dict:
     from .. import LLM, SamplingParams
 
-    cfg = runtime_config(method, args, len(prompts), prompts, output_len)
+    cfg = runtime_config(method, args, batch, prompts, output_len)
     sampling = dict(temperature=temperature, top_p=args.top_p if temperature > 0 else 1.0, ignore_eos=True)
     llm = LLM(model, cfg)
     try:
@@ -173,12 +179,15 @@ def run_cell(model, prompts, method: str, batch: int, output_len: int, temperatu
     """One timed run; returns its record (``tokens`` kept for the greedy comparisons, dropped from the JSON unless
     ``--save-tokens``)."""
     device = ctx["device"]
+    hf = method in HF_METHODS
+    if hf:  # HF generate runs one batch: the first `batch` prompts (its tokens/s is per that batch)
+        prompts = prompts[:batch]
     prompt_lens = [len(p) for p in prompts]
-    rec: dict[str, Any] = {"method": method, "batch": batch, "output_len": output_len, "temperature": temperature,
+    rec: dict[str, Any] = {"method": method, "batch": batch, "requests": len(prompts), "output_len": output_len,
+                           "temperature": temperature,
                            "prompt_len_mean": sum(prompt_lens) / len(prompt_lens), "prompt_len_max": max(prompt_lens)}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    hf = method in HF_METHODS
     generated = min(args.hf_max_tokens, output_len) if hf else output_len
     rec["generated_per_request"] = generated
     if hf:
@@ -186,7 +195,7 @@ def run_cell(model, prompts, method: str, batch: int, output_len: int, temperatu
         steps, stats = r["steps"], {}
         kv_read, kv_source = plain_kv_tokens_read(prompt_lens, generated), "estimated"
     else:
-        r = run_runtime(model, prompts, method, output_len, temperature, args, device)
+        r = run_runtime(model, prompts, method, batch, output_len, temperature, args, device)
         stats, steps = r["stats"], r["stats"]["steps"]
         if stats.get("kv_tokens_read") is not None:
             kv_read, kv_source = stats["kv_tokens_read"], "runtime"
@@ -324,6 +333,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=None,
                     help="default: all (hf_static_compile only on the GPU)")
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[16, 32, 64])
+    ap.add_argument("--requests-per-slot", type=int, default=1,
+                    help="requests per batch slot (the runtime's max_num_seqs = batch): 1 = a closed batch that "
+                         "drains as requests finish; 2+ keeps the slots filled from a queue (continuous batching, "
+                         "what a server sees). HF runs the first `batch` prompts only")
     ap.add_argument("--output-lens", nargs="+", type=int, default=[1024],
                     help="tokens generated per request (the context-length axis)")
     ap.add_argument("--prompt-len", type=int, default=512, help="random-token prompt length (no prompt file)")
@@ -360,6 +373,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.compiler = args.compiler or ("inductor" if args.device.startswith("cuda") else "eager")
     if args.recent > args.min_budget:
         ap.error(f"--recent {args.recent} must be <= --min-budget {args.min_budget}")
+    if args.requests_per_slot < 1:
+        ap.error(f"--requests-per-slot {args.requests_per_slot} must be >= 1")
     return args
 
 
@@ -387,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     for output_len, batch, temperature, method in cells(args, methods):
         if batch not in prompt_cache:
             prompt_cache[batch], result["prompts"] = load_prompts(args.prompts, tok, model.config.vocab_size, batch,
-                                                                  args.prompt_len, args.seed)
+                                                                  args.prompt_len, args.seed,
+                                                                  batch * args.requests_per_slot)
         prompts = prompt_cache[batch]
         base = {"method": method, "batch": batch, "output_len": output_len, "temperature": temperature}
         elapsed = time.perf_counter() - t_start
