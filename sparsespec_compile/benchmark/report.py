@@ -146,6 +146,10 @@ def plot_results(result: dict | str | Path, out_png: str | Path) -> Path | None:
         ax.legend(fontsize=8)
     env = result["environment"]
     fig.suptitle(f"{env['model']} on {env['device']}", fontsize=10)
+    return _save(plt, fig, out_png)
+
+
+def _save(plt, fig, out_png: str | Path) -> Path:
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
@@ -180,12 +184,7 @@ def _plot_one_cell(plt, result: dict, rows: list[dict], out_png: str | Path) -> 
     ax.set_title(f"{env['model']} on {env['device']}\nbatch {r0['batch']}, {r0['output_len']} tokens/request",
                  fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return _save(plt, fig, out_png)
 
 
 def _json_ready(records: list[dict], save_tokens: bool) -> list[dict]:
