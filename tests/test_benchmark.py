@@ -141,3 +141,21 @@ def test_requests_per_slot_keeps_the_slots_filled(tmp_path):
         assert 0 < r["mean_requests_per_step"] <= 2
         assert r["tokens"][:2] == by["hf_eager"]["tokens"]
     assert by["pillar"]["tokens"] == by["stride0"]["tokens"]
+
+
+def test_oversubscribed_kv_pool_finishes_every_request_losslessly(tmp_path):
+    """--kv-pool-fraction 0.5 (2x oversubscription): the device pool holds half the batch's demand; every request
+    still finishes with all its tokens and greedy output equals HF's (offload restores KV, never recomputes it)."""
+    argv = ["--model", "tiny-random", "--device", "cpu", "--batch-sizes", "3", "--kv-pool-fraction", "0.5",
+            "--page-size", "4", "--output-lens", "8", "--prompt-len", "10", "--methods", "hf_eager", "stride0",
+            "pillar", "--temperature", "0", "--compiler", "eager", "--stride", "2", "--min-budget", "4",
+            "--recent", "2", "--hf-max-tokens", "8", "--warmup-tokens", "2", "--save-tokens", "--out", str(tmp_path)]
+    assert benchmark.main(argv) == 0
+    by = {r["method"]: r for r in json.loads((tmp_path / benchmark.JSON_NAME).read_text())["records"]}
+    demand = 3 * -(-(10 + 8 + 2 + 2) // 4)  # pages for every request's whole context (pillar's stride 2)
+    for m in ("stride0", "pillar"):
+        r = by[m]
+        assert r["status"] == "ok" and r["output_tokens"] == 3 * 8 and r["kv_pool_fraction"] == 0.5
+        assert r["kv_pages"] <= -(-demand // 2)
+        assert r["tokens"] == by["hf_eager"]["tokens"], m
+    assert by["stride0"]["offloads"] + by["pillar"]["offloads"] > 0  # the pool really ran short

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import platform
 import shlex
 import sys
@@ -123,6 +124,9 @@ def runtime_config(method: str, args, batch: int, prompts: list[list[int]], outp
     # preempted; with more requests than slots, a finished request's pages go to the next one.
     per_request = sorted((-(-(len(p) + output_len + stride + 2) // args.page_size) for p in prompts), reverse=True)
     pages = sum(per_request[:batch]) + 16
+    if args.kv_pool_fraction < 1.0:  # oversubscribed: the pool holds this share of the demand (at least one
+        # request), and the dynamic KV cache offloads whole requests to the host pool when it runs short
+        pages = max(math.ceil(args.kv_pool_fraction * sum(per_request[:batch])), per_request[0])
     return SparseSpecConfig(
         stride=stride, draft=DRAFT_OF[method], sparsity=args.sparsity, min_budget=args.min_budget,
         recent=min(args.recent, args.min_budget), compiler=args.compiler, page_size=args.page_size, num_pages=pages,
@@ -219,7 +223,11 @@ def run_cell(model, prompts, method: str, batch: int, output_len: int, temperatu
         floor_step_ms=1e3 * floor / steps if steps else None, floor_fraction=floor / seconds,
         mean_accepted=stats.get("mean_accepted") if not hf and method != "stride0" else None,
         per_position_acceptance=stats.get("per_position_acceptance") if method in ("pillar", "streaming") else None,
-        cycles=stats.get("cycles"), mean_requests_per_step=stats.get("mean_requests_per_step"), stride=0 if hf or method == "stride0" else args.stride,
+        cycles=stats.get("cycles"), mean_requests_per_step=stats.get("mean_requests_per_step"),
+        kv_pool_fraction=None if hf else args.kv_pool_fraction,
+        kv_pages=r["config"].num_pages if not hf else None,
+        offloads=None if hf else sum(m.get("offloads", 0) for m in r["metrics"]),
+        preemptions=None if hf else sum(m.get("preemptions", 0) for m in r["metrics"]), stride=0 if hf or method == "stride0" else args.stride,
         gpu_busy_seconds=stats.get("gpu_busy_seconds"), graph_steps=stats.get("graph_steps"),
         idle_fraction=_idle_fraction(stats, seconds),
         peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
@@ -333,6 +341,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=None,
                     help="default: all (hf_static_compile only on the GPU)")
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[16, 32, 64])
+    ap.add_argument("--kv-pool-fraction", type=float, default=1.0,
+                    help="device KV pool as a share of the batch's whole-context demand: 1.0 = nothing is ever "
+                         "offloaded; 0.5 = 2x oversubscription (requests are offloaded to the host pool and "
+                         "restored, never recomputed while the host pool has room)")
     ap.add_argument("--requests-per-slot", type=int, default=1,
                     help="requests per batch slot (the runtime's max_num_seqs = batch): 1 = a closed batch that "
                          "drains as requests finish; 2+ keeps the slots filled from a queue (continuous batching, "
@@ -373,6 +385,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.compiler = args.compiler or ("inductor" if args.device.startswith("cuda") else "eager")
     if args.recent > args.min_budget:
         ap.error(f"--recent {args.recent} must be <= --min-budget {args.min_budget}")
+    if not 0.0 < args.kv_pool_fraction <= 1.0:
+        ap.error(f"--kv-pool-fraction {args.kv_pool_fraction} must be in (0, 1]")
     if args.requests_per_slot < 1:
         ap.error(f"--requests-per-slot {args.requests_per_slot} must be >= 1")
     return args
