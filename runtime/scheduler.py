@@ -40,6 +40,8 @@ from .request import Request, RequestState
 from .step_plan import StepEntry, StepKind, StepPlan, SwapOp  # noqa: F401  (re-exported)
 
 log = logging.getLogger("sparsespec.runtime")
+# States a request that was running leaves it for (evicted: preempted or offloaded; finished)
+_NOT_RUNNING = (RequestState.WAITING, RequestState.SWAPPED, RequestState.FINISHED)  # a tuple: `in` is identity
 
 
 class Scheduler:
@@ -141,8 +143,8 @@ class Scheduler:
     def _schedule_running(self, plan: StepPlan) -> int:
         budget = self.max_num_batched_tokens
         for r in [r for r in self.running if r.is_decoding]:
-            if r not in self.running:
-                continue  # evicted earlier in this loop
+            if r.state in _NOT_RUNNING:
+                continue  # evicted earlier in this loop (state, not `in self.running`: that is O(batch) per request)
             if r.state is RequestState.STALL:
                 if r.request_id in self._held or self._stall_step[r.request_id] >= self.step:
                     continue
@@ -158,7 +160,7 @@ class Scheduler:
                 self._evict(younger[-1] if younger else r, plan)
                 if not younger:
                     break
-            if r not in self.running:
+            if r.state in _NOT_RUNNING:
                 continue
             plan.entries.append(e)
             budget -= e.num_tokens
@@ -412,6 +414,8 @@ class Scheduler:
         """Bring swapped requests back, oldest admitted first and none overtaking another, while their pages plus
         every running decode request's growth this step fit in the free pages (always when nothing runs:
         ``check`` guarantees one request's worst case fits the pool)."""
+        if not self.swapped:  # the usual case: skip the growth sum over every running request (host time per step)
+            return
         growth = sum(max(0, self.allocator.blocks_for(self._next_seq_len(o)) - len(o.block_table))
                      for o in self.running if o.is_decoding)
         for r in sorted(self.swapped, key=lambda x: x.admit_order):
