@@ -127,8 +127,9 @@ class Engine:
         if graphs != "off":
             self.graphs = StepGraphs(compiled, self.kv, self.pillars, config, self.sliding_windows, self.impl,
                                      self.device, num_layers, capture=graphs == "on")
-        # overlap: the launched step whose results are still on the device (read during the next step)
-        self.overlap = self.scheduler.delayed_verify  # (never at stride 0: nothing to verify)
+        # overlap: the launched step whose results are still on the device (read during the next step). At stride 0
+        # there is nothing to verify: a plain decode's token enters the next step as a placeholder instead.
+        self.overlap = self._wants_overlap(config)
         if self.overlap and self.tp_world > 1:
             raise ValueError("overlap=True is not supported with tensor parallelism yet (ranks agree on tokens "
                              "on the host every step): use overlap=False")
@@ -269,6 +270,9 @@ class Engine:
                 res.placeholders.append((r, len(r.draft_token_ids), row_of[i]))
             elif e.kind is StepKind.PREFILL and not e.num_logits:
                 now.append((e, []))
+            elif e.kind is StepKind.VERIFY and self.config.stride == 0:  # a plain decode: runs on, token pending
+                res.decodes.append((r, len(r.output_token_ids), row_of[i]))
+                self.scheduler.launch_decode(e, placeholder(row_of[i]))
             else:
                 self.scheduler.hold(r)
                 res.held.append(i)
@@ -284,6 +288,9 @@ class Engine:
         for r, idx, row in res.placeholders:
             if idx < len(r.draft_token_ids) and r.draft_token_ids[idx] == placeholder(row):
                 r.draft_token_ids[idx] = values[res.sample_rows[row]][0]
+        for r, idx, row in res.decodes:
+            if self.scheduler.confirm_decode(r, idx, placeholder(row), values[res.sample_rows[row]][0]):
+                self.stats.output_tokens += 1
         if not res.held:
             return
         ids, offsets = None, res.plan.token_offsets()
@@ -356,7 +363,9 @@ class Engine:
         values may be device-side placeholders the host does not know yet) and kept in the results."""
         rows, sample_rows, sample_logit_rows, verify_entries = 0, [], [], []
         for i, e in enumerate(plan.entries):
-            if e.num_logits and e.kind is not StepKind.VERIFY:
+            # A verify of no drafts (every plain decode at stride 0) is a plain sample from the target: one sampled
+            # row, which overlap can hand to the next step as a placeholder like a draft's.
+            if e.num_logits and (e.kind is not StepKind.VERIFY or e.num_tokens == 1):
                 sample_rows.append(i)
                 sample_logit_rows.append(rows)
             elif e.kind is StepKind.VERIFY:

@@ -7,6 +7,11 @@ token, the last token of a verify chunk). They travel as placeholders: the sched
 (``row`` = the draft's row in step i's sampled-token tensor; -1 is the verify padding), and after step i+1's inputs
 reach the device one ``index_put_`` copies the real tokens from step i's tensor. The host reads step i's results
 while the device runs step i+1, then swaps the placeholders for the values and applies the held updates.
+
+At stride 0 there is nothing to verify: a plain decode's sampled token is final, so it goes into the request's
+output at once as a placeholder (``Scheduler.launch_decode``) and is the input of its next step, like a draft; the
+stop checks wait for the value (``Scheduler.confirm_decode``), so a request that stopped has had one more step
+computed, whose token is dropped.
 """
 
 from __future__ import annotations

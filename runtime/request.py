@@ -98,6 +98,7 @@ class Request:
         self.num_cycle_drafts = 0  # j: drafts this cycle will make before verifying
         self.draft_start = 0
         self.has_pillars = False
+        self.num_pending = 0  # overlap at stride 0: trailing output tokens that are still device placeholders
         self.finish_reason: str | None = None  # "stop" | "length" | "error: ..." | "abort"
         self.metrics = RequestMetrics()
 

@@ -265,6 +265,48 @@ class Scheduler:
         for r in entering:  # after every other request's state is final, so phase loads are exact
             self._begin_cycle(r, first=True)
 
+    def launch_decode(self, e: StepEntry, token: int) -> None:
+        """Overlap at stride 0: apply plain decode ``e`` (just launched) before its token is known. ``token`` is a
+        placeholder (overlap.py) that becomes the request's last output token, so the next step runs on it (patched
+        on the device). The stop checks wait for the value (``confirm_decode``): a request that turns out to have
+        stopped has had at most one more step computed, whose token is dropped. At its length limit the request
+        sits out (held) until the value arrives."""
+        r = e.request
+        r.metrics.accepted.append(0)
+        r.metrics.drafted.append(0)
+        r.draft_start = e.start_pos
+        r.num_computed_tokens = e.start_pos + 1
+        r.output_token_ids.append(token)
+        r.num_pending += 1
+        if len(r.output_token_ids) >= r.params.max_tokens or r.num_tokens >= self.max_model_len:
+            self.hold(r)
+        else:
+            self._begin_cycle(r)
+
+    def confirm_decode(self, r: Request, idx: int, token: int, value: int) -> bool:
+        """The value of a ``launch_decode`` placeholder arrived: put it in place and apply the stop checks that
+        waited for it. False if the token is dropped (the request had already finished, or stopped before it)."""
+        if r.is_finished or idx >= len(r.output_token_ids) or r.output_token_ids[idx] != token:
+            return False
+        r.output_token_ids[idx] = value
+        r.num_pending -= 1
+        p = r.params
+        if value in p.stop_token_ids or (value in self.eos_token_ids and not p.ignore_eos):
+            del r.output_token_ids[idx + 1:]  # computed after the stop, never emitted
+            r.num_pending = 0
+            self._finish_any(r, "stop")
+        elif r.num_pending == 0 and (len(r.output_token_ids) >= p.max_tokens or r.num_tokens >= self.max_model_len):
+            self._finish_any(r, "length")
+        return True
+
+    def _finish_any(self, r: Request, reason: str) -> None:
+        """Finish ``r`` from any state (running, held, waiting after a preemption, offloaded)."""
+        self._held.discard(r.request_id)
+        self._stall_step.pop(r.request_id, None)
+        if r in self.waiting:
+            self.waiting.remove(r)
+        self._finish(r, reason)
+
     def hold(self, r: Request) -> None:
         """Overlap: ``r`` (a verify, or a prefill that ends its prompt) ran in the step just launched and its result
         is still on the device: it sits out every step until ``release`` — at least the next one, which is the

@@ -26,6 +26,8 @@ class StepResults:
     # placeholders their drafts were recorded as: (request, index in draft_token_ids, row in `sampled`)
     held: list[int] = field(default_factory=list)
     placeholders: list[tuple] = field(default_factory=list)
+    # stride 0: plain decodes applied with a placeholder output token: (request, index in output_token_ids, row)
+    decodes: list[tuple] = field(default_factory=list)
     start_event: torch.cuda.Event | None = None  # recorded before the step's first device op (GPU busy time)
     _host: list[torch.Tensor | None] | None = None
     _event: torch.cuda.Event | None = None

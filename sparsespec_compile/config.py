@@ -29,12 +29,14 @@ class SparseSpecConfig:
     max_num_seqs / max_num_batched_tokens: requests and tokens per step.
     compiler: "inductor" (default) or "eager" (run the rewritten graph without Inductor).
     attention_impl: "auto" (Triton on GPU, PyTorch reference on CPU), "reference" or "triton".
-    overlap: host/device overlap with delayed verification (stride > 0): the engine launches step i + 1 before
-        reading step i's results; a request that verified (or ended its prompt) at step i sits out step i + 1, and
-        drafts sampled at step i enter step i + 1 as placeholders patched on the device. Hides the host's per-step
-        work behind the device's, at the cost of one sit-out step per cycle (k + 2 steps instead of k + 1).
+    overlap: host/device overlap: the engine launches step i + 1 before reading step i's results. With delayed
+        verification (stride > 0) a request that verified (or ended its prompt) at step i sits out step i + 1, and
+        drafts sampled at step i enter step i + 1 as placeholders patched on the device (k + 2 steps per cycle
+        instead of k + 1). At stride 0 a plain decode's token enters the next step as such a placeholder and its
+        stop checks run one step late (a stopped request has one extra step computed and dropped).
         None (default): on for a single-GPU CUDA engine, off on the CPU and under tensor parallelism. Measured on
-        the H200 (bench/RESULTS.md): k = 8 at B 64 went from 8.0% to 0.8% GPU idle and 1.43x the tokens/s.
+        the H200 (bench/RESULTS.md): k = 8 at B 64 went from 8.0% to 0.8% GPU idle and 1.40x the tokens/s; at
+        stride 0, where the synchronous engine left the GPU 17% idle, it is not yet measured.
     offload: under KV page pressure, offload whole requests to a host pool and restore them later (no recompute);
         False: recompute preemption (drop the KV, re-prefill later).
     host_kv_pages: host pool size in pages (None: as many as the device pool, at most a quarter of free host

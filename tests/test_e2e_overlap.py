@@ -70,3 +70,57 @@ def test_overlap_is_refused_with_tensor_parallel_ranks(monkeypatch):
     monkeypatch.setattr(engine, "local_kv_heads", lambda heads, world: heads)
     with pytest.raises(ValueError, match="overlap=True is not supported with tensor parallelism"):
         _llm(_model("llama", "sdpa"))
+
+
+# ---- stride 0: a plain decode's token enters the next step as a placeholder ------------------------------------
+@pytest.mark.parametrize("graphs", ["off", "pad"])
+def test_stride_zero_overlapped_equals_hf_greedy_one_step_per_token(graphs):
+    """Nothing is held at stride 0 except a prompt's first token: 20 tokens take 19 decode steps + the prefill + the
+    one step the prefill's request sits out (+ the last step's drain), never one step per token more."""
+    model = _model("llama", "sdpa")
+    ref = [hf_greedy(model, p, 20) for p in PROMPTS]
+    llm = _llm(model, stride=0, cuda_graphs=graphs)
+    assert llm.engine.overlap
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=20, ignore_eos=True), use_tqdm=False)
+    assert [o.token_ids for o in outs] == ref and [o.finish_reason for o in outs] == ["length"] * 3
+    s = llm.stats()
+    assert s["output_tokens"] == 60 and s["steps"] <= 22
+    assert not llm.engine.has_unfinished() and llm.engine._inflight is None
+
+
+def test_stride_zero_overlapped_stops_like_hf_though_the_next_step_ran():
+    """The step after a stop token was launched before the token was known: its token is computed and dropped,
+    the output ends exactly at the stop (EOS from the generation config, and a stop_token_ids entry)."""
+    model = _model("llama", "sdpa")
+    ref = hf_greedy(model, PROMPTS[2], 20)
+    out = _llm(model, stride=0).generate([PROMPTS[2]], SamplingParams(max_tokens=20, stop_token_ids=[ref[6]]),
+                                         use_tqdm=False)[0]
+    assert out.finish_reason == "stop" and out.token_ids == ref[: ref.index(ref[6]) + 1]
+    model.generation_config.eos_token_id = ref[9]
+    outs = _llm(model, stride=0).generate([PROMPTS[2], PROMPTS[0]], SamplingParams(max_tokens=20), use_tqdm=False)
+    assert outs[0].finish_reason == "stop" and outs[0].token_ids == ref[: ref.index(ref[9]) + 1]
+    assert all(t >= 0 for o in outs for t in o.token_ids)
+
+
+def test_stride_zero_overlapped_sampling_equals_the_synchronous_engine():
+    """Each request samples from its own seeded generator in the same order either way: overlap changes when the
+    host reads a token, not which token is drawn."""
+    model = _model("llama", "sdpa")
+    params = [SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=11 + i) for i in range(3)]
+    runs = [[o.token_ids for o in _llm(model, stride=0, overlap=ov).generate(PROMPTS, params, use_tqdm=False)]
+            for ov in (True, False)]
+    assert runs[0] == runs[1] and all(0 < len(t) <= 12 for t in runs[0])
+
+
+def test_stride_zero_overlapped_under_kv_pressure_equals_hf_greedy():
+    """A request evicted (offloaded or preempted) while its last token is still a placeholder resumes with the real
+    token: with a pool of about one request and six requests, outputs equal HF greedy."""
+    model = _model("llama", "sdpa")
+    prompts = [[5, 6, 7, 8, 9], [12, 13, 14, 15, 16, 17, 18], list(range(20, 31)), [40, 41, 42, 43, 44, 45]]
+    ref = [hf_greedy(model, p, 16) for p in prompts]
+    for host_pages in (64, 1):  # offload, then recompute preemption (host pool too small)
+        llm = _llm(model, stride=0, num_pages=8, host_kv_pages=host_pages)
+        outs = llm.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)
+        assert [o.token_ids for o in outs] == ref, host_pages
+        sched = llm.engine.scheduler
+        assert sched.num_swap_outs + sched.num_recomputes > 0
