@@ -2,7 +2,8 @@
 
     python3 bench/gpu_graph_check.py --out $OUT [--runs NAME ...]
 
-Each run: ``name  stride graphs compiler batch prompt_len max_tokens [on]`` (on: host/device overlap). Checks, in one process:
+Each run: ``name  stride graphs compiler batch prompt_len max_tokens [on] [fuse]`` (on: host/device overlap;
+fuse: ``fuse_projections=True``). Checks, in one process:
 
 * graphs="on" replays exactly what graphs="pad" computes eagerly (same padded shapes, same kernels): the greedy
   tokens must be identical — any difference is a capture bug, not rounding;
@@ -115,14 +116,14 @@ def main() -> None:
     prompts_by: dict[tuple[int, int], list[list[int]]] = {}
     for spec in args.runs:
         name, stride, graphs, compiler, batch, plen, ntok, *rest = spec.split()
-        overlap = "on" in rest
+        overlap, fuse = "on" in rest, "fuse" in rest
         stride, batch, plen, ntok = int(stride), int(batch), int(plen), int(ntok)
         prompts = prompts_by.setdefault((batch, plen), [torch.randint(10, 49000, (plen,), generator=g).tolist()
                                                         for _ in range(batch)])
         torch._dynamo.reset()
         t_build = time.perf_counter()
         llm = LLM(model, SparseSpecConfig(stride=stride, compiler=compiler, cuda_graphs=graphs, min_budget=128,
-                                          overlap=overlap,
+                                          overlap=overlap, fuse_projections=fuse,
                                           num_pages=batch * (plen + ntok + 64) // 16 + 64, max_num_seqs=batch,
                                           max_num_batched_tokens=max(2048, batch * (stride + 1))))
         params = SamplingParams(max_tokens=ntok, ignore_eos=True)

@@ -60,7 +60,8 @@ class LLM:
         if compiled is None:
             import sparsespec_compile  # noqa: F401  (registers the backend)
 
-            compiled = torch.compile(model, backend="sparsespec", options={"compiler": self.config.compiler})
+            compiled = torch.compile(model, backend="sparsespec", options={"compiler": self.config.compiler,
+                                                                          "fuse_projections": self.config.fuse_projections})
         self.model, self.compiled, self.tokenizer = model, compiled, tokenizer
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         if eos is None:

@@ -15,6 +15,7 @@ from torch import fx
 from . import ops  # noqa: F401  (registers torch.ops.sparsespec.attention)
 from .config import SparseSpecConfig
 from .passes import PassManager, RewriteReport
+from .passes.fuse_projections import FuseProjectionsPass
 
 log = logging.getLogger("sparsespec")
 
@@ -34,19 +35,48 @@ def sparsespec_backend(
         raise TypeError(f"sparsespec backend got unexpected arguments {sorted(kwargs)}; pass knobs via options={{...}}")
     config = SparseSpecConfig.from_options(options)
     report = PassManager()(gm)
+    extra: list = []  # inputs a pass added (fused weights): appended to every call
+    if config.fuse_projections:
+        # on a copy: the pass adds graph inputs, and Dynamo reads its own graph's inputs after the backend returns
+        gm = fx.GraphModule(gm, _copy_graph(gm.graph))
+        fuse = FuseProjectionsPass()
+        fuse(gm, example_inputs)
+        report.passes.append((fuse.name, fuse.matched))
+        report.notes += fuse.notes
+        extra = fuse.extra_inputs
+        gm.graph.lint()
+        gm.recompile()
     _REPORTS.append(report)
     del _REPORTS[:-_MAX_REPORTS]
     for hook in list(_REPORT_HOOKS):
         hook(report)
     if config.compiler == "eager":
-        return gm.forward
+        return _with_extra_inputs(gm.forward, extra)
     from torch._inductor.compile_fx import compile_fx
 
     # Inductor's own config is left untouched; `mode` is honoured the way torch.compile would.
     config_patches = {"triton.cudagraphs": True} if mode in ("reduce-overhead", "max-autotune") else None
+    inputs = list(example_inputs) + extra
     if config_patches:
-        return compile_fx(gm, example_inputs, config_patches=config_patches)
-    return compile_fx(gm, example_inputs)
+        return _with_extra_inputs(compile_fx(gm, inputs, config_patches=config_patches), extra)
+    return _with_extra_inputs(compile_fx(gm, inputs), extra)
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    new = fx.Graph()
+    out = new.graph_copy(graph, {})
+    new.output(out)
+    return new
+
+
+def _with_extra_inputs(fn: Callable[..., Any], extra: list) -> Callable[..., Any]:
+    if not extra:
+        return fn
+
+    def call(*args: Any) -> Any:
+        return fn(*args, *extra)
+
+    return call
 
 
 _REPORT_HOOKS: list[Callable[[RewriteReport], None]] = []

@@ -133,6 +133,7 @@ def runtime_config(method: str, args, batch: int, prompts: list[list[int]], outp
         max_num_seqs=batch, max_num_batched_tokens=max(args.max_num_batched_tokens, stride + 1),
         **({"cuda_graphs": args.cuda_graphs} if args.cuda_graphs else {}),  # else the config's default
         overlap={"auto": None, "on": True, "off": False}[args.overlap],
+        fuse_projections=args.fuse_projections,
     )
 
 
@@ -366,6 +367,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="the runtime's compiler (default: inductor on the GPU, eager on the CPU)")
     ap.add_argument("--cuda-graphs", default=None, choices=["auto", "on", "off", "pad"],
                     help="the runtime's CUDA-graph mode (default: SparseSpecConfig's)")
+    ap.add_argument("--fuse-projections", action="store_true",
+                    help="one GEMM per q/k/v and gate/up group (SparseSpecConfig.fuse_projections)")
     ap.add_argument("--overlap", default="auto", choices=["auto", "on", "off"],
                     help="host/device overlap with delayed verification (SparseSpecConfig.overlap; auto: on for one "
                          "CUDA device, stride > 0)")
