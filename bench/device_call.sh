@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One device call of the open GPU measurements (issue 5), run from the repo root on the device machine:
+#
+#   run(command="bash bench/device_call.sh graph",  carry=[".carry/gguf.part_aa"])
+#   run(command="bash bench/device_call.sh steady", carry=[".carry/gguf.part_ab", ".carry/whl", ".carry/prompts64.jsonl"])
+#   run(command="bash bench/device_call.sh grid")   # the next calls find the GGUF and the wheel already there
+#   run(command="bash bench/device_call.sh pool")
+#
+# The machine is given back after 30 s idle: make the calls back to back, or the GGUF (98 MB, carried in two parts
+# because one call carries at most 64 MiB) must be carried again. Each phase stays under the 10-minute limit
+# (--time-budget-s cuts the last cells and says so in the JSON). Results land under $OUT; copy them to bench/data/
+# and record every figure in bench/RESULTS.md with the command, date and device.
+#
+#   graph   random SmolLM2-shaped weights (no GGUF needed): stride 0 with overlap off / on / on + fuse_projections,
+#           k = 8 with overlap / + fuse_projections, and a per-kernel profile with fuse_projections
+#   steady  SmolLM2 real weights, B 64, --requests-per-slot 2 (the batch never drains)
+#   grid    SmolLM2, B 16 and 32, temperature 0 and 0.6 (the throughput-vs-batch PNG, with the B 64 runs)
+#   pool    SmolLM2, B 64, KV pool 1.0 vs 0.5 of the demand (2x oversubscription)
+set -euo pipefail
+phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|pool}
+R=$PWD
+GG=/root/gg
+mkdir -p "$GG"
+[ -f .carry/gguf.part_aa ] && cp .carry/gguf.part_aa "$GG/"
+if [ -f .carry/gguf.part_ab ] && [ ! -f "$GG/smollm2.gguf" ]; then cat "$GG/gguf.part_aa" .carry/gguf.part_ab > "$GG/smollm2.gguf"; fi
+[ -f .carry/prompts64.jsonl ] && cp .carry/prompts64.jsonl "$GG/"
+PKG=/tmp/sparsespec_$phase
+rm -rf "$PKG"
+python3 -m pip install -q --no-deps --no-build-isolation --no-index --target "$PKG" .
+if ls .carry/whl/gguf-*.whl >/dev/null 2>&1; then cp .carry/whl/gguf-*.whl "$GG/"; fi
+if ls "$GG"/gguf-*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-deps --no-index --target "$PKG" "$GG"/gguf-*.whl; fi
+# the image lacks platformdirs; run outside the checkout so bench/kernels.py cannot shadow a package named kernels
+export PYTHONPATH=$PKG SPARSESPEC_CACHE_DIR=/root/sscache TORCHINDUCTOR_CACHE_DIR=/root/indcache PYTHONUNBUFFERED=1
+cd /tmp
+date -u
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
+bench() { timeout "$1" python3 -m sparsespec_compile.benchmark --model smollm2 --gguf "$GG/smollm2.gguf" \
+    --prompts "$GG/prompts64.jsonl" "${@:2}" 2>&1 | grep -v -i warn | grep -v '^{' | tail -12; }
+case $phase in
+  graph)
+    cp "$R/bench/gpu_graph_check.py" .
+    timeout 330 python3 gpu_graph_check.py --out "$OUT" --runs \
+      "s0_sync 0 on inductor 64 2048 256" "s0_overlap 0 on inductor 64 2048 256 on" \
+      "s0_overlap_fuse 0 on inductor 64 2048 256 on fuse" "k8_overlap 8 on inductor 64 2048 256 on" \
+      "k8_overlap_fuse 8 on inductor 64 2048 256 on fuse" 2>&1 | grep -v -i warn | tail -12
+    timeout 200 python3 gpu_graph_check.py --profile --out "$OUT" --runs "s0_fuse 0 pad inductor 64 2048 256 fuse" \
+      2>&1 | grep -v -i warn | head -30 ;;
+  steady)
+    bench 560 --methods stride0 pillar streaming --batch-sizes 64 --output-lens 4096 --temperature 0 \
+      --requests-per-slot 2 --time-budget-s 500 --out "$OUT/steady" ;;
+  grid)
+    bench 560 --methods hf_eager stride0 pillar --batch-sizes 16 32 --output-lens 4096 --temperature 0 0.6 \
+      --hf-max-tokens 128 --time-budget-s 500 --out "$OUT/grid" ;;
+  pool)
+    for f in 1.0 0.5; do
+      bench 265 --methods stride0 pillar --batch-sizes 64 --output-lens 4096 --temperature 0 \
+        --kv-pool-fraction "$f" --time-budget-s 220 --out "$OUT/pool$f"
+    done ;;
+  *) echo "unknown phase $phase" >&2; exit 2 ;;
+esac
+date -u
