@@ -33,6 +33,7 @@ from sparsespec_compile.ops import select_step_pillars
 from .host_copy import pinned_for
 from .overlap import apply_patch
 from .padded_step import BlockTableMirror, pack_step, unpack_step
+from .step_inputs import unused_attention_mask
 from .step_plan import StepPlan
 from .step_shapes import StepShape, shape_for
 
@@ -156,6 +157,7 @@ class StepGraphs:
         torch._dynamo.maybe_mark_dynamic(t.logits_indices, 0)
         with forward_context(ctx), torch.inference_mode():
             res = self.compiled(input_ids=t.input_ids, position_ids=t.position_ids, use_cache=False,
+                                attention_mask=unused_attention_mask(self.kv.k[0].dtype, self.device),
                                 logits_to_keep=t.logits_indices)
         if ctx.attention_calls != self.num_layers:
             raise RuntimeError(f"the compiled model ran {ctx.attention_calls} sparsespec attention op(s) for "

@@ -29,7 +29,7 @@ from .request import Request
 from .scheduler import Scheduler
 from .step_plan import StepKind, StepPlan
 from .step_results import StepResults
-from .step_inputs import build_step_inputs, write_streaming_pillars
+from .step_inputs import build_step_inputs, unused_attention_mask, write_streaming_pillars
 from .verify import make_generator, rejection_sample, sample
 
 log = logging.getLogger("sparsespec.runtime")
@@ -337,6 +337,7 @@ class Engine:
             out = self.compiled(
                 input_ids=inp.input_ids,
                 position_ids=inp.position_ids,
+                attention_mask=unused_attention_mask(self.dtype, self.device),
                 use_cache=False,
                 logits_to_keep=inp.logits_indices,
             )

@@ -69,3 +69,25 @@ def test_deferred_all_layer_selection_equals_per_layer_selection(monkeypatch):
     assert [o.token_ids for o in deferred] == [o.token_ids for o in per_layer]
     assert [o.metrics["accepted"] for o in deferred] == [o.metrics["accepted"] for o in per_layer]
     assert s1["cycles"] > 0
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_runtime_graph_builds_no_attention_mask(family, monkeypatch):
+    """The runtime passes a prepared 4D mask, so HF builds none: without it the flattened batch's restarting position
+    ids look like packed sequences and every forward built a T x T mask (cumsum + arange + compares) that
+    sparsespec::attention never reads. The output is unchanged (HF greedy)."""
+    import sparsespec_compile.backend as backend
+
+    targets: list[str] = []
+    run_passes = backend.PassManager.__call__
+
+    def recording(self, gm):
+        report = run_passes(self, gm)
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+        return report
+
+    monkeypatch.setattr(backend.PassManager, "__call__", recording)
+    model = _model(family, "sdpa")
+    outs, _ = _run(model, "pad", 6, prompts=PROMPTS[:2])
+    assert [o.token_ids for o in outs] == [hf_greedy(model, p, 6) for p in PROMPTS[:2]]
+    assert targets and not [t for t in targets if "cumsum" in t or "arange" in t]
