@@ -35,16 +35,16 @@ cd /tmp
 date -u
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 bench() { timeout "$1" python3 -m sparsespec_compile.benchmark --model smollm2 --gguf "$GG/smollm2.gguf" \
-    --prompts "$GG/prompts64.jsonl" "${@:2}" 2>&1 | grep -v -i warn | grep -v '^{' | tail -12; }
+    --prompts "$GG/prompts64.jsonl" "${@:2}" 2>&1 | grep -v -i warn | grep -v '^{' | tail -12 || echo "(rc $?: what ran is in the JSON)"; }
 case $phase in
   graph)
     cp "$R/bench/gpu_graph_check.py" .
     timeout 330 python3 gpu_graph_check.py --out "$OUT" --runs \
       "s0_sync 0 on inductor 64 2048 256" "s0_overlap 0 on inductor 64 2048 256 on" \
       "s0_overlap_fuse 0 on inductor 64 2048 256 on fuse" "k8_overlap 8 on inductor 64 2048 256 on" \
-      "k8_overlap_fuse 8 on inductor 64 2048 256 on fuse" 2>&1 | grep -v -i warn | tail -12
+      "k8_overlap_fuse 8 on inductor 64 2048 256 on fuse" 2>&1 | grep -v -i warn | tail -12 || echo "(rc $?)"
     timeout 200 python3 gpu_graph_check.py --profile --out "$OUT" --runs "s0_fuse 0 pad inductor 64 2048 256 fuse" \
-      2>&1 | grep -v -i warn | head -30 ;;
+      2>&1 | grep -v -i warn | head -30 || echo "(rc $?)" ;;
   steady)
     bench 560 --methods stride0 pillar streaming --batch-sizes 64 --output-lens 4096 --temperature 0 \
       --requests-per-slot 2 --time-budget-s 500 --out "$OUT/steady" ;;
