@@ -35,9 +35,9 @@ class FuseProjectionsPass:
 
     def __init__(self) -> None:
         self.matched = 0  # groups fused
-        self.fused_linears = 0  # linear nodes those groups replaced
         self.notes: list[str] = []
         self.extra_inputs: list[torch.Tensor] = []  # appended to the graph's inputs, in this order
+        self._last_input: fx.Node | None = None
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[object]) -> None:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -46,51 +46,44 @@ class FuseProjectionsPass:
                               "example inputs: cannot tell which inputs are parameters)")
             return
         value = dict(zip(placeholders, example_inputs))
-        groups: dict[fx.Node, list[fx.Node]] = defaultdict(list)
-        for n in gm.graph.nodes:
+        self._last_input = placeholders[-1] if placeholders else None
+        groups: dict[fx.Node, list[tuple[fx.Node, torch.Tensor, torch.Tensor | None]]] = defaultdict(list)
+        for n in gm.graph.nodes:  # graph order: each group's first node is where the fused GEMM goes
             parts = _linear_parts(n, value)
             if parts is not None:
-                groups[parts[0]].append(n)
-        for x, nodes in groups.items():
-            if len(nodes) < 2:
+                groups[parts[0]].append((n, *parts[1:]))
+        for x, group in groups.items():
+            if len(group) < 2:
                 continue
-            why = _incompatible([_linear_parts(n, value) for n in nodes], value)
+            why = _incompatible(group)
             if why:
-                self.notes.append(f"{self.name}: left {[n.name for n in nodes]} apart: {why}")
+                self.notes.append(f"{self.name}: left {[n.name for n, _, _ in group]} apart: {why}")
                 continue
-            self._fuse(gm, x, nodes, value)
+            self._fuse(gm, x, group)
 
-    def _fuse(self, gm: fx.GraphModule, x: fx.Node, nodes: list[fx.Node], value: dict) -> None:
-        weights = [value[n.args[1]] for n in nodes]
-        biases = [value[_bias(n)] if _bias(n) is not None else None for n in nodes]
+    def _fuse(self, gm: fx.GraphModule, x: fx.Node, group: list[tuple]) -> None:
+        nodes, weights, biases = (list(c) for c in zip(*group))
         w_cat, b_cat = _concatenated(weights, biases)
         w_node = self._input(gm, f"sparsespec_fused_w{self.matched}", w_cat)
         b_node = self._input(gm, f"sparsespec_fused_b{self.matched}", b_cat) if b_cat is not None else None
-        sizes = [w.shape[0] for w in weights]
-        first = min(nodes, key=lambda n: list(gm.graph.nodes).index(n))
-        with gm.graph.inserting_before(first):
+        with gm.graph.inserting_before(nodes[0]):
             fused = gm.graph.call_function(torch._C._nn.linear, (x, w_node, b_node))
-            split = gm.graph.call_function(torch.split, (fused, sizes), {"dim": -1})
+            split = gm.graph.call_function(torch.split, (fused, [w.shape[0] for w in weights]), {"dim": -1})
             for i, n in enumerate(nodes):
                 part = gm.graph.call_function(operator.getitem, (split, i))
                 # contiguous: the model's own .view() of each projection assumes a dense tensor (Inductor fuses
                 # the copy into the consumer)
-                dense = gm.graph.call_method("contiguous", (part,))
-                n.replace_all_uses_with(dense)
+                n.replace_all_uses_with(gm.graph.call_method("contiguous", (part,)))
         for n in nodes:
             gm.graph.erase_node(n)
         self.matched += 1
-        self.fused_linears += len(nodes)
-
 
     def _input(self, gm: fx.GraphModule, name: str, t: torch.Tensor) -> fx.Node:
-        last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
-        with gm.graph.inserting_after(last):
-            node = gm.graph.placeholder(name)
-        node.meta.update({k: v for k, v in last.meta.items() if k not in ("example_value", "val", "grapharg",
-                                                                          "tensor_dict")})
+        """A new graph input after the last one, in ``extra_inputs`` order (the backend appends them to each call)."""
+        with gm.graph.inserting_after(self._last_input):
+            self._last_input = gm.graph.placeholder(name)
         self.extra_inputs.append(t)
-        return node
+        return self._last_input
 
 
 def _bias(n: fx.Node):
@@ -111,11 +104,11 @@ def _linear_parts(n: fx.Node, value: dict):
     return x, value[w], value.get(b) if b is not None else None
 
 
-def _incompatible(parts: list[tuple], value: dict) -> str | None:
-    ws = [p[1] for p in parts]
+def _incompatible(group: list[tuple]) -> str | None:
+    ws = [w for _, w, _ in group]
     if len({(w.dtype, w.device, w.dim(), w.shape[-1]) for w in ws}) != 1 or ws[0].dim() != 2:
         return "weights differ in dtype, device or in-features"
-    if len({p[2] is None for p in parts}) != 1:
+    if len({b is None for _, _, b in group}) != 1:
         return "some have a bias and some do not"
     if len({id(w) for w in ws}) != len(ws):
         return "a weight appears twice"

@@ -27,13 +27,12 @@ import numpy as np
 import torch
 
 from sparsespec_compile.config import SparseSpecConfig
-from sparsespec_compile.context import ForwardContext, PagedKVCache, PillarStore, forward_context
-from sparsespec_compile.ops import select_step_pillars
+from sparsespec_compile.context import ForwardContext, PagedKVCache, PillarStore
 
 from .host_copy import pinned_for
 from .overlap import apply_patch
 from .padded_step import BlockTableMirror, pack_step, unpack_step
-from .step_inputs import unused_attention_mask
+from .step_forward import run_compiled
 from .step_plan import StepPlan
 from .step_shapes import StepShape, shape_for
 
@@ -152,18 +151,7 @@ class StepGraphs:
             sliding_windows=self.sliding_windows, impl=self.impl,
             layer_scores=step_score_buffer(self.pillars, self.num_layers, shape.scored, self.kv, shape.max_seq_len),
         )
-        for x in (t.input_ids, t.position_ids):
-            torch._dynamo.maybe_mark_dynamic(x, 1)  # one dynamic graph serves every shape
-        torch._dynamo.maybe_mark_dynamic(t.logits_indices, 0)
-        with forward_context(ctx), torch.inference_mode():
-            res = self.compiled(input_ids=t.input_ids, position_ids=t.position_ids, use_cache=False,
-                                attention_mask=unused_attention_mask(self.kv.k[0].dtype, self.device),
-                                logits_to_keep=t.logits_indices)
-        if ctx.attention_calls != self.num_layers:
-            raise RuntimeError(f"the compiled model ran {ctx.attention_calls} sparsespec attention op(s) for "
-                               f"{self.num_layers} layers while capturing a step graph: see Engine._check_rewrite")
-        select_step_pillars(ctx)
-        logits = res.logits[0]
+        logits = run_compiled(self.compiled, ctx, t.input_ids, t.position_ids, t.logits_indices, self.num_layers)
         if out is not None:
             out.copy_(logits)
         return logits

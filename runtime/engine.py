@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 import torch
 
 from sparsespec_compile.config import SparseSpecConfig
-from sparsespec_compile.context import forward_context
-from sparsespec_compile.ops import select_step_pillars
 
 from .block_allocator import BlockAllocator
 from .cuda_graphs import StepGraphs, step_score_buffer
@@ -29,7 +27,8 @@ from .request import Request
 from .scheduler import Scheduler
 from .step_plan import StepKind, StepPlan
 from .step_results import StepResults
-from .step_inputs import build_step_inputs, unused_attention_mask, write_streaming_pillars
+from .step_forward import run_compiled
+from .step_inputs import build_step_inputs, write_streaming_pillars
 from .verify import make_generator, rejection_sample, sample
 
 log = logging.getLogger("sparsespec.runtime")
@@ -108,6 +107,13 @@ class Engine:
         if config.offload:
             self.offload = HostKVPool(self.kv, self.pillars, config.host_kv_pages or default_host_pages(self.kv),
                                       config.max_num_seqs, config.offload_chunk_pages)
+        # overlap: launch step i+1 before reading step i's results (auto: on for one CUDA device). Delayed verification
+        # at stride > 0; at stride 0 a plain decode's token enters the next step as a placeholder instead.
+        auto = self.device.type == "cuda" and self.tp_world == 1
+        self.overlap = auto if config.overlap is None else config.overlap
+        if self.overlap and self.tp_world > 1:
+            raise ValueError("overlap=True is not supported with tensor parallelism yet (ranks agree on tokens "
+                             "on the host every step): use overlap=False")
         self.scheduler = Scheduler(
             BlockAllocator(self.kv.num_pages, config.page_size),
             stride=config.stride,
@@ -115,7 +121,7 @@ class Engine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             eos_token_ids=eos_token_ids,
-            delayed_verify=self._wants_overlap(config),
+            delayed_verify=self.overlap,
             num_host_blocks=self.offload.num_pages if self.offload is not None else 0,
             max_oversubscription=config.kv_oversubscription,
         )
@@ -127,12 +133,6 @@ class Engine:
         if graphs != "off":
             self.graphs = StepGraphs(compiled, self.kv, self.pillars, config, self.sliding_windows, self.impl,
                                      self.device, num_layers, capture=graphs == "on")
-        # overlap: the launched step whose results are still on the device (read during the next step). At stride 0
-        # there is nothing to verify: a plain decode's token enters the next step as a placeholder instead.
-        self.overlap = self._wants_overlap(config)
-        if self.overlap and self.tp_world > 1:
-            raise ValueError("overlap=True is not supported with tensor parallelism yet (ranks agree on tokens "
-                             "on the host every step): use overlap=False")
         self._inflight: StepResults | None = None
         self._draft_probs: dict[int, list[torch.Tensor]] = {}  # request id -> q_i of this cycle's drafts ([V] each)
         self._generators: dict[int, torch.Generator | None] = {}
@@ -148,11 +148,6 @@ class Engine:
         return self.scheduler.has_unfinished() or self._inflight is not None
 
     # ---- one step -------------------------------------------------------------------------------------------
-    def _wants_overlap(self, config: SparseSpecConfig) -> bool:
-        if config.overlap is None:  # auto: where the host's per-step work would leave the device idle
-            return self.device.type == "cuda" and self.tp_world == 1
-        return config.overlap
-
     def step(self) -> list[Request]:
         """Run one step; returns the requests the scheduler reported finished (each exactly once, rejected and
         aborted ones included; a request finishing in this step is reported by the next one)."""
@@ -186,11 +181,7 @@ class Engine:
         before = sum(len(e.request.output_token_ids) for e in plan.entries)
         self.scheduler.update(plan, sampled)
         self._after_update(plan)
-        self.stats.steps += 1
-        self.stats.forward_tokens += plan.num_tokens
-        self.stats.request_steps += len(plan.entries)
-        kv_read = self._kv_tokens_read(plan)
-        self.stats.kv_tokens_read += kv_read
+        kv_read = self._count_step(plan)
         self.stats.output_tokens += sum(len(e.request.output_token_ids) for e in plan.entries) - before
         # A step that captured a graph counts without its capture time (one-off, reported as capture_seconds).
         wall = time.perf_counter() - t0 - capture
@@ -227,11 +218,7 @@ class Engine:
                 launched = None
             if launched is not None:
                 self._launched_structure(launched)
-                self.stats.steps += 1
-                self.stats.forward_tokens += plan.num_tokens
-                self.stats.request_steps += len(plan.entries)
-                kv_read = self._kv_tokens_read(plan)
-                self.stats.kv_tokens_read += kv_read
+                kv_read = self._count_step(plan)
                 if self.stats.graph_steps > graph_steps_before:
                     self.stats.graph_kv_tokens_read += kv_read
         prev, self._inflight = self._inflight, launched
@@ -308,12 +295,21 @@ class Engine:
         self._after_update(sub)
         self.stats.output_tokens += sum(len(e.request.output_token_ids) for e in entries) - before
 
+    def _count_step(self, plan: StepPlan) -> int:
+        """Count a step that ran; returns the keys its attention read (the KV half of its bytes floor)."""
+        kv_read = self._kv_tokens_read(plan)
+        self.stats.steps += 1
+        self.stats.forward_tokens += plan.num_tokens
+        self.stats.request_steps += len(plan.entries)
+        self.stats.kv_tokens_read += kv_read
+        return kv_read
+
     def _kv_tokens_read(self, plan: StepPlan) -> int:
         n = 0
         for e in plan.entries:
             if e.kind is StepKind.DRAFT and e.sparse and self.pillars is not None and self.config.draft != "full":
                 ctx = e.draft_start
-                n += min(self.config.budget(ctx), ctx) + e.seq_len - ctx
+                n += self.config.budget(ctx) + e.seq_len - ctx  # budget() never exceeds the context
             else:
                 n += e.seq_len
         return n
@@ -327,35 +323,12 @@ class Engine:
                 return self.graphs.run(plan, shape, patch)
         inp = build_step_inputs(plan, self.kv, self.pillars, self.config, self.sliding_windows, self.impl, self.device)
         apply_patch(inp.input_ids.view(-1), patch)
-        for t in (inp.input_ids, inp.position_ids):
-            torch._dynamo.maybe_mark_dynamic(t, 1)  # T varies every step: one dynamic graph, not one per T
-        torch._dynamo.maybe_mark_dynamic(inp.logits_indices, 0)
         if inp.ctx.score_rows is not None:
             inp.ctx.layer_scores = step_score_buffer(self.pillars, self.num_layers, inp.ctx.score_rows.shape[0],
                                                      self.kv, inp.ctx.max_seq_len)
-        with forward_context(inp.ctx), torch.inference_mode():
-            out = self.compiled(
-                input_ids=inp.input_ids,
-                position_ids=inp.position_ids,
-                attention_mask=unused_attention_mask(self.dtype, self.device),
-                use_cache=False,
-                logits_to_keep=inp.logits_indices,
-            )
-        self._check_rewrite(inp.ctx.attention_calls)
-        with torch.inference_mode():
-            select_step_pillars(inp.ctx)
-        return out.logits[0][: sum(e.num_logits for e in plan.entries)], inp.input_ids.view(-1)
-
-    def _check_rewrite(self, calls: int) -> None:
-        # Every step, not just the first: if Dynamo ever falls back to the original forward (recompile limit,
-        # a new graph break), plain attention over the flattened batch would produce wrong tokens silently.
-        if calls != self.num_layers:
-            raise RuntimeError(
-                f"the compiled model ran {calls} sparsespec attention op(s) for {self.num_layers} layers: it was not "
-                "compiled with backend='sparsespec', or some attention was left alone "
-                "(print(sparsespec_compile.inspect(model)) shows which and why), or Dynamo fell back to eager "
-                "(TORCH_LOGS=recompiles shows why)"
-            )
+        logits = run_compiled(self.compiled, inp.ctx, inp.input_ids, inp.position_ids, inp.logits_indices,
+                              self.num_layers)
+        return logits[: sum(e.num_logits for e in plan.entries)], inp.input_ids.view(-1)
 
     def _sample_and_verify(self, plan: StepPlan, logits: torch.Tensor,
                            input_ids: torch.Tensor | None = None) -> StepResults:

@@ -13,21 +13,6 @@ from .host_copy import to_device
 from .step_plan import StepKind, StepPlan
 
 
-_UNUSED_MASKS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-
-
-def unused_attention_mask(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A [1, 1, 1, 1] additive zero mask to pass as ``attention_mask``: HF takes a 4D mask as already prepared and
-    builds none. Without it, the flattened batch's restarting position ids look like packed sequences, so every
-    forward builds a T x T packed-causal mask that ``sparsespec::attention`` never reads (with a context set, masking
-    comes from the request boundaries). In the H200 profile that mask was a cumsum kernel plus arithmetic fused into
-    two per-layer RoPE kernels (0.25 ms of a 2.7 ms SmolLM2 step, together with the RoPE itself)."""
-    key = (dtype, torch.device(device))
-    if key not in _UNUSED_MASKS:
-        _UNUSED_MASKS[key] = torch.zeros(1, 1, 1, 1, dtype=dtype, device=device)
-    return _UNUSED_MASKS[key]
-
-
 @dataclass
 class StepInputs:
     input_ids: torch.Tensor  # [1, T] int64

@@ -56,10 +56,7 @@ def sparsespec_backend(
 
     # Inductor's own config is left untouched; `mode` is honoured the way torch.compile would.
     config_patches = {"triton.cudagraphs": True} if mode in ("reduce-overhead", "max-autotune") else None
-    inputs = list(example_inputs) + extra
-    if config_patches:
-        return _with_extra_inputs(compile_fx(gm, inputs, config_patches=config_patches), extra)
-    return _with_extra_inputs(compile_fx(gm, inputs), extra)
+    return _with_extra_inputs(compile_fx(gm, list(example_inputs) + extra, config_patches=config_patches), extra)
 
 
 def _copy_graph(graph: fx.Graph) -> fx.Graph:

@@ -105,6 +105,10 @@ class SparseSpecConfig:
             fail("compiler", f"must be one of {_COMPILERS}")
         if self.attention_impl not in _IMPLS:
             fail("attention_impl", f"must be one of {_IMPLS}")
+        if self.overlap not in (None, True, False):
+            fail("overlap", "must be None (auto: on for one CUDA device), True or False")
+        if self.fuse_projections not in (True, False):
+            fail("fuse_projections", "must be True or False")
         if self.cuda_graphs not in _GRAPHS:
             fail("cuda_graphs", f"must be one of {_GRAPHS}")
         if self.host_kv_pages is not None and (not isinstance(self.host_kv_pages, int) or self.host_kv_pages < 1):

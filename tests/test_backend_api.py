@@ -65,9 +65,11 @@ def test_unknown_option_names_the_valid_ones():
     assert "bogus" in msg and "valid options" in msg and "stride" in msg and "compiler" in msg, msg
 
 
-def test_invalid_option_value_is_a_clear_error():
-    with pytest.raises(ValueError, match="compiler"):
-        sparsespec_compile.SparseSpecConfig.from_options({"compiler": "tvm"})
+@pytest.mark.parametrize("field,value", [("compiler", "tvm"), ("overlap", "yes"), ("fuse_projections", 1.5),
+                                         ("cuda_graphs", "always")])
+def test_invalid_option_value_is_a_clear_error(field, value):
+    with pytest.raises(ValueError, match=f"SparseSpecConfig.{field}="):
+        sparsespec_compile.SparseSpecConfig.from_options({field: value})
 
 
 def test_model_without_attention_is_a_value_error():

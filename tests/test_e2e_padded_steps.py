@@ -91,3 +91,17 @@ def test_runtime_graph_builds_no_attention_mask(family, monkeypatch):
     outs, _ = _run(model, "pad", 6, prompts=PROMPTS[:2])
     assert [o.token_ids for o in outs] == [hf_greedy(model, p, 6) for p in PROMPTS[:2]]
     assert targets and not [t for t in targets if "cumsum" in t or "arange" in t]
+
+
+def test_a_forward_without_the_rewrite_fails_its_requests_loudly():
+    """If the model the runtime calls runs no sparsespec attention (not compiled with the backend, or Dynamo fell
+    back to the original forward), plain attention over the flattened batch would give wrong tokens silently: the
+    step fails instead, naming the cause, and only its requests end (with that error)."""
+    model = _model("llama", "sdpa")
+    torch._dynamo.reset()
+    llm = LLM(model, SparseSpecConfig(compiler="eager", num_pages=96, page_size=4, stride=4, min_budget=3, recent=1,
+                                      max_num_batched_tokens=32))
+    llm.engine.compiled = model  # the original forward: no sparsespec::attention op runs
+    outs = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert all(o.finish_reason.startswith("error: step failed: the compiled model ran 0 sparsespec attention op(s)")
+               for o in outs), [o.finish_reason for o in outs]

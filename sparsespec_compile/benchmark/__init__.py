@@ -23,14 +23,15 @@ under ``--out``, prints a markdown table and appends it to ``--results-md`` when
     sparsespec bench --model smollm2 --batch-sizes 16 32 64 --output-lens 1024 4096 --out bench_out/e2e
     python -m sparsespec_compile.benchmark ...   # the same
 
-Modules: ``run`` (cells, comparisons, CLI), ``hf`` (HF baselines), ``floor`` (bandwidth, bytes, step floor),
+Modules: ``run`` (cells, CLI), ``agreement`` (greedy comparisons), ``hf`` (HF baselines), ``floor`` (bandwidth, bytes, step floor),
 ``report`` (table, PNG, JSON), ``common`` (shared names).
 """
 
 from .common import JSON_NAME, METHODS, PNG_NAME
 from .floor import floor_seconds, kv_bytes_per_token, measure_copy_bandwidth, plain_kv_tokens_read, spec_kv_tokens_read
 from .report import add_speedups, markdown_table, plot_results, write_json
-from .run import compare, divergence_margins, first_divergence, main, parse_args, select_methods
+from .agreement import compare, divergence_margins, first_divergence
+from .run import main, parse_args, select_methods
 
 __all__ = ["JSON_NAME", "METHODS", "PNG_NAME", "add_speedups", "compare", "divergence_margins", "first_divergence",
            "floor_seconds", "kv_bytes_per_token", "main", "markdown_table", "measure_copy_bandwidth", "parse_args",
