@@ -12,8 +12,13 @@ The concatenations become extra graph inputs (``self.extra_inputs``; the backend
 constant attribute on the GraphModule is refused by AOTAutograd for Dynamo graphs. The concatenated copy is cached
 on the first weight, so recompiles of the same model share it.
 
-Costs, said where the option is: a second copy of the fused weights, and weights changed in place after the compile
-are not seen (the cache key includes each weight's version counter, so a recompile after a change re-concatenates).
+Weight changes: each concatenation is a ``FusedWeight`` that remembers its parts and their version counters. Every
+call of the compiled graph checks them (``refresh``: a changed part — updated in place, or a replaced parameter —
+is copied into the fused tensor in place, so its address, and any CUDA graph reading it, stays valid); the runtime
+also calls ``refresh_fused_weights(model)`` at each ``generate``, since CUDA-graph replays skip that call.
+
+Cost, said where the option is: a second copy of the fused weights. (Rebinding the parameters as views of the fused
+tensor would avoid it, but then they share storage, which safetensors refuses to save.)
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class FuseProjectionsPass:
         self.matched = 0  # groups fused
         self.notes: list[str] = []
         self.extra_inputs: list[torch.Tensor] = []  # appended to the graph's inputs, in this order
+        self.fused: list[tuple[FusedWeight, list[int]]] = []  # each extra input and its parts' graph-input indices
         self._last_input: fx.Node | None = None
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[object]) -> None:
@@ -63,9 +69,11 @@ class FuseProjectionsPass:
 
     def _fuse(self, gm: fx.GraphModule, x: fx.Node, group: list[tuple]) -> None:
         nodes, weights, biases = (list(c) for c in zip(*group))
-        w_cat, b_cat = _concatenated(weights, biases)
-        w_node = self._input(gm, f"sparsespec_fused_w{self.matched}", w_cat)
-        b_node = self._input(gm, f"sparsespec_fused_b{self.matched}", b_cat) if b_cat is not None else None
+        w_node = self._input(gm, f"sparsespec_fused_w{self.matched}", fused_weight(weights), [_arg(n, 1) for n in nodes])
+        b_node = None
+        if biases[0] is not None:
+            b_node = self._input(gm, f"sparsespec_fused_b{self.matched}", fused_weight(biases),
+                                 [_bias(n) for n in nodes])
         with gm.graph.inserting_before(nodes[0]):
             fused = gm.graph.call_function(torch._C._nn.linear, (x, w_node, b_node))
             split = gm.graph.call_function(torch.split, (fused, [w.shape[0] for w in weights]), {"dim": -1})
@@ -78,12 +86,24 @@ class FuseProjectionsPass:
             gm.graph.erase_node(n)
         self.matched += 1
 
-    def _input(self, gm: fx.GraphModule, name: str, t: torch.Tensor) -> fx.Node:
-        """A new graph input after the last one, in ``extra_inputs`` order (the backend appends them to each call)."""
+    def _input(self, gm: fx.GraphModule, name: str, fw: "FusedWeight", sources: list[fx.Node]) -> fx.Node:
+        """A new graph input after the last one, in ``extra_inputs`` order (the backend appends them to each call);
+        ``sources``: the placeholders of its parts, whose call-time values ``refresh`` checks."""
+        index = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+        self.fused.append((fw, [index[n] for n in sources]))
         with gm.graph.inserting_after(self._last_input):
             self._last_input = gm.graph.placeholder(name)
-        self.extra_inputs.append(t)
+        self.extra_inputs.append(fw.tensor)
         return self._last_input
+
+    def refresh(self, args: Sequence[torch.Tensor]) -> None:
+        """Before each call of the compiled graph: bring every fused tensor up to date with the weights passed in."""
+        for fw, idx in self.fused:
+            fw.refresh([args[i] for i in idx])
+
+
+def _arg(n: fx.Node, i: int):
+    return n.args[i]
 
 
 def _bias(n: fx.Node):
@@ -115,16 +135,56 @@ def _incompatible(group: list[tuple]) -> str | None:
     return None
 
 
-def _concatenated(weights: list[torch.Tensor], biases: list[torch.Tensor | None]):
-    key = tuple((id(w), w._version) for w in weights) + tuple((id(b), b._version) for b in biases if b is not None)
-    cache = getattr(weights[0], _CACHE_ATTR, None)
+class FusedWeight:
+    """The concatenation (dim 0, in order) of parameters that one fused GEMM reads, kept current in place."""
+
+    def __init__(self, parts: list[torch.Tensor]) -> None:
+        self.parts = list(parts)
+        with torch.no_grad():
+            self.tensor = torch.cat([p.detach() for p in parts], 0)
+        self.versions = [p._version for p in parts]
+
+    def is_current(self, parts: Sequence[torch.Tensor]) -> bool:
+        return all(a is b and a._version == v for a, b, v in zip(parts, self.parts, self.versions))
+
+    def refresh(self, parts: Sequence[torch.Tensor] | None = None) -> None:
+        """Copy ``parts`` (default: the ones it was built from) in if any changed since: same storage, so graphs and
+        CUDA graphs that read ``tensor`` see the new values."""
+        parts = self.parts if parts is None else list(parts)
+        if self.is_current(parts):
+            return
+        shapes = [tuple(p.shape) for p in self.parts]
+        if [tuple(p.shape) for p in parts] != shapes:
+            raise RuntimeError(f"fuse_projections: a fused weight changed shape after the compile ({shapes} -> "
+                               f"{[tuple(p.shape) for p in parts]}); recompile (torch._dynamo.reset()) after "
+                               "reshaping weights")
+        with torch.no_grad():
+            torch.cat([p.detach() for p in parts], 0, out=self.tensor)
+        self.parts, self.versions = parts, [p._version for p in parts]
+
+
+def fused_weight(parts: list[torch.Tensor]) -> FusedWeight:
+    """The ``FusedWeight`` of ``parts``, shared by every graph that fuses the same parameters (cached on the first
+    one), brought up to date."""
+    cache = getattr(parts[0], _CACHE_ATTR, None)
     if cache is None:
         cache = {}
-        setattr(weights[0], _CACHE_ATTR, cache)
-    if key not in cache:
-        cache.clear()  # an older concatenation of these weights (changed since) is dead
-        with torch.no_grad():
-            w_cat = torch.cat([w.detach() for w in weights], 0)
-            b_cat = torch.cat([b.detach() for b in biases], 0) if biases[0] is not None else None
-        cache[key] = (w_cat, b_cat)
-    return cache[key]
+        setattr(parts[0], _CACHE_ATTR, cache)
+    key = tuple(id(p) for p in parts)
+    fw = cache.get(key)
+    if fw is None or any(a is not b for a, b in zip(fw.parts, parts)):  # (an id reused by a new tensor)
+        fw = cache[key] = FusedWeight(parts)
+    fw.refresh(parts)
+    return fw
+
+
+def refresh_fused_weights(model: torch.nn.Module) -> int:
+    """Bring every fused tensor built from ``model``'s parameters up to date (weights changed in place since);
+    returns how many were copied. For callers that replay CUDA graphs, which skip the per-call check."""
+    n = 0
+    for p in model.parameters():
+        for fw in getattr(p, _CACHE_ATTR, {}).values():
+            if not fw.is_current(fw.parts):
+                fw.refresh()
+                n += 1
+    return n

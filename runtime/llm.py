@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 
 from sparsespec_compile.config import SparseSpecConfig
+from sparsespec_compile.passes.fuse_projections import refresh_fused_weights
 
 from .engine import Engine
 from .request import Request
@@ -95,6 +96,9 @@ class LLM:
         A bad prompt (empty, too long, out-of-vocabulary ids) gets ``finish_reason="error: ..."`` and no tokens;
         the other prompts are generated as usual.
         """
+        # fused q/k/v and gate/up copies see weights changed in place since the last call (CUDA-graph replays skip
+        # the compiled graph's own per-call check)
+        refresh_fused_weights(self.model)
         if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = params or SamplingParams()

@@ -29,9 +29,10 @@ class SparseSpecConfig:
     max_num_seqs / max_num_batched_tokens: requests and tokens per step.
     compiler: "inductor" (default) or "eager" (run the rewritten graph without Inductor).
     fuse_projections: concatenate the weights of linear layers that read one input (q/k/v, gate/up) so each group
-        is one GEMM (passes/fuse_projections.py): 7 -> 4 GEMM launches per Llama layer. Costs a second copy of those
-        weights; weights changed in place after the compile are not seen. Off by default: built after the last
-        GPU runs, not yet measured there (on the H200 a SmolLM2 step spent 0.77 ms in 210 GEMM launches).
+        is one GEMM (passes/fuse_projections.py): 7 -> 4 GEMM launches per Llama layer. Measured on the H200: the
+        SmolLM2-shaped decode step 13 % faster at stride 0 and 4.5 % at k = 8 (bench/RESULTS.md). Off by default
+        because it costs a second copy of those weights (a Qwen3-8B's q/k/v and gate/up: ~9 GB). Weights changed
+        after the compile are seen: each call, and each LLM.generate, refreshes the copies in place.
     attention_impl: "auto" (Triton on GPU, PyTorch reference on CPU), "reference" or "triton".
     overlap: host/device overlap: the engine launches step i + 1 before reading step i's results. With delayed
         verification (stride > 0) a request that verified (or ended its prompt) at step i sits out step i + 1, and

@@ -40,17 +40,70 @@ def test_fused_projections_equal_hf_greedy(family, compiler, per_layer):
     assert fused and all(n == per_layer * 2 for n in fused), fused  # 2 layers
 
 
-def test_fusion_shares_one_concatenated_copy_across_recompiles_and_sees_weight_changes():
-    from sparsespec_compile.passes.fuse_projections import _concatenated
+def test_fusion_shares_one_fused_copy_across_recompiles_and_refreshes_it_in_place():
+    from sparsespec_compile.passes.fuse_projections import fused_weight
 
     w = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(2, 3))]
-    a, _ = _concatenated(w, [None, None])
-    b, _ = _concatenated(w, [None, None])
-    assert a is b and torch.equal(a, torch.cat([w[0], w[1]]))
+    a = fused_weight(w)
+    assert fused_weight(w) is a and torch.equal(a.tensor, torch.cat([w[0], w[1]]))
+    ptr, version = a.tensor.data_ptr(), a.tensor._version
+    a.refresh(w)
+    assert a.tensor._version == version  # nothing changed: no copy
     with torch.no_grad():
-        w[1].add_(1.0)  # bumps the version counter: the next compile concatenates again
-    c, _ = _concatenated(w, [None, None])
-    assert c is not a and torch.equal(c, torch.cat([w[0], w[1]]))
+        w[1].add_(1.0)
+    assert fused_weight(w) is a  # same object, same storage (a CUDA graph reading it stays valid), new values
+    assert a.tensor.data_ptr() == ptr and torch.equal(a.tensor, torch.cat([w[0], w[1]]))
+    with pytest.raises(RuntimeError, match="changed shape"):
+        a.refresh([w[0], torch.nn.Parameter(torch.randn(3, 3))])
+
+
+def _fused_tensors(model):
+    from sparsespec_compile.passes.fuse_projections import _CACHE_ATTR
+
+    return [fw for p in model.parameters() for fw in getattr(p, _CACHE_ATTR, {}).values()]
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_compiled_fused_graph_sees_weights_changed_after_the_compile(compiler):
+    """In place (load_state_dict, copy_, an RL weight sync) or by replacing the parameter: the next call reads the new
+    weights, like the unfused graph does; calls without a change copy nothing."""
+    model = _model("qwen2", layers=1)  # q/k/v with biases: fused weights and fused biases
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sparsespec", options={"compiler": compiler, "fuse_projections": True})
+    x = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        compiled(x)
+        fused = _fused_tensors(model)
+        assert len(fused) == 3  # q/k/v weight, q/k/v bias, gate/up weight
+        versions = [fw.tensor._version for fw in fused]
+        compiled(x)
+        assert [fw.tensor._version for fw in fused] == versions
+        attn = model.model.layers[0].self_attn
+        attn.k_proj.weight.mul_(-2.0)
+        attn.q_proj.bias.add_(0.5)
+        torch.testing.assert_close(compiled(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+        model.model.layers[0].mlp.up_proj.weight = torch.nn.Parameter(torch.randn_like(model.model.layers[0].mlp.up_proj.weight))
+        torch.testing.assert_close(compiled(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_runtime_refreshes_fused_weights_at_each_generate():
+    """CUDA-graph replays skip the per-call check, so ``LLM.generate`` refreshes the fused copies first."""
+    from sparsespec_compile.passes.fuse_projections import refresh_fused_weights
+
+    model = _model("llama", layers=1)
+    torch._dynamo.reset()
+    llm = LLM(model, SparseSpecConfig(compiler="eager", fuse_projections=True, num_pages=64, page_size=4, stride=0,
+                                      max_num_batched_tokens=32, cuda_graphs="pad"))
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    llm.generate(PROMPTS, params, use_tqdm=False)
+    assert refresh_fused_weights(model) == 0
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight.mul_(3.0)
+        model.model.layers[0].mlp.gate_proj.weight.mul_(-1.0)
+    assert refresh_fused_weights(model) == 2
+    assert all(torch.equal(fw.tensor, torch.cat([p.detach() for p in fw.parts])) for fw in _fused_tensors(model))
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [hf_greedy(model, p, 6) for p in PROMPTS]
 
 
 def test_linears_of_different_inputs_or_dtypes_stay_apart():
