@@ -5,6 +5,11 @@
 #   run(command="bash bench/device_call.sh steady", carry=[".carry/gguf.part_ab", ".carry/whl", ".carry/prompts64.jsonl"])
 #   run(command="bash bench/device_call.sh grid")   # finds the GGUF and the wheel from the calls before
 #
+# or, for the tokens/s-vs-context-length PNG alone (the first call only brings the GGUF's first half over):
+#
+#   run(command="bash bench/device_call.sh none",    carry=[".carry/gguf.part_aa"])
+#   run(command="bash bench/device_call.sh context", carry=[".carry/gguf.part_ab", ".carry/whl", ".carry/prompts64.jsonl"])
+#
 # The machine is given back after 30 s idle: make the calls back to back, or the GGUF (98 MB, carried in two parts
 # because one call carries at most 64 MiB) must be carried again. Each phase stays under the 10-minute limit
 # (--time-budget-s cuts the last cells and says so in the JSON). Results land under $OUT; copy them to bench/data/
@@ -18,8 +23,10 @@
 #   steady  SmolLM2 real weights, B 64, --requests-per-slot 2 (the batch never drains); then the KV pool at 1.0
 #           vs 0.5 of the demand (2x oversubscription)
 #   grid    SmolLM2, B 16 / 32 / 64, temperature 0 and 0.6 (the throughput-vs-batch PNG)
+#   context SmolLM2, B 64, outputs 1k / 2k / 4k / 8k tokens, stride 0 vs PillarAttn (the vs-context-length PNG)
+#   none    copies what was carried and stops
 set -euo pipefail
-phase=${1:?usage: bash bench/device_call.sh graph|steady|grid}
+phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|none}
 R=$PWD
 GG=/root/gg
 mkdir -p "$GG"
@@ -70,6 +77,10 @@ PY
   grid)
     bench 520 --methods hf_eager stride0 pillar --batch-sizes 16 32 64 --output-lens 2048 --temperature 0 0.6 \
       --hf-max-tokens 128 --time-budget-s 480 $FUSE --out "$OUT/grid" ;;
+  context)
+    bench 580 --methods stride0 pillar --batch-sizes 64 --output-lens 1024 2048 4096 8000 --temperature 0 \
+      --time-budget-s 500 --fuse-projections --out "$OUT/context" ;;
+  none) ;;
   *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac
 date -u
