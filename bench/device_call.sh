@@ -5,9 +5,10 @@
 #   run(command="bash bench/device_call.sh steady", carry=[".carry/gguf.part_ab", ".carry/whl", ".carry/prompts64.jsonl"])
 #   run(command="bash bench/device_call.sh grid")   # finds the GGUF and the wheel from the calls before
 #
-# or, for the tokens/s-vs-context-length PNG alone (the first call only brings the GGUF's first half over):
+# or, for the tokens/s-vs-context-length PNG (the first call brings the GGUF's first half over and profiles a fused
+# k = 8 step on random weights meanwhile):
 #
-#   run(command="bash bench/device_call.sh none",    carry=[".carry/gguf.part_aa"])
+#   run(command="bash bench/device_call.sh profile", carry=[".carry/gguf.part_aa"])
 #   run(command="bash bench/device_call.sh context", carry=[".carry/gguf.part_ab", ".carry/whl", ".carry/prompts64.jsonl"])
 #
 # The machine is given back after 30 s idle: make the calls back to back, or the GGUF (98 MB, carried in two parts
@@ -24,9 +25,9 @@
 #           vs 0.5 of the demand (2x oversubscription)
 #   grid    SmolLM2, B 16 / 32 / 64, temperature 0 and 0.6 (the throughput-vs-batch PNG)
 #   context SmolLM2, B 64, outputs 1k / 2k / 4k / 8k tokens, stride 0 vs PillarAttn (the vs-context-length PNG)
-#   none    copies what was carried and stops
+#   profile random SmolLM2-shaped weights: per-kernel profile of a fused stride-0 and a fused k = 8 step
 set -euo pipefail
-phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|none}
+phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile}
 R=$PWD
 GG=/root/gg
 mkdir -p "$GG"
@@ -80,7 +81,10 @@ PY
   context)
     bench 580 --methods stride0 pillar --batch-sizes 64 --output-lens 1024 2048 4096 8000 --temperature 0 \
       --time-budget-s 500 --fuse-projections --out "$OUT/context" ;;
-  none) ;;
+  profile)
+    cp "$R/bench/gpu_graph_check.py" .
+    timeout 300 python3 gpu_graph_check.py --profile --out "$OUT" --runs "s0_fuse 0 pad inductor 64 2048 256 fuse" \
+      "k8_fuse 8 pad inductor 64 2048 256 fuse" 2>&1 | grep -v -i warn | head -60 || echo "(rc $?)" ;;
   *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac
 date -u
