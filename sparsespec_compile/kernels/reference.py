@@ -132,8 +132,11 @@ def select_pillars_reference(scores, ctx_lens, budget, recent, max_budget):
     n_recent = b.clamp(max=recent)[:, None, None]
     valid = pos < ctx
     forced = valid & (pos >= ctx - n_recent)
-    # key: forced > any valid score > invalid; stable sort keeps lower positions first among ties
-    key = torch.where(valid, scores.float().clamp(min=-3e38), -math.inf)
+    # key: forced > any valid score > invalid; stable sort keeps lower positions first among ties. Scores are mean
+    # probabilities (>= 0); like the kernel, +inf ranks as the largest finite value (below the forced newest) and
+    # NaN or a score <= 0 as 0.
+    s = scores.float()
+    key = torch.where(valid, torch.where(s > 0, s.clamp(max=torch.finfo(torch.float32).max), 0.0), -math.inf)
     key = torch.where(forced, math.inf, key)
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices  # [Rv, Hkv, N]
     k = min(max_budget, N)

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from kernel_cases import make_batch, request_masks
@@ -88,3 +89,30 @@ def test_select_pillars(rv, hkv, n, data, recent, ties, seed):
                 dropped = sorted(set(range(c)) - set(sel.tolist()))
                 if kept and dropped:
                     assert scores[j, h, kept].min() >= scores[j, h, dropped].max()
+
+
+@pytest.mark.parametrize("n", [40, 300])  # one chunk and several (the interpreter's chunk is 64 keys)
+def test_select_pillars_extreme_scores(n):
+    """+inf ranks as the largest finite score, below the forced newest positions; NaN and 0 rank lowest among valid
+    positions (ties: lower position first). Kernel and reference agree, and the newest are always kept."""
+    g = torch.Generator().manual_seed(n)
+    scores = torch.rand(2, 2, n, generator=g)
+    scores[..., ::7] = math.inf
+    scores[..., 3::11] = math.nan
+    scores[..., 5::13] = 0.0
+    recent = 6
+    ctx, budget = torch.tensor([n, n - 9]), torch.tensor([n // 3, recent + 2])  # room for all +infs / for 2
+    ref_i, ref_l = kernels.select_pillars(scores, ctx, budget, recent, n, impl="reference")
+    out_i, out_l = kernels.select_pillars(scores, ctx, budget, recent, n, impl="triton")
+    assert torch.equal(out_l, ref_l) and torch.equal(out_i, ref_i)
+    for j in range(2):
+        c, b = int(ctx[j]), int(out_l[j])
+        for h in range(2):
+            sel = set(out_i[j, h, :b].tolist())
+            newest = set(range(c - recent, c))
+            assert newest <= sel
+            infs = torch.isposinf(scores[j, h, :c - recent]).nonzero().flatten().tolist()
+            if len(infs) + recent <= b:  # every +inf kept, then the best finite ones
+                assert set(infs) <= sel
+            else:  # only +infs besides the newest, the lowest positions first
+                assert sel - newest == set(infs[:b - recent])
