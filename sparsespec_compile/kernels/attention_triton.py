@@ -162,7 +162,13 @@ def _merge_kernel(out, lse, part_acc, part_m, part_l, query_start_loc, R, T_pad,
                   SPLITS_PAD: tl.constexpr):
     # program (token, block of BLOCK_H heads): 1 head on the GPU (registers), all heads in the interpreter
     t = tl.program_id(0)
-    if t >= tl.load(query_start_loc + R):  # padding tokens keep their zeros
+    hh = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    dd = tl.arange(0, BLOCK_D)
+    o_ptr = out + t.to(tl.int64) * stride_ot + hh[:, None] * stride_oh + dd[None, :]
+    o_mask = (hh[:, None] < HQ) & (dd[None, :] < HEAD_DIM)
+    if t >= tl.load(query_start_loc + R):  # padding tokens: zeros and -inf, written here (out / lse are not filled)
+        tl.store(o_ptr, tl.zeros([BLOCK_H, BLOCK_D], tl.float32).to(out.dtype.element_ty), mask=o_mask)
+        tl.store(lse + t.to(tl.int64) * HQ + hh, tl.full([BLOCK_H], float("-inf"), tl.float32), mask=hh < HQ)
         return
     sp = tl.arange(0, SPLITS_PAD)[:, None]
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
@@ -178,10 +184,7 @@ def _merge_kernel(out, lse, part_acc, part_m, part_l, query_start_loc, R, T_pad,
     d = tl.arange(0, BLOCK_D)[None, None, :]
     a = tl.load(part_acc + prow[:, :, None] * HEAD_DIM + d, mask=ok[:, :, None] & (d < HEAD_DIM), other=0.0)
     o = tl.sum(a * w[:, :, None], 0) / l_safe[:, None]  # [BLOCK_H, BLOCK_D]
-    hh = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    dd = tl.arange(0, BLOCK_D)
-    tl.store(out + t.to(tl.int64) * stride_ot + hh[:, None] * stride_oh + dd[None, :], o.to(out.dtype.element_ty),
-             mask=(hh[:, None] < HQ) & (dd[None, :] < HEAD_DIM))
+    tl.store(o_ptr, o.to(out.dtype.element_ty), mask=o_mask)
     tl.store(lse + t.to(tl.int64) * HQ + hh, tl.where(l_sum > 0, (m_max + tl.log2(l_safe)) * 0.6931471805599453, float("-inf")),
              mask=hh < HQ)
 
@@ -256,10 +259,9 @@ def unified_attention_triton(q, k_cache, v_cache, *, query_start_loc, seq_lens, 
     T, Hq, D = q.shape
     _, P, Hkv, _ = k_cache.shape
     R = seq_lens.shape[0]
-    out = torch.zeros(T, Hq, D, dtype=q.dtype, device=q.device)
-    lse = torch.full((T, Hq), float("-inf"), dtype=torch.float32, device=q.device)
     if T == 0 or R == 0:
-        return out, lse
+        return (torch.zeros(T, Hq, D, dtype=q.dtype, device=q.device),
+                torch.full((T, Hq), float("-inf"), dtype=torch.float32, device=q.device))
     bq, gp = plan_blocks(Hq, Hkv, max_query_len)
     n_qblocks = T // bq + R
     has_sparse = is_sparse is not None
@@ -271,6 +273,13 @@ def unified_attention_triton(q, k_cache, v_cache, *, query_start_loc, seq_lens, 
         # measured on the H200 (bench/attn_sweep.py), 57 SmolLM2 drafts + 7 verify chunks ran fastest at 4 splits
         # for L 2k and 8 for L 4k (0.032 / 0.044 ms vs 0.064 / 0.115 ms with the old 2,048-key cap).
         splits = max(splits, min(32, triton.next_power_of_2(triton.cdiv(max_seq_len, 512))))
+    if splits > 1:  # the merge kernel writes every row, padding tokens included: no fill kernels (2 per layer,
+        # 60 launches of a SmolLM2 step in the H200 profile)
+        out = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
+        lse = torch.empty(T, Hq, dtype=torch.float32, device=q.device)
+    else:  # one pass writes the real tokens' rows only
+        out = torch.zeros(T, Hq, D, dtype=q.dtype, device=q.device)
+        lse = torch.full((T, Hq), float("-inf"), dtype=torch.float32, device=q.device)
     if not has_sparse:  # dummies, never read (HAS_SPARSE is a constexpr)
         is_sparse = draft_start = pillar_lengths = pillar_rows = seq_lens
         pillar_indices = block_tables[:, None, :]

@@ -137,3 +137,24 @@ def test_pillar_rows_address_a_store(impl):
     got = _attend(b, impl, **{**sp, "pillar_indices": store, "pillar_lengths": lengths, "pillar_rows": slots})
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pad", [1, 3])
+def test_split_path_writes_padding_rows_itself(monkeypatch, pad):
+    """With split KV the merge kernel writes every row, so out / lse are allocated without a fill (two fewer
+    launches per layer): padding tokens must still come out as zeros / -inf, whatever the memory held."""
+    real_empty = torch.empty
+
+    def poisoned(*a, **k):
+        t = real_empty(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    b = make_batch([(1, 40), (3, 70)], 8, 2, 32, 4, torch.float32, seed=pad, pad_tokens=pad)
+    ref_out, ref_lse = _attend(b, "reference")
+    monkeypatch.setattr(torch, "empty", poisoned)
+    out, lse = unified_attention_triton(b.q, b.k_cache, b.v_cache, **b.meta(), max_query_len=b.max_query_len,
+                                        max_seq_len=b.max_seq_len, scale=b.scale, num_splits=3)
+    monkeypatch.undo()
+    T = int(b.query_start_loc[-1])
+    assert (out[T:] == 0).all() and torch.isneginf(lse[T:]).all()
+    _check_close(out, lse, ref_out, ref_lse, torch.float32)
