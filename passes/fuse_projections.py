@@ -30,6 +30,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 _LINEAR = (torch._C._nn.linear, F.linear)
 _CACHE_ATTR = "_sparsespec_fused_cache"
@@ -79,9 +80,14 @@ class FuseProjectionsPass:
             split = gm.graph.call_function(torch.split, (fused, [w.shape[0] for w in weights]), {"dim": -1})
             for i, n in enumerate(nodes):
                 part = gm.graph.call_function(operator.getitem, (split, i))
-                # contiguous: the model's own .view() of each projection assumes a dense tensor (Inductor fuses
-                # the copy into the consumer)
-                n.replace_all_uses_with(gm.graph.call_method("contiguous", (part,)))
+                # A part is a column slice. HF's `.view(*input_shape, -1, head_dim)` of q/k/v only splits its last
+                # dim, which a slice allows: no copy (for v, whose next consumer is the attention op, Inductor made
+                # it a kernel of its own: one of the 3 pointwise kernels per layer in the H200 profile). Any other
+                # use gets a dense tensor, as the model's code may assume (Inductor fuses that copy into pointwise
+                # consumers).
+                if not _only_splits_last_dim(n):
+                    part = gm.graph.call_method("contiguous", (part,))
+                n.replace_all_uses_with(part)
         for n in nodes:
             gm.graph.erase_node(n)
         self.matched += 1
@@ -104,6 +110,23 @@ class FuseProjectionsPass:
 
 def _arg(n: fx.Node, i: int):
     return n.args[i]
+
+
+def _only_splits_last_dim(n: fx.Node) -> bool:
+    """True if every use of ``n``'s value is a view / reshape that splits its last dim and keeps the others."""
+    src = n.meta.get("example_value", n.meta.get("val"))
+    if not isinstance(src, torch.Tensor) or not n.users:
+        return False
+    a = tuple(src.shape)
+    for u in n.users:
+        out = u.meta.get("example_value", u.meta.get("val"))
+        if not (u.op == "call_method" and u.target in ("view", "reshape") and isinstance(out, torch.Tensor)):
+            return False
+        b = tuple(out.shape)
+        if len(b) != len(a) + 1 or not all(statically_known_true(x == y) for x, y in zip(a[:-1], b[:-2])) \
+                or not statically_known_true(b[-2] * b[-1] == a[-1]):
+            return False
+    return True
 
 
 def _bias(n: fx.Node):

@@ -4,6 +4,8 @@ token (fp32, CPU), through the runtime's padded steps, with Dynamo's graph and w
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 
@@ -116,3 +118,29 @@ def test_linears_of_different_inputs_or_dtypes_stay_apart():
             compiled(torch.tensor([[1, 2, 3]]))
     gm_linears = reports[0]
     assert dict(gm_linears.passes)["fuse_projections"] == 4
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_qkv_parts_reach_their_view_without_a_copy(monkeypatch, dynamic):
+    """q/k/v are only `.view(..., -1, head_dim)`-ed, which a column slice allows: no `contiguous` copy for them
+    (static and symbolic shapes alike); gate/up feed pointwise ops and keep theirs."""
+    from sparsespec_compile.passes.fuse_projections import FuseProjectionsPass
+
+    graphs = []
+    run = FuseProjectionsPass.__call__
+
+    def recording(self, gm, example_inputs):
+        run(self, gm, example_inputs)
+        graphs.append(gm)
+
+    monkeypatch.setattr(FuseProjectionsPass, "__call__", recording)
+    model = _model("llama", layers=1)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sparsespec", dynamic=dynamic,
+                             options={"compiler": "eager", "fuse_projections": True})
+    x = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+    copied = [n for n in graphs[-1].graph.nodes if n.op == "call_method" and n.target == "contiguous"
+              and n.args[0].op == "call_function" and n.args[0].target is operator.getitem]
+    assert len(copied) == 2  # gate and up; q, k and v go to their views directly
