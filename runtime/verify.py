@@ -17,6 +17,7 @@ Greedy rows are the special case with one-hot p and q: accept iff d_i == argmax 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -207,7 +208,25 @@ def rejection_sample(draft_tokens: torch.Tensor, draft_probs: torch.Tensor | Non
     return accepted, tokens
 
 
+# Built tensors of a single SamplingParams, by (temperature, top_k, top_p, rows, vocab, device): each build is four
+# torch.full launches, and a sampled speculative step builds twice (drafts, verification) with the same few shapes.
+# The tensors are only read.
+_BUILT: OrderedDict[tuple, SamplingTensors] = OrderedDict()
+_BUILT_MAX = 64
+
+
 def _as_tensors(params, logits: torch.Tensor) -> SamplingTensors:
     if isinstance(params, SamplingTensors):
         return params
-    return SamplingTensors.build(params, logits.shape[0], logits.shape[-1], logits.device)
+    n, vocab, device = logits.shape[0], logits.shape[-1], logits.device
+    if not isinstance(params, SamplingParams):
+        return SamplingTensors.build(params, n, vocab, device)
+    key = (params.temperature, params.top_k, params.top_p, n, vocab, device)
+    st = _BUILT.get(key)
+    if st is None:
+        st = _BUILT[key] = SamplingTensors.build(params, n, vocab, device)
+        if len(_BUILT) > _BUILT_MAX:
+            _BUILT.popitem(last=False)
+    else:
+        _BUILT.move_to_end(key)
+    return st

@@ -195,3 +195,16 @@ def test_sample_matches_filtered_distribution_and_is_seeded_per_row():
 def test_params_count_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match="3 SamplingParams for 2 rows"):
         sample(torch.randn(2, 5), [SamplingParams()] * 3)
+
+
+def test_sampling_tensors_of_one_params_are_built_once_per_shape():
+    """A sampled speculative step builds them for its drafts and its verification: four torch.full launches each
+    time before the cache. Same values and shape -> the same (read-only) tensors; anything else -> its own."""
+    from sparsespec_compile.runtime.verify import _as_tensors
+
+    logits = torch.zeros(5, 11)
+    a = _as_tensors(SamplingParams(temperature=0.6, top_p=0.9), logits)
+    assert _as_tensors(SamplingParams(temperature=0.6, top_p=0.9, seed=3), logits) is a  # the seed is not in them
+    assert _as_tensors(SamplingParams(temperature=0.7, top_p=0.9), logits) is not a
+    assert _as_tensors(SamplingParams(temperature=0.6, top_p=0.9), torch.zeros(4, 11)) is not a
+    assert torch.equal(a.temperature, torch.full((5,), 0.6)) and torch.equal(a.top_p, torch.full((5,), 0.9))
