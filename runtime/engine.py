@@ -378,10 +378,15 @@ class Engine:
         draft_probs = None
         if not all(e.request.params.greedy for e in entries):
             draft_probs = torch.zeros(n, k, vocab, dtype=torch.float32, device=dev)
+            rows, dst_entry, dst_pos = [], [], []  # one stack and one scatter for the step, not one per request
             for j, e in enumerate(entries):
                 probs = self._draft_probs.pop(e.request.request_id, [])
-                if probs:  # sampled rows; greedy rows keep q = 0, i.e. accepted iff d == argmax p (exact)
-                    draft_probs[j, : len(probs)] = torch.stack(probs)
+                # sampled rows; greedy rows keep q = 0, i.e. accepted iff d == argmax p (exact)
+                rows += probs
+                dst_entry += [j] * len(probs)
+                dst_pos += range(len(probs))
+            if rows:
+                draft_probs[to_device(dst_entry, dev), to_device(dst_pos, dev)] = torch.stack(rows)
         reqs = [e.request for e in entries]
         _, tokens = rejection_sample(
             drafts, draft_probs, target, _params(reqs), self._gens(reqs),
