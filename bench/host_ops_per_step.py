@@ -13,8 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparsespec_compile import LLM, SamplingParams, SparseSpecConfig
 from sparsespec_compile.runtime.engine import Engine
-from sparsespec_compile.testing import FAMILIES
-from sparsespec_compile.testing.checks import tiny_model
+from sparsespec_compile.testing.checks import smallest_llama
 
 
 class _Count(TorchDispatchMode):
@@ -35,8 +34,7 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=64)
     args = ap.parse_args()
-    fam = FAMILIES["llama"]
-    model = tiny_model(fam.config(layers=1, heads=2, kv_heads=1, head_dim=8), attn="sdpa", seed=0)
+    model = smallest_llama()
     prompts = [[5 + (i * 7 + j) % 90 for j in range(16)] for i in range(args.batch)]
     llm = LLM(model, SparseSpecConfig(compiler="eager", num_pages=args.batch * (args.tokens + 40) // 4 + 64,
                                       page_size=4, max_num_batched_tokens=2048, stride=args.stride, min_budget=16,

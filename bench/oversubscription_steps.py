@@ -14,8 +14,7 @@ import argparse
 import math
 
 from sparsespec_compile import LLM, SamplingParams, SparseSpecConfig
-from sparsespec_compile.testing import FAMILIES
-from sparsespec_compile.testing.checks import tiny_model
+from sparsespec_compile.testing.checks import smallest_llama
 
 PROMPT_LEN, PAGE = 8, 4
 
@@ -39,8 +38,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--fraction", type=float, default=0.5)
     args = ap.parse_args()
-    fam = FAMILIES["llama"]
-    model = tiny_model(fam.config(layers=1, heads=2, kv_heads=1, head_dim=8), attn="sdpa", seed=0)
+    model = smallest_llama()
     print("| requests per slot | pool | steps | requests per step | steps vs pool 1.0 |\n|---:|---:|---:|---:|---:|")
     for rps in (1, 4):
         base, base_per_step = steps(model, args.batch, args.tokens, rps, 1.0)

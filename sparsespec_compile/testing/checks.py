@@ -18,6 +18,7 @@ import transformers
 
 from ..backend import capture_reports
 from ..passes import RewriteReport
+from .families import FAMILIES
 
 # (atol, rtol) on logits, keyed by the model's dtype. fp32: eager-compiled graphs are bitwise equal and Inductor
 # differs by ~1e-7 on the tiny models (measured), so 1e-4 leaves room for real models yet catches any
@@ -58,6 +59,12 @@ def tiny_model(config: transformers.PretrainedConfig, attn: str = "sdpa", seed: 
             else:  # norms (weight 1 or 0 for Gemma's 1 + w) and biases: keep the default, add a little noise
                 p.add_(0.1 * noise)
     return model.eval()
+
+
+def smallest_llama(seed: int = 0) -> torch.nn.Module:
+    """A one-layer random Llama (2 heads of 8): for runs that count steps or host work, where the model's arithmetic
+    only has to be cheap (bench/oversubscription_steps.py, bench/host_ops_per_step.py)."""
+    return tiny_model(FAMILIES["llama"].config(layers=1, heads=2, kv_heads=1, head_dim=8), attn="sdpa", seed=seed)
 
 
 def _owner(model: torch.nn.Module, param_name: str) -> torch.nn.Module:
