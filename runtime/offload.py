@@ -24,6 +24,7 @@ import torch
 
 from sparsespec_compile.context import PagedKVCache, PillarStore
 
+from .host_copy import to_device
 from .kv_cache import free_memory_bytes, page_bytes
 from .step_plan import SwapOp
 
@@ -105,7 +106,7 @@ class HostKVPool:
     def _chunks(self, op: SwapOp):
         for i in range(0, len(op.device_blocks), self.chunk_pages):
             dev = op.device_blocks[i:i + self.chunk_pages]
-            idx = torch.tensor(dev, dtype=torch.int64).to(self.device, non_blocking=True)  # [m]
+            idx = to_device(dev, self.device)  # [m] int64, via pinned memory: never waits for the stream
             yield idx, op.host_blocks[i:i + self.chunk_pages]
 
     def _offload(self, op: SwapOp) -> None:
