@@ -23,7 +23,8 @@ def steps(model, batch: int, tokens: int, requests_per_slot: int, fraction: floa
     per_request = math.ceil((PROMPT_LEN + tokens + 2) / PAGE)
     pages = per_request * batch + 4 if fraction >= 1 else max(math.ceil(fraction * per_request * batch), per_request)
     llm = LLM(model, SparseSpecConfig(compiler="eager", num_pages=pages, page_size=PAGE, max_num_batched_tokens=256,
-                                      stride=0, max_num_seqs=batch, host_kv_pages=per_request * batch * requests_per_slot))
+                                      stride=0, max_num_seqs=batch,
+                                      host_kv_pages=per_request * batch * requests_per_slot))
     prompts = [[5 + (i * 7 + j) % 90 for j in range(PROMPT_LEN)] for i in range(batch * requests_per_slot)]
     outs = llm.generate(prompts, SamplingParams(max_tokens=tokens, ignore_eos=True), use_tqdm=False)
     if any(len(o.token_ids) != tokens for o in outs):

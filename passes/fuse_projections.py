@@ -45,6 +45,7 @@ class FuseProjectionsPass:
         self.extra_inputs: list[torch.Tensor] = []  # appended to the graph's inputs, in this order
         self.fused: list[tuple[FusedWeight, list[int]]] = []  # each extra input and its parts' graph-input indices
         self._last_input: fx.Node | None = None
+        self._index: dict[fx.Node, int] = {}  # original placeholder -> its position in the call's arguments
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[object]) -> None:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -53,6 +54,7 @@ class FuseProjectionsPass:
                               "example inputs: cannot tell which inputs are parameters)")
             return
         value = dict(zip(placeholders, example_inputs))
+        self._index = {n: i for i, n in enumerate(placeholders)}
         self._last_input = placeholders[-1] if placeholders else None
         groups: dict[fx.Node, list[tuple[fx.Node, torch.Tensor, torch.Tensor | None]]] = defaultdict(list)
         for n in gm.graph.nodes:  # graph order: each group's first node is where the fused GEMM goes
@@ -70,7 +72,7 @@ class FuseProjectionsPass:
 
     def _fuse(self, gm: fx.GraphModule, x: fx.Node, group: list[tuple]) -> None:
         nodes, weights, biases = (list(c) for c in zip(*group))
-        w_node = self._input(gm, f"sparsespec_fused_w{self.matched}", fused_weight(weights), [_arg(n, 1) for n in nodes])
+        w_node = self._input(gm, f"sparsespec_fused_w{self.matched}", fused_weight(weights), [n.args[1] for n in nodes])
         b_node = None
         if biases[0] is not None:
             b_node = self._input(gm, f"sparsespec_fused_b{self.matched}", fused_weight(biases),
@@ -95,8 +97,7 @@ class FuseProjectionsPass:
     def _input(self, gm: fx.GraphModule, name: str, fw: "FusedWeight", sources: list[fx.Node]) -> fx.Node:
         """A new graph input after the last one, in ``extra_inputs`` order (the backend appends them to each call);
         ``sources``: the placeholders of its parts, whose call-time values ``refresh`` checks."""
-        index = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
-        self.fused.append((fw, [index[n] for n in sources]))
+        self.fused.append((fw, [self._index[n] for n in sources]))
         with gm.graph.inserting_after(self._last_input):
             self._last_input = gm.graph.placeholder(name)
         self.extra_inputs.append(fw.tensor)
@@ -106,10 +107,6 @@ class FuseProjectionsPass:
         """Before each call of the compiled graph: bring every fused tensor up to date with the weights passed in."""
         for fw, idx in self.fused:
             fw.refresh([args[i] for i in idx])
-
-
-def _arg(n: fx.Node, i: int):
-    return n.args[i]
 
 
 def _only_splits_last_dim(n: fx.Node) -> bool:
@@ -170,12 +167,12 @@ class FusedWeight:
     def is_current(self, parts: Sequence[torch.Tensor]) -> bool:
         return all(a is b and a._version == v for a, b, v in zip(parts, self.parts, self.versions))
 
-    def refresh(self, parts: Sequence[torch.Tensor] | None = None) -> None:
+    def refresh(self, parts: Sequence[torch.Tensor] | None = None) -> bool:
         """Copy ``parts`` (default: the ones it was built from) in if any changed since: same storage, so graphs and
-        CUDA graphs that read ``tensor`` see the new values."""
+        CUDA graphs that read ``tensor`` see the new values. True if it copied."""
         parts = self.parts if parts is None else list(parts)
         if self.is_current(parts):
-            return
+            return False
         shapes = [tuple(p.shape) for p in self.parts]
         if [tuple(p.shape) for p in parts] != shapes:
             raise RuntimeError(f"fuse_projections: a fused weight changed shape after the compile ({shapes} -> "
@@ -184,6 +181,7 @@ class FusedWeight:
         with torch.no_grad():
             torch.cat([p.detach() for p in parts], 0, out=self.tensor)
         self.parts, self.versions = parts, [p._version for p in parts]
+        return True
 
 
 def fused_weight(parts: list[torch.Tensor]) -> FusedWeight:
@@ -204,10 +202,4 @@ def fused_weight(parts: list[torch.Tensor]) -> FusedWeight:
 def refresh_fused_weights(model: torch.nn.Module) -> int:
     """Bring every fused tensor built from ``model``'s parameters up to date (weights changed in place since);
     returns how many were copied. For callers that replay CUDA graphs, which skip the per-call check."""
-    n = 0
-    for p in model.parameters():
-        for fw in getattr(p, _CACHE_ATTR, {}).values():
-            if not fw.is_current(fw.parts):
-                fw.refresh()
-                n += 1
-    return n
+    return sum(fw.refresh() for p in model.parameters() for fw in getattr(p, _CACHE_ATTR, {}).values())

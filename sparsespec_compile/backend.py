@@ -68,7 +68,8 @@ def _copy_graph(graph: fx.Graph) -> fx.Graph:
 
 def _with_fused_inputs(fn: Callable[..., Any], fuse: FuseProjectionsPass | None) -> Callable[..., Any]:
     """``fn`` with the fused weights appended to its inputs, each brought up to date with the weights of this call
-    first (a weight changed in place or replaced since the compile is seen; the check costs ~1.3 µs per fused group per call on a 2-core CPU)."""
+    first (a weight changed in place or replaced since the compile is seen; the check costs ~1.3 µs per fused group
+    per call on a 2-core CPU)."""
     if fuse is None or not fuse.extra_inputs:
         return fn
     extra = fuse.extra_inputs

@@ -84,7 +84,8 @@ def test_compiled_fused_graph_sees_weights_changed_after_the_compile(compiler):
         attn.k_proj.weight.mul_(-2.0)
         attn.q_proj.bias.add_(0.5)
         torch.testing.assert_close(compiled(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
-        model.model.layers[0].mlp.up_proj.weight = torch.nn.Parameter(torch.randn_like(model.model.layers[0].mlp.up_proj.weight))
+        mlp = model.model.layers[0].mlp
+        mlp.up_proj.weight = torch.nn.Parameter(torch.randn_like(mlp.up_proj.weight))  # a replaced parameter
         torch.testing.assert_close(compiled(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
 
 

@@ -171,7 +171,7 @@ def _merge_kernel(out, lse, part_acc, part_m, part_l, query_start_loc, R, T_pad,
         tl.store(lse + t.to(tl.int64) * HQ + hh, tl.full([BLOCK_H], float("-inf"), tl.float32), mask=hh < HQ)
         return
     sp = tl.arange(0, SPLITS_PAD)[:, None]
-    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
+    h = hh[None, :]
     ok = (sp < num_splits) & (h < HQ)
     prow = (sp * T_pad + t) * HQ + h  # [SPLITS_PAD, BLOCK_H]
     m = tl.load(part_m + prow, mask=ok, other=float("-inf"))

@@ -25,7 +25,8 @@ def test_runtime_makes_no_blocking_host_to_device_copies():
         for node in ast.walk(ast.parse(path.read_text())):
             direct = _is_torch_call(node, ("tensor", "as_tensor")) and any(k.arg == "device" for k in node.keywords)
             chained = (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                       and node.func.attr in ("to", "cuda") and _is_torch_call(node.func.value, ("tensor", "as_tensor")))
+                       and node.func.attr in ("to", "cuda")
+                       and _is_torch_call(node.func.value, ("tensor", "as_tensor")))
             if direct or chained:
                 found.append(f"{path.name}:{node.lineno}")
     assert not found, f"host lists copied to the device without host_copy.to_device: {found}"
