@@ -15,6 +15,7 @@
 # context run and the profile side by side:
 #
 #   run(kind="nvidia-h200-x2", command="bash bench/device_call.sh tp", carry=[".carry/gguf.part_aa"])
+#   (TP_RUNS="qwen3:on llama:on" TP_GRAPHS=on TP1= bash bench/device_call.sh tp: a shorter one)
 #   run(command="bash bench/device_call.sh context_profile", carry=[".carry/gguf.part_ab", ".carry/whl", ".carry/prompts64.jsonl"])
 #
 # The machine is given back after 30 s idle: make the calls back to back, or the GGUF (98 MB, carried in two parts
@@ -100,24 +101,29 @@ PY
       --temperature 0 --time-budget-s 480 --fuse-projections --out "$OUT/context"
     wait
     grep -v -i warn /tmp/profile.log | head -40 ;;
-  tp)  # nvidia-h200-x2: NCCL correctness, then the Qwen3-8B shape on 2 GPUs (tensor parallel) vs 1
+  tp)  # nvidia-h200-x2: NCCL correctness on tiny models while the Qwen3-8B-shaped checkpoint is saved, then that
+       # model on 2 GPUs (tensor parallel; CUDA graphs per TP_GRAPHS) and, unless TP1 is set empty, on 1 GPU
     cp "$R/bench/gpu_tp_check.py" .
     nvidia-smi topo -m | head -4 || true
-    timeout 200 python3 gpu_tp_check.py --out "$OUT" 2>&1 | grep -v -i warn | tail -12 || echo "(tp check rc $?)"
-    timeout 150 python3 -m sparsespec_compile.benchmark --model qwen3-8b-random --save-model /root/q8b 2>&1 \
-      | grep -v -i warn | tail -3 || echo "(save rc $?)"
+    (timeout 150 python3 -m sparsespec_compile.benchmark --model qwen3-8b-random --save-model /root/q8b \
+      > /tmp/save.log 2>&1 || echo "(save rc $?)" >> /tmp/save.log) &
+    timeout 230 python3 gpu_tp_check.py --out "$OUT" --timeout 100 --runs ${TP_RUNS:-llama:off llama:on qwen3:off qwen3:on} \
+      2>&1 | grep -v -i warn | tail -14 || echo "(tp check rc $?)"
+    wait
+    grep -v -i warn /tmp/save.log | tail -2
     Q="--model /root/q8b --methods stride0 --batch-sizes 32 --output-lens 256 --prompt-len 4096 --temperature 0
-       --save-tokens --prompts /nonexistent --time-budget-s 100"
-    on=$(python3 -c "import json; print(json.load(open('$OUT/tp_check.json'))['runs']['on'].get('returncode'))" \
-         2>/dev/null || echo 1)
-    for g in $([ "$on" = 0 ] && echo on) pad; do
-      timeout 140 python3 -m torch.distributed.run --nproc-per-node 2 -m sparsespec_compile.benchmark $Q \
-        --cuda-graphs $g --out /tmp/tp2_$g 2>&1 | grep -v -i warn | grep -v '^{' | tail -5 || echo "(tp2 $g rc $?)"
+       --save-tokens --time-budget-s 100"
+    for g in ${TP_GRAPHS:-on pad}; do
+      timeout 170 python3 -m torch.distributed.run --nproc-per-node 2 -m sparsespec_compile.benchmark $Q \
+        --cuda-graphs $g --out /tmp/tp2_$g 2>&1 | grep -v -i warn | grep -v '^{' | grep "stride0\|rror" | tail -5 \
+        || echo "(tp2 $g rc $?)"
       cp /tmp/tp2_$g/e2e.json "$OUT/e2e_tp2_$g.json" || true
     done
-    timeout 140 python3 -m sparsespec_compile.benchmark $Q --out /tmp/tp1 2>&1 | grep -v -i warn | grep -v '^{' \
-      | tail -5 || echo "(tp1 rc $?)"
-    cp /tmp/tp1/e2e.json "$OUT/e2e_tp1.json" || true ;;
+    if [ -n "${TP1-1}" ]; then
+      timeout 140 python3 -m sparsespec_compile.benchmark $Q --out /tmp/tp1 2>&1 | grep -v -i warn | grep -v '^{' \
+        | grep "stride0\|rror" | tail -5 || echo "(tp1 rc $?)"
+      cp /tmp/tp1/e2e.json "$OUT/e2e_tp1.json" || true
+    fi ;;
   profile)
     cp "$R/bench/gpu_graph_check.py" .
     timeout 300 python3 gpu_graph_check.py --profile --out "$OUT" --runs "s0_fuse 0 pad inductor 64 2048 256 fuse" \

@@ -22,7 +22,7 @@ from .host_copy import to_device
 from .overlap import apply_patch, placeholder, placeholder_patch
 from .kv_cache import allocate_kv_cache, allocate_pillar_store, kv_shape_from_config
 from .offload import HostKVPool, default_host_pages
-from .parallel import agree_on_tokens, local_kv_heads, tp_world_size
+from .parallel import agree_on_tokens, drop_backward_hooks, local_kv_heads, tp_world_size
 from .request import Request
 from .scheduler import Scheduler
 from .step_plan import StepKind, StepPlan
@@ -87,6 +87,10 @@ class Engine:
             self.impl = "triton" if self.device.type == "cuda" else "reference"
         num_layers, kv_heads, head_dim = kv_shape_from_config(model.config)
         self.tp_world = tp_world_size(model)
+        dropped = drop_backward_hooks(model)
+        if dropped:
+            log.warning("removed the backward hooks of %d module(s) (%s%s): inference never runs them and Dynamo "
+                        "cannot trace them", len(dropped), ", ".join(dropped[:3]), ", ..." if len(dropped) > 3 else "")
         kv_heads = local_kv_heads(kv_heads, self.tp_world)  # under TP the op sees this rank's heads only
         self.num_layers = num_layers
         text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config

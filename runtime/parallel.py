@@ -40,3 +40,32 @@ def agree_on_tokens(sampled: list[list[int]], world: int) -> list[list[int]]:
     box = [sampled]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def drop_backward_hooks(model: torch.nn.Module) -> list[str]:
+    """Remove module backward hooks; returns the names of the modules that had them.
+
+    The runtime only runs inference, where a backward hook never fires. Dynamo cannot trace a module that has one
+    (without compiled autograd), so it splits the forward there: transformers 5.17's ``tp_plan="auto"`` puts a
+    gradient all-reduce hook on Qwen3's ``q_norm`` and ``k_norm``. The split lands inside each attention, whose
+    layer then cannot be numbered, and with Inductor the attention frames fell back to eager (0 sparsespec ops on
+    the H200, bench/RESULTS.md).
+    """
+    names = []
+    for name, mod in model.named_modules():
+        if mod._backward_hooks or mod._backward_pre_hooks:
+            mod._backward_hooks.clear()
+            mod._backward_pre_hooks.clear()
+            mod._is_full_backward_hook = None
+            names.append(name)
+    return names
+
+
+def tp_from_pretrained_kwargs() -> dict:
+    """``from_pretrained`` keywords for HF tensor parallelism over the torchrun world: ``distributed_config`` where
+    transformers has it (``tp_plan=`` alone is deprecated there), else ``tp_plan="auto"``."""
+    try:
+        from transformers import DistributedConfig
+    except ImportError:
+        return {"tp_plan": "auto"}
+    return {"distributed_config": DistributedConfig(tp_plan="auto")}

@@ -23,6 +23,25 @@ def unused_attention_mask(dtype: torch.dtype, device: torch.device) -> torch.Ten
     return _UNUSED_MASKS[key]
 
 
+def check_layers_ran(layers: list[int], num_layers: int) -> None:
+    """Each layer's sparsespec attention ran exactly once in this forward, or an error that says what went wrong."""
+    if len(layers) != num_layers:
+        raise RuntimeError(
+            f"the compiled model ran {len(layers)} sparsespec attention op(s) for {num_layers} layers: it "
+            "was not compiled with backend='sparsespec', or some attention was left alone "
+            "(print(sparsespec_compile.inspect(model)) shows which and why), or Dynamo fell back to eager "
+            "(TORCH_LOGS=recompiles,graph_breaks shows why)"
+        )
+    if sorted(layers) != list(range(num_layers)):
+        twice = sorted({i for i in layers if layers.count(i) > 1})
+        raise RuntimeError(
+            f"the compiled model ran the attention of layer(s) {twice} more than once in one forward (layers in call "
+            f"order: {layers[:8]}{'...' if len(layers) > 8 else ''}): Dynamo split the model into several graphs "
+            "whose attention nodes the rewrite could not number (a graph break inside the decoder layers; "
+            "TORCH_LOGS=graph_breaks shows where)"
+        )
+
+
 def run_compiled(compiled, ctx: ForwardContext, input_ids: torch.Tensor, position_ids: torch.Tensor,
                  logits_indices: torch.Tensor, num_layers: int) -> torch.Tensor:
     """Logits ``[N, V]`` of ``logits_indices``; selects the step's pillars after the forward (``ctx.layer_scores``)."""
@@ -35,12 +54,6 @@ def run_compiled(compiled, ctx: ForwardContext, input_ids: torch.Tensor, positio
                        attention_mask=unused_attention_mask(kv.dtype, kv.device))
         # Every step, not just the first: if Dynamo ever falls back to the original forward (recompile limit, a new
         # graph break), plain attention over the flattened batch would produce wrong tokens silently.
-        if ctx.attention_calls != num_layers:
-            raise RuntimeError(
-                f"the compiled model ran {ctx.attention_calls} sparsespec attention op(s) for {num_layers} layers: it "
-                "was not compiled with backend='sparsespec', or some attention was left alone "
-                "(print(sparsespec_compile.inspect(model)) shows which and why), or Dynamo fell back to eager "
-                "(TORCH_LOGS=recompiles shows why)"
-            )
+        check_layers_ran(ctx.attention_layers, num_layers)
         select_step_pillars(ctx)
     return out.logits[0]

@@ -100,9 +100,10 @@ class ForwardContext:
     sliding_windows: list[int] = field(default_factory=list)  # per layer, -1 = none
     # Which implementation the attention op dispatches to: "reference" (pure PyTorch) or "triton"
     impl: str = "reference"
-    # Incremented by every attention op that reads this context: lets the runtime check, after its first step,
-    # that the graph it calls really was rewritten (one call per layer).
-    attention_calls: int = 0
+    # The layer index of every attention op that read this context, in call order: lets the runtime check after
+    # each forward that the graph it calls really was rewritten (each layer exactly once; a layer seen twice means
+    # Dynamo split the model into graphs whose layer numbering could not be told apart).
+    attention_layers: list[int] = field(default_factory=list)
 
     @property
     def num_requests(self) -> int:

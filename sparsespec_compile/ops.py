@@ -105,7 +105,7 @@ def _runtime_attention(ctx: ForwardContext, q, k, v, layer_idx, scale, softcap):
         )
     if not 0 <= layer_idx < len(ctx.kv.k):
         raise RuntimeError(f"attention layer {layer_idx} has no KV pool (the pool holds {len(ctx.kv.k)} layers)")
-    ctx.attention_calls += 1
+    ctx.attention_layers.append(layer_idx)
     q_t, k_t, v_t = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)  # [T, H, D] views
     k_cache, v_cache = ctx.kv.k[layer_idx], ctx.kv.v[layer_idx]
     kernels.write_kv(k_cache, v_cache, k_t, v_t, ctx.slot_mapping, impl=ctx.impl)

@@ -68,7 +68,9 @@ def build_model(name: str, device: str, dtype: torch.dtype, gguf: str | None, wo
 def load_checkpoint(path: Path, device: str, dtype: torch.dtype, world: int):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    where = {"tp_plan": "auto"} if world > 1 else {"device_map": device}
+    from ..runtime.parallel import tp_from_pretrained_kwargs
+
+    where = tp_from_pretrained_kwargs() if world > 1 else {"device_map": device}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **where)
     try:
         tok = AutoTokenizer.from_pretrained(path)
