@@ -48,6 +48,9 @@ def test_records_have_the_fields(run):
     assert by[(2, "pillar")]["mean_accepted"] is not None and by[(2, "pillar")]["cycles"] > 0
     assert by[(2, "stride0")]["kv_tokens_read"] > 0
     assert 1 <= by[(2, "pillar")]["mean_requests_per_step"] <= 2  # batch occupancy: at most the batch
+    spread = by[(2, "pillar")]["per_request_accepted"]
+    assert spread["requests"] == 2 and spread["min"] <= spread["median"] <= spread["max"]
+    assert by[(2, "stride0")]["per_request_accepted"] is None
 
 
 def test_greedy_outputs_identical(run):

@@ -240,7 +240,9 @@ def run_cell(model, prompts, method: str, batch: int, output_len: int, temperatu
         kv_pool_fraction=None if hf else args.kv_pool_fraction,
         kv_pages=r["config"].num_pages if not hf else None,
         offloads=None if hf else sum(m.get("offloads", 0) for m in r["metrics"]),
-        preemptions=None if hf else sum(m.get("preemptions", 0) for m in r["metrics"]), stride=0 if hf or method == "stride0" else args.stride,
+        preemptions=None if hf else sum(m.get("preemptions", 0) for m in r["metrics"]),
+        stride=0 if hf or method == "stride0" else args.stride,
+        per_request_accepted=None if hf or method == "stride0" else accepted_spread(r["metrics"]),
         gpu_busy_seconds=stats.get("gpu_busy_seconds"), graph_steps=stats.get("graph_steps"),
         idle_fraction=_idle_fraction(stats, seconds),
         peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
@@ -256,6 +258,17 @@ def run_cell(model, prompts, method: str, batch: int, output_len: int, temperatu
                    decode_floor_step_ms=1e3 * g_floor / stats["graph_steps"],
                    decode_floor_fraction=g_floor / stats["graph_seconds"])
     return rec
+
+
+def accepted_spread(metrics: list[dict]) -> dict | None:
+    """Spread of the requests' own mean accepted lengths (full cycles): min, 10th percentile, median, max. A closed
+    batch of equal-length requests runs until its slowest one is done, so the low end sets how many steps run
+    with few requests (mean requests per step)."""
+    means = sorted(m["mean_accepted"] for m in metrics if m.get("accepted"))
+    if not means:
+        return None
+    n = len(means)
+    return {"requests": n, "min": means[0], "p10": means[n // 10], "median": means[n // 2], "max": means[-1]}
 
 
 def _idle_fraction(stats: dict, wall: float) -> float | None:
