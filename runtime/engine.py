@@ -399,6 +399,7 @@ class Engine:
         return tokens
 
     def _after_update(self, plan: StepPlan) -> None:
+        streaming: list[tuple[int, int, int]] = []  # (slot, context, budget) of verified streaming requests
         for e in plan.entries:
             r = e.request
             if e.kind is not StepKind.VERIFY or r.state.value == "waiting":
@@ -409,7 +410,9 @@ class Engine:
             if r.is_finished:
                 continue
             if self.config.draft == "streaming" and self.pillars is not None and e.score:
-                write_streaming_pillars(self.pillars, r.pillar_slot, e.start_pos, self.config.budget(e.start_pos))
+                streaming.append((r.pillar_slot, e.start_pos, self.config.budget(e.start_pos)))
+        if streaming:
+            write_streaming_pillars(self.pillars, *map(list, zip(*streaming)))
 
     def _gens(self, reqs: list[Request]):
         gens = [self._generators.get(r.request_id) for r in reqs]
