@@ -38,7 +38,7 @@
 #           shape (random bf16 weights saved once to /root/q8b) at B 32, 4k prompts, stride 0: 2 ranks (graphs on
 #           when the check captured them, and padded steps without graphs) vs 1 GPU
 set -euo pipefail
-phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile|context_profile|tp}
+phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile|context_profile|tp|streaming|carry}
 R=$PWD
 GG=/root/gg
 mkdir -p "$GG"
@@ -86,6 +86,11 @@ PY
       bench 115 --methods stride0 pillar --batch-sizes 64 --output-lens 2048 --temperature 0 \
         --kv-pool-fraction "$f" --time-budget-s 100 $FUSE --out "$OUT/pool$f"
     done ;;
+  streaming)  # the steady run of stride 0 and streaming again (per-request acceptance spread recorded)
+    bench 260 --methods stride0 streaming --batch-sizes 64 --output-lens 4096 --temperature 0 \
+      --requests-per-slot 2 --time-budget-s 200 --fuse-projections --out "$OUT/steady" ;;
+  carry)  # only brings the GGUF's first half over (with a streaming/steady/grid/context call right after)
+    nvidia-smi --query-gpu=name --format=csv,noheader ;;
   grid)
     bench 520 --methods hf_eager stride0 pillar --batch-sizes 16 32 64 --output-lens 2048 --temperature 0 0.6 \
       --hf-max-tokens 128 --time-budget-s 480 $FUSE --out "$OUT/grid" ;;
