@@ -22,7 +22,7 @@ from .host_copy import to_device
 from .overlap import apply_patch, placeholder, placeholder_patch
 from .kv_cache import allocate_kv_cache, allocate_pillar_store, kv_shape_from_config
 from .offload import HostKVPool, default_host_pages
-from .parallel import agree_on_tokens, drop_backward_hooks, local_kv_heads, tp_world_size
+from .parallel import drop_backward_hooks, from_rank0, local_kv_heads, tp_world_size
 from .request import Request
 from .scheduler import Scheduler
 from .step_plan import StepKind, StepPlan
@@ -171,7 +171,7 @@ class Engine:
             start.record()
         try:
             logits, _ = self._forward(plan)  # [N, V]
-            sampled = agree_on_tokens(self._sample_and_verify(plan, logits).lists(), self.tp_world)
+            sampled = from_rank0(self._sample_and_verify(plan, logits).lists(), self.tp_world)
             capture = (self.graphs.capture_seconds if self.graphs is not None else 0.0) - captured_before
             if timed and not capture:  # sampling read its results on the host already: the GPU is done here
                 end.record()

@@ -9,8 +9,25 @@ rank applies exactly the same update.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
+
+
+def join_torchrun(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, this rank's device) of a process started by ``torchrun``, after joining its process group
+    (NCCL on CUDA, gloo on the CPU); (0, 1, ``device``) when not started by it."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1, torch.device(device)
+    dev = torch.device("cpu")
+    if device.startswith("cuda"):
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    return dist.get_rank(), world, dev
 
 
 def tp_world_size(model: torch.nn.Module) -> int:
@@ -33,11 +50,12 @@ def local_kv_heads(kv_heads: int, world: int) -> int:
     return kv_heads // world
 
 
-def agree_on_tokens(sampled: list[list[int]], world: int) -> list[list[int]]:
-    """Rank 0's step results, on every rank (one small collective per step; no-op without TP)."""
-    if world == 1 or not dist.is_initialized():
-        return sampled
-    box = [sampled]
+def from_rank0(value, world: int | None = None):
+    """Rank 0's ``value`` on every rank: the step's sampled tokens, or any decision a rank must not make alone (one
+    small collective; ``value`` itself without TP). ``world`` defaults to the process group's size."""
+    if not dist.is_initialized() or (world or dist.get_world_size()) == 1:
+        return value
+    box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 

@@ -23,8 +23,9 @@ under ``--out``, prints a markdown table and appends it to ``--results-md`` when
     sparsespec bench --model smollm2 --batch-sizes 16 32 64 --output-lens 1024 4096 --out bench_out/e2e
     python -m sparsespec_compile.benchmark ...   # the same
 
-Modules: ``run`` (cells, CLI), ``agreement`` (greedy comparisons), ``hf`` (HF baselines), ``floor`` (bandwidth, bytes, step floor),
-``report`` (table, PNG, JSON), ``common`` (shared names).
+Modules: ``run`` (cells, CLI), ``models`` (models, checkpoints under torchrun, prompts), ``agreement`` (greedy
+comparisons), ``hf`` (HF baselines), ``floor`` (bandwidth, bytes, step floor), ``report`` (table, PNG, JSON),
+``common`` (shared names).
 """
 
 from .common import JSON_NAME, METHODS, PNG_NAME

@@ -7,7 +7,10 @@ import time
 
 import torch
 
-from .distributed import local
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter under tensor parallelism (a DTensor's local shard; a plain tensor as is)."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def measure_copy_bandwidth(device: torch.device, repeats: int = 5) -> float:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from sparsespec_compile import LLM, SamplingParams, SparseSpecConfig
-from sparsespec_compile.runtime.parallel import tp_from_pretrained_kwargs
+from sparsespec_compile.runtime.parallel import join_torchrun, tp_from_pretrained_kwargs
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], list(range(20, 40))]
 MAX_TOKENS = 12
@@ -31,11 +31,8 @@ def main() -> None:
     ap.add_argument("--compiler", default="eager", choices=["eager", "inductor"])
     ap.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off", "pad"])
     args = ap.parse_args()
-    if args.device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-    rank = dist.get_rank()
-    where = tp_from_pretrained_kwargs() if dist.get_world_size() > 1 else {"device_map": args.device}
+    rank, world, device = join_torchrun(args.device)
+    where = tp_from_pretrained_kwargs() if world > 1 else {"device_map": str(device)}
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, **where).eval()
     llm = LLM(model, SparseSpecConfig(stride=3, min_budget=3, recent=1, compiler=args.compiler, num_pages=64,
                                       page_size=4, cuda_graphs=args.cuda_graphs))
@@ -44,7 +41,7 @@ def main() -> None:
     outs = llm.generate(PROMPTS + PROMPTS[:1], [greedy] * 3 + [unseeded], use_tqdm=False)
     with open(os.path.join(args.out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"tokens": [o.token_ids for o in outs], "reasons": [o.finish_reason for o in outs],
-                   "world": dist.get_world_size(), "tp": llm.engine.tp_world,
+                   "world": world, "tp": llm.engine.tp_world,
                    "graph_steps": llm.engine.stats.graph_steps, "steps": llm.engine.stats.steps}, f)
     # The captured graphs hold NCCL work: free them before the communicators go (with them alive,
     # destroy_process_group hung on the H200 pair after a captured run, bench/RESULTS.md).
@@ -52,7 +49,8 @@ def main() -> None:
     gc.collect()
     if args.device == "cuda":
         torch.cuda.synchronize()
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
