@@ -20,7 +20,7 @@ from .block_allocator import BlockAllocator
 from .cuda_graphs import StepGraphs, step_score_buffer
 from .host_copy import to_device
 from .overlap import apply_patch, placeholder, placeholder_patch
-from .kv_cache import allocate_kv_cache, allocate_pillar_store, kv_shape_from_config
+from .kv_cache import allocate_kv_cache, allocate_pillar_store, kv_shape_from_config, pages_for_requests
 from .offload import HostKVPool, default_host_pages
 from .parallel import drop_backward_hooks, from_rank0, local_kv_heads, tp_world_size
 from .request import Request
@@ -99,6 +99,7 @@ class Engine:
         self.kv = allocate_kv_cache(
             num_layers, kv_heads, head_dim, dtype=self.dtype, device=self.device, page_size=config.page_size,
             num_pages=config.num_pages, memory_fraction=config.kv_memory_fraction,
+            max_pages=pages_for_requests(config.max_num_seqs, self.max_model_len, config.stride, config.page_size),
         )
         max_budget = min(config.max_budget, max(config.min_budget, math.ceil(config.sparsity * self.max_model_len)))
         self.pillars = None
