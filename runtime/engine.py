@@ -77,7 +77,10 @@ def _params(reqs: list[Request]):
 
 
 class Engine:
-    def __init__(self, compiled, model: torch.nn.Module, config: SparseSpecConfig, eos_token_ids=()) -> None:
+    def __init__(self, compiled, model: torch.nn.Module, config: SparseSpecConfig, eos_token_ids=(),
+                 kv_layout: tuple[int, int] | None = None) -> None:
+        """``kv_layout``: (KV heads, head dim) the attention op receives (servable.probe_compiled), when known;
+        else from the config."""
         self.compiled = compiled
         self.config = config
         param = next(model.parameters())
@@ -92,6 +95,11 @@ class Engine:
             log.warning("removed the backward hooks of %d module(s) (%s%s): inference never runs them and Dynamo "
                         "cannot trace them", len(dropped), ", ".join(dropped[:3]), ", ..." if len(dropped) > 3 else "")
         kv_heads = local_kv_heads(kv_heads, self.tp_world)  # under TP the op sees this rank's heads only
+        if kv_layout is not None and kv_layout != (kv_heads, head_dim):
+            log.warning("the attention op receives K/V of %d heads x %d (the config says %d x %d): the model repeats "
+                        "K/V itself in a form the rewrite does not undo, so the KV pool holds %d heads per layer",
+                        *kv_layout, kv_heads, head_dim, kv_layout[0])
+            kv_heads, head_dim = kv_layout
         self.num_layers = num_layers
         text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.max_model_len = int(getattr(text, "max_position_embeddings", 4096) or 4096)

@@ -12,8 +12,10 @@ from sparsespec_compile.config import SparseSpecConfig
 from sparsespec_compile.passes.fuse_projections import refresh_fused_weights
 
 from .engine import Engine
+from .kv_cache import kv_shape_from_config
 from .request import Request
 from .sampling_params import SamplingParams
+from .servable import check_model, probe_compiled
 
 log = logging.getLogger("sparsespec.runtime")
 
@@ -52,23 +54,21 @@ class LLM:
     def __init__(self, model_or_compiled, config: SparseSpecConfig | None = None, tokenizer=None) -> None:
         self.config = config or SparseSpecConfig()
         compiled, model = _unwrap(model_or_compiled)
-        if getattr(model.config, "is_encoder_decoder", False) or not hasattr(model, "lm_head") and not hasattr(
-            model, "get_output_embeddings"
-        ):
-            raise ValueError(f"{type(model).__name__} is not a causal decoder-only LM: sparsespec cannot serve it")
         if model.training:
             model.eval()
+        check_model(model)  # refuse what cannot be served exactly now, not per request inside the step loop
         if compiled is None:
             import sparsespec_compile  # noqa: F401  (registers the backend)
 
             compiled = torch.compile(model, backend="sparsespec", options={"compiler": self.config.compiler,
                                                                           "fuse_projections": self.config.fuse_projections})
+        kv_layout = probe_compiled(compiled, model, kv_shape_from_config(model.config)[0])
         self.model, self.compiled, self.tokenizer = model, compiled, tokenizer
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         if eos is None:
             eos = getattr(model.config, "eos_token_id", None)
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        self.engine = Engine(compiled, model, self.config, eos_token_ids=eos_ids)
+        self.engine = Engine(compiled, model, self.config, eos_token_ids=eos_ids, kv_layout=kv_layout)
 
     # ---- prompts ----------------------------------------------------------------------------------------------
     def _encode(self, prompt, chat: bool) -> list[int]:

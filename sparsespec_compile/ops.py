@@ -16,6 +16,9 @@ CUDA graphs, and no graph value depends on them except through this op's output.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator, NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -45,10 +48,38 @@ def attention(
     """
     ctx = get_forward_context()
     if ctx is None:
+        if _RECORDED is not None:
+            _RECORDED.append(AttentionCall(layer_idx, q.shape[1], k.shape[1], k.shape[3]))
         out = _original_attention(q, k, v, attn_mask, scale, is_causal, softcap, math)
     else:
         out = _runtime_attention(ctx, q, k, v, layer_idx, scale, softcap)
     return _bshd_layout(out)
+
+
+class AttentionCall(NamedTuple):
+    """What one no-context call of the op received (``record_attention_calls``)."""
+
+    layer_idx: int
+    q_heads: int
+    kv_heads: int  # == q_heads when the model expanded K/V to the query heads itself, in a form the pass kept
+    head_dim: int
+
+
+_RECORDED: list[AttentionCall] | None = None
+
+
+@contextlib.contextmanager
+def record_attention_calls() -> Iterator[list[AttentionCall]]:
+    """``with record_attention_calls() as calls: compiled(x)``: the op calls of that forward (no context set), in
+    call order. How ``LLM`` checks at construction that every layer was rewritten and what K/V shape it receives."""
+    global _RECORDED
+    if _RECORDED is not None:
+        raise RuntimeError("record_attention_calls() is not re-entrant")
+    _RECORDED = []
+    try:
+        yield _RECORDED
+    finally:
+        _RECORDED = None
 
 
 @attention.register_fake
