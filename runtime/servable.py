@@ -17,9 +17,10 @@ import logging
 
 import torch
 
+from sparsespec_compile.backend import capture_reports
 from sparsespec_compile.ops import record_attention_calls
 
-from .step_forward import unused_attention_mask
+from .step_forward import call_model
 
 log = logging.getLogger("sparsespec.runtime")
 
@@ -56,7 +57,8 @@ def _check_causal(model: torch.nn.Module) -> None:
     changed = ids.clone()
     changed[0, -1] = (ids[0, -1] + 1).remainder(int(model.config.get_text_config().vocab_size))
     with torch.inference_mode():
-        a, b = (model(input_ids=x, use_cache=False).logits[0, :-1].float() for x in (ids, changed))
+        a, b = (model(input_ids=x, use_cache=False, output_attentions=False, output_hidden_states=False)
+                .logits[0, :-1].float() for x in (ids, changed))
     diff = (a - b).abs().max().item()
     dtype = next(model.parameters()).dtype
     tol = _CAUSAL_TOL.get(dtype, 5e-2) * max(1.0, a.abs().max().item())
@@ -74,15 +76,14 @@ def probe_compiled(compiled, model: torch.nn.Module, num_layers: int) -> tuple[i
     Returns ``(kv_heads, head_dim)`` the op receives (what the KV pool must hold per layer)."""
     ids = _probe_ids(model)
     positions = torch.arange(PROBE_LEN, device=ids.device).unsqueeze(0)
-    keep = torch.tensor([PROBE_LEN - 2, PROBE_LEN - 1], device=ids.device)
+    keep = positions[0, -2:].clone()  # two logit rows, as a step has at least (step_inputs pads to two)
     for t in (ids, positions):
         torch._dynamo.maybe_mark_dynamic(t, 1)  # as run_compiled does: the graph compiled here is the runtime's
     torch._dynamo.maybe_mark_dynamic(keep, 0)
     dtype = next(model.parameters()).dtype
     try:
-        with record_attention_calls() as calls, torch.inference_mode():
-            out = compiled(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=keep,
-                           attention_mask=unused_attention_mask(dtype, ids.device))
+        with capture_reports() as reports, record_attention_calls() as calls, torch.inference_mode():
+            out = call_model(compiled, ids, positions, keep, dtype)
     except Exception as exc:
         raise ValueError(f"the compiled {type(model).__name__} failed on the call the runtime makes (input_ids, "
                          f"position_ids, use_cache=False, logits_to_keep, a 4D attention_mask): "
@@ -91,7 +92,8 @@ def probe_compiled(compiled, model: torch.nn.Module, num_layers: int) -> tuple[i
         raise ValueError(f"the compiled {type(model).__name__} returns {type(out).__name__} without .logits: "
                          "sparsespec serves causal LMs with an LM head")
     layers = sorted(c.layer_idx for c in calls)
-    if not calls:
+    left = sorted({r.reason for rep in reports for r in rep.left_alone})  # empty unless this call compiled a graph
+    if not calls and not reports:
         raise ValueError(
             f"none of the {num_layers} attention layers ran as sparsespec::attention: the model was compiled with "
             "another backend. Pass the model itself, or torch.compile(model, backend='sparsespec')")
@@ -99,8 +101,8 @@ def probe_compiled(compiled, model: torch.nn.Module, num_layers: int) -> tuple[i
         missing = sorted(set(range(num_layers)) - set(layers))
         raise ValueError(
             f"{len(calls)} of {num_layers} attention layers ran as sparsespec::attention (layers {missing} did not): "
-            "the rewrite left some attention alone, so the runtime would attend wrongly there. "
-            "print(sparsespec_compile.inspect(model)) shows which and why")
+            f"the rewrite left some attention alone{f' ({left})' if left else ''}, so the runtime would attend "
+            "wrongly there. print(sparsespec_compile.inspect(model)) shows which and why")
     shapes = sorted({(c.kv_heads, c.head_dim) for c in calls})
     if len(shapes) != 1:
         raise ValueError(f"the attention layers receive K/V of different shapes (heads, head_dim) {shapes}: the "

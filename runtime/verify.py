@@ -250,7 +250,7 @@ def rejection_sample(draft_tokens: torch.Tensor, draft_probs: torch.Tensor | Non
         # the position and p alone.
         x_all = (p / _noise("exp", tuple(p.shape), generators, dev)).argmax(-1)  # [N, k+1]
         accepted_c = ((draft_tokens.long() == x_all[:, :k]) & valid).long().cumprod(1).sum(1)
-        mask = torch.tensor(coupled, device=dev)
+        mask = to_device(coupled, dev, torch.bool)
         accepted = torch.where(mask, accepted_c, accepted)
         x = torch.where(mask, x_all[rows, accepted], x)
     tokens = torch.cat([draft_tokens.long(), draft_tokens.new_zeros(n, 1, dtype=torch.long)], 1)  # [N, k+1]

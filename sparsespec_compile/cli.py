@@ -86,7 +86,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:  # a config alone: random weights, redrawn at O(1) scale so greedy argmaxes are not near-ties
         model = tiny_model(AutoConfig.from_pretrained(path), attn=args.attn, seed=args.seed)
     model.eval()
-    with tqdm(total=5, desc="sparsespec check", unit="check", disable=args.no_progress) as bar:
+    with tqdm(total=6, desc="sparsespec check", unit="check", disable=args.no_progress) as bar:
         started: list[str] = []
 
         def progress(name: str) -> None:  # called as each check starts: the previous one is done
