@@ -25,6 +25,7 @@ from .offload import HostKVPool, default_host_pages
 from .parallel import drop_backward_hooks, from_rank0, local_kv_heads, tp_world_size
 from .request import Request
 from .scheduler import Scheduler
+from .servable import probe_compiled
 from .step_plan import StepEntry, StepKind, StepPlan
 from .step_results import StepResults
 from .step_forward import run_compiled
@@ -88,10 +89,7 @@ def _position_seeds(entries: list[StepEntry]) -> list[PositionSeed | None] | Non
 
 
 class Engine:
-    def __init__(self, compiled, model: torch.nn.Module, config: SparseSpecConfig, eos_token_ids=(),
-                 kv_layout: tuple[int, int] | None = None) -> None:
-        """``kv_layout``: (KV heads, head dim) the attention op receives (servable.probe_compiled), when known;
-        else from the config."""
+    def __init__(self, compiled, model: torch.nn.Module, config: SparseSpecConfig, eos_token_ids=()) -> None:
         self.compiled = compiled
         self.config = config
         param = next(model.parameters())
@@ -106,7 +104,10 @@ class Engine:
             log.warning("removed the backward hooks of %d module(s) (%s%s): inference never runs them and Dynamo "
                         "cannot trace them", len(dropped), ", ".join(dropped[:3]), ", ..." if len(dropped) > 3 else "")
         kv_heads = local_kv_heads(kv_heads, self.tp_world)  # under TP the op sees this rank's heads only
-        if kv_layout is not None and kv_layout != (kv_heads, head_dim):
+        # Refuses a compiled model whose attention did not all become the op; the K/V shape the op receives sizes
+        # the pool (after the hooks are gone: a hook splits the graph)
+        kv_layout = probe_compiled(compiled, model, num_layers)
+        if kv_layout != (kv_heads, head_dim):
             log.warning("the attention op receives K/V of %d heads x %d (the config says %d x %d): the model repeats "
                         "K/V itself in a form the rewrite does not undo, so the KV pool holds %d heads per layer",
                         *kv_layout, kv_heads, head_dim, kv_layout[0])

@@ -12,11 +12,10 @@ from sparsespec_compile.config import SparseSpecConfig
 from sparsespec_compile.passes.fuse_projections import refresh_fused_weights
 
 from .engine import Engine, EngineStats
-from .kv_cache import kv_shape_from_config
 from .request import Request
 from .sampling_params import SamplingParams
 from .prompts import encode, split_prompts
-from .servable import check_model, probe_compiled
+from .servable import check_model
 
 log = logging.getLogger("sparsespec.runtime")
 
@@ -76,13 +75,12 @@ class LLM:
 
             compiled = torch.compile(model, backend="sparsespec", options={"compiler": self.config.compiler,
                                                                           "fuse_projections": self.config.fuse_projections})
-        kv_layout = probe_compiled(compiled, model, kv_shape_from_config(model.config)[0])
         self.model, self.compiled, self.tokenizer = model, compiled, tokenizer
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         if eos is None:
             eos = getattr(model.config, "eos_token_id", None)
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        self.engine = Engine(compiled, model, self.config, eos_token_ids=eos_ids, kv_layout=kv_layout)
+        self.engine = Engine(compiled, model, self.config, eos_token_ids=eos_ids)
         self._compile = _CompileTime()
 
     def generate(

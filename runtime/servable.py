@@ -20,7 +20,7 @@ import torch
 from sparsespec_compile.backend import capture_reports
 from sparsespec_compile.ops import record_attention_calls
 
-from .step_forward import call_model
+from .step_forward import call_model, check_layers_ran
 
 log = logging.getLogger("sparsespec.runtime")
 
@@ -97,6 +97,11 @@ def probe_compiled(compiled, model: torch.nn.Module, num_layers: int) -> tuple[i
         raise ValueError(
             f"none of the {num_layers} attention layers ran as sparsespec::attention: the model was compiled with "
             "another backend. Pass the model itself, or torch.compile(model, backend='sparsespec')")
+    if len(calls) == num_layers and layers != list(range(num_layers)):
+        try:  # the step loop's own check: it names the layers that ran twice and why
+            check_layers_ran([c.layer_idx for c in calls], num_layers)
+        except RuntimeError as exc:
+            raise ValueError(str(exc)) from None
     if layers != list(range(num_layers)):
         missing = sorted(set(range(num_layers)) - set(layers))
         raise ValueError(
