@@ -172,7 +172,7 @@ def _select_kernel(indices, scores, ctx_lens, budget, recent, N, stride_sj, stri
     prefix = b * 0
     need = b  # how many keys >= the final threshold are still to be taken among those matching the prefix
     for p in tl.static_range(4):
-        shift: tl.constexpr = 24 - 8 * p
+        shift = 24 - 8 * p
         hist = tl.zeros([256], dtype=tl.int32)
         for s0 in range(0, ctx, BLOCK):
             pos = s0 + offs
