@@ -10,7 +10,9 @@ what an earlier one left in L2.
 floor = bytes that must move: each row's K/V once (drafts: their pillars + tail; verify rows: the context), the
 verify rows' K once more for scoring, and the fp32 scores written once and read once.
 
-Variants: ``fused`` = one plan and one launch for every row; ``by_kind`` = a plan and a launch for the drafts and
+Variants: ``fused`` = one plan and one launch for every row (BLOCK_Q from the longest row: 16 queries of a 4-head
+group, BLOCK_M 64); ``fused_m16`` = the same with the decode block (BLOCK_M 16) for every row, a verify chunk being
+several units that read its K/V again from L2; ``by_kind`` = a plan and a launch for the drafts and
 another for the verify rows; ``main`` = the kernels of main before this change (one launch, one split count for all
 rows, per-tile scoring programs, a 4/16-way search), loaded from OLD_KERNELS_DIR when that is set.
 """
@@ -23,6 +25,7 @@ import os
 import sys
 
 import torch
+import triton
 
 
 def load_old_kernels(kernels_pkg):
@@ -98,9 +101,12 @@ def run_step(case: StepCase, K, variant: str, old=None):
     kw = dict(scale=p.scale)
     sp = dict(is_sparse=case.is_sparse, draft_start=case.draft_start, pillar_indices=case.pillars,
               pillar_lengths=case.pillar_len)
-    if variant == "fused":
+    if variant.startswith("fused"):  # fused_m16: the decode block (BLOCK_M 16) for every row, verify rows as
+        # several units that re-read their K/V from L2
+        bq = (16 // triton.next_power_of_2(p.hq // p.hkv) or 1) if variant == "fused_m16" else None
         plan = K.attention_plan(case.q, p.k, query_start_loc=case.qsl, seq_lens=case.seq, max_query_len=case.k + 1,
-                                max_pillars=case.pillars.shape[2], **{k: v for k, v in sp.items() if k != "pillar_indices"})
+                                max_pillars=case.pillars.shape[2], block_q=bq,
+                                **{k: v for k, v in sp.items() if k != "pillar_indices"})
     elif variant == "by_kind":
         plan_d = K.attention_plan(case.q_d, p.k, query_start_loc=case.qsl_d, seq_lens=case.seq[: case.nd],
                                   max_query_len=1, is_sparse=case.is_sparse[: case.nd],
@@ -110,7 +116,7 @@ def run_step(case: StepCase, K, variant: str, old=None):
                                   max_query_len=case.k + 1)
     for layer in range(case.n_layers):
         bt = case.tables[layer]
-        if variant == "fused":
+        if variant.startswith("fused"):
             _, lse = K.unified_attention(case.q, p.k, p.v, query_start_loc=case.qsl, seq_lens=case.seq, block_tables=bt,
                                          max_query_len=case.k + 1, max_seq_len=case.L, return_lse=True, plan=plan,
                                          **sp, **kw)
@@ -130,7 +136,7 @@ def run_step(case: StepCase, K, variant: str, old=None):
             K.pillar_scores(case.q_v, p.k, query_start_loc=case.qsl_v, seq_lens=case.seq[case.nd:],
                             block_tables=bt[case.nd:], rows=torch.arange(case.nv, device=bt.device), lse=lse_v,
                             max_ctx=case.L, out=case.layer_scores[layer], **kw)
-        elif variant == "fused":
+        elif variant.startswith("fused"):
             K.pillar_scores(case.q, p.k, query_start_loc=case.qsl, seq_lens=case.seq, block_tables=bt,
                             rows=case.score_rows, lse=lse, max_ctx=case.L, out=case.layer_scores[layer], **kw)
         else:
@@ -151,7 +157,7 @@ def bench_steps(pool, K, bench_ms, bw, row, log, shapes, n_layers, old=None):
         case = StepCase(pool, B, L, n_layers)
         floor, attn_floor = case.floor_bytes()
         picks, times = {}, {}
-        for variant in ("fused", "by_kind") + (("main",) if old else ()):
+        for variant in ("fused", "fused_m16", "by_kind") + (("main",) if old else ()):
             try:
                 times[variant] = bench_ms(lambda: run_step(case, K, variant, old))
                 picks[variant] = run_step(case, K, variant, old)

@@ -259,11 +259,13 @@ def unified_attention_triton(q, k_cache, v_cache, *, query_start_loc, seq_lens, 
                              max_seq_len, scale, softcap=0.0, sliding_window=-1, is_sparse=None, draft_start=None,
                              pillar_indices=None, pillar_lengths=None, pillar_rows=None,
                              plan: AttentionPlan | None = None, chunk_keys: int | None = None, max_chunks: int = 64,
-                             block_n: int | None = None, num_warps: int = 4, num_stages: int = 2):
+                             block_q: int | None = None, block_n: int | None = None, num_warps: int = 4,
+                             num_stages: int = 2):
     """Launcher; arguments as :func:`sparsespec_compile.kernels.unified_attention` (validated there).
 
-    ``plan`` is the step's work plan (:func:`attention_plan`; built here when None). ``chunk_keys`` / ``max_chunks``
-    force the plan's chunking, ``block_n`` (with ``num_warps`` / ``num_stages``) the tile config (tests, sweeps)."""
+    ``plan`` is the step's work plan (:func:`attention_plan`; built here when None); its ``block_q`` sets the
+    launch's. ``chunk_keys`` / ``max_chunks`` / ``block_q`` force the plan's cut, ``block_n`` (with ``num_warps`` /
+    ``num_stages``) the tile config (tests, sweeps)."""
     T, Hq, D = q.shape
     _, P, Hkv, _ = k_cache.shape
     R = seq_lens.shape[0]
@@ -278,11 +280,11 @@ def unified_attention_triton(q, k_cache, v_cache, *, query_start_loc, seq_lens, 
                               max_query_len=max_query_len, sliding_window=sliding_window, is_sparse=is_sparse,
                               draft_start=draft_start, pillar_lengths=pillar_lengths, pillar_rows=pillar_rows,
                               max_pillars=pillar_indices.shape[2] if has_sparse else 0, chunk_keys=chunk_keys,
-                              max_chunks=max_chunks)
-    bq, gp = plan_blocks(Hq, Hkv, max_query_len)
-    if plan.block_q != bq:
-        raise ValueError(f"the plan was cut for BLOCK_Q {plan.block_q}, this launch needs {bq} "
-                         f"(Hq {Hq}, Hkv {Hkv}, max_query_len {max_query_len})")
+                              max_chunks=max_chunks, block_q=block_q)
+    bq, gp = plan.block_q, triton.next_power_of_2(Hq // Hkv)
+    if bq * gp < 16 or bq & (bq - 1):
+        raise ValueError(f"the plan's BLOCK_Q {bq} must be a power of two with BLOCK_Q * {gp} (the padded GQA group) "
+                         ">= 16 (tl.dot's minimum)")
     bm = bq * gp
     W, U = plan.items.shape[0], plan.units.shape[0]
     # Every real row is written by its item (one chunk) or by the merge, padding rows by the merge: no fill.
@@ -320,13 +322,13 @@ def unified_attention_triton(q, k_cache, v_cache, *, query_start_loc, seq_lens, 
 
 def attention_plan(q, k_cache, *, query_start_loc, seq_lens, max_query_len, sliding_window=-1, is_sparse=None,
                    draft_start=None, pillar_lengths=None, pillar_rows=None, max_pillars=0,
-                   chunk_keys: int | None = None, max_chunks: int = 64) -> AttentionPlan:
+                   chunk_keys: int | None = None, max_chunks: int = 64, block_q: int | None = None) -> AttentionPlan:
     """The work plan of one launch over these queries (``q: [T, Hq, D]``) and this cache: ``BLOCK_Q`` from the
     shapes, the item target from the device. Build it once per step (and sliding window) and pass it to every
     layer's :func:`unified_attention`."""
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
-    bq, _ = plan_blocks(Hq, Hkv, max_query_len)
+    bq = block_q or plan_blocks(Hq, Hkv, max_query_len)[0]
     target, min_chunk = work_target(q.device, D, Hkv)
     return plan_attention(query_start_loc, seq_lens, T, bq, target_items=target, min_chunk=min_chunk,
                           max_chunks=max_chunks, sliding_window=sliding_window, is_sparse=is_sparse,
