@@ -169,9 +169,13 @@ def bench_steps(pool, K, bench_ms, bw, row, log, shapes, n_layers, old=None):
         for v, got in picks.items():
             if ref is not None:
                 agree[v] = float((got[0] == ref[0]).float().mean())
+        plan_ms = bench_ms(lambda: K.attention_plan(case.q, case.pool.k, query_start_loc=case.qsl, seq_lens=case.seq,
+                                                    max_query_len=case.k + 1, is_sparse=case.is_sparse,
+                                                    draft_start=case.draft_start, pillar_lengths=case.pillar_len,
+                                                    max_pillars=case.pillars.shape[2]))
         fl = floor / bw * 1e3
         r = dict(kind="step", model=pool.name, B=B, L=L, layers=n_layers, verify_rows=case.nv, floor_ms=fl,
-                 attn_floor_ms=attn_floor / bw * 1e3)
+                 attn_floor_ms=attn_floor / bw * 1e3, plan_ms=plan_ms)
         for v, t in times.items():
             r[f"{v}_ms"] = t
             r[f"{v}_x_floor"] = t / fl
