@@ -19,8 +19,8 @@ Units and items:
   equal, ``BLOCK_N``-aligned slices of the range. The kernel computes the slice from its own metadata, so the plan
   decides only how many pieces a unit gets: coverage of every key exactly once holds whatever the plan's counts.
 
-The plan is built on the device with a few tensor ops (no host sync), once per step and sliding window, and read by
-every layer; its tensors have capacities fixed by the step's shape (``T``, ``R``), so a CUDA graph of the step
+The plan is built on the device (no host sync), once per step and sliding window, and read by every layer: this
+module's tensor-op form is the reference, ``attention_plan_triton`` the one-launch form the launcher uses; its tensors have capacities fixed by the step's shape (``T``, ``R``), so a CUDA graph of the step
 captures it and any mix of rows replays through the same graph.
 """
 
@@ -33,9 +33,9 @@ import torch
 
 @dataclass(frozen=True)
 class AttentionPlan:
-    """``items: [W, 4]`` int32 rows ``(row, q_block, chunk, num_chunks)``, row -1 past the real items;
-    ``units: [U, 4]`` int32 rows ``(row, q_block, first_item, num_chunks)``, row -1 past the real units (the
-    merge reads these). ``block_q`` is the queries per unit the plan was cut for (the kernel's ``BLOCK_Q``)."""
+    """``items: [W, 4]`` int32 rows ``(row, q_block, chunk, num_chunks)``, ``(-1, 0, 0, 0)`` past the real items;
+    ``units: [U, 4]`` int32 rows ``(row, q_block, first_item, num_chunks)``, ``(-1, 0, 0, 0)`` past the real units
+    (the merge reads these). ``block_q`` is the queries per unit the plan was cut for (the kernel's ``BLOCK_Q``)."""
 
     items: torch.Tensor
     units: torch.Tensor
@@ -98,10 +98,18 @@ def plan_attention(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_to
     ivalid = iu < U
     iu = iu.clamp(max=U - 1)
     first = iends - n_c
-    items = torch.stack([torch.where(ivalid, torch.where(valid, r, -1)[iu], -1), qb[iu], w - first[iu], n_c[iu]], 1)
-    units = torch.stack([torch.where(valid, r, -1), qb, first, n_c], 1)
+    items = torch.stack([torch.where(ivalid, r[iu], -1), qb[iu], w - first[iu], n_c[iu]], 1)
+    items = torch.where(ivalid[:, None], items, _padding_record(items))
+    units = torch.stack([r, qb, first, n_c], 1)
+    units = torch.where(valid[:, None], units, _padding_record(units))
     return AttentionPlan(items=items.to(torch.int32).contiguous(), units=units.to(torch.int32).contiguous(),
                          block_q=block_q, chunk=chunk)
+
+
+def _padding_record(like: torch.Tensor) -> torch.Tensor:
+    pad = torch.zeros_like(like[:1])  # (-1, 0, 0, 0), made on the device (no host copy: capturable)
+    pad[:, 0] = -1
+    return pad
 
 
 def item_key_range(n_virtual: int, lo: int, chunk: int, num_chunks: int, block_n: int) -> tuple[int, int]:

@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from ._validate import interpreting
-from .attention_plan import AttentionPlan, plan_attention
+from .attention_plan import AttentionPlan
+from .attention_plan_triton import plan_attention_triton
 
 # Kernels write log2(e) = 1.4426950408889634 and ln(2) = 0.6931471805599453 as literals: a plain global is
 # not visible inside @triton.jit, and a tl.constexpr global breaks the interpreter (triton 3.7).
@@ -204,9 +205,11 @@ def _tuning_configs():
     # Decode is bound by the gathered K/V loads: key-tile width, warps and prefetch depth decide how many bytes are
     # in flight. Chosen by a sweep on the H200 (bench/attn_sweep.py, bench/RESULTS.md): SmolLM2 (d64) decode at
     # B 64 is fastest with N64/2 warps/4 stages up to L 4k and N128/4/4 at 8k; the mixed draft + verify step with
-    # N128/4/2; Qwen3-8B (d128) with N64/4/4. Each config compiles per variant (~2-4 s): four only.
+    # N128/4/2; Qwen3-8B (d128) with N64/4/4. N64/8/2 is the one config without register spills at BLOCK_M 64 for
+    # d64 and BLOCK_M 16 for d128 (ptxas -v, sm_90: 195 / 254 registers; the others use 255 and spill). Each config
+    # compiles per variant (~2-4 s): five only.
     return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bn, w, s in ((64, 2, 4), (128, 4, 4), (128, 4, 2), (64, 4, 4))]
+            for bn, w, s in ((64, 2, 4), (128, 4, 4), (128, 4, 2), (64, 4, 4), (64, 8, 2))]
 
 
 def _quick_bench(fn, quantiles=None):
@@ -330,7 +333,7 @@ def attention_plan(q, k_cache, *, query_start_loc, seq_lens, max_query_len, slid
     Hkv = k_cache.shape[2]
     bq = block_q or plan_blocks(Hq, Hkv, max_query_len)[0]
     target, min_chunk = work_target(q.device, D, Hkv)
-    return plan_attention(query_start_loc, seq_lens, T, bq, target_items=target, min_chunk=min_chunk,
+    return plan_attention_triton(query_start_loc, seq_lens, T, bq, target_items=target, min_chunk=min_chunk,
                           max_chunks=max_chunks, sliding_window=sliding_window, is_sparse=is_sparse,
                           draft_start=draft_start, pillar_lengths=pillar_lengths, pillar_rows=pillar_rows,
                           max_pillars=max_pillars, chunk_keys=chunk_keys)

@@ -4,6 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from sparsespec_compile.kernels.attention_plan import item_key_range, plan_attention, unit_capacity
+from sparsespec_compile.kernels.attention_plan_triton import plan_attention_triton
 
 # a row: (q_len, context before it, sparse?, pillars, dense tail); q_len 0 = a padding row
 row = st.tuples(st.integers(0, 40), st.integers(0, 5000), st.booleans(), st.integers(0, 300), st.integers(0, 50))
@@ -60,6 +61,12 @@ def test_plan_covers_every_key_exactly_once(rows, bq, target, min_chunk, block_n
                 assert e - b <= chunk + block_n
         assert covered == list(range(lo, n))  # each key once, in order
     assert len(real_items) == sum(u[3] for u in real_units) <= plan.capacity
+    fast = plan_attention_triton(qsl, torch.tensor(seq, dtype=torch.int32), T, bq, target_items=target,
+                                 min_chunk=min_chunk, max_chunks=max_chunks, sliding_window=window,
+                                 is_sparse=torch.tensor(sparse), draft_start=torch.tensor(dstart, dtype=torch.int32),
+                                 pillar_lengths=store_len, pillar_rows=slots, max_pillars=300, chunk_keys=forced)
+    assert torch.equal(fast.units, plan.units) and torch.equal(fast.items, plan.items)  # the one-launch planner
+    assert int(fast.chunk) == chunk
 
 
 def test_chunk_follows_the_total_work():
