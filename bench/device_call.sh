@@ -38,7 +38,7 @@
 #           shape (random bf16 weights saved once to /root/q8b) at B 32, 4k prompts, stride 0: 2 ranks (graphs on
 #           when the check captured them, and padded steps without graphs) vs 1 GPU
 set -euo pipefail
-phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile|context_profile|tp|streaming|carry}
+phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile|context_profile|tp|streaming|carry|kstep|kstep2}
 R=$PWD
 GG=/root/gg
 mkdir -p "$GG"
@@ -129,6 +129,20 @@ PY
         | grep "stride0\|rror" | tail -5 || echo "(tp1 rc $?)"
       cp /tmp/tp1/e2e.json "$OUT/e2e_tp1.json" || true
     fi ;;
+  kstep)  # issue 14: kernel checks and the step section (planned kernels vs main's, from .carry/old_kernels made by
+          # `git show 937bf8f:sparsespec_compile/kernels/{attention,pillars}_triton.py`), then a per-kernel profile of a
+          # fused stride-0 and k = 8 step at B 256, 4k prompts (random SmolLM2-shaped weights)
+    mkdir -p /tmp/old_kernels && cp "$R"/.carry/old_kernels/*.py /tmp/old_kernels/ 2>/dev/null || true
+    OLD_KERNELS_DIR=/tmp/old_kernels timeout 330 python3 "$R/bench/kernels.py" --sections check,step --budget-s 200 \
+      --out "$OUT" 2>&1 | grep -v -i warn | tail -40 || echo "(kernels rc $?)"
+    cp "$R/bench/gpu_graph_check.py" .
+    timeout 200 python3 gpu_graph_check.py --profile --out "$OUT" --runs "s0_b256 0 pad inductor 256 4096 48 fuse" \
+      "k8_b256 8 pad inductor 256 4096 48 fuse" 2>&1 | grep -v -i warn | head -70 || echo "(profile rc $?)" ;;
+  kstep2)  # issue 14, second kernel call: the step section only (checks included), every variant timed in a CUDA graph
+    mkdir -p /tmp/old_kernels && cp "$R"/.carry/old_kernels/*.py /tmp/old_kernels/ 2>/dev/null || true
+    OLD_KERNELS_DIR=/tmp/old_kernels timeout 300 python3 "$R/bench/kernels.py" --sections check,step --budget-s 200 \
+      --out "$OUT" 2>&1 | grep -v -i warn | grep "step\|check\|new vs\|fail\|rror" | cut -c1-900 | tail -40 \
+      || echo "(kernels rc $?)" ;;
   profile)
     cp "$R/bench/gpu_graph_check.py" .
     timeout 300 python3 gpu_graph_check.py --profile --out "$OUT" --runs "s0_fuse 0 pad inductor 64 2048 256 fuse" \

@@ -58,7 +58,7 @@ def main() -> None:
         t0 = time.perf_counter()
         p = s.schedule()
         t1 = time.perf_counter()
-        shape = shape_for(p, args.stride, page, 8192, score_pillars=True)
+        shape = shape_for(p, args.stride, page, 8192)
         if shape is not None:
             a = pack_step(p, shape, cfg, page, args.batch)
             t2 = time.perf_counter()

@@ -23,7 +23,8 @@ import time
 ap = argparse.ArgumentParser()
 ap.add_argument("--out", default="bench_out")
 ap.add_argument("--smoke", action="store_true")
-ap.add_argument("--sections", default="check,decode,draft,verify,score,mixed")
+ap.add_argument("--budget-s", type=float, default=120, help="seconds after which a model's sections are skipped")
+ap.add_argument("--sections", default="check,step,decode,draft,verify,score,mixed")
 # Parse the command line only when run as a script: transformers probes for a package named `kernels`, and a
 # script started from bench/ puts this file first on sys.path under that name.
 args = ap.parse_args() if __name__ == "__main__" else ap.parse_args([])
@@ -57,6 +58,10 @@ def _import_kernels():
 
 
 K = _import_kernels()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/kernel_step.py
+from kernel_step import load_old_kernels  # noqa: E402
+
+OLD = load_old_kernels(K)  # main's kernels for the step comparison ($OLD_KERNELS_DIR), or None
 from sparsespec_compile.kernels.attention_triton import _attn_kernel_tuned as _attn_tuned  # noqa: E402
 from sparsespec_compile.kernels.attention_triton import unified_attention_triton  # noqa: E402
 from sparsespec_compile.kernels.pillars_triton import pillar_scores_triton  # noqa: E402
@@ -92,8 +97,10 @@ def bench_ms(fn) -> float:
     torch.cuda.synchronize()
     try:
         return triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median")
-    except Exception as e:  # noqa: BLE001 - fall back to plain events
+    except Exception as e:  # noqa: BLE001 - fall back to plain events, and say so in the JSON
         log("  (cudagraph timing failed, plain do_bench:", type(e).__name__, str(e)[:80], ")")
+        RESULTS.setdefault("timing_fallbacks", []).append(f"{type(e).__name__}: {str(e)[:200]}")
+        torch.cuda.synchronize()
         return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
@@ -192,13 +199,18 @@ def check(pool: Pool):
     for label, extra in (("full", {}), ("mixed sparse", sparse), ("softcap+window", dict(softcap=30.0, sliding_window=700))):
         kw = {**meta, **extra}
         kt = {k: v for k, v in kw.items() if k != "return_lse"}
-        o_t, l_t = unified_attention_triton(q, pool.k, pool.v, block_n=64, **kt)  # fixed config: no tuning here
         o_r, l_r = K.unified_attention(q, pool.k, pool.v, impl="reference", **kw)
-        e = rel(o_t, o_r)
-        le = float((l_t - l_r).nan_to_num(neginf=0).abs().max())
-        ok = e < 1e-2 and le < 1e-2 and bool(torch.isfinite(o_t).all())
-        RESULTS["checks"].append(dict(model=pool.name, what=f"attention {label}", rel_err=e, lse_max_abs=le, ok=ok))
-        log(f"  check {pool.name} attention {label}: rel err {e:.2e}, lse max abs {le:.2e} -> {'OK' if ok else 'FAIL'}")
+        # the step's own plan, and one forced to cut every row into 128-key items (every unit merged)
+        for how, force in (("plan", {}), ("cut 128", dict(chunk_keys=128))):
+            o_t, l_t = unified_attention_triton(q, pool.k, pool.v, block_n=64, **kt, **force)  # fixed config
+            e = rel(o_t, o_r)
+            le = float((l_t - l_r).nan_to_num(neginf=0).abs().max())
+            pad_ok = bool((o_t[-3:] == 0).all() and torch.isneginf(l_t[-3:]).all())
+            ok = e < 1e-2 and le < 1e-2 and bool(torch.isfinite(o_t).all()) and pad_ok
+            RESULTS["checks"].append(dict(model=pool.name, what=f"attention {label} ({how})", rel_err=e,
+                                          lse_max_abs=le, padding_ok=pad_ok, ok=ok))
+            log(f"  check {pool.name} attention {label} ({how}): rel err {e:.2e}, lse max abs {le:.2e}, padding "
+                f"{pad_ok} -> {'OK' if ok else 'FAIL'}")
     _, lse = K.unified_attention(q, pool.k, pool.v, impl="reference", **meta)
     rows = torch.tensor([2, 5][: max(1, B - 4)], device=DEV)
     skw = dict(query_start_loc=qsl, seq_lens=lens, block_tables=bt, rows=rows, lse=lse, scale=pool.scale,
@@ -271,19 +283,33 @@ def main():
     finish()
 
 
+STEP_SHAPES = {"smollm2": [(2, 160)] if args.smoke else [(64, 8192), (256, 4096), (256, 16384)],
+               "qwen3-8b": [(2, 160)] if args.smoke else [(32, 16384), (32, 32768)]}
+STEP_LAYERS = 2 if args.smoke else 4
+FULL_CASES = {"smollm2": [("decode", 2, 160), ("prefill", 1, 64)] if args.smoke else
+              [("decode", 64, 4096), ("decode", 256, 4096), ("prefill", 4, 2048)],
+              "qwen3-8b": [("decode", 2, 160)] if args.smoke else
+              [("decode", 32, 8192), ("decode", 32, 32768), ("prefill", 2, 4096)]}
+
+
 def run_model(name, sections, bw, full_ms, t0):
     pool = Pool(name)
-    if name != "qwen3-8b":  # the second shape: decode/draft/verify only, to keep the run under a few minutes
-        sections = [x for x in sections if x in ("check", "decode", "draft", "verify")]
-    if time.time() - t0 > 120:
+    if time.time() - t0 > args.budget_s:
         log("time budget spent: skipping", name)
         return
     if "check" in sections:
         check(pool)
+    if "step" in sections:
+        from kernel_step import bench_full_compare, bench_steps
+
+        bench_steps(pool, K, bench_ms, bw, row, log, STEP_SHAPES[name], STEP_LAYERS, old=OLD)
+        bench_full_compare(pool, K, bench_ms, bw, row, OLD, FULL_CASES[name])
+    if name != "qwen3-8b":  # the second shape: decode/draft/verify only, to keep the run under a few minutes
+        sections = [x for x in sections if x in ("check", "decode", "draft", "verify")]
     if "decode" in sections:
         for B in BS:
             for L in LS:
-                if B * L > MAX_TOKENS or time.time() - t0 > 170:
+                if B * L > MAX_TOKENS or time.time() - t0 > args.budget_s + 50:
                     continue
                 b = pool.batch(B, L)
                 ms = bench_ms(lambda: pool.attend(b))
@@ -292,7 +318,7 @@ def run_model(name, sections, bw, full_ms, t0):
                 sd = sdpa_ms(pool, b, B, L)
                 row(kind="decode", model=name, B=B, L=L, ms=ms, floor_frac=floor / ms, sdpa_ms=sd, vs_sdpa=sd / ms,
                     cfg=best_config())
-    if "draft" in sections and time.time() - t0 < 170:
+    if "draft" in sections and time.time() - t0 < args.budget_s + 50:
         for B in SUB_BS:
             for L in LS[-2:]:
                 if B * L > MAX_TOKENS or (name, B, L) not in full_ms:
@@ -304,7 +330,7 @@ def run_model(name, sections, bw, full_ms, t0):
                 floor = pool.kv_bytes(B * (bud + 5)) / bw * 1e3
                 row(kind="draft s=5%", model=name, B=B, L=L, ms=ms, floor_frac=floor / ms,
                     speedup_vs_full=full_ms[name, B, L] / ms, cfg=best_config())
-    if "verify" in sections and time.time() - t0 < 170:
+    if "verify" in sections and time.time() - t0 < args.budget_s + 50:
         for B in SUB_BS:
             for L in LS[1::2]:
                 if (name, B, L) not in full_ms:
@@ -313,7 +339,7 @@ def run_model(name, sections, bw, full_ms, t0):
                 ms = bench_ms(lambda: pool.attend(b, return_lse=True))
                 row(kind="verify 9q", model=name, B=B, L=L, ms=ms, vs_decode=ms / full_ms[name, B, L],
                     floor_frac=pool.kv_bytes(B * L) / bw * 1e3 / ms, cfg=best_config())
-    if "score" in sections and time.time() - t0 < 170:
+    if "score" in sections and time.time() - t0 < args.budget_s + 50:
         for B in SUB_BS[1:] or SUB_BS:
             for L in LS[1::2]:
                 if (name, B, L) not in full_ms:
@@ -335,7 +361,7 @@ def run_model(name, sections, bw, full_ms, t0):
                     d = full_ms[name, B, L]
                     row(kind="score+select", model=name, B=B, Rv=rv, L=L, score_ms=s_ms, select_ms=sel_ms,
                         torch_select_ms=sel_t_ms, frac_of_decode=(s_ms + sel_ms) / d)
-    if "mixed" in sections and time.time() - t0 < 170 and (name, MIXED[0], MIXED[1]) in full_ms:
+    if "mixed" in sections and time.time() - t0 < args.budget_s + 50 and (name, MIXED[0], MIXED[1]) in full_ms:
         B, L, nv = MIXED  # e.g. 56 sparse drafts + 8 verify chunks: one launch vs two
         bd = pool.batch(B - nv, L, seed=3)
         spd = pool.pillars(B - nv, L, min(budget_for(L), L - 5), tail=5)

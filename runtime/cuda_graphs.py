@@ -72,8 +72,7 @@ class StepGraphs:
         return len(self._entries)
 
     def shape_for(self, plan: StepPlan) -> StepShape | None:
-        return shape_for(plan, self.config.stride, self.kv.page_size, self.config.max_num_batched_tokens,
-                         score_pillars=self.pillars is not None and self.config.draft == "pillar")
+        return shape_for(plan, self.config.stride, self.kv.page_size, self.config.max_num_batched_tokens)
 
     def run(self, plan: StepPlan, shape: StepShape, patch=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits ``[N, V]`` of the plan's ``logits_indices``, input ids ``[T]`` the step ran on) — views of static

@@ -26,7 +26,9 @@ from .parallel import drop_backward_hooks, from_rank0, local_kv_heads, tp_world_
 from .request import Request
 from .scheduler import Scheduler
 from .servable import probe_compiled
-from .step_plan import StepEntry, StepKind, StepPlan
+from .step_cost import StepCostModel, step_work
+from .step_plan import Refresh, StepEntry, StepKind, StepPlan
+from .stride_policy import AdaptiveStride, FixedStride
 from .step_results import StepResults
 from .step_forward import run_compiled
 from .step_inputs import build_step_inputs, write_streaming_pillars
@@ -139,6 +141,13 @@ class Engine:
         if self.overlap and self.tp_world > 1:
             raise ValueError("overlap=True is not supported with tensor parallelism yet (ranks agree on tokens "
                              "on the host every step): use overlap=False")
+        # The adaptive stride's prices: fitted to this engine's own step times (step_cost.py); tests inject theirs.
+        self.step_cost = StepCostModel()
+        if config.adaptive and config.stride > 0:
+            policy = AdaptiveStride(config.stride, self.step_cost, config.budget, sparse_drafts=self.pillars is not None,
+                                    delayed_verify=self.overlap)
+        else:
+            policy = FixedStride(config.stride)
         self.scheduler = Scheduler(
             BlockAllocator(self.kv.num_pages, config.page_size),
             stride=config.stride,
@@ -149,6 +158,8 @@ class Engine:
             delayed_verify=self.overlap,
             num_host_blocks=self.offload.num_pages if self.offload is not None else 0,
             max_oversubscription=config.kv_oversubscription,
+            draft=config.draft,
+            policy=policy,
         )
         self.stats = EngineStats(accepted_hist=[0] * (config.stride + 1))
         graphs = config.cuda_graphs
@@ -171,89 +182,72 @@ class Engine:
     # ---- one step -------------------------------------------------------------------------------------------
     def step(self) -> list[Request]:
         """Run one step; returns the requests the scheduler reported finished (each exactly once, rejected and
-        aborted ones included; a request finishing in this step is reported by the next one)."""
-        if self.overlap:
-            return self._step_overlapped()
+        aborted ones included; a request finishing in this step is reported by the next one).
+
+        Schedule, launch (forward + sampling + verification, results left on the device), then read a step's
+        results and apply them. Without overlap (depth 0) that is this step's; with overlap (depth 1, overlap.py)
+        it is the previous step's, read while the device runs this one."""
         t0 = time.perf_counter()  # the step's wall time includes scheduling: host time the GPU may idle through
+        captured_before = self._captured()
         plan = self.scheduler.schedule()
         self._apply_swaps(plan)
         self._forget(plan.finished + plan.preempted)  # a preempted request restarts its cycle: drop its q_i
-        if not plan.entries:
-            return plan.finished
-        captured_before = self.graphs.capture_seconds if self.graphs is not None else 0.0
         graph_steps_before = self.stats.graph_steps
-        timed = self.device.type == "cuda"
-        if timed:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        try:
-            logits, _ = self._forward(plan)  # [N, V]
-            sampled = from_rank0(self._sample_and_verify(plan, logits).lists(), self.tp_world)
-            capture = (self.graphs.capture_seconds if self.graphs is not None else 0.0) - captured_before
-            if timed and not capture:  # sampling read its results on the host already: the GPU is done here
-                end.record()
-                end.synchronize()
-                self.stats.gpu_busy_seconds += start.elapsed_time(end) / 1e3
-        except Exception as exc:  # confined to this step's requests; the others keep going
-            log.exception("step %d failed", plan.step)
-            for e in plan.entries:
-                self.scheduler.abort(e.request, f"error: step failed: {exc}")
-            return plan.finished
-        before = sum(len(e.request.output_token_ids) for e in plan.entries)
-        self.scheduler.update(plan, sampled)
-        self._after_update(plan)
-        kv_read = self._count_step(plan)
-        self.stats.output_tokens += sum(len(e.request.output_token_ids) for e in plan.entries) - before
+        launched = self._launch(plan) if plan.entries else None
+        capture = self._captured() - captured_before
+        if launched is not None and capture:
+            launched.start_event = None  # a step that captured a graph: its device time includes the warm-up
+        if self.overlap:
+            ready, self._inflight = self._inflight, launched
+        else:
+            ready = launched
+        if ready is not None:  # with overlap the device is running `launched` meanwhile: this host work overlaps it
+            self._resolve(ready)
         # A step that captured a graph counts without its capture time (one-off, reported as capture_seconds).
         wall = time.perf_counter() - t0 - capture
         self.stats.seconds += wall
         self.stats.capture_seconds += capture
-        if self.stats.graph_steps > graph_steps_before:
-            self.stats.graph_seconds += wall
-            self.stats.graph_kv_tokens_read += kv_read
+        if launched is not None and self.stats.graph_steps > graph_steps_before:
+            self.stats.graph_seconds += wall  # (with overlap: this launch and the previous step's bookkeeping)
+            self.stats.graph_kv_tokens_read += launched.work.kv_tokens_read
         return plan.finished
 
-    # ---- overlap (overlap.py): launch step i+1, then read step i's results while the device runs it ------------
-    def _step_overlapped(self) -> list[Request]:
+    def _captured(self) -> float:
+        return self.graphs.capture_seconds if self.graphs is not None else 0.0
+
+    def _launch(self, plan: StepPlan) -> StepResults | None:
+        """Forward, sampling and verification of ``plan``, their results copying to the host; None if it failed (its
+        requests are finished with the error, the others keep going)."""
+        start = None
+        if self.device.type == "cuda":  # reached by the device when it starts this step: busy time, not queueing
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
         t0 = time.perf_counter()
-        captured_before = self.graphs.capture_seconds if self.graphs is not None else 0.0
-        plan = self.scheduler.schedule()
-        self._apply_swaps(plan)
-        self._forget(plan.finished + plan.preempted)
-        launched = None
-        if plan.entries:
-            graph_steps_before = self.stats.graph_steps
-            start = None
-            if self.device.type == "cuda":  # reached by the device when it starts this step: busy time, not queueing
-                start = torch.cuda.Event(enable_timing=True)
-                start.record()
-            try:
+        try:
+            if self.overlap:
                 logits, ids = self._forward(plan, self._patch(plan))
-                launched = self._sample_and_verify(plan, logits, ids)
-                launched.start_event = start
-                launched.start_copy()
-            except Exception as exc:  # confined to this step's requests; the others keep going
-                log.exception("step %d failed", plan.step)
-                for e in plan.entries:
-                    self.scheduler.abort(e.request, f"error: step failed: {exc}")
-                launched = None
-            if launched is not None:
-                self._launched_structure(launched)
-                kv_read = self._count_step(plan)
-                if self.stats.graph_steps > graph_steps_before:
-                    self.stats.graph_kv_tokens_read += kv_read
-        prev, self._inflight = self._inflight, launched
-        if prev is not None:  # the device is running `launched` meanwhile: this host work overlaps it
-            self._resolve(prev)
-        capture = (self.graphs.capture_seconds if self.graphs is not None else 0.0) - captured_before
-        if launched is not None and capture:
-            launched.start_event = None  # a step that captured a graph: its device time includes the warm-up
-        wall = time.perf_counter() - t0 - capture
-        self.stats.seconds += wall
-        self.stats.capture_seconds += capture
-        if launched is not None and self.stats.graph_steps > graph_steps_before:
-            self.stats.graph_seconds += wall  # this iteration launched a graphed step (and resolved the previous one)
-        return plan.finished
+                res = self._sample_and_verify(plan, logits, ids)
+            else:
+                logits, _ = self._forward(plan)  # [N, V]
+                res = self._sample_and_verify(plan, logits)
+            res.start_event = start
+            res.start_copy()
+        except Exception as exc:
+            self._fail(plan.entries, plan.step, exc)
+            return None
+        res.host_seconds = time.perf_counter() - t0
+        res.work = step_work(plan, self.config.budget)
+        self._count_step(plan, res.work)
+        if self.overlap:
+            self._launched_structure(res)
+        else:
+            res.held = list(range(len(plan.entries)))  # depth 0: every entry's update waits for its own result
+        return res
+
+    def _fail(self, entries, step: int, exc: Exception) -> None:
+        log.exception("step %d failed", step)
+        for e in entries:
+            self.scheduler.abort(e.request, f"error: step failed: {exc}")
 
     def _patch(self, plan: StepPlan):
         dst, src = placeholder_patch(plan)
@@ -265,8 +259,9 @@ class Engine:
         return to_device(dst, self.device), to_device(src, self.device), prev.sampled
 
     def _launched_structure(self, res: StepResults) -> None:
-        """What the scheduler can apply before the values exist: drafts go in as placeholders; a verify or a
-        prompt-ending prefill is held (sits out) until its result is read."""
+        """Overlap: what the scheduler can apply before the values exist: drafts go in as placeholders; a plain
+        decode runs on with a placeholder token; a verify or a prompt-ending prefill is held (sits out) until its
+        result is read."""
         row_of = {i: j for j, i in enumerate(res.sample_rows)}
         now, res.held, res.placeholders = [], [], []
         for i, e in enumerate(res.plan.entries):
@@ -278,7 +273,8 @@ class Engine:
                 res.placeholders.append((r, len(r.draft_token_ids), row_of[i]))
             elif e.kind is StepKind.PREFILL and not e.num_logits:
                 now.append((e, []))
-            elif e.kind is StepKind.VERIFY and self.config.stride == 0:  # a plain decode: runs on, token pending
+            elif e.kind is StepKind.VERIFY and not self.scheduler.planner.sits_out_after_verify(e.num_tokens - 1):
+                # a plain decode (stride 0, or an adaptive k = 0): runs on, its token pending
                 res.decodes.append((r, len(r.output_token_ids), row_of[i]))
                 self.scheduler.launch_decode(e, placeholder(row_of[i]))
             else:
@@ -288,11 +284,18 @@ class Engine:
             self.scheduler.update(StepPlan(res.plan.step, entries=[e for e, _ in now]), [t for _, t in now])
 
     def _resolve(self, res: StepResults) -> None:
-        """Read a step's results (waits for its copies): fill its draft placeholders, apply the held updates."""
-        values = res.lists()
+        """Read a step's results (waits for its copies): fill its draft placeholders, confirm its plain decodes,
+        apply the held updates. Feeds the step's measured time to the step-cost model."""
+        try:
+            values = from_rank0(res.lists(), self.tp_world)
+        except Exception as exc:  # confined to this step's requests; the others keep going
+            self._fail([res.plan.entries[i] for i in res.held], res.plan.step, exc)
+            return
         busy = res.device_seconds()
         if busy is not None:
             self.stats.gpu_busy_seconds += busy
+        # device time on CUDA (events); the CPU's own time for the forward and sampling elsewhere
+        self.step_cost.observe(res.work, busy if busy is not None else res.host_seconds)
         for r, idx, row in res.placeholders:
             if idx < len(r.draft_token_ids) and r.draft_token_ids[idx] == placeholder(row):
                 r.draft_token_ids[idx] = values[res.sample_rows[row]][0]
@@ -316,24 +319,11 @@ class Engine:
         self._after_update(sub)
         self.stats.output_tokens += sum(len(e.request.output_token_ids) for e in entries) - before
 
-    def _count_step(self, plan: StepPlan) -> int:
-        """Count a step that ran; returns the keys its attention read (the KV half of its bytes floor)."""
-        kv_read = self._kv_tokens_read(plan)
+    def _count_step(self, plan: StepPlan, work) -> None:
         self.stats.steps += 1
         self.stats.forward_tokens += plan.num_tokens
         self.stats.request_steps += len(plan.entries)
-        self.stats.kv_tokens_read += kv_read
-        return kv_read
-
-    def _kv_tokens_read(self, plan: StepPlan) -> int:
-        n = 0
-        for e in plan.entries:
-            if e.kind is StepKind.DRAFT and e.sparse and self.pillars is not None and self.config.draft != "full":
-                ctx = e.draft_start
-                n += self.config.budget(ctx) + e.seq_len - ctx  # budget() never exceeds the context
-            else:
-                n += e.seq_len
-        return n
+        self.stats.kv_tokens_read += work.kv_tokens_read
 
     def _forward(self, plan: StepPlan, patch=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [N, V], input ids [T'] the step ran on, T' >= T with padding); ``patch``: overlap placeholders."""
@@ -427,7 +417,7 @@ class Engine:
                 self.stats.accepted_hist[r.metrics.accepted[-1]] += 1
             if r.is_finished:
                 continue
-            if self.config.draft == "streaming" and self.pillars is not None and e.score:
+            if e.refresh is Refresh.STREAMING:
                 streaming.append((r.pillar_slot, e.start_pos, self.config.budget(e.start_pos)))
         if streaming:
             write_streaming_pillars(self.pillars, *map(list, zip(*streaming)))

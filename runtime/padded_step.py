@@ -26,7 +26,7 @@ import torch
 
 from sparsespec_compile.config import SparseSpecConfig
 
-from .step_plan import StepKind, StepPlan
+from .step_plan import Refresh, StepPlan
 from .step_shapes import StepShape
 
 
@@ -92,7 +92,6 @@ def pack_step(plan: StepPlan, shape: StepShape, config: SparseSpecConfig, page_s
     slots[:] = -1
     pillar_slot[:] = scratch_slot
     score_slots[:] = scratch_slot
-    sparse_drafts = config.draft != "full"
     t = n_scored = n_logits = 0
     for i, e in enumerate(plan.entries):
         r = e.request
@@ -119,10 +118,10 @@ def pack_step(plan: StepPlan, shape: StepShape, config: SparseSpecConfig, page_s
         seq_lens[i] = e.seq_len
         draft_start[i] = e.draft_start
         pillar_slot[i] = r.pillar_slot
-        is_sparse[i] = e.kind is StepKind.DRAFT and e.sparse and sparse_drafts
+        is_sparse[i] = e.sparse
         w = min(len(bt), W)  # pages past max_seq_len are never read
         table_rows[i, :w] = bt[:w]
-        if Rv and e.kind is StepKind.VERIFY and e.score:
+        if Rv and e.refresh is Refresh.SCORE:
             score_rows[n_scored] = i
             score_slots[n_scored] = r.pillar_slot
             budget[n_scored] = config.budget(e.start_pos)

@@ -19,6 +19,10 @@ Life cycle (stride ``k`` > 0)::
 * Offload (``SWAPPED``): under page pressure a running request's pages (and pillar row) are copied to the host
   pool and freed; everything else is kept as is — state, drafts of the interrupted cycle, ``draft_start``,
   ``has_pillars`` — and on restore it continues exactly where it was (``swapped_state``). No token is recomputed.
+* Sitting out (``STALL``): ``stall_until`` is the last step it sits out (delayed verification, phase alignment);
+  ``held`` keeps it out beyond that until the engine has read its result (overlap).
+* Per-request speculation (``acceptance``, ``cycle_refresh``): the cycle planner picks each cycle's ``j`` from this
+  request's own decayed per-position acceptance (cycle_planner.py, stride_policy.py).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
+from .acceptance import AcceptanceStats
 from .sampling_params import SamplingParams
 
 
@@ -98,7 +103,13 @@ class Request:
         self.num_cycle_drafts = 0  # j: drafts this cycle will make before verifying
         self.draft_start = 0
         self.has_pillars = False
-        self.num_pending = 0  # overlap at stride 0: trailing output tokens that are still device placeholders
+        self.num_pending = 0  # overlap, plain decodes: trailing output tokens that are still device placeholders
+        self.stall_until = -1  # STALL: sits out every step up to this one
+        self.held = False  # STALL until the engine has read this request's result from the device (overlap)
+        self.cycle_refresh = False  # this cycle's verify refreshes the pillars (the next cycle drafts with them)
+        self.acceptance = AcceptanceStats()  # decayed per-position acceptance (the adaptive stride reads it)
+        self.plain_cycles = 0  # adaptive: cycles in a row at j = 0 since it last speculated
+        self.probe_interval = 0  # adaptive: plain cycles before the next probe (0: not set yet)
         self.finish_reason: str | None = None  # "stop" | "length" | "error: ..." | "abort"
         self.metrics = RequestMetrics()
 

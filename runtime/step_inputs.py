@@ -10,7 +10,7 @@ from sparsespec_compile.config import SparseSpecConfig
 from sparsespec_compile.context import ForwardContext, PagedKVCache, PillarStore
 
 from .host_copy import to_device
-from .step_plan import StepKind, StepPlan
+from .step_plan import Refresh, StepPlan
 
 
 @dataclass
@@ -47,11 +47,10 @@ def build_step_inputs(
         qsl.append(len(ids))
         seq_lens.append(e.seq_len)
         tables.append(bt + [0] * (width - len(bt)))
-        # "full" drafts attend everything (the acceptance upper bound); the others use the pillar store.
-        is_sparse.append(e.kind is StepKind.DRAFT and e.sparse and config.draft != "full")
+        is_sparse.append(e.sparse)
         draft_start.append(e.draft_start)
         pillar_slot.append(e.request.pillar_slot)
-        if e.kind is StepKind.VERIFY and e.score and config.draft == "pillar":
+        if e.refresh is Refresh.SCORE:
             score_rows.append(i)
             budget.append(config.budget(e.start_pos))
 

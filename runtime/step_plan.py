@@ -17,6 +17,14 @@ class StepKind(enum.Enum):
     VERIFY = "verify"
 
 
+class Refresh(enum.Enum):
+    """What a verify row does to its request's pillars (decided once, when the plan is made)."""
+
+    NONE = "none"  # nothing: draft="full", a plain decode (k = 0) not followed by a probe, prefill, drafts
+    SCORE = "score"  # PillarAttn: the attention op ranks the context by the verify queries' attention
+    STREAMING = "streaming"  # sinks + newest window, written by the engine after the step (no scores)
+
+
 @dataclass(frozen=True)
 class StepEntry:
     """One request's query tokens in a step: ``token_ids[i]`` sits at position ``start_pos + i``.
@@ -24,10 +32,14 @@ class StepEntry:
     * PREFILL: a chunk of ``prompt`` (or of ``prompt + output[:-1]`` after a preemption); ``num_logits`` is 1 on
       the chunk that completes a fresh prompt (sample the first output token from its last position), else 0.
     * DRAFT: ``[t]`` where ``t`` is the last sampled token (first draft of the cycle) or the previous draft;
-      ``num_logits == 1``; the engine samples the next draft. ``sparse`` = attend with pillars + dense tail.
+      ``num_logits == 1``; the engine samples the next draft. ``sparse`` = attend with pillars + dense tail
+      (False: full attention — draft="full", or no pillars yet).
     * VERIFY: ``[last, d1..dj]`` at ``start_pos .. start_pos + j`` (``start_pos == num_computed_tokens``), full
       attention, ``num_logits == j + 1``: logits at ``start_pos + i`` judge ``d_{i+1}`` and the last one gives the
-      bonus token. ``score`` = refresh this request's pillars from the verify queries (stride > 0).
+      bonus token; ``j == 0`` is a plain decode. ``refresh``: what the row does to the request's pillars.
+
+    ``sparse`` and ``refresh`` are the row's whole mode: the input builders, the graphs and the engine read them and
+    never re-derive them from the config (scheduler.py ``_decode_entry`` decides them).
     """
 
     request: Request
@@ -36,7 +48,7 @@ class StepEntry:
     start_pos: int
     num_logits: int
     sparse: bool = False
-    score: bool = False
+    refresh: Refresh = Refresh.NONE
     draft_start: int = 0  # positions >= this are the dense tail of a sparse draft
 
     @property

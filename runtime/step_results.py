@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .step_cost import StepWork
 from .step_plan import StepPlan
 
 
@@ -29,6 +30,8 @@ class StepResults:
     # stride 0: plain decodes applied with a placeholder output token: (request, index in output_token_ids, row)
     decodes: list[tuple] = field(default_factory=list)
     start_event: torch.cuda.Event | None = None  # recorded before the step's first device op (GPU busy time)
+    work: StepWork = field(default_factory=StepWork)  # what the step asked of the device (step_cost.py)
+    host_seconds: float = 0.0  # host time of its launch (forward, sampling, verification): the CPU's step time
     _host: list[torch.Tensor | None] | None = None
     _event: torch.cuda.Event | None = None
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .step_plan import StepKind, StepPlan
+from .step_plan import Refresh, StepKind, StepPlan
 
 MIN_SEQ_BUCKET = 1024
 
@@ -64,10 +64,10 @@ def seq_bucket(n: int) -> int:
     return max(MIN_SEQ_BUCKET, 1 << max(0, n - 1).bit_length())
 
 
-def shape_for(plan: StepPlan, stride: int, page_size: int, max_tokens: int, score_pillars: bool) -> StepShape | None:
+def shape_for(plan: StepPlan, stride: int, page_size: int, max_tokens: int) -> StepShape | None:
     """The padded shape of ``plan``, or None when the step is not graphed (a prefill chunk in it, or more than
-    ``max_tokens`` tokens — the largest shape worth a graph). ``score_pillars``: verify rows refresh pillars on the
-    device (draft == "pillar"; streaming pillars are written by the host)."""
+    ``max_tokens`` tokens — the largest shape worth a graph). Scored rows: verify rows with ``Refresh.SCORE``
+    (streaming pillars are written by the host)."""
     if not plan.entries or any(e.kind is StepKind.PREFILL for e in plan.entries):
         return None
     t = plan.num_tokens
@@ -76,7 +76,7 @@ def shape_for(plan: StepPlan, stride: int, page_size: int, max_tokens: int, scor
     mq = 1 if all(e.num_tokens == 1 for e in plan.entries) else stride + 1
     if max(e.num_tokens for e in plan.entries) > mq:
         return None
-    scored = sum(1 for e in plan.entries if e.kind is StepKind.VERIFY and e.score) if score_pillars else 0
+    scored = sum(1 for e in plan.entries if e.refresh is Refresh.SCORE)
     seq = seq_bucket(max(e.seq_len for e in plan.entries))
     return StepShape(tokens=token_bucket(t), requests=request_bucket(len(plan.entries)), scored=request_bucket(scored),
                      max_query_len=mq, max_seq_len=seq, table_width=-(-seq // page_size))

@@ -29,7 +29,11 @@ _OPTIONAL = {"recent", "num_pages", "host_kv_pages", "kv_oversubscription"}
 class SparseSpecConfig:
     """Knobs of ``torch.compile(model, backend="sparsespec", options={...})`` and of ``LLM``.
 
-    stride: draft tokens per speculative cycle (k); 0 = plain decoding on the same runtime (the baseline).
+    stride: draft tokens per speculative cycle (k); 0 = plain decoding on the same runtime (the baseline). With
+        ``adaptive`` it is the maximum: each request picks its own k in 0..stride at every cycle.
+    adaptive: per-request adaptive stride (runtime/stride_policy.py): at each cycle start a request drafts the k that
+        maximises its expected tokens per unit of measured step cost, from its own decayed per-position acceptance;
+        k = 0 is plain decoding in the same step, and such a request re-probes now and then. False: a fixed k.
     sparsity: fraction s of the verified context kept as pillars (B = max(min_budget, ceil(s * L))).
     min_budget / max_budget: bounds on B (paper: 128 and 6,144).
     recent: newest verified tokens always among the pillars (None: min(16, min_budget)).
@@ -68,6 +72,7 @@ class SparseSpecConfig:
     """
 
     stride: int = 8
+    adaptive: bool = False
     sparsity: float = 0.05
     min_budget: int = 128
     max_budget: int = 6144
@@ -104,6 +109,8 @@ class SparseSpecConfig:
             object.__setattr__(self, "recent", min(_RECENT, self.min_budget))
         if not isinstance(self.stride, int) or self.stride < 0:
             fail("stride", "must be an int >= 0 (0 = plain decoding; the paper uses 8)")
+        if self.adaptive not in (True, False):
+            fail("adaptive", "must be True (per-request stride in 0..stride) or False (a fixed stride)")
         if not (0.0 < self.sparsity <= 1.0):
             fail("sparsity", "must be in (0, 1] (the fraction of context kept as pillars; paper: 0.05)")
         if self.min_budget < 1:

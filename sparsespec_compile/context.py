@@ -104,6 +104,9 @@ class ForwardContext:
     # each forward that the graph it calls really was rewritten (each layer exactly once; a layer seen twice means
     # Dynamo split the model into graphs whose layer numbering could not be told apart).
     attention_layers: list[int] = field(default_factory=list)
+    # The step's attention work plans (kernels.AttentionPlan), one per sliding window, built by the first layer that
+    # needs one and read by every later layer (plan once per step, run in every layer).
+    attention_plans: dict = field(default_factory=dict)
 
     @property
     def num_requests(self) -> int:

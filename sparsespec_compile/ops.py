@@ -233,18 +233,30 @@ def _runtime_attention(ctx: ForwardContext, q, k, v, layer_idx, scale, softcap):
         sliding_window=window,
         impl=ctx.impl,
     )
+    sparse = dict(
+        is_sparse=ctx.is_sparse if ctx.pillars is not None else None,  # no pillar store: every row is full
+        draft_start=ctx.draft_start,
+        pillar_lengths=pillar_len,
+        pillar_rows=ctx.pillar_slot if ctx.pillars is not None else None,
+    )
+    plan = None
+    if ctx.impl == "triton":  # every layer of a step shares one work plan per sliding window
+        plan = ctx.attention_plans.get(window)
+        if plan is None:
+            plan = ctx.attention_plans[window] = kernels.attention_plan(
+                q_t, k_cache, query_start_loc=ctx.query_start_loc, seq_lens=ctx.seq_lens,
+                max_query_len=ctx.max_query_len, sliding_window=window,
+                max_pillars=pillar_idx.shape[2] if pillar_idx is not None else 0, **sparse)
     out, lse = kernels.unified_attention(
         q_t,
         k_cache,
         v_cache,
         max_query_len=ctx.max_query_len,
         max_seq_len=ctx.max_seq_len,
-        is_sparse=ctx.is_sparse if ctx.pillars is not None else None,  # no pillar store: every row is full
-        draft_start=ctx.draft_start,
         pillar_indices=pillar_idx,
-        pillar_lengths=pillar_len,
-        pillar_rows=ctx.pillar_slot if ctx.pillars is not None else None,
         return_lse=True,
+        plan=plan,
+        **sparse,
         **common,
     )
     if ctx.score_rows is not None and ctx.score_rows.numel() > 0 and ctx.pillars is not None:

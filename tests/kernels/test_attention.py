@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import triton
 from hypothesis import given, settings, strategies as st
 from kernel_cases import TOL, make_batch, make_sparse, rel_err, request_masks
 
@@ -38,16 +39,19 @@ request = st.one_of(
 @SETTINGS
 @given(specs=st.lists(request, min_size=1, max_size=5), hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 3, 4, 8]),
        d=st.sampled_from([16, 32, 64]), page=st.sampled_from([1, 4, 16]), dtype=st.sampled_from([torch.float32, torch.float16]),
-       softcap=st.sampled_from([0.0, 5.0]), window=st.sampled_from([-1, 7]), splits=st.sampled_from([None, 1, 3]),
+       softcap=st.sampled_from([0.0, 5.0]), window=st.sampled_from([-1, 7]), chunk=st.sampled_from([None, 16, 40]), small_block=st.booleans(),
        sparse=st.booleans(), pad=st.integers(0, 3), seed=st.integers(0, 2**16))
-def test_triton_matches_reference(specs, hkv, group, d, page, dtype, softcap, window, splits, sparse, pad, seed):
+def test_triton_matches_reference(specs, hkv, group, d, page, dtype, softcap, window, chunk, small_block, sparse, pad,
+                                  seed):
     b = make_batch(specs, hkv * group, hkv, d, page, dtype, seed=seed, pad_tokens=pad)
     kw = dict(softcap=softcap, sliding_window=window)
     if sparse:
         kw.update(make_sparse(b, [r for r in range(len(specs)) if r % 2 == 0], hkv, bmax=24, seed=seed))
     ref_out, ref_lse = _attend(b, "reference", **kw)
     out, lse = unified_attention_triton(b.q, b.k_cache, b.v_cache, **b.meta(), max_query_len=b.max_query_len,
-                                        max_seq_len=b.max_seq_len, scale=b.scale, num_splits=splits, **kw)
+                                        max_seq_len=b.max_seq_len, scale=b.scale, chunk_keys=chunk, max_chunks=4,
+                                        block_q=max(1, 16 // triton.next_power_of_2(group)) if small_block else None,
+                                        **kw)
     _check_close(out, lse, ref_out, ref_lse, dtype)
     T = int(b.query_start_loc[-1])
     assert (out[T:] == 0).all() and torch.isinf(lse[T:]).all()  # padding tokens: zeros, -inf
@@ -153,7 +157,7 @@ def test_split_path_writes_padding_rows_itself(monkeypatch, pad):
     ref_out, ref_lse = _attend(b, "reference")
     monkeypatch.setattr(torch, "empty", poisoned)
     out, lse = unified_attention_triton(b.q, b.k_cache, b.v_cache, **b.meta(), max_query_len=b.max_query_len,
-                                        max_seq_len=b.max_seq_len, scale=b.scale, num_splits=3)
+                                        max_seq_len=b.max_seq_len, scale=b.scale, chunk_keys=16, max_chunks=8)
     monkeypatch.undo()
     T = int(b.query_start_loc[-1])
     assert (out[T:] == 0).all() and torch.isneginf(lse[T:]).all()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 
-from sparsespec_compile.runtime.scheduler import Scheduler, StepKind, StepPlan
+from sparsespec_compile.runtime.scheduler import Refresh, Scheduler, StepKind, StepPlan
 
 V = 64
 EOS = 0
@@ -121,5 +121,5 @@ class FakeKV:
                 assert self.dev_pillars.get(r.pillar_slot) == (r.request_id, e.draft_start), e
             for p, t in zip(e.positions, e.token_ids):
                 self.dev[(r.block_table[p // page], p % page)] = (r.request_id, p, t)
-            if e.score:
+            if e.refresh is not Refresh.NONE:
                 self.dev_pillars[r.pillar_slot] = (r.request_id, e.start_pos)

@@ -13,7 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from sparsespec_compile.runtime.block_allocator import BlockAllocator
 from sparsespec_compile.runtime.request import Request, RequestState
 from sparsespec_compile.runtime.sampling_params import SamplingParams
-from sparsespec_compile.runtime.scheduler import Scheduler, StepKind
+from sparsespec_compile.runtime.scheduler import Refresh, Scheduler, StepKind
 sys.path.insert(0, str(Path(__file__).parent))  # the fake model beside this file, whatever pytest's import mode
 from ss_runtime_sim import EOS, V, FakeKV, reference, run_to_completion, simulate
 
@@ -41,8 +41,8 @@ def test_one_cycle_bookkeeping():
     p = s.schedule()
     (e,) = p.entries
     # verify chunk: [last verified token, d1..dk] at consecutive positions from num_computed_tokens
-    assert (e.kind, e.token_ids, e.positions, e.num_logits, e.score) == \
-        (StepKind.VERIFY, (10, 11, 12, 13), range(3, 7), 4, True)
+    assert (e.kind, e.token_ids, e.positions, e.num_logits, e.refresh) == \
+        (StepKind.VERIFY, (10, 11, 12, 13), range(3, 7), 4, Refresh.SCORE)
     assert e.draft_token_ids == (11, 12, 13) and e.seq_len == 7
     s.update(p, [[11, 20]])  # d1 accepted, d2 rejected, target says 20
     assert r.output_token_ids == [10, 11, 20] and r.num_computed_tokens == 5  # KV of 10, 11 verified
@@ -61,7 +61,7 @@ def test_stride_zero_is_plain_decoding():
     for t in (8, 9):
         p = s.schedule()
         (e,) = p.entries
-        assert (e.kind, e.token_ids, e.num_logits, e.score) == (StepKind.VERIFY, (r.last_token_id,), 1, False)
+        assert (e.kind, e.token_ids, e.num_logits, e.refresh) == (StepKind.VERIFY, (r.last_token_id,), 1, Refresh.NONE)
         s.update(p, [[t]])
     assert r.is_finished and r.output_token_ids == [7, 8, 9] and r.finish_reason == "length"
 
@@ -265,7 +265,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             else:
                 assert e.start_pos == r.num_computed_tokens == r.num_tokens - 1
                 assert e.token_ids == (r.last_token_id, *r.draft_token_ids)
-                assert e.score == (self.s.stride > 0) and e.num_logits == e.num_tokens <= self.s.stride + 1
+                assert (e.refresh is Refresh.SCORE) == (self.s.stride > 0) and e.num_logits == e.num_tokens <= self.s.stride + 1
             # sparse drafts only once pillars exist; their dense tail starts at the last verify chunk
             assert not e.sparse or (e.kind is StepKind.DRAFT and r.has_pillars and e.draft_start < e.start_pos)
 
@@ -286,7 +286,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         hosted = [b for r in s.swapped for b in r.host_blocks]
         rows = [r.host_row for r in s.swapped]
         assert len(hosted) == len(set(hosted)) and len(rows) == len(set(rows))
-        assert len(s._free_host_rows) + len(rows) == s.max_num_seqs
+        assert s.kv.num_free_host_rows + len(rows) == s.max_num_seqs
         if h is None:
             assert not s.swapped and s.num_swap_outs == 0
         else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -11,7 +13,7 @@ from sparsespec_compile.config import SparseSpecConfig
 from sparsespec_compile.runtime.padded_step import pack_step
 from sparsespec_compile.runtime.request import Request
 from sparsespec_compile.runtime.sampling_params import SamplingParams
-from sparsespec_compile.runtime.step_plan import StepEntry, StepKind, StepPlan
+from sparsespec_compile.runtime.step_plan import Refresh, StepEntry, StepKind, StepPlan
 from sparsespec_compile.runtime.step_shapes import request_bucket, seq_bucket, shape_for, token_bucket
 
 
@@ -41,24 +43,25 @@ def _plan():
     a, b = _req([3, 7, 1], 0), _req([2, 5], 4)
     return StepPlan(step=0, entries=[
         StepEntry(a, StepKind.DRAFT, (42,), start_pos=9, num_logits=1, sparse=True, draft_start=8),
-        StepEntry(b, StepKind.VERIFY, (11, 12, 13), start_pos=5, num_logits=3, score=True, draft_start=5),
+        StepEntry(b, StepKind.VERIFY, (11, 12, 13), start_pos=5, num_logits=3, refresh=Refresh.SCORE, draft_start=5),
     ])
 
 
 def test_shape_of_a_decode_step_and_no_shape_with_a_prefill():
     plan = _plan()
-    shape = shape_for(plan, stride=4, page_size=4, max_tokens=64, score_pillars=True)
+    shape = shape_for(plan, stride=4, page_size=4, max_tokens=64)
     assert (shape.tokens, shape.requests, shape.scored, shape.max_query_len, shape.max_seq_len) == (8, 2, 1, 5, 1024)
     assert shape.table_width == 256
-    assert shape_for(plan, stride=4, page_size=4, max_tokens=64, score_pillars=False).scored == 0
-    assert shape_for(plan, stride=4, page_size=4, max_tokens=3, score_pillars=True) is None  # too many tokens
+    streaming = StepPlan(0, [dataclasses.replace(e, refresh=Refresh.STREAMING) for e in plan.entries])
+    assert shape_for(streaming, stride=4, page_size=4, max_tokens=64).scored == 0  # streaming: written by the host
+    assert shape_for(plan, stride=4, page_size=4, max_tokens=3) is None  # too many tokens
     plan.entries.append(StepEntry(_req([9], 1), StepKind.PREFILL, (1, 2, 3), 0, 1))
-    assert shape_for(plan, stride=4, page_size=4, max_tokens=64, score_pillars=True) is None
+    assert shape_for(plan, stride=4, page_size=4, max_tokens=64) is None
 
 
 def test_pack_step_layout_and_inert_padding():
     plan = _plan()
-    shape = shape_for(plan, stride=4, page_size=4, max_tokens=64, score_pillars=True)
+    shape = shape_for(plan, stride=4, page_size=4, max_tokens=64)
     shape = type(shape)(tokens=8, requests=4, scored=2, max_query_len=5, max_seq_len=1024, table_width=4)
     cfg = SparseSpecConfig(stride=4, min_budget=3, recent=1, page_size=4)
     buf = pack_step(plan, shape, cfg, page_size=4, scratch_slot=9)

@@ -1,0 +1,201 @@
+"""The ``step`` section of bench/kernels.py: attention + pillar scoring + selection of a steady-state speculative
+step, against the bytes floor of its rows, and against main's kernels of the same run when they are given.
+
+A steady-state k-step: 1/(k+2) of the B rows verify k+1 tokens over context L and are scored; the rest draft one
+token with PillarAttn (budget max(128, ceil(0.05 L)) pillars + a dense tail of 5). One step = the plan, then per
+layer the attention launch(es) and the scoring launch, then one selection over every layer (what the runtime's
+ops.select_step_pillars does). Each layer gets its own random block tables over one large pool, so no layer reads
+what an earlier one left in L2.
+
+floor = bytes that must move: each row's K/V once (drafts: their pillars + tail; verify rows: the context), the
+verify rows' K once more for scoring, and the fp32 scores written once and read once.
+
+Variants: ``fused`` = one plan and one launch for every row (BLOCK_Q from the longest row: 16 queries of a 4-head
+group, BLOCK_M 64); ``fused_m16`` = the same with the decode block (BLOCK_M 16) for every row, a verify chunk being
+several units that read its K/V again from L2; ``by_kind`` = a plan and a launch for the drafts and
+another for the verify rows; ``main`` = the kernels of main before this change (one launch, one split count for all
+rows, per-tile scoring programs, a 4/16-way search), loaded from OLD_KERNELS_DIR when that is set.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+
+import torch
+import triton
+
+
+def load_old_kernels(kernels_pkg):
+    """main's attention_triton.py / pillars_triton.py from $OLD_KERNELS_DIR (made with git show), importing
+    _validate from the current package; None when unset."""
+    d = os.environ.get("OLD_KERNELS_DIR")
+    if not d:
+        return None
+    mods = {}
+    for name in ("attention_triton", "pillars_triton"):
+        src = open(os.path.join(d, f"{name}.py")).read().replace("from ._validate import",
+                                                                   "from sparsespec_compile.kernels._validate import")
+        path = os.path.join(d, f"old_{name}.py")
+        with open(path, "w") as f:
+            f.write(src)
+        spec = importlib.util.spec_from_file_location(f"old_{name}", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[f"old_{name}"] = mod
+        spec.loader.exec_module(mod)
+        mods[name] = mod
+    return mods
+
+
+class StepCase:
+    """The metadata of one steady-state speculative step over ``pool`` (bench/kernels.py's Pool)."""
+
+    def __init__(self, pool, B, L, n_layers, k=8, tail=5, seed=0):
+        dev, dt = pool.k.device, pool.k.dtype
+        self.pool, self.B, self.L, self.n_layers, self.k = pool, B, L, n_layers, k
+        self.nv = max(1, round(B / (k + 2)))
+        self.nd = B - self.nv
+        g = torch.Generator(device=dev).manual_seed(seed)
+        P = pool.k.shape[1]
+        npg = math.ceil(L / P)
+        # per layer: random pages drawn with replacement from the whole pool (contexts past the pool still fit)
+        self.tables = [torch.randint(0, pool.pages, (B, npg), device=dev, generator=g, dtype=torch.int32)
+                       for _ in range(n_layers)]
+        q_lens = [1] * self.nd + [k + 1] * self.nv
+        self.T = sum(q_lens)
+        self.q = torch.randn(self.T, pool.hq, pool.d, device=dev, dtype=dt, generator=g)
+        self.qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), device=dev, dtype=torch.int32)
+        self.seq = torch.full((B,), L, device=dev, dtype=torch.int32)
+        self.bud = max(128, math.ceil(0.05 * L))
+        ds = L - tail
+        self.draft_start = torch.cat([torch.full((self.nd,), ds, dtype=torch.int32, device=dev),
+                                      torch.zeros(self.nv, dtype=torch.int32, device=dev)])
+        self.is_sparse = torch.arange(B, device=dev) < self.nd
+        pil = torch.rand(B, pool.hkv, ds, device=dev, generator=g).argsort(-1)[..., :self.bud].sort(-1).values
+        self.pillars = pil.to(torch.int32).contiguous()
+        self.pillar_len = torch.where(self.is_sparse, self.bud, 0).to(torch.int32)
+        self.score_rows = torch.arange(self.nd, B, device=dev)
+        self.ctx = torch.full((self.nv,), L - (k + 1), device=dev, dtype=torch.int32)
+        self.budget = torch.full((self.nv,), max(128, math.ceil(0.05 * (L - k - 1))), device=dev, dtype=torch.int32)
+        self.layer_scores = torch.empty(n_layers, self.nv, pool.hkv, L, device=dev, dtype=torch.float32)
+        self.max_budget = int(self.budget.max())  # a host int: no sync inside the timed (captured) step
+        # the two kinds apart (by_kind): drafts are rows [0, nd), verify rows [nd, B)
+        self.qsl_d = self.qsl[: self.nd + 1]
+        self.qsl_v = self.qsl[self.nd:] - self.nd
+        self.q_d, self.q_v = self.q[: self.nd], self.q[self.nd:]
+
+    def floor_bytes(self) -> tuple[float, float]:
+        """(step floor, of which attention K/V) in bytes."""
+        p = self.pool
+        kv_rows = self.nd * (self.bud + 5) + self.nv * self.L
+        attn = p.kv_bytes(kv_rows)
+        score_k = self.nv * (self.L - self.k - 1) * p.hkv * p.d * p.k.element_size()
+        scores_rw = 2 * self.nv * p.hkv * (self.L - self.k - 1) * 4
+        return self.n_layers * (attn + score_k + scores_rw), self.n_layers * attn
+
+
+def run_step(case: StepCase, K, variant: str, old=None):
+    """One step of ``variant``; returns the selected indices (for the cross-check)."""
+    p = case.pool
+    kw = dict(scale=p.scale)
+    sp = dict(is_sparse=case.is_sparse, draft_start=case.draft_start, pillar_indices=case.pillars,
+              pillar_lengths=case.pillar_len)
+    if variant.startswith("fused"):  # fused_m16: the decode block (BLOCK_M 16) for every row, verify rows as
+        # several units that re-read their K/V from L2
+        bq = (16 // triton.next_power_of_2(p.hq // p.hkv) or 1) if variant == "fused_m16" else None
+        plan = K.attention_plan(case.q, p.k, query_start_loc=case.qsl, seq_lens=case.seq, max_query_len=case.k + 1,
+                                max_pillars=case.pillars.shape[2], block_q=bq,
+                                **{k: v for k, v in sp.items() if k != "pillar_indices"})
+    elif variant == "by_kind":
+        plan_d = K.attention_plan(case.q_d, p.k, query_start_loc=case.qsl_d, seq_lens=case.seq[: case.nd],
+                                  max_query_len=1, is_sparse=case.is_sparse[: case.nd],
+                                  draft_start=case.draft_start[: case.nd], pillar_lengths=case.pillar_len[: case.nd],
+                                  max_pillars=case.pillars.shape[2])
+        plan_v = K.attention_plan(case.q_v, p.k, query_start_loc=case.qsl_v, seq_lens=case.seq[case.nd:],
+                                  max_query_len=case.k + 1)
+    for layer in range(case.n_layers):
+        bt = case.tables[layer]
+        if variant.startswith("fused"):
+            _, lse = K.unified_attention(case.q, p.k, p.v, query_start_loc=case.qsl, seq_lens=case.seq, block_tables=bt,
+                                         max_query_len=case.k + 1, max_seq_len=case.L, return_lse=True, plan=plan,
+                                         **sp, **kw)
+        elif variant == "by_kind":
+            K.unified_attention(case.q_d, p.k, p.v, query_start_loc=case.qsl_d, seq_lens=case.seq[: case.nd],
+                                block_tables=bt[: case.nd], max_query_len=1, max_seq_len=case.L, plan=plan_d,
+                                is_sparse=case.is_sparse[: case.nd], draft_start=case.draft_start[: case.nd],
+                                pillar_indices=case.pillars[: case.nd], pillar_lengths=case.pillar_len[: case.nd], **kw)
+            _, lse_v = K.unified_attention(case.q_v, p.k, p.v, query_start_loc=case.qsl_v, seq_lens=case.seq[case.nd:],
+                                           block_tables=bt[case.nd:], max_query_len=case.k + 1, max_seq_len=case.L,
+                                           return_lse=True, plan=plan_v, **kw)
+        else:  # main's kernels
+            _, lse = old["attention_triton"].unified_attention_triton(
+                case.q, p.k, p.v, query_start_loc=case.qsl, seq_lens=case.seq, block_tables=bt,
+                max_query_len=case.k + 1, max_seq_len=case.L, **sp, **kw)
+        if variant == "by_kind":
+            K.pillar_scores(case.q_v, p.k, query_start_loc=case.qsl_v, seq_lens=case.seq[case.nd:],
+                            block_tables=bt[case.nd:], rows=torch.arange(case.nv, device=bt.device), lse=lse_v,
+                            max_ctx=case.L, out=case.layer_scores[layer], **kw)
+        elif variant.startswith("fused"):
+            K.pillar_scores(case.q, p.k, query_start_loc=case.qsl, seq_lens=case.seq, block_tables=bt,
+                            rows=case.score_rows, lse=lse, max_ctx=case.L, out=case.layer_scores[layer], **kw)
+        else:
+            old["pillars_triton"].pillar_scores_triton(
+                case.q, p.k, query_start_loc=case.qsl, seq_lens=case.seq, block_tables=bt, rows=case.score_rows,
+                lse=lse, max_ctx=case.L, out=case.layer_scores[layer], **kw)
+    n = case.n_layers * case.nv
+    flat = case.layer_scores.view(n, p.hkv, case.L)
+    ctx, budget = case.ctx.repeat(case.n_layers), case.budget.repeat(case.n_layers)
+    if variant == "main":
+        return old["pillars_triton"].select_pillars_triton(flat, ctx, budget, 16, case.max_budget)
+    return K.select_pillars(flat, ctx, budget, 16, case.max_budget)
+
+
+def bench_steps(pool, K, bench_ms, bw, row, log, shapes, n_layers, old=None):
+    """Times every variant of each (B, L) in ``shapes``; checks that the variants select the same pillars."""
+    for B, L in shapes:
+        case = StepCase(pool, B, L, n_layers)
+        floor, attn_floor = case.floor_bytes()
+        picks, times = {}, {}
+        for variant in ("fused", "fused_m16", "by_kind") + (("main",) if old else ()):
+            try:
+                times[variant] = bench_ms(lambda: run_step(case, K, variant, old))
+                picks[variant] = run_step(case, K, variant, old)
+            except Exception as e:  # noqa: BLE001 - report, keep the other variants
+                log(f"  step {variant} B{B} L{L} failed: {type(e).__name__}: {str(e)[:300]}")
+        # the scores of a step differ only by rounding between variants: compare the selections' overlap
+        ref = picks.get("fused")
+        agree = {}
+        for v, got in picks.items():
+            if ref is not None:
+                agree[v] = float((got[0] == ref[0]).float().mean())
+        plan_ms = bench_ms(lambda: K.attention_plan(case.q, case.pool.k, query_start_loc=case.qsl, seq_lens=case.seq,
+                                                    max_query_len=case.k + 1, is_sparse=case.is_sparse,
+                                                    draft_start=case.draft_start, pillar_lengths=case.pillar_len,
+                                                    max_pillars=case.pillars.shape[2]))
+        fl = floor / bw * 1e3
+        r = dict(kind="step", model=pool.name, B=B, L=L, layers=n_layers, verify_rows=case.nv, floor_ms=fl,
+                 attn_floor_ms=attn_floor / bw * 1e3, plan_ms=plan_ms)
+        for v, t in times.items():
+            r[f"{v}_ms"] = t
+            r[f"{v}_x_floor"] = t / fl
+        r["select_agree"] = agree
+        row(**r)
+        del case
+
+
+def bench_full_compare(pool, K, bench_ms, bw, row, old, cases):
+    """Full-attention decode (q_len 1) and prefill chunks (q_len = L) through the new plan and main's kernel:
+    ``cases`` = [(kind, B, L)]. The planned launch must be no slower."""
+    for kind, B, L in cases:
+        b = pool.batch(B, L, q_len=1 if kind == "decode" else L)
+        new = bench_ms(lambda: pool.attend(b))
+        r = dict(kind=f"{kind} new vs main", model=pool.name, B=B, L=L, new_ms=new,
+                 floor_frac=pool.kv_bytes(B * L) / bw * 1e3 / new)
+        if old is not None:
+            kw = {k: v for k, v in b.items() if k != "q"}
+            main_ms = bench_ms(lambda: old["attention_triton"].unified_attention_triton(
+                b["q"], pool.k, pool.v, scale=pool.scale, **kw))
+            r.update(main_ms=main_ms, new_over_main=new / main_ms)
+        row(**r)

@@ -1,0 +1,78 @@
+"""Decayed per-position acceptance of drafts (torch-free): what the adaptive stride predicts a cycle's tokens from.
+
+Draft ``i`` (1-based) of a cycle is *judged* only when drafts ``1..i-1`` were accepted (greedy and rejection
+sampling both stop at the first rejection), so the natural quantity is the conditional acceptance
+``q_i = P(draft i accepted | drafts 1..i-1 accepted)``; a cycle of ``j`` drafts then yields in expectation
+``1 + sum_{i<=j} prod_{m<=i} q_m`` tokens (the accepted drafts plus the bonus token).
+
+Counts decay by ``decay`` per recorded cycle (0.7: a cycle 5 cycles ago weighs 0.17), so a request whose text turns
+hard (or easy) is followed within a few cycles; the estimate is smoothed towards a prior (the population's
+acceptance, see stride_policy.py) with the weight of ``prior_weight`` cycles, so one unlucky cycle does not end
+speculation and a position never reached falls back to the prior.
+"""
+
+from __future__ import annotations
+
+DECAY = 0.7
+
+
+class AcceptanceStats:
+    """Decayed ``judged[i]`` / ``accepted[i]`` counts of draft position ``i + 1``; grows with the longest cycle seen."""
+
+    __slots__ = ("decay", "judged", "accepted", "cycles")
+
+    def __init__(self, decay: float = DECAY) -> None:
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"AcceptanceStats.decay must be in (0, 1], got {decay}")
+        self.decay = decay
+        self.judged: list[float] = []
+        self.accepted: list[float] = []
+        self.cycles = 0  # cycles recorded (undecayed)
+
+    def record(self, drafted: int, accepted: int) -> None:
+        """One verified cycle: ``drafted`` drafts, the first ``accepted`` of them accepted (0 <= accepted <= drafted)."""
+        if not 0 <= accepted <= drafted:
+            raise ValueError(f"accepted ({accepted}) must be in [0, drafted={drafted}]")
+        if drafted == 0:
+            return  # a plain decode judges nothing
+        if len(self.judged) < drafted:
+            grow = drafted - len(self.judged)
+            self.judged += [0.0] * grow
+            self.accepted += [0.0] * grow
+        d = self.decay
+        for i in range(len(self.judged)):
+            self.judged[i] *= d
+            self.accepted[i] *= d
+        for i in range(min(accepted + 1, drafted)):  # draft i+1 was judged iff the first i were accepted
+            self.judged[i] += 1.0
+        for i in range(accepted):
+            self.accepted[i] += 1.0
+        self.cycles += 1
+
+    def conditional(self, n: int, prior: list[float], prior_weight: float = 1.0) -> list[float]:
+        """``q_1..q_n``: smoothed conditional acceptance of each position (``prior[i]`` with weight ``prior_weight``)."""
+        out = []
+        for i in range(n):
+            judged = self.judged[i] if i < len(self.judged) else 0.0
+            hits = self.accepted[i] if i < len(self.accepted) else 0.0
+            out.append((hits + prior_weight * prior[i]) / (judged + prior_weight))
+        return out
+
+
+def expected_tokens(q: list[float], j: int) -> float:
+    """Expected tokens of a cycle of ``j`` drafts with conditional acceptances ``q``: 1 + sum of P(accepted >= i)."""
+    total, p = 1.0, 1.0
+    for i in range(j):
+        p *= q[i]
+        total += p
+    return total
+
+
+def per_position(accepted: list[int], drafted: list[int], n: int) -> list[float]:
+    """Share of the cycles that drafted position ``i`` (1..n) in which it was accepted (None-free: 0.0 if none)."""
+    out = []
+    for i in range(1, n + 1):
+        tried = sum(1 for d in drafted if d >= i)
+        hit = sum(1 for a, d in zip(accepted, drafted) if d >= i and a >= i)
+        out.append(hit / tried if tried else 0.0)
+    return out

@@ -1,0 +1,148 @@
+"""What a step costs, measured from the running steps (torch-free): the adaptive stride's price list.
+
+A step's time is modelled as ``c0 + c_tok * tokens + c_full * full_keys + c_sparse * sparse_keys``:
+
+* ``c0``: what every step pays whatever it holds — reading the weights once, the ~414 batch-independent kernel
+  launches of a SmolLM2 step (2.1 ms of device time on the H200, bench/RESULTS.md), sampling set-up;
+* ``c_tok``: per query token (the GEMMs' M dimension, the LM head row, its sample);
+* ``c_full``: per key a full-attention row reads (its context; a verify row that refreshes pillars reads its
+  context once more for the scores);
+* ``c_sparse``: per key a PillarAttn draft row reads (pillars + dense tail; a gather, dearer per key than a full
+  row's contiguous pages).
+
+So a plain decode row at context L costs ``c_tok + c_full (L+1)``, a draft row ``c_tok + c_sparse (B + tail)`` and a
+verify row of ``j+1`` tokens ``(j+1) c_tok + c_full (L+j+1)`` (+ ``c_full L`` when it scores). ``StepCostModel``
+fits the four coefficients by exponentially weighted least squares on (step work, measured seconds) pairs — on CUDA
+the engine feeds it each step's device time (CUDA events from the step's first launch to its results' copy), on the
+CPU the host wall time of the forward and sampling (real, but not what a GPU would pay) — with a small ridge towards
+the seed so a direction no step has exercised yet (no sparse row so far) keeps the seed's value. ``FixedStepCost``
+is a given price list (tests, or a table measured elsewhere).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .step_plan import Refresh, StepKind, StepPlan
+
+# Seed (seconds): the SmolLM2-135M / H200 step of bench/RESULTS.md — 2.1 ms fixed, ~0.3 us per token, 2.5e-5 us per
+# full key and 5e-5 us per sparse key (the 8k-context, batch-64 step: 2.7 ms for ~0.5 M keys). Only the ratios
+# matter to the stride choice; the fit replaces them after a few dozen steps.
+SEED = (2.1e-3, 3e-7, 2.5e-11, 5e-11)
+
+
+@dataclass(frozen=True)
+class StepWork:
+    """What one step asks of the device (the regression's features, and the KV half of the bytes floor)."""
+
+    tokens: int = 0
+    full_keys: int = 0  # keys read by full-attention rows (prefill, verify, plain decode, dense drafts)
+    sparse_keys: int = 0  # keys read by PillarAttn draft rows
+    score_keys: int = 0  # keys re-read to score pillars (context before each scoring verify chunk)
+
+    @property
+    def kv_tokens_read(self) -> int:
+        """Keys the attention read (the KV half of the bytes-moved floor; scoring re-reads K only, left out)."""
+        return self.full_keys + self.sparse_keys
+
+    def features(self) -> tuple[float, float, float, float]:
+        return (1.0, float(self.tokens), float(self.full_keys + self.score_keys), float(self.sparse_keys))
+
+
+def step_work(plan: StepPlan, budget: Callable[[int], int]) -> StepWork:
+    """The work of ``plan``; ``budget(context)`` is the pillar count B of a context (SparseSpecConfig.budget)."""
+    tokens = full = sparse = score = 0
+    for e in plan.entries:
+        tokens += e.num_tokens
+        if e.kind is StepKind.DRAFT and e.sparse:
+            sparse += budget(e.draft_start) + e.seq_len - e.draft_start  # budget() never exceeds the context
+        else:
+            full += e.seq_len
+        if e.refresh is Refresh.SCORE:
+            score += e.start_pos
+    return StepWork(tokens, full, sparse, score)
+
+
+class FixedStepCost:
+    """A given price list ``(c0, c_tok, c_full, c_sparse)`` in any unit; ``observe`` ignores measurements."""
+
+    def __init__(self, c0: float, c_tok: float, c_full: float, c_sparse: float) -> None:
+        self._theta = (float(c0), float(c_tok), float(c_full), float(c_sparse))
+        if min(self._theta) < 0:
+            raise ValueError(f"step costs must be >= 0, got {self._theta}")
+
+    def observe(self, work: StepWork, seconds: float) -> None:
+        pass
+
+    def coefficients(self) -> tuple[float, float, float, float]:
+        return self._theta
+
+
+class StepCostModel:
+    """Exponentially weighted least squares of step seconds on ``StepWork.features()`` (4 coefficients).
+
+    ``forget`` per observed step (0.98: the last ~50 steps carry the fit, so the prices follow the context as it
+    grows and the batch as it drains). ``ridge``: pull towards ``seed`` relative to each feature's own scale, plus a
+    tiny absolute pull so an unexcited feature (all zeros so far) keeps its seed exactly.
+    """
+
+    def __init__(self, seed: tuple[float, float, float, float] = SEED, forget: float = 0.98,
+                 ridge: float = 1e-3) -> None:
+        if len(seed) != 4 or min(seed) < 0:
+            raise ValueError(f"StepCostModel.seed must be 4 costs >= 0, got {seed}")
+        if not 0.0 < forget <= 1.0:
+            raise ValueError(f"StepCostModel.forget must be in (0, 1], got {forget}")
+        self.seed, self.forget, self.ridge = tuple(float(x) for x in seed), forget, ridge
+        self._a = [[0.0] * 4 for _ in range(4)]  # sum of w f f^T
+        self._b = [0.0] * 4  # sum of w f y
+        self._theta: tuple[float, float, float, float] | None = tuple(self.seed)
+        self.observed = 0
+
+    def observe(self, work: StepWork, seconds: float) -> None:
+        if not seconds > 0:
+            return  # no measurement (a step that captured a graph, or a timer that did not run)
+        f, g = work.features(), self.forget
+        for i in range(4):
+            self._b[i] = g * self._b[i] + f[i] * seconds
+            row = self._a[i]
+            for j in range(4):
+                row[j] = g * row[j] + f[i] * f[j]
+        self._theta = None  # solved lazily: cycles start far less often than steps end
+        self.observed += 1
+
+    def coefficients(self) -> tuple[float, float, float, float]:
+        if self._theta is None:
+            self._theta = self._solve()
+        return self._theta
+
+    def _solve(self) -> tuple[float, float, float, float]:
+        # (A + D) theta = b + D seed, D = ridge * diag(A) + 1e-30: scale-free ridge (features span 1 .. 1e7)
+        m = [row[:] for row in self._a]
+        rhs = self._b[:]
+        for i in range(4):
+            d = self.ridge * self._a[i][i] + 1e-30
+            m[i][i] += d
+            rhs[i] += d * self.seed[i]
+        theta = _solve4(m, rhs)
+        # Costs cannot be negative; collinear features (every row the same kind so far) can make the fit say so.
+        return tuple(max(0.0, t) for t in theta)  # type: ignore[return-value]
+
+
+def _solve4(m: list[list[float]], rhs: list[float]) -> list[float]:
+    """Gaussian elimination with partial pivoting (4x4: ~100 flops, no numpy on the scheduler's side)."""
+    n = len(rhs)
+    for c in range(n):
+        p = max(range(c, n), key=lambda r: abs(m[r][c]))
+        m[c], m[p], rhs[c], rhs[p] = m[p], m[c], rhs[p], rhs[c]
+        piv = m[c][c]
+        for r in range(c + 1, n):
+            f = m[r][c] / piv
+            if f:
+                for k in range(c, n):
+                    m[r][k] -= f * m[c][k]
+                rhs[r] -= f * rhs[c]
+    x = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        x[r] = (rhs[r] - sum(m[r][k] * x[k] for k in range(r + 1, n))) / m[r][r]
+    return x

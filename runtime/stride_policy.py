@@ -1,0 +1,131 @@
+"""How many drafts a request makes this cycle (torch-free): a fixed stride, or the adaptive per-request choice.
+
+``AdaptiveStride`` picks ``j`` in ``0..j_max`` (``j_max = min(stride, tokens left - 1)``) for one request at the
+start of each of its cycles, maximising its expected tokens per unit of step cost:
+
+    score(j) = E_j / (K_j + s_j * c0 / n)
+
+* ``E_j`` — expected tokens of the cycle: ``1 + sum_{i<=j} prod_{m<=i} q_m`` from the request's own decayed
+  conditional acceptance ``q`` (acceptance.py), smoothed towards the population's;
+* ``K_j`` — the cycle's row costs from the measured step-cost model (step_cost.py): ``j`` draft rows (sparse when the
+  request has pillars) and one verify row of ``j+1`` tokens (which re-reads its context to score pillars); ``j = 0``
+  is one plain decode row;
+* ``s_j * c0 / n`` — its share of the fixed cost of the ``s_j`` steps the cycle spans (``j + 1``, + 1 sat out under
+  delayed verification), ``n`` requests decoding.
+
+For ``n`` requests making the same choice this is exactly the batch's tokens per second
+(``n E / (s c0 + n K)``), so a request speculates only where that beats plain decoding: at batch 1 with a
+launch-bound step (``c0`` large) it decodes plainly unless nearly every draft is accepted; at batch 256 with long
+contexts (``c_full L`` large) it drafts. ``j = 0`` is plain decoding inside the same unified step. A request that
+stopped speculating *probes* (one cycle of ``PROBE_DRAFTS`` drafts) after ``probe_interval`` plain cycles, doubling
+the interval after each probe that does not bring it back (16, 32, ... 256 cycles: a never-matching request loses
+at most ~3 steps per 16, then per 256). Lossless either way: ``j`` only changes what is proposed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+from .acceptance import AcceptanceStats, expected_tokens
+from .request import Request
+
+PROBE_DRAFTS = 2
+PROBE_FIRST, PROBE_MAX = 16, 256
+# Cycles whose score is within this share of the best may be shortened for phase balance (cycle_planner.py).
+BALANCE_TOLERANCE = 0.03
+OPTIMISTIC_PRIOR = 0.8  # conditional acceptance assumed before any request has verified anything
+TAIL = 2  # dense-tail keys of a draft row beyond its own drafts (the last verify chunk's accepted tokens, typically)
+
+
+class CostModel(Protocol):
+    def coefficients(self) -> tuple[float, float, float, float]: ...
+
+
+class StridePolicy(Protocol):
+    stride: int
+    adaptive: bool
+
+    def options(self, r: Request, j_max: int, num_decoding: int) -> list[int]: ...
+    def refresh_after(self, r: Request, j: int) -> bool: ...
+    def record(self, r: Request, drafted: int, accepted: int) -> None: ...
+
+
+class FixedStride:
+    """Every cycle drafts ``min(stride, j_max)`` (``adaptive=False``; stride 0 = plain decoding)."""
+
+    adaptive = False
+
+    def __init__(self, stride: int) -> None:
+        self.stride = stride
+
+    def options(self, r: Request, j_max: int, num_decoding: int) -> list[int]:
+        return [j_max]
+
+    def refresh_after(self, r: Request, j: int) -> bool:
+        return self.stride > 0  # every verify refreshes, so a shortened cycle's successor still drafts sparsely
+
+    def record(self, r: Request, drafted: int, accepted: int) -> None:
+        r.acceptance.record(drafted, accepted)
+
+
+class AdaptiveStride:
+    """Per-request ``j`` from its acceptance and ``cost.coefficients()`` = ``(c0, c_tok, c_full, c_sparse)``.
+
+    ``budget(context)``: pillar count of a context (SparseSpecConfig.budget); ``sparse_drafts``: drafts read pillars
+    (False for draft="full"); ``delayed_verify``: a speculative cycle sits out one step after its verify.
+    """
+
+    adaptive = True
+
+    def __init__(self, stride: int, cost: CostModel, budget: Callable[[int], int], *, sparse_drafts: bool = True,
+                 delayed_verify: bool = False) -> None:
+        self.stride, self.cost, self.budget = stride, cost, budget
+        self.sparse_drafts, self.delayed_verify = sparse_drafts, delayed_verify
+        self.population = AcceptanceStats(decay=0.99)  # every request's cycles: the prior of a request's own
+
+    # ---- the choice ---------------------------------------------------------------------------------------------
+    def scores(self, r: Request, j_max: int, num_decoding: int) -> list[float]:
+        """``score(j)`` for ``j = 0..j_max`` (tokens per unit of cost; see the module docstring)."""
+        c0, c_tok, c_full, c_sparse = self.cost.coefficients()
+        pop = self.population.conditional(j_max, [OPTIMISTIC_PRIOR] * j_max)
+        q = r.acceptance.conditional(j_max, pop)
+        ctx = r.num_computed_tokens
+        share = c0 / max(1, num_decoding)
+        sparse = self.sparse_drafts and r.has_pillars
+        b = self.budget(ctx) if sparse else 0
+        out = [1.0 / max(c_tok + c_full * (ctx + 1) + share, 1e-30)]
+        drafts = 0.0
+        for j in range(1, j_max + 1):
+            drafts += c_tok + (c_sparse * (b + TAIL + j) if sparse else c_full * (ctx + j))
+            verify = (j + 1) * c_tok + c_full * (2 * ctx + j + 1)  # attention over the context + its pillar scores
+            steps = j + 1 + (1 if self.delayed_verify else 0)
+            out.append(expected_tokens(q, j) / max(drafts + verify + steps * share, 1e-30))
+        return out
+
+    def options(self, r: Request, j_max: int, num_decoding: int) -> list[int]:
+        """The ``j`` this cycle may use, best first: the best, then those within ``BALANCE_TOLERANCE`` of it."""
+        if j_max <= 0:
+            return [0]
+        s = self.scores(r, j_max, num_decoding)
+        best = max(range(j_max + 1), key=lambda j: (s[j], j))
+        if best == 0:
+            if not r.probe_interval:
+                r.probe_interval = PROBE_FIRST
+            r.plain_cycles += 1
+            if r.plain_cycles <= r.probe_interval:
+                return [0]
+            r.plain_cycles = 0  # a probe: draft a little to re-measure; back off if it does not pay
+            r.probe_interval = min(2 * r.probe_interval, PROBE_MAX)
+            return [min(PROBE_DRAFTS, j_max)]
+        r.plain_cycles, r.probe_interval = 0, 0
+        near = [j for j in range(1, j_max + 1) if j != best and s[j] >= (1 - BALANCE_TOLERANCE) * s[best]]
+        return [best] + sorted(near, reverse=True)
+
+    def refresh_after(self, r: Request, j: int) -> bool:
+        """A speculative cycle's verify refreshes the pillars; a plain one only when a probe comes next (so the probe
+        drafts sparsely, as speculation would)."""
+        return j > 0 or (r.probe_interval > 0 and r.plain_cycles + 1 > r.probe_interval)
+
+    def record(self, r: Request, drafted: int, accepted: int) -> None:
+        r.acceptance.record(drafted, accepted)
+        self.population.record(drafted, accepted)
