@@ -9,6 +9,14 @@ import torch
 from sparsespec_compile.testing import FAMILIES, tiny_model
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Leave no compiled frames behind: Dynamo marks a float attribute (the attention scale) dynamic when a later
+    compile of the same code sees another value, and the rewrite leaves a symbolic scale alone."""
+    yield
+    torch._dynamo.reset()
+
+
 def _grads(model, fn, ids):
     model.zero_grad(set_to_none=True)
     out = fn(ids).logits
