@@ -283,8 +283,8 @@ def main():
     finish()
 
 
-STEP_SHAPES = {"smollm2": [(2, 160)] if args.smoke else [(64, 8192), (256, 4096), (256, 16384)],
-               "qwen3-8b": [(2, 160)] if args.smoke else [(32, 16384), (32, 32768)]}
+STEP_SHAPES = {"smollm2": [(2, 160)] if args.smoke else [(64, 2048), (64, 8192), (256, 4096), (256, 16384)],
+               "qwen3-8b": [(2, 160)] if args.smoke else [(32, 8192), (32, 16384), (32, 32768)]}
 STEP_LAYERS = 2 if args.smoke else 4
 FULL_CASES = {"smollm2": [("decode", 2, 160), ("prefill", 1, 64)] if args.smoke else
               [("decode", 64, 4096), ("decode", 256, 4096), ("prefill", 4, 2048)],

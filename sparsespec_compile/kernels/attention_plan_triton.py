@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._validate import interpreting
-from .attention_plan import AttentionPlan, unit_capacity
+from .attention_plan import AttentionPlan, item_capacity, unit_capacity
 
 
 @triton.jit(do_not_specialize=["R", "U", "W", "window", "max_pillars", "target", "min_chunk", "max_chunks",
@@ -57,7 +57,10 @@ def _plan_kernel(items, units, unit_keys, chunk_out, query_start_loc, seq_lens, 
             tl.store(unit_keys + u, n, mask=m)
             total += tl.sum(tl.where(m, n, 0), 0).to(tl.int64)
         n_units += tl.sum(nqb, 0)
-    chunk = tl.maximum((total + target - 1) // target, min_chunk)
+    if n_units < target:  # the rule of attention_plan.plan_attention: fill the device, else cut only outliers
+        chunk = tl.maximum((total + target - 1) // target, min_chunk)
+    else:
+        chunk = tl.maximum(4 * ((total + n_units - 1) // n_units), min_chunk)
     if forced_chunk > 0:
         chunk = total * 0 + forced_chunk
     tl.store(chunk_out, chunk)
@@ -106,7 +109,7 @@ def plan_attention_triton(query_start_loc, seq_lens, num_tokens: int, block_q: i
     R = seq_lens.shape[0]
     dev = seq_lens.device
     U = unit_capacity(num_tokens, R, block_q)
-    W = U + (target_items if chunk_keys is None else U * (max_chunks - 1))
+    W = item_capacity(U, target_items, max_chunks, forced=chunk_keys is not None)
     items = torch.empty(W, 4, dtype=torch.int32, device=dev)
     units = torch.empty(U, 4, dtype=torch.int32, device=dev)
     unit_keys = torch.empty(U, dtype=torch.int32, device=dev)
