@@ -104,6 +104,9 @@ class Request:
         self.draft_start = 0
         self.has_pillars = False
         self.num_pending = 0  # overlap, plain decodes: trailing output tokens that are still device placeholders
+        # stop strings (stop_strings.StopStrings, set by LLM: needs the tokenizer): (ids, n) -> the text of ids[:n]
+        # contains one
+        self.stop_check = None
         self.stall_until = -1  # STALL: sits out every step up to this one
         self.held = False  # STALL until the engine has read this request's result from the device (overlap)
         self.cycle_refresh = False  # this cycle's verify refreshes the pillars (the next cycle drafts with them)
