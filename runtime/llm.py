@@ -33,6 +33,8 @@ class RequestOutput:
     finish_reason: str  # "stop" | "length" | "abort" | "error: ..."
     metrics: dict = field(default_factory=dict)
     stop_reason: str | int | None = None  # the stop string matched, or the stop id / EOS that ended it
+    # SamplingParams.logprobs: per token, {token id: log-prob} of the token itself and its top alternatives
+    logprobs: list[dict[int, float]] | None = None
 
 
 def load_model_dir(path: str | os.PathLike):
@@ -248,8 +250,9 @@ class LLM:
             "preemptions": m.num_preemptions,
             "offloads": m.num_offloads,
         }
+        logprobs = list(r.output_logprobs) if r.params.logprobs is not None else None
         return RequestOutput(r.request_id, r.prompt_token_ids, list(r.output_token_ids), text, r.finish_reason or "",
-                             metrics, stop_reason)
+                             metrics, stop_reason, logprobs)
 
     def stats(self, reset: bool = False) -> dict:
         """Mean accepted length and per-position acceptance over full cycles, throughput, step counts, since the

@@ -91,6 +91,7 @@ class Request:
         self.prompt_token_ids = prompt
         self.params = params
         self.output_token_ids: list[int] = []
+        self.output_logprobs: list[dict[int, float]] = []  # SamplingParams.logprobs: one per output token
         self.state = RequestState.WAITING
         self.num_computed_tokens = 0  # tokens whose (verified) KV is in the cache
         self.block_table: list[int] = []

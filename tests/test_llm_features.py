@@ -17,9 +17,9 @@ def model():
     return tiny_model(FAMILIES["llama"].config(layers=2, heads=4, kv_heads=2), "sdpa", seed=0)
 
 
-def _llm(model, tok, stride):
+def _llm(model, tok, stride, **config):
     return LLM(model, SparseSpecConfig(compiler="eager", stride=stride, min_budget=4, recent=1, page_size=4,
-                                       num_pages=120, max_num_seqs=4), tokenizer=tok)
+                                       num_pages=120, max_num_seqs=4, **config), tokenizer=tok)
 
 
 def _expected(tok, ref, stop):
@@ -110,3 +110,23 @@ def test_stats_reset_and_compile_time(model):
     second = llm.stats()
     assert second["output_tokens"] == 16 and second["compile_steps"] == 0 and second["compile_seconds"] == 0
     assert second["tokens_per_s"] == pytest.approx(16 / second["seconds"])
+
+
+def test_logprobs_of_the_returned_tokens(model, word_tokenizer):
+    """Each returned token's log-prob under the model's own distribution at its position (what plain decoding
+    sampled it from; never the draft's), with the top alternatives; cut with the tokens at a stop."""
+    params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=3, stop=["w33"])
+    for stride, overlap in ((3, False), (0, False), (3, True), (0, True)):  # overlap: results read a step later
+        outs = _llm(model, word_tokenizer, stride, overlap=overlap).generate(PROMPTS, params, use_tqdm=False)
+        for prompt, out in zip(PROMPTS, outs):
+            assert len(out.logprobs) == len(out.token_ids) > 0
+            with torch.no_grad():
+                ref = torch.log_softmax(model(torch.tensor([prompt + out.token_ids])).logits[0].float(), -1)
+            for t, (tok, lp) in enumerate(zip(out.token_ids, out.logprobs)):
+                row = ref[len(prompt) - 1 + t]
+                assert next(iter(lp)) == tok and lp[tok] == pytest.approx(row[tok].item(), abs=1e-4)
+                top = row.topk(3)
+                assert set(lp) - {tok} <= set(top.indices.tolist()) and len(set(lp) | {tok}) >= 3
+    assert SamplingParams().logprobs is None
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=-1)
