@@ -39,6 +39,8 @@ class TextDelta:
     def new(self) -> tuple[list[int], str]:
         """New final tokens and text of a running request."""
         r = self.request
+        if r.is_finished:  # finished in this step, reported by the next: its text may be cut at a stop string
+            return [], ""
         final = len(r.output_token_ids) - r.num_pending  # overlap: trailing placeholders are not tokens yet
         ids = r.output_token_ids[self.tokens:final]
         if not ids:

@@ -52,7 +52,9 @@ def test_sampled_stop_strings_equal_at_every_stride(model, word_tokenizer):
 
 def test_streaming_adds_up_to_the_outputs(model, word_tokenizer):
     llm = _llm(model, word_tokenizer, 3)
-    params = SamplingParams(max_tokens=20, ignore_eos=True, stop=["w40 w4"])
+    refs = [hf_greedy(model, p, 20) for p in PROMPTS]
+    stops = [word_tokenizer.decode(refs[0][7:8]), word_tokenizer.decode(refs[1][5:7])]  # one token, two tokens
+    params = SamplingParams(max_tokens=20, ignore_eos=True, stop=stops)
     ids: dict[int, list[int]] = {}
     text: dict[int, str] = {}
     final = {}
@@ -64,6 +66,7 @@ def test_streaming_adds_up_to_the_outputs(model, word_tokenizer):
             final[ev.index] = ev.output
     assert sorted(final) == [0, 1, 2]
     want = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert sum(o.finish_reason == "stop" for o in want) >= 2
     for i, out in enumerate(want):
         assert (ids[i], text[i]) == (out.token_ids, out.text) == (final[i].token_ids, final[i].text)
 
