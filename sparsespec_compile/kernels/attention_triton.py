@@ -25,12 +25,12 @@ from .attention_plan_triton import plan_attention_triton
 
 
 # runtime ints that vary per step are not specialised (no recompiles when a count crosses 1 or a multiple of 16)
-@triton.jit(do_not_specialize=["max_pillars", "sliding_window", "seq_bucket"])
+@triton.jit(do_not_specialize=["max_pillars", "sliding_window", "seq_bucket", "work_bucket"])
 def _attn_kernel(
     out, lse, part_acc, part_m, part_l, items,
     q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
     is_sparse, draft_start, pillar_indices, pillar_lengths, pillar_rows,
-    max_pillars, scale, softcap, sliding_window, seq_bucket,
+    max_pillars, scale, softcap, sliding_window, seq_bucket, work_bucket,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cp, stride_co, stride_ch, stride_bt, stride_pr, stride_ph,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
@@ -219,7 +219,9 @@ def _quick_bench(fn, quantiles=None):
 
 _attn_kernel_tuned = triton.autotune(
     configs=_tuning_configs(),
-    key=["HEAD_DIM", "GROUP", "BLOCK_M", "HAS_SPARSE", "seq_bucket", "PAGE_SIZE"],
+    # work_bucket (the plan's item capacity, a power of two): a 9-unit verify-only launch and a 32-row decode share
+    # every other key, and a config tuned on the first was 1.17x slower on the second (H200, Qwen3-8B shape)
+    key=["HEAD_DIM", "GROUP", "BLOCK_M", "HAS_SPARSE", "seq_bucket", "work_bucket", "PAGE_SIZE"],
     do_bench=_quick_bench,
 )(_attn_kernel)
 
@@ -259,7 +261,9 @@ def work_target(device: torch.device, head_dim: int, num_kv_heads: int) -> tuple
     within 3% from 2 to 8 per SM.
     """
     programs_per_sm = 12 if head_dim <= 64 else 2
-    min_chunk = 256
+    # a PillarAttn draft row (budget 128-410 keys up to 8k contexts) stays one item in d64 steps: cut at 256 keys,
+    # a B 64, L 8k SmolLM2 step merged its drafts and ran 1.11x slower (H200, bench/RESULTS.md)
+    min_chunk = 512 if head_dim <= 64 else 256
     if interpreting():  # tests: few programs (interpreter time), short chunks so cut rows and merges still occur
         programs_per_sm, min_chunk = 2, 16
     return max(1, -(-programs_per_sm * _num_sms(device) // num_kv_heads)), min_chunk
@@ -310,7 +314,7 @@ def unified_attention_triton(q, k_cache, v_cache, *, query_start_loc, seq_lens, 
     args = (out, lse, part_acc, part_m, part_l, plan.items, q, k_cache, v_cache, query_start_loc, seq_lens,
             block_tables, is_sparse, draft_start, pillar_indices, pillar_lengths, pillar_rows,
             pillar_indices.shape[2], float(scale), float(softcap) if softcap > 0 else 1.0, int(sliding_window),
-            triton.next_power_of_2(max(max_seq_len, 1)),
+            triton.next_power_of_2(max(max_seq_len, 1)), triton.next_power_of_2(W),
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
             pillar_indices.stride(0), pillar_indices.stride(1))
@@ -341,6 +345,7 @@ def attention_plan(q, k_cache, *, query_start_loc, seq_lens, max_query_len, slid
     bq = block_q or plan_blocks(Hq, Hkv, max_query_len)[0]
     target, min_chunk = work_target(q.device, D, Hkv)
     return plan_attention_triton(query_start_loc, seq_lens, T, bq, target_items=target, min_chunk=min_chunk,
+                                 compute_bound=max_query_len > 16,
                           max_chunks=max_chunks, sliding_window=sliding_window, is_sparse=is_sparse,
                           draft_start=draft_start, pillar_lengths=pillar_lengths, pillar_rows=pillar_rows,
                           max_pillars=max_pillars, chunk_keys=chunk_keys)
