@@ -252,7 +252,8 @@ def plan_blocks(Hq: int, Hkv: int, max_query_len: int) -> tuple[int, int]:
     return max(bq_min, min(triton.next_power_of_2(max_query_len), max(1, 64 // gp))), gp
 
 
-def work_target(device: torch.device, head_dim: int, num_kv_heads: int) -> tuple[int, int]:
+def work_target(device: torch.device, head_dim: int, num_kv_heads: int,
+                compute_bound: bool = False) -> tuple[int, int]:
     """(target_items, min_chunk) of a launch's plan: enough ``(item, kv_head)`` programs to keep every SM's loads in
     flight, and no item shorter than ``min_chunk`` keys, where per-program fixed costs would dominate.
 
@@ -261,6 +262,9 @@ def work_target(device: torch.device, head_dim: int, num_kv_heads: int) -> tuple
     within 3% from 2 to 8 per SM.
     """
     programs_per_sm = 12 if head_dim <= 64 else 2
+    if compute_bound:  # q-blocks of prefill chunks keep the tensor cores busy with a couple of programs per SM;
+        # flash-decoding split none of a B 4 x 2,048 SmolLM2 prefill's 1,548 programs, and cutting them was 1.26x slower
+        programs_per_sm = 2
     # a PillarAttn draft row (budget 128-410 keys up to 8k contexts) stays one item in d64 steps: cut at 256 keys,
     # a B 64, L 8k SmolLM2 step merged its drafts and ran 1.11x slower (H200, bench/RESULTS.md)
     min_chunk = 512 if head_dim <= 64 else 256
@@ -343,7 +347,7 @@ def attention_plan(q, k_cache, *, query_start_loc, seq_lens, max_query_len, slid
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     bq = block_q or plan_blocks(Hq, Hkv, max_query_len)[0]
-    target, min_chunk = work_target(q.device, D, Hkv)
+    target, min_chunk = work_target(q.device, D, Hkv, compute_bound=max_query_len > 16)
     return plan_attention_triton(query_start_loc, seq_lens, T, bq, target_items=target, min_chunk=min_chunk,
                                  compute_bound=max_query_len > 16,
                           max_chunks=max_chunks, sliding_window=sliding_window, is_sparse=is_sparse,
