@@ -26,8 +26,9 @@ Units and items:
   decides only how many pieces a unit gets: coverage of every key exactly once holds whatever the plan's counts.
 
 The plan is built on the device (no host sync), once per step and sliding window, and read by every layer: this
-module's tensor-op form is the reference, ``attention_plan_triton`` the one-launch form the launcher uses; its tensors have capacities fixed by the step's shape (``T``, ``R``), so a CUDA graph of the step
-captures it and any mix of rows replays through the same graph.
+module's tensor-op form is the reference, ``attention_plan_triton`` the one-launch form the launcher uses. Its
+tensors have capacities fixed by the step's shape (``T``, ``R``), so a CUDA graph of the step captures it and any mix
+of rows replays through the same graph.
 """
 
 from __future__ import annotations

@@ -123,7 +123,8 @@ def plan_attention_triton(query_start_loc, seq_lens, num_tokens: int, block_q: i
                        is_sparse if has_sparse else dummy, draft_start if has_sparse else dummy,
                        pillar_lengths if has_sparse else dummy, pillar_rows if has_sparse else dummy,
                        R, U, W, int(sliding_window), int(max_pillars), int(target_items), int(min_chunk),
-                       int(max_chunks), int(chunk_keys or 0), int(compute_bound), BLOCK_Q=block_q, HAS_SPARSE=has_sparse,
+                       int(max_chunks), int(chunk_keys or 0), int(compute_bound), BLOCK_Q=block_q,
+                       HAS_SPARSE=has_sparse,
                        USE_WINDOW=sliding_window > 0, BLOCK=64 if interpreting() else 256,
                        num_warps=1 if interpreting() else 4)
     return AttentionPlan(items=items, units=units, block_q=block_q, chunk=chunk)
