@@ -13,8 +13,8 @@ verify rows' K once more for scoring, and the fp32 scores written once and read 
 Variants: ``fused`` = one plan and one launch for every row, the library's default (the decode block, BLOCK_M 16,
 for every row: a verify chunk is several units that read its K/V again from L2); ``fused_m64`` = the same with a
 64-row block (16 queries of a 4-head group), a verify chunk being one unit; ``by_kind`` = a plan and a launch for
-the drafts and another for the verify rows; ``main`` = the kernels of main before this change (one launch, one split count for all
-rows, per-tile scoring programs, a 4/16-way search), loaded from OLD_KERNELS_DIR when that is set.
+the drafts and another for the verify rows; ``main`` = the kernels of main before this change (one launch, one
+split count for all rows, per-tile scoring programs, a 4/16-way search), loaded from OLD_KERNELS_DIR when set.
 """
 
 from __future__ import annotations
