@@ -205,9 +205,9 @@ def _tuning_configs():
     # Decode is bound by the gathered K/V loads: key-tile width, warps and prefetch depth decide how many bytes are
     # in flight. Chosen by a sweep on the H200 (bench/attn_sweep.py, bench/RESULTS.md): SmolLM2 (d64) decode at
     # B 64 is fastest with N64/2 warps/4 stages up to L 4k and N128/4/4 at 8k; the mixed draft + verify step with
-    # N128/4/2; Qwen3-8B (d128) with N64/4/4. N64/8/2 is the one config without register spills at BLOCK_M 64 for
-    # d64 and BLOCK_M 16 for d128 (ptxas -v, sm_90: 195 / 254 registers; the others use 255 and spill). Each config
-    # compiles per variant (~2-4 s): five only.
+    # N128/4/2; Qwen3-8B (d128) with N64/4/4. N64/8/2 uses the fewest registers a thread (ptxas -v, sm_90, with
+    # the JIT's 16-divisible strides: 105 at BLOCK_M 16 and 166 at 64 for d64, against 120-156 and 197-255 for the
+    # others; N64/2/4 spills at BLOCK_M 64), so more programs fit an SM. Each config compiles per variant (~2-4 s).
     return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bn, w, s in ((64, 2, 4), (128, 4, 4), (128, 4, 2), (64, 4, 4), (64, 8, 2))]
 
@@ -243,8 +243,9 @@ def plan_blocks(Hq: int, Hkv: int, max_query_len: int) -> tuple[int, int]:
     Decode, draft and verify steps (every row <= 16 queries) use the smallest block: a k + 1 verify chunk becomes
     several units whose K/V re-reads hit L2, and no draft row pays for a 64-row block. On the H200 (bench/kernels.py
     step section) a steady k = 8 step was 0.86x (SmolLM2, B 256, L 4k) and 0.83x (Qwen3-8B, B 32, L 16k) the time
-    with a 64-row block: BLOCK_M 64 needs 255 registers and spills at most tile configs (ptxas -v). Steps with
-    a prefill chunk keep up to 64 rows (compute-bound: each K/V tile serves more queries)."""
+    with a 64-row block, which needs 166-255 registers a thread where 16 rows need 105-156 (d64; ptxas -v, sm_90),
+    so fewer programs fit an SM. Steps with a prefill chunk keep up to 64 rows (compute-bound: each K/V tile serves
+    more queries)."""
     gp = triton.next_power_of_2(Hq // Hkv)
     bq_min = max(1, 16 // gp)
     if max_query_len <= 16:
