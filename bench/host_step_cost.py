@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     args = ap.parse_args()
     page = 16
-    cfg = SparseSpecConfig(stride=args.stride, max_num_seqs=args.batch)
+    cfg = SparseSpecConfig(adaptive=False, stride=args.stride, max_num_seqs=args.batch)
     max_tokens = args.context + args.steps * (args.stride + 1) + 64
     pages = args.batch * ((max_tokens + 100 + 2 * args.stride) // page + 2)
     s = Scheduler(BlockAllocator(pages, page), stride=args.stride, max_num_batched_tokens=8192,

@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -45,8 +45,6 @@ class EngineStats:
     request_steps: int = 0
     output_tokens: int = 0
     seconds: float = 0.0
-    cycles: int = 0
-    accepted_hist: list[int] = field(default_factory=list)  # accepted_hist[a] = full cycles that accepted a
     graph_steps: int = 0  # steps run through StepGraphs (padded static shape, replayed graph on CUDA)
     # CUDA only: device time from a step's first launch to its last result read (events), summed. The rest of
     # ``seconds`` is host time the GPU sat idle (scheduling, input packing, bookkeeping).
@@ -140,7 +138,7 @@ class Engine:
             draft=config.draft,
             policy=policy,
         )
-        self.stats = EngineStats(accepted_hist=[0] * (config.stride + 1))
+        self.stats = EngineStats()  # steps and time; acceptance is counted by the cycle planner (CycleStats)
         graphs = config.cuda_graphs
         if graphs == "auto":
             graphs = "on" if self.device.type == "cuda" and self.tp_world == 1 else "off"
@@ -151,6 +149,14 @@ class Engine:
         self._inflight: StepResults | None = None
         self._draft_probs: dict[int, list[torch.Tensor]] = {}  # request id -> q_i of this cycle's drafts ([V] each)
         self._generators: dict[int, torch.Generator | None] = {}
+
+    def use_step_cost(self, cost) -> None:
+        """Price the adaptive stride with ``cost`` (``coefficients()``, ``observe()``; e.g. ``FixedStepCost`` in tests,
+        where CPU step times say nothing about a GPU's) instead of the fit to this engine's own steps."""
+        self.step_cost = cost
+        policy = self.scheduler.planner.policy
+        if isinstance(policy, AdaptiveStride):
+            policy.cost = cost
 
     # ---- requests -------------------------------------------------------------------------------------------
     def add_request(self, req: Request) -> bool:
@@ -299,7 +305,7 @@ class Engine:
         sub = StepPlan(res.plan.step, entries=entries)
         before = sum(len(e.request.output_token_ids) for e in entries)
         self.scheduler.update(sub, [values[i] for i in res.held])
-        self._after_update(sub)
+        self._write_streaming_pillars(sub)
         self.stats.output_tokens += sum(len(e.request.output_token_ids) for e in entries) - before
 
     def _count_step(self, plan: StepPlan, work) -> None:
@@ -388,18 +394,12 @@ class Engine:
         )
         return tokens
 
-    def _after_update(self, plan: StepPlan) -> None:
+    def _write_streaming_pillars(self, plan: StepPlan) -> None:
+        """Streaming drafts: the verified rows' next draft sets (sinks + newest window), one write for the step."""
         streaming: list[tuple[int, int, int]] = []  # (slot, context, budget) of verified streaming requests
         for e in plan.entries:
             r = e.request
-            if e.kind is not StepKind.VERIFY or r.state.value == "waiting":
-                continue
-            if self.config.stride > 0 and r.metrics.drafted and r.metrics.drafted[-1] == self.config.stride:
-                self.stats.cycles += 1  # only full cycles: shortened ones say nothing about draft quality
-                self.stats.accepted_hist[r.metrics.accepted[-1]] += 1
-            if r.is_finished:
-                continue
-            if e.refresh is Refresh.STREAMING:
+            if e.refresh is Refresh.STREAMING and not r.is_finished and r.state.value != "waiting":
                 streaming.append((r.pillar_slot, e.start_pos, self.config.budget(e.start_pos)))
         if streaming:
             write_streaming_pillars(self.pillars, *map(list, zip(*streaming)))

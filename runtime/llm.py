@@ -8,6 +8,7 @@ from typing import Sequence
 
 import torch
 
+from sparsespec_compile.compile_options import compile_options_of, resolve_config
 from sparsespec_compile.config import SparseSpecConfig
 from sparsespec_compile.passes.fuse_projections import refresh_fused_weights
 
@@ -50,8 +51,9 @@ class LLM:
     """
 
     def __init__(self, model_or_compiled, config: SparseSpecConfig | None = None, tokenizer=None) -> None:
-        self.config = config or SparseSpecConfig()
         compiled, model = _unwrap(model_or_compiled)
+        # torch.compile(..., options={...})'s runtime options are honoured; conflicts are refused (compile_options.py)
+        self.config = resolve_config(compile_options_of(compiled) if compiled is not None else None, config)
         if getattr(model.config, "is_encoder_decoder", False) or not hasattr(model, "lm_head") and not hasattr(
             model, "get_output_embeddings"
         ):
@@ -147,8 +149,9 @@ class LLM:
         m = r.metrics
         metrics = {
             "accepted": list(m.accepted),
-            "drafted": list(m.drafted),
+            "drafted": list(m.drafted),  # the k chosen at each cycle (0: a plain decode)
             "mean_accepted": m.mean_accepted(self.config.stride),
+            **m.speculation(self.config.stride, len(r.output_token_ids)),
             "preemptions": m.num_preemptions,
             "offloads": m.num_offloads,
         }
@@ -156,18 +159,31 @@ class LLM:
                              metrics)
 
     def stats(self) -> dict:
-        """Mean accepted length and per-position acceptance over full cycles, throughput, step counts."""
+        """Mean accepted length and per-position acceptance over full cycles, the k chosen per cycle and acceptance by
+        position over every cycle, tokens per step, throughput, step counts."""
         s, k = self.engine.stats, self.config.stride
-        cycles = s.cycles
-        mean = sum(a * c for a, c in enumerate(s.accepted_hist)) / cycles if cycles else 0.0
+        c = self.engine.scheduler.planner.stats
+        cycles = c.full_cycles
+        mean = sum(a * n for a, n in enumerate(c.accepted_hist)) / cycles if cycles else 0.0
         # position i (1-based) accepted in a cycle iff that cycle accepted >= i drafts
-        per_pos = [sum(s.accepted_hist[i:]) / cycles if cycles else 0.0 for i in range(1, k + 1)]
+        per_pos = [sum(c.accepted_hist[i:]) / cycles if cycles else 0.0 for i in range(1, k + 1)]
+        all_cycles = sum(c.cycles_by_k)
         return {
             "stride": k,
+            "adaptive": self.config.adaptive,
             "draft": self.config.draft,
-            "cycles": cycles,
+            "cycles": cycles,  # full cycles (k == stride)
             "mean_accepted": mean,
             "per_position_acceptance": per_pos,
+            # every cycle, whatever its k: how often each k was chosen, and acceptance by position where drafted
+            "all_cycles": all_cycles,
+            "cycles_by_k": list(c.cycles_by_k),
+            "mean_k": sum(j * n for j, n in enumerate(c.cycles_by_k)) / all_cycles if all_cycles else 0.0,
+            "position_drafted": list(c.drafted_at),
+            "position_accepted": list(c.accepted_at),
+            "per_position_acceptance_all": [a / d if d else 0.0 for a, d in zip(c.accepted_at, c.drafted_at)],
+            "tokens_per_step": s.output_tokens / s.steps if s.steps else 0.0,
+            "tokens_per_request_step": s.output_tokens / s.request_steps if s.request_steps else 0.0,
             "steps": s.steps,
             "output_tokens": s.output_tokens,
             "forward_tokens": s.forward_tokens,

@@ -22,7 +22,7 @@ def _model(family, attn):
 
 def _run(model, graphs, max_new, prompts=PROMPTS, **cfg):
     torch._dynamo.reset()
-    base = dict(compiler="eager", num_pages=96, page_size=4, max_num_batched_tokens=32, recent=1, stride=4,
+    base = dict(adaptive=False, compiler="eager", num_pages=96, page_size=4, max_num_batched_tokens=32, recent=1, stride=4,
                 min_budget=3, cuda_graphs=graphs)
     llm = LLM(model, SparseSpecConfig(**{**base, **cfg}))
     outs = llm.generate(prompts, SamplingParams(max_tokens=max_new, ignore_eos=True), use_tqdm=False)
@@ -99,7 +99,7 @@ def test_a_forward_without_the_rewrite_fails_its_requests_loudly():
     step fails instead, naming the cause, and only its requests end (with that error)."""
     model = _model("llama", "sdpa")
     torch._dynamo.reset()
-    llm = LLM(model, SparseSpecConfig(compiler="eager", num_pages=96, page_size=4, stride=4, min_budget=3, recent=1,
+    llm = LLM(model, SparseSpecConfig(adaptive=False, compiler="eager", num_pages=96, page_size=4, stride=4, min_budget=3, recent=1,
                                       max_num_batched_tokens=32))
     llm.engine.compiled = model  # the original forward: no sparsespec::attention op runs
     outs = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
