@@ -17,7 +17,8 @@ import torch
 from sparsespec_compile.config import SparseSpecConfig
 
 from .block_allocator import BlockAllocator
-from .cuda_graphs import StepGraphs, step_score_buffer
+from .cuda_graphs import StepGraphs
+from .padded_step import pack_step
 from .host_copy import to_device
 from .overlap import apply_patch, placeholder, placeholder_patch
 from .kv_cache import allocate_kv_cache, allocate_pillar_store, kv_shape_from_config
@@ -29,8 +30,9 @@ from .step_cost import StepCostModel, step_work
 from .step_plan import Refresh, StepKind, StepPlan
 from .stride_policy import AdaptiveStride, FixedStride
 from .step_results import StepResults
-from .step_forward import run_compiled
-from .step_inputs import build_step_inputs, write_streaming_pillars
+from .step_forward import run_packed
+from .step_shapes import exact_shape
+from .streaming_pillars import write_streaming_pillars
 from .verify import make_generator, rejection_sample, sample
 
 log = logging.getLogger("sparsespec.runtime")
@@ -276,15 +278,17 @@ class Engine:
         """Read a step's results (waits for its copies): fill its draft placeholders, confirm its plain decodes,
         apply the held updates. Feeds the step's measured time to the step-cost model."""
         try:
-            values = from_rank0(res.lists(), self.tp_world)
+            local = res.lists()
+            busy = res.device_seconds()
+            # The step's measured time prices the adaptive stride: device time on CUDA (events), the CPU's own time
+            # for the forward and sampling elsewhere. Rank 0's, with its tokens: every rank must choose the same k.
+            values, seconds = from_rank0((local, busy if busy is not None else res.host_seconds), self.tp_world)
         except Exception as exc:  # confined to this step's requests; the others keep going
             self._fail([res.plan.entries[i] for i in res.held], res.plan.step, exc)
             return
-        busy = res.device_seconds()
         if busy is not None:
             self.stats.gpu_busy_seconds += busy
-        # device time on CUDA (events); the CPU's own time for the forward and sampling elsewhere
-        self.step_cost.observe(res.work, busy if busy is not None else res.host_seconds)
+        self.step_cost.observe(res.work, seconds)
         for r, idx, row in res.placeholders:
             if idx < len(r.draft_token_ids) and r.draft_token_ids[idx] == placeholder(row):
                 r.draft_token_ids[idx] = values[res.sample_rows[row]][0]
@@ -321,14 +325,14 @@ class Engine:
             if shape is not None:
                 self.stats.graph_steps += 1
                 return self.graphs.run(plan, shape, patch)
-        inp = build_step_inputs(plan, self.kv, self.pillars, self.config, self.sliding_windows, self.impl, self.device)
-        apply_patch(inp.input_ids.view(-1), patch)
-        if inp.ctx.score_rows is not None:
-            inp.ctx.layer_scores = step_score_buffer(self.pillars, self.num_layers, inp.ctx.score_rows.shape[0],
-                                                     self.kv, inp.ctx.max_seq_len)
-        logits = run_compiled(self.compiled, inp.ctx, inp.input_ids, inp.position_ids, inp.logits_indices,
-                              self.num_layers)
-        return logits[: sum(e.num_logits for e in plan.entries)], inp.input_ids.view(-1)
+        # the step at its own size, through the same packed buffer and context builder as a graphed step
+        shape = exact_shape(plan)
+        host = pack_step(plan, shape, self.config, self.kv.page_size, scratch_slot=0)  # (exact: no padding rows)
+        packed = to_device(torch.from_numpy(host), self.device)
+        apply_patch(packed, patch)  # placeholders sit in the first T entries: the input ids
+        logits = run_packed(self.compiled, packed, shape, kv=self.kv, pillars=self.pillars, recent=self.config.recent,
+                            sliding_windows=self.sliding_windows, impl=self.impl, num_layers=self.num_layers)
+        return logits[: sum(e.num_logits for e in plan.entries)], packed[: shape.tokens]
 
     def _sample_and_verify(self, plan: StepPlan, logits: torch.Tensor,
                            input_ids: torch.Tensor | None = None) -> StepResults:

@@ -60,11 +60,11 @@ def test_graphs_on_refuse_a_cpu_model():
 def test_deferred_all_layer_selection_equals_per_layer_selection(monkeypatch):
     """ForwardContext.layer_scores (select once for all layers after the forward) picks the same pillars as each
     layer selecting its own: identical acceptance in every cycle."""
-    import sparsespec_compile.runtime.engine as engine
+    import sparsespec_compile.runtime.step_forward as step_forward
 
     model = _model("llama", "sdpa")
     deferred, s1 = _run(model, "off", 20)
-    monkeypatch.setattr(engine, "step_score_buffer", lambda *a, **k: None)  # every layer selects itself
+    monkeypatch.setattr(step_forward, "step_score_buffer", lambda *a, **k: None)  # every layer selects itself
     per_layer, s2 = _run(model, "off", 20)
     assert [o.token_ids for o in deferred] == [o.token_ids for o in per_layer]
     assert [o.metrics["accepted"] for o in deferred] == [o.metrics["accepted"] for o in per_layer]
