@@ -38,7 +38,7 @@
 #           shape (random bf16 weights saved once to /root/q8b) at B 32, 4k prompts, stride 0: 2 ranks (graphs on
 #           when the check captured them, and padded steps without graphs) vs 1 GPU
 set -euo pipefail
-phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile|context_profile|tp|streaming|carry|kstep}
+phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile|context_profile|tp|streaming|carry|kstep|kstep2|s14_qwen|s14_smol}
 R=$PWD
 GG=/root/gg
 mkdir -p "$GG"
@@ -138,6 +138,27 @@ PY
     cp "$R/bench/gpu_graph_check.py" .
     timeout 200 python3 gpu_graph_check.py --profile --out "$OUT" --runs "s0_b256 0 pad inductor 256 4096 48 fuse" \
       "k8_b256 8 pad inductor 256 4096 48 fuse" 2>&1 | grep -v -i warn | head -70 || echo "(profile rc $?)" ;;
+  kstep2)  # issue 14, second kernel call: the step section only (checks included), every variant timed in a CUDA graph
+    mkdir -p /tmp/old_kernels && cp "$R"/.carry/old_kernels/*.py /tmp/old_kernels/ 2>/dev/null || true
+    OLD_KERNELS_DIR=/tmp/old_kernels timeout 300 python3 "$R/bench/kernels.py" --sections check,step --budget-s 200 \
+      --out "$OUT" 2>&1 | grep -v -i warn | grep "step\|check\|new vs\|fail\|rror" | cut -c1-900 | tail -40 \
+      || echo "(kernels rc $?)" ;;
+  s14_qwen)  # issue 14, first of the pair (carry .carry/gguf.part_aa and .carry/old_kernels): the step section with
+             # its breakdown, then the Qwen3-8B shape end to end (B 32 x 12,288-token prompts)
+    mkdir -p /tmp/old_kernels && cp "$R"/.carry/old_kernels/*.py /tmp/old_kernels/ 2>/dev/null || true
+    OLD_KERNELS_DIR=/tmp/old_kernels timeout 170 python3 "$R/bench/kernels.py" --sections check,step --budget-s 100 \
+      --out "$OUT" 2>&1 | grep -v -i warn | grep "kind=\|FAIL\|rror" | cut -c1-700 | tail -30 || echo "(kernels rc $?)"
+    timeout 270 python3 -m sparsespec_compile.benchmark --model qwen3-8b-random --methods stride0 pillar \
+      --batch-sizes 32 --prompt-len 12288 --output-lens 256 --temperature 0 --fuse-projections --time-budget-s 240 \
+      --out "$OUT/qwen" 2>&1 | grep -v -i warn | grep -v '^{' | tail -14 || echo "(qwen rc $?)" ;;
+  s14_smol)  # issue 14, second of the pair (carry .carry/gguf.part_ab, .carry/whl, .carry/prompts512.jsonl): SmolLM2
+             # real weights, B 256, 512 GSM8K requests, 4,096 outputs, T 0 (METHODS overrides the method list)
+    [ -f .carry/prompts512.jsonl ] && cp .carry/prompts512.jsonl "$GG/"
+    timeout "${SMOL_TIMEOUT:-540}" python3 -m sparsespec_compile.benchmark --model smollm2 --gguf "$GG/smollm2.gguf" \
+      --prompts "$GG/prompts512.jsonl" --methods ${METHODS:-stride0 pillar streaming} --batch-sizes 256 \
+      --output-lens 4096 --requests-per-slot 2 --temperature 0 --fuse-projections \
+      --time-budget-s "${SMOL_BUDGET:-480}" --out "$OUT/smol" 2>&1 | grep -v -i warn | grep -v '^{' | tail -16 \
+      || echo "(smol rc $?: what ran is in the JSON)" ;;
   profile)
     cp "$R/bench/gpu_graph_check.py" .
     timeout 300 python3 gpu_graph_check.py --profile --out "$OUT" --runs "s0_fuse 0 pad inductor 64 2048 256 fuse" \

@@ -132,8 +132,7 @@ def main() -> None:
         if args.profile:
             print(name, profile_decode(llm, prompts, args.out, name), flush=True)
             continue
-        llm.engine.stats.__init__()  # count the timed run only
-        llm.engine.scheduler.planner.stats = type(llm.engine.scheduler.planner.stats).empty(stride)
+        llm.engine.reset_stats()  # count the timed run only
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()

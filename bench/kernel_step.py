@@ -10,9 +10,9 @@ what an earlier one left in L2.
 floor = bytes that must move: each row's K/V once (drafts: their pillars + tail; verify rows: the context), the
 verify rows' K once more for scoring, and the fp32 scores written once and read once.
 
-Variants: ``fused`` = one plan and one launch for every row (BLOCK_Q from the longest row: 16 queries of a 4-head
-group, BLOCK_M 64); ``fused_m16`` = the same with the decode block (BLOCK_M 16) for every row, a verify chunk being
-several units that read its K/V again from L2; ``by_kind`` = a plan and a launch for the drafts and
+Variants: ``fused`` = one plan and one launch for every row, the library's default (the decode block, BLOCK_M 16,
+for every row: a verify chunk is several units that read its K/V again from L2); ``fused_m64`` = the same with a
+64-row block (16 queries of a 4-head group), a verify chunk being one unit; ``by_kind`` = a plan and a launch for the drafts and
 another for the verify rows; ``main`` = the kernels of main before this change (one launch, one split count for all
 rows, per-tile scoring programs, a 4/16-way search), loaded from OLD_KERNELS_DIR when that is set.
 """
@@ -80,6 +80,7 @@ class StepCase:
         self.ctx = torch.full((self.nv,), L - (k + 1), device=dev, dtype=torch.int32)
         self.budget = torch.full((self.nv,), max(128, math.ceil(0.05 * (L - k - 1))), device=dev, dtype=torch.int32)
         self.layer_scores = torch.empty(n_layers, self.nv, pool.hkv, L, device=dev, dtype=torch.float32)
+        self.max_budget = int(self.budget.max())  # a host int: no sync inside the timed (captured) step
         # the two kinds apart (by_kind): drafts are rows [0, nd), verify rows [nd, B)
         self.qsl_d = self.qsl[: self.nd + 1]
         self.qsl_v = self.qsl[self.nd:] - self.nd
@@ -101,9 +102,9 @@ def run_step(case: StepCase, K, variant: str, old=None):
     kw = dict(scale=p.scale)
     sp = dict(is_sparse=case.is_sparse, draft_start=case.draft_start, pillar_indices=case.pillars,
               pillar_lengths=case.pillar_len)
-    if variant.startswith("fused"):  # fused_m16: the decode block (BLOCK_M 16) for every row, verify rows as
-        # several units that re-read their K/V from L2
-        bq = (16 // triton.next_power_of_2(p.hq // p.hkv) or 1) if variant == "fused_m16" else None
+    if variant.startswith("fused"):  # fused_m64: a 64-row block (16 queries of a 4-head group) so a verify chunk is
+        # one unit; fused: the library's choice (the decode block, BLOCK_M 16, for steps of <= 16 queries per row)
+        bq = max(1, 64 // triton.next_power_of_2(p.hq // p.hkv)) if variant == "fused_m64" else None
         plan = K.attention_plan(case.q, p.k, query_start_loc=case.qsl, seq_lens=case.seq, max_query_len=case.k + 1,
                                 max_pillars=case.pillars.shape[2], block_q=bq,
                                 **{k: v for k, v in sp.items() if k != "pillar_indices"})
@@ -147,8 +148,42 @@ def run_step(case: StepCase, K, variant: str, old=None):
     flat = case.layer_scores.view(n, p.hkv, case.L)
     ctx, budget = case.ctx.repeat(case.n_layers), case.budget.repeat(case.n_layers)
     if variant == "main":
-        return old["pillars_triton"].select_pillars_triton(flat, ctx, budget, 16, int(case.budget.max()))
-    return K.select_pillars(flat, ctx, budget, 16, int(case.budget.max()))
+        return old["pillars_triton"].select_pillars_triton(flat, ctx, budget, 16, case.max_budget)
+    return K.select_pillars(flat, ctx, budget, 16, case.max_budget)
+
+
+def breakdown(case: StepCase, K, bench_ms) -> dict:
+    """The default (fused) step in parts, each timed alone: plan + attention of every layer, the scoring of every
+    layer (from saved lse), the one selection."""
+    p = case.pool
+    sp = dict(is_sparse=case.is_sparse, draft_start=case.draft_start, pillar_indices=case.pillars,
+              pillar_lengths=case.pillar_len)
+    plan_kw = {k: v for k, v in sp.items() if k != "pillar_indices"}
+    lses = []
+
+    def attend(keep=False):
+        plan = K.attention_plan(case.q, p.k, query_start_loc=case.qsl, seq_lens=case.seq, max_query_len=case.k + 1,
+                                max_pillars=case.pillars.shape[2], **plan_kw)
+        for layer in range(case.n_layers):
+            _, lse = K.unified_attention(case.q, p.k, p.v, query_start_loc=case.qsl, seq_lens=case.seq,
+                                         block_tables=case.tables[layer], max_query_len=case.k + 1,
+                                         max_seq_len=case.L, return_lse=True, plan=plan, scale=p.scale, **sp)
+            if keep:
+                lses.append(lse)
+
+    def score():
+        for layer in range(case.n_layers):
+            K.pillar_scores(case.q, p.k, query_start_loc=case.qsl, seq_lens=case.seq, block_tables=case.tables[layer],
+                            rows=case.score_rows, lse=lses[layer], max_ctx=case.L, out=case.layer_scores[layer],
+                            scale=p.scale)
+
+    def select():
+        n = case.n_layers * case.nv
+        K.select_pillars(case.layer_scores.view(n, p.hkv, case.L), case.ctx.repeat(case.n_layers),
+                         case.budget.repeat(case.n_layers), 16, case.max_budget)
+
+    attend(keep=True)
+    return dict(attn_ms=bench_ms(attend), score_ms=bench_ms(score), select_ms=bench_ms(select))
 
 
 def bench_steps(pool, K, bench_ms, bw, row, log, shapes, n_layers, old=None):
@@ -157,7 +192,7 @@ def bench_steps(pool, K, bench_ms, bw, row, log, shapes, n_layers, old=None):
         case = StepCase(pool, B, L, n_layers)
         floor, attn_floor = case.floor_bytes()
         picks, times = {}, {}
-        for variant in ("fused", "fused_m16", "by_kind") + (("main",) if old else ()):
+        for variant in ("fused", "fused_m64", "by_kind") + (("main",) if old else ()):
             try:
                 times[variant] = bench_ms(lambda: run_step(case, K, variant, old))
                 picks[variant] = run_step(case, K, variant, old)
@@ -180,6 +215,7 @@ def bench_steps(pool, K, bench_ms, bw, row, log, shapes, n_layers, old=None):
             r[f"{v}_ms"] = t
             r[f"{v}_x_floor"] = t / fl
         r["select_agree"] = agree
+        r.update(breakdown(case, K, bench_ms))
         row(**r)
         del case
 

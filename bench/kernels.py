@@ -97,8 +97,10 @@ def bench_ms(fn) -> float:
     torch.cuda.synchronize()
     try:
         return triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median")
-    except Exception as e:  # noqa: BLE001 - fall back to plain events
+    except Exception as e:  # noqa: BLE001 - fall back to plain events, and say so in the JSON
         log("  (cudagraph timing failed, plain do_bench:", type(e).__name__, str(e)[:80], ")")
+        RESULTS.setdefault("timing_fallbacks", []).append(f"{type(e).__name__}: {str(e)[:200]}")
+        torch.cuda.synchronize()
         return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
@@ -281,13 +283,13 @@ def main():
     finish()
 
 
-STEP_SHAPES = {"smollm2": [(2, 160)] if args.smoke else [(64, 2048), (64, 8192), (256, 2048), (256, 4096), (256, 16384)],
+STEP_SHAPES = {"smollm2": [(2, 160)] if args.smoke else [(64, 2048), (64, 8192), (256, 4096), (256, 16384)],
                "qwen3-8b": [(2, 160)] if args.smoke else [(32, 8192), (32, 16384), (32, 32768)]}
 STEP_LAYERS = 2 if args.smoke else 4
 FULL_CASES = {"smollm2": [("decode", 2, 160), ("prefill", 1, 64)] if args.smoke else
-              [("decode", 64, 4096), ("decode", 256, 4096), ("decode", 64, 16384), ("prefill", 4, 2048)],
+              [("decode", 64, 4096), ("decode", 256, 4096), ("prefill", 4, 2048)],
               "qwen3-8b": [("decode", 2, 160)] if args.smoke else
-              [("decode", 32, 8192), ("decode", 32, 32768), ("decode", 128, 4096), ("prefill", 2, 4096)]}
+              [("decode", 32, 8192), ("decode", 32, 32768), ("prefill", 2, 4096)]}
 
 
 def run_model(name, sections, bw, full_ms, t0):

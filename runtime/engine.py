@@ -17,23 +17,25 @@ import torch
 from sparsespec_compile.config import SparseSpecConfig
 
 from .block_allocator import BlockAllocator
+from .cycle_planner import CycleStats
 from .cuda_graphs import StepGraphs
 from .padded_step import pack_step
 from .host_copy import to_device
 from .overlap import apply_patch, placeholder, placeholder_patch
-from .kv_cache import allocate_kv_cache, allocate_pillar_store, kv_shape_from_config
+from .kv_cache import allocate_kv_cache, allocate_pillar_store, kv_shape_from_config, pages_for_requests
 from .offload import HostKVPool, default_host_pages
 from .parallel import drop_backward_hooks, from_rank0, local_kv_heads, tp_world_size
 from .request import Request
 from .scheduler import Scheduler
+from .servable import probe_compiled
 from .step_cost import StepCostModel, step_work
-from .step_plan import Refresh, StepKind, StepPlan
+from .step_plan import Refresh, StepEntry, StepKind, StepPlan
 from .stride_policy import AdaptiveStride, FixedStride
 from .step_results import StepResults
 from .step_forward import run_packed
 from .step_shapes import exact_shape
 from .streaming_pillars import write_streaming_pillars
-from .verify import make_generator, rejection_sample, sample
+from .verify import PositionSeed, rejection_sample, sample
 
 log = logging.getLogger("sparsespec.runtime")
 
@@ -78,6 +80,17 @@ def _params(reqs: list[Request]):
     return first if all(r.params is first for r in reqs) else [r.params for r in reqs]
 
 
+def _position_seeds(entries: list[StepEntry]) -> list[PositionSeed | None] | None:
+    """Noise of seeded requests keyed by the output position each row samples (verify.PositionSeed): a draft
+    predicts position len(output) + drafts so far; a verify chunk's slot s, len(output) + s; a prompt's end or a
+    plain decode, len(output). None when no request is seeded (the engine's shared generator)."""
+    seeds = [None if e.request.params.seed is None else PositionSeed(
+        e.request.params.seed,
+        len(e.request.output_token_ids) + (len(e.request.draft_token_ids) if e.kind is StepKind.DRAFT else 0))
+        for e in entries]
+    return seeds if any(s is not None for s in seeds) else None
+
+
 class Engine:
     def __init__(self, compiled, model: torch.nn.Module, config: SparseSpecConfig, eos_token_ids=()) -> None:
         self.compiled = compiled
@@ -94,6 +107,14 @@ class Engine:
             log.warning("removed the backward hooks of %d module(s) (%s%s): inference never runs them and Dynamo "
                         "cannot trace them", len(dropped), ", ".join(dropped[:3]), ", ..." if len(dropped) > 3 else "")
         kv_heads = local_kv_heads(kv_heads, self.tp_world)  # under TP the op sees this rank's heads only
+        # Refuses a compiled model whose attention did not all become the op; the K/V shape the op receives sizes
+        # the pool (after the hooks are gone: a hook splits the graph)
+        kv_layout = probe_compiled(compiled, model, num_layers)
+        if kv_layout != (kv_heads, head_dim):
+            log.warning("the attention op receives K/V of %d heads x %d (the config says %d x %d): the model repeats "
+                        "K/V itself in a form the rewrite does not undo, so the KV pool holds %d heads per layer",
+                        *kv_layout, kv_heads, head_dim, kv_layout[0])
+            kv_heads, head_dim = kv_layout
         self.num_layers = num_layers
         text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.max_model_len = int(getattr(text, "max_position_embeddings", 4096) or 4096)
@@ -101,6 +122,7 @@ class Engine:
         self.kv = allocate_kv_cache(
             num_layers, kv_heads, head_dim, dtype=self.dtype, device=self.device, page_size=config.page_size,
             num_pages=config.num_pages, memory_fraction=config.kv_memory_fraction,
+            max_pages=pages_for_requests(config.max_num_seqs, self.max_model_len, config.stride, config.page_size),
         )
         max_budget = min(config.max_budget, max(config.min_budget, math.ceil(config.sparsity * self.max_model_len)))
         self.pillars = None
@@ -150,7 +172,11 @@ class Engine:
                                      self.device, num_layers, capture=graphs == "on")
         self._inflight: StepResults | None = None
         self._draft_probs: dict[int, list[torch.Tensor]] = {}  # request id -> q_i of this cycle's drafts ([V] each)
-        self._generators: dict[int, torch.Generator | None] = {}
+
+    def reset_stats(self) -> None:
+        """Count afresh from now on: steps and time (EngineStats), and every cycle's acceptance (CycleStats)."""
+        self.stats = EngineStats()
+        self.scheduler.planner.stats = CycleStats.empty(self.config.stride)
 
     def use_step_cost(self, cost) -> None:
         """Price the adaptive stride with ``cost`` (``coefficients()``, ``observe()``; e.g. ``FixedStepCost`` in tests,
@@ -162,9 +188,6 @@ class Engine:
 
     # ---- requests -------------------------------------------------------------------------------------------
     def add_request(self, req: Request) -> bool:
-        self._generators[req.request_id] = (
-            make_generator(req.params.seed, self.device) if req.params.seed is not None else None
-        )
         return self.scheduler.add(req)
 
     def has_unfinished(self) -> bool:
@@ -352,7 +375,8 @@ class Engine:
         sampled = verify_tokens = None
         if sample_rows:
             reqs = [plan.entries[i].request for i in sample_rows]
-            sampled, probs = sample(logits[to_device(sample_logit_rows, logits.device)], _params(reqs), self._gens(reqs))
+            sampled, probs = sample(logits[to_device(sample_logit_rows, logits.device)], _params(reqs),
+                                    _position_seeds([plan.entries[i] for i in sample_rows]))
             rows_of = None  # one unbind for the step, not a select per draft (~57 per step at B 64: host time)
             for j, i in enumerate(sample_rows):  # keep q_i of sampled drafts for their verification
                 e = plan.entries[i]
@@ -393,7 +417,7 @@ class Engine:
                 draft_probs[to_device(dst_entry, dev), to_device(dst_pos, dev)] = torch.stack(rows)
         reqs = [e.request for e in entries]
         _, tokens = rejection_sample(
-            drafts, draft_probs, target, _params(reqs), self._gens(reqs),
+            drafts, draft_probs, target, _params(reqs), _position_seeds(entries),
             num_drafts=to_device(num_drafts, dev),
         )
         return tokens
@@ -408,15 +432,9 @@ class Engine:
         if streaming:
             write_streaming_pillars(self.pillars, *map(list, zip(*streaming)))
 
-    def _gens(self, reqs: list[Request]):
-        gens = [self._generators.get(r.request_id) for r in reqs]
-        return gens if any(g is not None for g in gens) else None
-
     def _forget(self, requests: list[Request]) -> None:
         for r in requests:
             self._draft_probs.pop(r.request_id, None)
-            if r.is_finished:
-                self._generators.pop(r.request_id, None)
 
     def _apply_swaps(self, plan: StepPlan) -> None:
         """Run the plan's restores and offloads (KV pages of every layer and pillar rows, host pool <-> device)

@@ -15,6 +15,8 @@ from sparsespec_compile.passes.fuse_projections import refresh_fused_weights
 from .engine import Engine
 from .request import Request
 from .sampling_params import SamplingParams
+from .prompts import encode, split_prompts
+from .servable import check_model
 
 log = logging.getLogger("sparsespec.runtime")
 
@@ -42,6 +44,19 @@ def _unwrap(model_or_compiled):
     )
 
 
+@dataclass
+class _CompileTime:
+    """Steps of ``generate`` during which Dynamo compiled a graph: their wall time and output tokens."""
+
+    seconds: float = 0.0
+    tokens: int = 0
+    steps: int = 0
+
+
+def _graphs_compiled() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
 class LLM:
     """Speculative generation with a sparsespec-compiled Hugging Face causal LM.
 
@@ -54,12 +69,9 @@ class LLM:
         compiled, model = _unwrap(model_or_compiled)
         # torch.compile(..., options={...})'s runtime options are honoured; conflicts are refused (compile_options.py)
         self.config = resolve_config(compile_options_of(compiled) if compiled is not None else None, config)
-        if getattr(model.config, "is_encoder_decoder", False) or not hasattr(model, "lm_head") and not hasattr(
-            model, "get_output_embeddings"
-        ):
-            raise ValueError(f"{type(model).__name__} is not a causal decoder-only LM: sparsespec cannot serve it")
         if model.training:
             model.eval()
+        check_model(model)  # refuse what cannot be served exactly now, not per request inside the step loop
         if compiled is None:
             import sparsespec_compile  # noqa: F401  (registers the backend)
 
@@ -71,19 +83,7 @@ class LLM:
             eos = getattr(model.config, "eos_token_id", None)
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         self.engine = Engine(compiled, model, self.config, eos_token_ids=eos_ids)
-
-    # ---- prompts ----------------------------------------------------------------------------------------------
-    def _encode(self, prompt, chat: bool) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer: LLM(model, tokenizer=...) or pass token ids")
-            if chat:
-                enc = self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-                )
-                return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
-            return list(self.tokenizer(prompt)["input_ids"])
-        return list(prompt)
+        self._compile = _CompileTime()
 
     def generate(
         self,
@@ -101,8 +101,7 @@ class LLM:
         # fused q/k/v and gate/up copies see weights changed in place since the last call (CUDA-graph replays skip
         # the compiled graph's own per-call check)
         refresh_fused_weights(self.model)
-        if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        prompts = split_prompts(prompts)  # a malformed call raises; a malformed prompt fails its own request below
         params = params or SamplingParams()
         per = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(per) != len(prompts):
@@ -111,7 +110,7 @@ class LLM:
         outputs: dict[int, RequestOutput] = {}
         for i, (prompt, p) in enumerate(zip(prompts, per)):
             try:
-                ids = self._encode(prompt, use_chat_template)
+                ids = encode(prompt, self.tokenizer, use_chat_template)
                 req = Request(ids, p)
                 bad = [t for t in ids if t >= self.engine.vocab_size]
                 if bad:
@@ -131,9 +130,15 @@ class LLM:
             bar = tqdm(total=total, desc="generate", unit="tok", dynamic_ncols=True)
         done = 0
         while self.engine.has_unfinished():
+            graphs, stats = _graphs_compiled(), self.engine.stats
+            seconds, tokens = stats.seconds, stats.output_tokens
             for r in self.engine.step():
                 if r.request_id in by_id:
                     outputs[by_id[r.request_id]] = self._output(r)
+            if _graphs_compiled() != graphs:  # Dynamo compiled a graph in this step: compile time, not decoding
+                self._compile.seconds += stats.seconds - seconds
+                self._compile.tokens += stats.output_tokens - tokens
+                self._compile.steps += 1
             if bar is not None:
                 now = sum(len(r.output_token_ids) for r in reqs if r is not None)
                 bar.update(now - done)
@@ -158,11 +163,24 @@ class LLM:
         return RequestOutput(r.request_id, r.prompt_token_ids, list(r.output_token_ids), text, r.finish_reason or "",
                              metrics)
 
-    def stats(self) -> dict:
+    def stats(self, reset: bool = False) -> dict:
         """Mean accepted length and per-position acceptance over full cycles, the k chosen per cycle and acceptance by
-        position over every cycle, tokens per step, throughput, step counts."""
-        s, k = self.engine.stats, self.config.stride
+        position over every cycle, tokens per step, throughput, step counts, since the LLM was built or the last
+        ``stats(reset=True)`` (which returns them, then starts counting afresh).
+
+        ``seconds`` / ``tokens_per_s`` leave out the steps during which Dynamo compiled a graph (``compile_seconds``,
+        ``compile_steps``; the first graph is compiled when the LLM is built) and CUDA-graph capture
+        (``capture_seconds``)."""
+        out = self._stats()
+        if reset:
+            self.engine.reset_stats()
+            self._compile = _CompileTime()
+        return out
+
+    def _stats(self) -> dict:
+        s, k, comp = self.engine.stats, self.config.stride, self._compile
         c = self.engine.scheduler.planner.stats
+        seconds, tokens = s.seconds - comp.seconds, s.output_tokens - comp.tokens
         cycles = c.full_cycles
         mean = sum(a * n for a, n in enumerate(c.accepted_hist)) / cycles if cycles else 0.0
         # position i (1-based) accepted in a cycle iff that cycle accepted >= i drafts
@@ -188,8 +206,10 @@ class LLM:
             "output_tokens": s.output_tokens,
             "forward_tokens": s.forward_tokens,
             "mean_requests_per_step": s.request_steps / s.steps if s.steps else 0.0,
-            "seconds": s.seconds,
-            "tokens_per_s": s.output_tokens / s.seconds if s.seconds else 0.0,
+            "seconds": seconds,
+            "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+            "compile_seconds": comp.seconds,
+            "compile_steps": comp.steps,
             "graph_steps": s.graph_steps,
             "cuda_graphs": self.engine.graphs.num_graphs if self.engine.graphs is not None else 0,
             "gpu_busy_seconds": s.gpu_busy_seconds,

@@ -16,8 +16,10 @@ class SamplingParams:
     tokens (0 = off), then to the smallest set whose probability reaches ``top_p`` (HF's order). Speculative
     verification applies exactly the same transform to the draft and the target, which keeps it lossless.
 
-    ``seed`` seeds the request's own ``torch.Generator`` (reproducible per request whatever else is batched with
-    it); ``None`` draws from the engine's shared generator. Generation stops at ``max_tokens`` new tokens, at a
+    ``seed``: the token at each output position is drawn with noise fixed by (seed, position), so a seeded request
+    is reproducible whatever else is batched with it and whatever its draft/verify schedule; its drafts are verified
+    by Gumbel-max coupling (accepted iff equal to the target's own sample under that noise: exact, the acceptance
+    a little below rejection sampling's). ``None`` draws from the engine's shared generator (rejection sampling). Generation stops at ``max_tokens`` new tokens, at a
     token in ``stop_token_ids`` (always), or at the model's EOS (unless ``ignore_eos``); the stop token is kept in
     the output ids, as HF ``generate`` does.
     """

@@ -46,6 +46,16 @@ def check_layers_ran(layers: list[int], num_layers: int) -> None:
         )
 
 
+def call_model(compiled, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_to_keep: torch.Tensor,
+               dtype: torch.dtype):
+    """The one call the runtime makes (steps, graph captures, LLM's construction probe): no HF cache; no attention
+    weights or hidden states even if the model's config asks for them (``output_attentions=True`` would keep the
+    softmax alive as an output, and the rewrite must leave such attention alone)."""
+    return compiled(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=logits_to_keep,
+                    attention_mask=unused_attention_mask(dtype, input_ids.device), output_attentions=False,
+                    output_hidden_states=False)
+
+
 def run_compiled(compiled, ctx: ForwardContext, input_ids: torch.Tensor, position_ids: torch.Tensor,
                  logits_indices: torch.Tensor, num_layers: int) -> torch.Tensor:
     """Logits ``[N, V]`` of ``logits_indices``; selects the step's pillars after the forward (``ctx.layer_scores``)."""
@@ -54,8 +64,7 @@ def run_compiled(compiled, ctx: ForwardContext, input_ids: torch.Tensor, positio
     torch._dynamo.maybe_mark_dynamic(logits_indices, 0)
     kv = ctx.kv.k[0]
     with forward_context(ctx), torch.inference_mode():
-        out = compiled(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=logits_indices,
-                       attention_mask=unused_attention_mask(kv.dtype, kv.device))
+        out = call_model(compiled, input_ids, position_ids, logits_indices, kv.dtype)
         # Every step, not just the first: if Dynamo ever falls back to the original forward (recompile limit, a new
         # graph break), plain attention over the flattened batch would produce wrong tokens silently.
         check_layers_ran(ctx.attention_layers, num_layers)

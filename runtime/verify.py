@@ -32,6 +32,37 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
 
 
 @dataclass(frozen=True)
+class PositionSeed:
+    """The noise of a seeded request's row: output position ``position`` (``+ s`` for verify slot ``s``) always gets
+    the same draws, from a generator seeded with (seed, position).
+
+    A seeded request's generator stream cannot make it reproducible under speculation: how many draws a step takes
+    (drafts per cycle, the phase a request is staggered to) and the draft distributions (pillars refreshed at each
+    verify) depend on what else is batched. So seeded rows use noise keyed by position, and verify by Gumbel-max
+    coupling (``rejection_sample``): the token emitted at a position is argmax(p / E) for that position's noise E,
+    whatever the drafts were. Exact: E is fresh Exp(1) noise for each position, independent of the prefix.
+    """
+
+    seed: int
+    position: int
+
+
+_MASK64 = (1 << 64) - 1
+_SEEDED: dict[torch.device, torch.Generator] = {}  # one reseeded generator per device
+
+
+def _position_generator(seed: int, position: int, device: torch.device) -> torch.Generator:
+    # splitmix64 of (seed, position): nearby positions and seeds get unrelated streams
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    g = _SEEDED.get(device)
+    if g is None:
+        g = _SEEDED[device] = torch.Generator(device=device)
+    return g.manual_seed((z ^ (z >> 31)) >> 1)
+
+
+@dataclass(frozen=True)
 class SamplingTensors:
     """Per-row sampling parameters on the device, plus host flags that pick the code path without a sync."""
 
@@ -111,15 +142,23 @@ def _noise(kind: str, shape: tuple[int, ...], generators, device) -> torch.Tenso
     """Uniform [0, 1) or Exp(1) noise [N, ...]; row ``i`` drawn from ``generators[i]`` when it has one.
 
     One call for all rows without their own generator (or for all rows when a single generator is given), then
-    one call per seeded row: a seeded request's stream depends only on its own draws.
+    one call per row with a generator, and per slot of a ``PositionSeed`` row (its noise at each position is fixed
+    by the seed and the position alone).
     """
     out = torch.empty(shape, device=device)
     draw = (lambda t, g: t.uniform_(generator=g)) if kind == "uniform" else (lambda t, g: t.exponential_(generator=g))
     if generators is None or isinstance(generators, torch.Generator):
         return draw(out, generators)
     draw(out, None)
+    dev = torch.device(device)
     for i, g in enumerate(generators):
-        if g is not None:
+        if isinstance(g, PositionSeed):
+            if kind == "uniform":  # coupled rows read no uniforms (rejection_sample)
+                continue
+            rows = out[i] if out.dim() == 2 else out[i].unbind(0)  # [V], or [S, V]: slot s is position + s
+            for s, row in enumerate([rows] if out.dim() == 2 else rows):
+                draw(row, _position_generator(g.seed, g.position + s, dev))
+        elif g is not None:
             draw(out[i], g)
     return out
 
@@ -201,11 +240,31 @@ def rejection_sample(draft_tokens: torch.Tensor, draft_probs: torch.Tensor | Non
     # Slot a = accepted: residual max(p_a - q_a, 0); for a == j the padded q_a is 0, so it is p_{j+1} (the bonus).
     rows = torch.arange(n, device=dev)
     q_pad = torch.cat([q, q.new_zeros(n, 1, q.shape[-1])], 1)  # [N, k+1, V]
-    x = _race(_residual(p[rows, accepted], q_pad[rows, accepted]), generators)  # [N]
+    coupled = _coupled_rows(generators)
+    plain = generators if coupled is None else [None if c else g for c, g in zip(coupled, generators)]
+    x = _race(_residual(p[rows, accepted], q_pad[rows, accepted]), plain)  # [N]
+    if coupled is not None:
+        # Gumbel-max coupling (seeded rows, PositionSeed): x_i = argmax(p_i / E_i) with the position's own noise,
+        # which also drew the draft (d_i = argmax(q_i / E_i)); accept d_i iff d_i == x_i, emit x at the first
+        # mismatch or the bonus slot. The emitted token is x_i whatever the drafts were: a function of the seed,
+        # the position and p alone.
+        x_all = (p / _noise("exp", tuple(p.shape), generators, dev)).argmax(-1)  # [N, k+1]
+        accepted_c = ((draft_tokens.long() == x_all[:, :k]) & valid).long().cumprod(1).sum(1)
+        mask = to_device(coupled, dev, torch.bool)
+        accepted = torch.where(mask, accepted_c, accepted)
+        x = torch.where(mask, x_all[rows, accepted], x)
     tokens = torch.cat([draft_tokens.long(), draft_tokens.new_zeros(n, 1, dtype=torch.long)], 1)  # [N, k+1]
     tokens[rows, accepted] = x
     tokens = tokens.masked_fill(torch.arange(k + 1, device=dev) > accepted.view(-1, 1), -1)
     return accepted, tokens
+
+
+def _coupled_rows(generators) -> list[bool] | None:
+    """Per row: verified by Gumbel-max coupling (a PositionSeed row); None when no row is."""
+    if generators is None or isinstance(generators, torch.Generator):
+        return None
+    rows = [isinstance(g, PositionSeed) for g in generators]
+    return rows if any(rows) else None
 
 
 # Built tensors of a single SamplingParams, by (temperature, top_k, top_p, rows, vocab, device): each build is four

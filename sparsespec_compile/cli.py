@@ -5,18 +5,32 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
-def _load(args: argparse.Namespace):
-    """(model, tokenizer or None) from --model PATH, --config PATH (random weights) or the embedded SmolLM2."""
+def _model_dir(path: str) -> Path:
+    """``--model DIR`` checked before anything loads (a missing directory used to end in a hub-id traceback)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise SystemExit(f"sparsespec: --model {path}: no such directory (a Hugging Face model directory with "
+                         "config.json and weights; nothing is downloaded)")
+    if not (p / "config.json").is_file():
+        raise SystemExit(f"sparsespec: --model {path}: no config.json in that directory")
+    return p
+
+
+def _load(args: argparse.Namespace, tokenizer: bool):
+    """(model, tokenizer or None) from --model DIR, --config PATH (random weights) or the embedded SmolLM2.
+    ``tokenizer``: load the tokenizer too (only ``generate`` uses it)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .models import load_smollm2
 
     if getattr(args, "model", None):
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation=args.attn)
-        return model.eval(), AutoTokenizer.from_pretrained(args.model)
+        path = _model_dir(args.model)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=args.attn)
+        return model.eval(), AutoTokenizer.from_pretrained(path) if tokenizer else None
     if getattr(args, "config", None):
         cfg = AutoConfig.from_pretrained(args.config)
         return AutoModelForCausalLM.from_config(cfg, attn_implementation=args.attn).eval(), None
@@ -26,7 +40,7 @@ def _load(args: argparse.Namespace):
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspection import inspect
 
-    model, _ = _load(args)
+    model, _ = _load(args, tokenizer=False)
     report = inspect(model)
     print(report)
     layers = getattr(model.config, "num_hidden_layers", None)
@@ -50,23 +64,58 @@ DEFAULT_PROMPTS = [
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from . import LLM, SamplingParams, SparseSpecConfig
+    from .runtime.kv_cache import pages_for_requests
+    from .runtime.prompts import encode
 
-    model, tok = _load(args)
-    prompts = args.prompts or DEFAULT_PROMPTS
-    if tok is None and any(isinstance(p, str) for p in prompts):
-        raise SystemExit("--config builds a model without a tokenizer: text prompts need --model or the default model")
-    llm = LLM(model, SparseSpecConfig(stride=args.stride, draft=args.draft, compiler="eager"), tokenizer=tok)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
-    for out in llm.generate(prompts, params, use_chat_template=True, use_tqdm=not args.no_progress):
+    # Every flag is checked before the model loads (~20 s for the embedded model on 2 cores).
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, seed=args.seed)
+        knobs = dict(stride=args.stride, draft=args.draft, sparsity=args.sparsity, compiler=args.compiler)
+        if args.min_budget is not None:
+            knobs["min_budget"] = args.min_budget
+        SparseSpecConfig(**knobs, num_pages=args.num_pages)
+    except ValueError as exc:
+        raise SystemExit(f"sparsespec generate: {exc}") from None
+    model, tok = _load(args, tokenizer=True)
+    chat = args.chat_template
+    if chat is None:  # default: the template when the tokenizer has one (an Instruct model answers empty without)
+        chat = bool(getattr(tok, "chat_template", None))
+    elif chat and not getattr(tok, "chat_template", None):
+        raise SystemExit("sparsespec generate: --chat-template: the tokenizer has no chat template "
+                         "(use --no-chat-template)")
+    try:
+        prompts = [encode(p, tok, chat) for p in (args.prompts or DEFAULT_PROMPTS)]
+    except ValueError as exc:
+        raise SystemExit(f"sparsespec generate: {exc}") from None
+    page = SparseSpecConfig.page_size  # the default: what the prompts can need, not a share of the machine's memory
+    config = SparseSpecConfig(**knobs, max_num_seqs=len(prompts), num_pages=args.num_pages or sum(
+        pages_for_requests(1, len(p) + args.max_tokens, args.stride, page) for p in prompts))
+    llm = LLM(model, config, tokenizer=tok)
+    outs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
+    for out in outs:
         print(f"[{out.finish_reason}] {out.text!r}")
-    print(llm.stats())
+    print(format_stats(llm.stats()))
+    failed = [i for i, o in enumerate(outs) if o.finish_reason.startswith("error")]
+    if failed:
+        print(f"sparsespec generate: {len(failed)} of {len(outs)} request(s) failed: prompts {failed}", file=sys.stderr)
+        return 1
     return 0
+
+
+def format_stats(s: dict) -> str:
+    """``llm.stats()`` for people: throughput without compile time, acceptance, steps."""
+    lines = [f"{s['output_tokens']} tokens in {s['seconds']:.2f} s: {s['tokens_per_s']:.1f} tokens/s "
+             f"({s['compile_seconds']:.1f} s of steps that compiled a graph left out), {s['steps']} steps"]
+    if s["stride"]:
+        pos = " ".join(f"{x:.2f}" for x in s["per_position_acceptance"])
+        lines.append(f"stride {s['stride']} ({s['draft']} drafts): mean accepted {s['mean_accepted']:.2f} of "
+                     f"{s['stride']} over {s['cycles']} cycles; per position {pos}")
+    return "\n".join(lines)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Every check of ``sparsespec_compile.testing`` on one model; a pass/fail table; exit 1 if any failed."""
-    from pathlib import Path
-
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -86,7 +135,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:  # a config alone: random weights, redrawn at O(1) scale so greedy argmaxes are not near-ties
         model = tiny_model(AutoConfig.from_pretrained(path), attn=args.attn, seed=args.seed)
     model.eval()
-    with tqdm(total=5, desc="sparsespec check", unit="check", disable=args.no_progress) as bar:
+    with tqdm(total=6, desc="sparsespec check", unit="check", disable=args.no_progress) as bar:
         started: list[str] = []
 
         def progress(name: str) -> None:  # called as each check starts: the previous one is done
@@ -109,13 +158,20 @@ def main(argv: list[str] | None = None) -> int:
         from .benchmark import main as bench_main
 
         return bench_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    return int(args.fn(args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsespec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def model_args(p: argparse.ArgumentParser) -> None:
+    def model_args(p: argparse.ArgumentParser, config: bool = True) -> None:
         src = p.add_mutually_exclusive_group()
-        src.add_argument("--model", help="HF model directory (default: the embedded SmolLM2-135M-Instruct)")
-        src.add_argument("--config", help="HF config.json or directory: random weights of that shape")
+        src.add_argument("--model", metavar="DIR",
+                         help="Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)")
+        if config:
+            src.add_argument("--config", help="HF config.json or its directory: random weights of that shape")
         p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="HF attention implementation")
 
     p = sub.add_parser("inspect", help="print the rewrite report (one row per attention node)")
@@ -123,43 +179,56 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_inspect)
 
     p = sub.add_parser("demo", help="compile the embedded SmolLM2 and generate, checking against the original")
-    p.add_argument("--prompt", default=None)
-    p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--stride", type=int, default=4)
-    p.add_argument("--compiler", default="eager", choices=["eager", "inductor"])
+    p.add_argument("--prompt", default=None, help="the question (default: a word problem)")
+    p.add_argument("--max-tokens", type=int, default=48, help="new tokens to generate")
+    p.add_argument("--stride", type=int, default=4, help="draft tokens per speculative cycle (k)")
+    p.add_argument("--compiler", default="eager", choices=["eager", "inductor"],
+                   help="run the rewritten graph eagerly or through Inductor (minutes of C++ build on a CPU)")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("generate", help="generate with the speculative runtime")
-    model_args(p)
+    model_args(p, config=False)  # a config alone has no tokenizer for text prompts
     p.add_argument("prompts", nargs="*", help="prompts (default: a few math word problems)")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--stride", type=int, default=8)
-    p.add_argument("--draft", default="pillar", choices=["pillar", "streaming", "full"])
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--max-tokens", type=int, default=128, help="new tokens per prompt, at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="per-request seed: reproducible sampling")
+    p.add_argument("--stride", type=int, default=8, help="draft tokens per speculative cycle (k; 0 = no speculation)")
+    p.add_argument("--draft", default="pillar", choices=["pillar", "streaming", "full"],
+                   help="draft attention: PillarAttn, StreamingLLM sinks + window, or full (the upper bound)")
+    p.add_argument("--sparsity", type=float, default=0.05, help="share of the context kept as pillars")
+    p.add_argument("--min-budget", type=int, default=None, help="fewest pillars per draft (default 128)")
+    p.add_argument("--num-pages", type=int, default=None,
+                   help="KV pool size in pages of 16 tokens (default: what the prompts can need)")
+    p.add_argument("--compiler", default="eager", choices=["eager", "inductor"],
+                   help="run the rewritten graph eagerly or through Inductor")
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap each prompt in the tokenizer's chat template (default: when it has one)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("check", help="CI checks: rewrite coverage, logits, greedy lossless, sampling, recompiles")
     p.add_argument("path", nargs="?", help="HF model dir, or config.json / its dir (random weights); "
                    "default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="HF attention implementation")
-    p.add_argument("--stride", type=int, default=4)
+    p.add_argument("--stride", type=int, default=4, help="draft tokens per speculative cycle (k)")
     p.add_argument("--budget", type=int, default=8, help="pillars per sparse draft (below the prompt lengths)")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--compiler", default="eager", choices=["eager", "inductor"])
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens per request of the greedy check")
+    p.add_argument("--compiler", default="eager", choices=["eager", "inductor"],
+                   help="run the rewritten graph eagerly or through Inductor")
     p.add_argument("--num-cycles", type=int, default=50_000, help="draft/verify cycles of the sampler check")
     p.add_argument("--num-requests", type=int, default=64, help="sampled requests through the engine (0: skip)")
     p.add_argument("--max-graphs", type=int, default=3, help="most Dynamo graphs allowed while generating")
     p.add_argument("--seed", type=int, default=0, help="weights of a config-only model")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_check)
 
     # Listed for `sparsespec --help` only: main() hands `bench ...` to sparsespec_compile.benchmark before parsing.
     sub.add_parser("bench", help="end-to-end benchmark: HF generate vs the runtime (stride 0, PillarAttn, "
                    "streaming drafts); `sparsespec bench --help`", add_help=False)
 
-    args = parser.parse_args(argv)
-    return int(args.fn(args) or 0)
+    return parser
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -11,6 +12,17 @@ _DRAFTS = ("pillar", "streaming", "full")
 _COMPILERS = ("inductor", "eager")
 _IMPLS = ("auto", "reference", "triton")
 _GRAPHS = ("auto", "on", "off", "pad")
+
+
+_RECENT = 16  # default newest tokens kept among the pillars (capped by min_budget)
+_INT, _NUM = (int,), (int, float)
+_TYPES = {  # what each field must be (bool is an int to Python: refused for these)
+    "stride": _INT, "sparsity": _NUM, "min_budget": _INT, "max_budget": _INT, "recent": _INT, "draft": (str,),
+    "page_size": _INT, "kv_memory_fraction": _NUM, "num_pages": _INT, "max_num_seqs": _INT,
+    "max_num_batched_tokens": _INT, "compiler": (str,), "attention_impl": (str,), "offload": (bool,),
+    "host_kv_pages": _INT, "offload_chunk_pages": _INT, "kv_oversubscription": _NUM, "cuda_graphs": (str,),
+}
+_OPTIONAL = {"recent", "num_pages", "host_kv_pages", "kv_oversubscription"}
 
 
 @dataclass(frozen=True)
@@ -24,7 +36,7 @@ class SparseSpecConfig:
         k = 0 is plain decoding in the same step, and such a request re-probes now and then. False: a fixed k.
     sparsity: fraction s of the verified context kept as pillars (B = max(min_budget, ceil(s * L))).
     min_budget / max_budget: bounds on B (paper: 128 and 6,144).
-    recent: newest verified tokens always among the pillars.
+    recent: newest verified tokens always among the pillars (None: min(16, min_budget)).
     draft: "pillar" (PillarAttn), "streaming" (sinks + recent window, MagicDec-like, same budget) or
         "full" (full-attention draft: the upper bound on acceptance).
     page_size: tokens per KV page.
@@ -64,7 +76,7 @@ class SparseSpecConfig:
     sparsity: float = 0.05
     min_budget: int = 128
     max_budget: int = 6144
-    recent: int = 16
+    recent: int | None = None
     draft: str = "pillar"
     page_size: int = 16
     kv_memory_fraction: float = 0.5
@@ -85,6 +97,16 @@ class SparseSpecConfig:
         def fail(name: str, why: str) -> None:
             raise ValueError(f"SparseSpecConfig.{name}={getattr(self, name)!r}: {why}")
 
+        # Types first: a string "0.1" would otherwise fail as a raw comparison error deep in the range checks.
+        for name, kinds in _TYPES.items():
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL:
+                continue
+            if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+                what = " or ".join(k.__name__ for k in kinds) + (" or None" if name in _OPTIONAL else "")
+                fail(name, f"must be {what}, got {type(value).__name__}")
+        if self.recent is None:  # derived from min_budget, so setting only min_budget never blames `recent`
+            object.__setattr__(self, "recent", min(_RECENT, self.min_budget))
         if not isinstance(self.stride, int) or self.stride < 0:
             fail("stride", "must be an int >= 0 (0 = plain decoding; the paper uses 8)")
         if self.adaptive not in (True, False):
@@ -132,6 +154,10 @@ class SparseSpecConfig:
         return min(b, self.max_budget, context_len)
 
     @classmethod
+    def fields(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
     def from_options(cls, options: Mapping[str, Any] | SparseSpecConfig | None) -> SparseSpecConfig:
         """Build from ``torch.compile(..., options=...)``; unknown keys are an error naming the valid ones."""
         if options is None:
@@ -140,10 +166,20 @@ class SparseSpecConfig:
             return options
         if not isinstance(options, Mapping):
             raise TypeError(f"sparsespec options must be a dict or SparseSpecConfig, got {type(options).__name__}")
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - valid)
-        if unknown:
-            raise ValueError(
-                f"unknown sparsespec option(s) {unknown}; valid options are: {', '.join(sorted(valid))}"
-            )
         return cls(**options)
+
+
+_dataclass_init = SparseSpecConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _checked_init(self, *args, **kwargs) -> None:
+    """Unknown keywords are an error that lists the valid options (the dataclass's own is a bare TypeError)."""
+    unknown = sorted(set(kwargs) - set(SparseSpecConfig.fields()))
+    if unknown:
+        raise ValueError(f"unknown sparsespec option(s) {unknown}; valid options are: "
+                         f"{', '.join(sorted(SparseSpecConfig.fields()))}")
+    _dataclass_init(self, *args, **kwargs)
+
+
+SparseSpecConfig.__init__ = _checked_init

@@ -16,6 +16,9 @@ CUDA graphs, and no graph value depends on them except through this op's output.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator, NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -45,16 +48,121 @@ def attention(
     """
     ctx = get_forward_context()
     if ctx is None:
+        if _RECORDED is not None:
+            _RECORDED.append(AttentionCall(layer_idx, q.shape[1], k.shape[1], k.shape[3]))
         out = _original_attention(q, k, v, attn_mask, scale, is_causal, softcap, math)
     else:
         out = _runtime_attention(ctx, q, k, v, layer_idx, scale, softcap)
     return _bshd_layout(out)
 
 
+class AttentionCall(NamedTuple):
+    """What one no-context call of the op received (``record_attention_calls``)."""
+
+    layer_idx: int
+    q_heads: int
+    kv_heads: int  # == q_heads when the model expanded K/V to the query heads itself, in a form the pass kept
+    head_dim: int
+
+
+_RECORDED: list[AttentionCall] | None = None
+
+
+@contextlib.contextmanager
+def record_attention_calls() -> Iterator[list[AttentionCall]]:
+    """``with record_attention_calls() as calls: compiled(x)``: the op calls of that forward (no context set), in
+    call order. How ``LLM`` checks at construction that every layer was rewritten and what K/V shape it receives."""
+    global _RECORDED
+    if _RECORDED is not None:
+        raise RuntimeError("record_attention_calls() is not re-entrant")
+    _RECORDED = []
+    try:
+        yield _RECORDED
+    finally:
+        _RECORDED = None
+
+
 @attention.register_fake
 def _(q, k, v, attn_mask, layer_idx, scale, is_causal, softcap, math):
     b, h, s, d = q.shape
     return q.new_empty(b, s, h, d).transpose(1, 2)
+
+
+# ---- autograd: the original attention's backward (no context), so a rewritten model stays trainable ------------
+# Written out by hand rather than recomputed under torch.autograd.grad: a custom op's body runs below the autograd
+# dispatch key, and AOTAutograd traces this function into the joint graph (torch.compile with Inductor and grad on).
+
+
+def _setup_attention_backward(ctx, inputs, output) -> None:
+    q, k, v, attn_mask, _, scale, is_causal, softcap, math = inputs
+    ctx.runtime = get_forward_context() is not None
+    ctx.save_for_backward(q, k, v, attn_mask)
+    ctx.scale, ctx.is_causal, ctx.softcap = scale, is_causal, softcap
+
+
+def _attention_backward(ctx, grad):
+    if ctx.runtime:
+        raise RuntimeError("sparsespec::attention with a runtime ForwardContext (paged KV cache, sparse drafts) has "
+                           "no backward: generate under torch.no_grad() / inference_mode (LLM does)")
+    q, k, v, attn_mask = ctx.saved_tensors
+    dq, dk, dv, dmask = _original_attention_backward(grad, q, k, v, attn_mask, ctx.scale, ctx.is_causal,
+                                                     ctx.softcap, want_mask_grad=ctx.needs_input_grad[3])
+    return dq, dk, dv, dmask, None, None, None, None, None
+
+
+def _original_attention_backward(grad, q, k, v, attn_mask, scale, is_causal, softcap, want_mask_grad=False):
+    """Gradients of ``_original_attention`` (either math form) w.r.t. q, k, v (and an additive float mask), in fp32.
+
+    s = q k^T * scale; w = softcap * tanh(s / softcap) (if softcap); masked; p = softmax(w); out = p v.
+    dv = p^T g; dw = p * (g v^T - rowsum(g v^T * p)); ds = dw * (1 - tanh^2) * scale; dq = ds k; dk = ds^T q.
+    """
+    b, hq, s_len, d = q.shape
+    hkv, l_len = k.shape[1], k.shape[2]
+    n_rep = hq // hkv
+    qf, kf, vf, g = q.float(), _repeat_kv(k, n_rep).float(), _repeat_kv(v, n_rep).float(), grad.float()
+    s = torch.matmul(qf, kf.transpose(2, 3)) * scale  # [B, Hq, S, L]
+    t = None
+    if softcap > 0.0:
+        t = torch.tanh(s / softcap)
+        s = t * softcap
+    keep = None
+    if is_causal:
+        keep = torch.ones(s_len, l_len, dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        keep = attn_mask if keep is None else keep & attn_mask
+    if keep is not None:
+        s = s.masked_fill(~keep, torch.finfo(s.dtype).min)
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        s = s + attn_mask.float()
+    p = torch.softmax(s, dim=-1)
+    dv = torch.matmul(p.transpose(2, 3), g)  # [B, Hq, L, D]
+    dp = torch.matmul(g, vf.transpose(2, 3))  # [B, Hq, S, L]
+    dw = p * (dp - (dp * p).sum(-1, keepdim=True))
+    if keep is not None:
+        dw = dw.masked_fill(~keep, 0.0)  # masked_fill passes no gradient to the filled scores
+    dmask = None
+    if want_mask_grad and attn_mask is not None and attn_mask.dtype != torch.bool:
+        dmask = _sum_to(dw, attn_mask.shape).to(attn_mask.dtype)
+    if t is not None:
+        dw = dw * (1.0 - t * t)
+    ds = dw * scale
+    dq = torch.matmul(ds, kf)
+    dk = torch.matmul(ds.transpose(2, 3), qf)
+
+    def unrepeat(x):  # [B, Hq, L, D] -> [B, Hkv, L, D]: q head h read KV head h // n_rep
+        return x.view(b, hkv, n_rep, l_len, d).sum(2) if n_rep > 1 else x
+
+    return dq.to(q.dtype), unrepeat(dk).to(k.dtype), unrepeat(dv).to(v.dtype), dmask
+
+
+def _sum_to(x: torch.Tensor, shape) -> torch.Tensor:
+    """Sum ``x`` over the dimensions a tensor of ``shape`` was broadcast along (the gradient of broadcasting)."""
+    lead = x.dim() - len(shape)
+    dims = list(range(lead)) + [lead + i for i, n in enumerate(shape) if n == 1 and x.shape[lead + i] != 1]
+    return x.sum(dims, keepdim=True).view(shape) if dims else x
+
+
+attention.register_autograd(_attention_backward, setup_context=_setup_attention_backward)
 
 
 def _bshd_layout(x: torch.Tensor) -> torch.Tensor:

@@ -129,3 +129,24 @@ def test_inplace_cache_write_survives_the_rewrite():
     got = torch.compile(StaticKV(), backend="sparsespec", options={"compiler": "eager"}, fullgraph=True)(q, k, v, pos)
     torch._dynamo.reset()
     torch.testing.assert_close(got, expected)
+
+
+# ---- issue 15.7 -------------------------------------------------------------------------------------------------
+def test_setting_only_min_budget_never_blames_recent():
+    """SparseSpecConfig(min_budget=4) failed with 'recent=16: must be in [0, min_budget=4]'."""
+    assert sparsespec_compile.SparseSpecConfig(min_budget=4).recent == 4
+    assert sparsespec_compile.SparseSpecConfig().recent == 16
+    with pytest.raises(ValueError, match=r"SparseSpecConfig.recent=9: must be in \[0, min_budget=4\]"):
+        sparsespec_compile.SparseSpecConfig(min_budget=4, recent=9)  # set by the user: then it is the one to blame
+
+
+def test_unknown_keyword_lists_the_valid_options():
+    with pytest.raises(ValueError, match=r"unknown sparsespec option\(s\) \['foo'\]; valid options are: .*stride"):
+        sparsespec_compile.SparseSpecConfig(foo=1)
+
+
+@pytest.mark.parametrize("field,value,kind", [("sparsity", "0.1", "int or float"), ("stride", True, "int"),
+                                              ("num_pages", 2.5, "int or None"), ("offload", 1, "bool")])
+def test_wrong_type_names_the_field_and_the_type(field, value, kind):
+    with pytest.raises(ValueError, match=f"SparseSpecConfig.{field}=.*must be {kind}, got"):
+        sparsespec_compile.SparseSpecConfig(**{field: value})

@@ -120,15 +120,6 @@ def test_invalid_sampling_values_are_rejected_with_the_field_name():
         SamplingParams(temperature=-1.0)
 
 
-def test_a_model_compiled_with_another_backend_is_refused():
-    model = _model("llama", "sdpa")
-    torch._dynamo.reset()
-    llm = LLM(torch.compile(model, backend="eager"), SparseSpecConfig(compiler="eager", num_pages=32, stride=2,
-                                                                      min_budget=2, recent=1))
-    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4), use_tqdm=False)[0]
-    assert out.finish_reason.startswith("error:") and "sparsespec" in out.finish_reason
-
-
 def test_triton_kernels_in_the_engine_are_lossless_too():
     """The runtime with the Triton kernels (CPU interpreter in CI) instead of the PyTorch references."""
     model = _model("qwen3", "sdpa")

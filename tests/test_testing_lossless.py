@@ -147,10 +147,10 @@ def config_dir(tmp_path_factory):
 def test_cli_check_passes_on_a_healthy_tiny_config(config_dir, capsys):
     assert main(["check", str(config_dir), *CLI_FAST]) == 0
     out = capsys.readouterr().out
-    for row in ("rewrite coverage", "logits equivalence", "greedy lossless", "sampling distribution",
+    for row in ("causal LM", "rewrite coverage", "logits equivalence", "greedy lossless", "sampling distribution",
                 "recompilation count"):
         assert row in out
-    assert "5/5 checks passed" in out and "FAIL" not in out
+    assert "6/6 checks passed" in out and "FAIL" not in out
 
 
 def test_cli_check_fails_on_a_planted_fault(config_dir, capsys, monkeypatch):
@@ -158,3 +158,24 @@ def test_cli_check_fails_on_a_planted_fault(config_dir, capsys, monkeypatch):
     assert main(["check", str(config_dir), *CLI_FAST]) == 1
     out = capsys.readouterr().out
     assert "greedy lossless (sparse drafts)  FAIL" in out and "diverges from HF greedy generate" in out
+
+
+# ---- issue 15.5 -------------------------------------------------------------------------------------------------
+def test_check_lossless_on_a_config_with_output_attentions():
+    """The HF greedy reference crashed ('tuple indices must be integers or slices, not tuple'): generate returns a
+    ModelOutput when the config asks for attentions. The runtime asks for none (the rewrite would leave the
+    softmax alone if the attention weights were an output)."""
+    config = FAMILIES["llama"].config(layers=2, heads=4, kv_heads=2, output_attentions=True)
+    check_lossless(tiny_model(config, "eager"), stride=2, budget=4, max_new_tokens=6)
+
+
+def test_cli_check_says_a_non_decoder_is_not_a_causal_lm(tmp_path, capsys):
+    """It reported a greedy 'divergence at position 12' for a bidirectional model."""
+    import transformers
+
+    transformers.BertConfig(vocab_size=96, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=32, max_position_embeddings=64, is_decoder=False).save_pretrained(tmp_path)
+    assert main(["check", str(tmp_path), *CLI_FAST]) == 1
+    out = capsys.readouterr().out
+    assert "causal LM                        FAIL" in out and "does not attend causally" in out
+    assert "greedy lossless (sparse drafts)  SKIP" in out and "diverges" not in out

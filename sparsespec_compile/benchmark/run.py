@@ -254,7 +254,10 @@ def cells(args, methods: list[str]):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
-    ap = argparse.ArgumentParser(prog="sparsespec bench", description=__doc__,
+    # the package docstring is the user-facing one (this module's says what the file holds); its "Modules:" part
+    # is for readers of the code
+    user_doc = (sys.modules[__package__].__doc__ or "").split("\nModules:")[0].strip()
+    ap = argparse.ArgumentParser(prog="sparsespec bench", description=user_doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2",
                     help=f"one of {', '.join(MODEL_NAMES)}, or a directory with an HF checkpoint (under torchrun "

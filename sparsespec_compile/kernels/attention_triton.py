@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from ._validate import interpreting
-from .attention_plan import AttentionPlan, plan_attention
+from .attention_plan import AttentionPlan
+from .attention_plan_triton import plan_attention_triton
 
 # Kernels write log2(e) = 1.4426950408889634 and ln(2) = 0.6931471805599453 as literals: a plain global is
 # not visible inside @triton.jit, and a tl.constexpr global breaks the interpreter (triton 3.7).
@@ -204,9 +205,11 @@ def _tuning_configs():
     # Decode is bound by the gathered K/V loads: key-tile width, warps and prefetch depth decide how many bytes are
     # in flight. Chosen by a sweep on the H200 (bench/attn_sweep.py, bench/RESULTS.md): SmolLM2 (d64) decode at
     # B 64 is fastest with N64/2 warps/4 stages up to L 4k and N128/4/4 at 8k; the mixed draft + verify step with
-    # N128/4/2; Qwen3-8B (d128) with N64/4/4. Each config compiles per variant (~2-4 s): four only.
+    # N128/4/2; Qwen3-8B (d128) with N64/4/4. N64/8/2 is the one config without register spills at BLOCK_M 64 for
+    # d64 and BLOCK_M 16 for d128 (ptxas -v, sm_90: 195 / 254 registers; the others use 255 and spill). Each config
+    # compiles per variant (~2-4 s): five only.
     return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bn, w, s in ((64, 2, 4), (128, 4, 4), (128, 4, 2), (64, 4, 4))]
+            for bn, w, s in ((64, 2, 4), (128, 4, 4), (128, 4, 2), (64, 4, 4), (64, 8, 2))]
 
 
 def _quick_bench(fn, quantiles=None):
@@ -233,12 +236,18 @@ def _num_sms(device: torch.device) -> int:
 
 
 def plan_blocks(Hq: int, Hkv: int, max_query_len: int) -> tuple[int, int]:
-    """(BLOCK_Q, GROUP_PAD): BLOCK_M = BLOCK_Q * GROUP_PAD rows, at least 16 (tl.dot's minimum), up to 64
-    so a verify chunk (k + 1 = 9 queries) of a 4-head group fits one program and reads K/V once."""
+    """(BLOCK_Q, GROUP_PAD): BLOCK_M = BLOCK_Q * GROUP_PAD rows, at least 16 (tl.dot's minimum).
+
+    Decode, draft and verify steps (every row <= 16 queries) use the smallest block: a k + 1 verify chunk becomes
+    several units whose K/V re-reads hit L2, and no draft row pays for a 64-row block. On the H200 (bench/kernels.py
+    step section) a steady k = 8 step was 0.86x (SmolLM2, B 256, L 4k) and 0.83x (Qwen3-8B, B 32, L 16k) the time
+    with a 64-row block: BLOCK_M 64 needs 255 registers and spills at most tile configs (ptxas -v). Steps with
+    a prefill chunk keep up to 64 rows (compute-bound: each K/V tile serves more queries)."""
     gp = triton.next_power_of_2(Hq // Hkv)
     bq_min = max(1, 16 // gp)
-    bq = max(bq_min, min(triton.next_power_of_2(max(max_query_len, 1)), max(1, 64 // gp)))
-    return bq, gp
+    if max_query_len <= 16:
+        return bq_min, gp
+    return max(bq_min, min(triton.next_power_of_2(max_query_len), max(1, 64 // gp))), gp
 
 
 def work_target(device: torch.device, head_dim: int, num_kv_heads: int) -> tuple[int, int]:
@@ -246,9 +255,10 @@ def work_target(device: torch.device, head_dim: int, num_kv_heads: int) -> tuple
     flight, and no item shorter than ``min_chunk`` keys, where per-program fixed costs would dominate.
 
     A d64 program moves half the bytes per key of a d128 one, so it needs more programs in flight: on the H200
-    (bench/attn_sweep.py) SmolLM2 decode was fastest with ~8 programs per SM, Qwen3-8B (d128) within 3% from 2 to 8.
+    (bench/attn_sweep.py) SmolLM2 decode at B 64, L 4k was fastest with 1,536 programs (12 per SM), Qwen3-8B (d128)
+    within 3% from 2 to 8 per SM.
     """
-    programs_per_sm = 8 if head_dim <= 64 else 2
+    programs_per_sm = 12 if head_dim <= 64 else 2
     min_chunk = 256
     if interpreting():  # tests: few programs (interpreter time), short chunks so cut rows and merges still occur
         programs_per_sm, min_chunk = 2, 16
@@ -330,7 +340,7 @@ def attention_plan(q, k_cache, *, query_start_loc, seq_lens, max_query_len, slid
     Hkv = k_cache.shape[2]
     bq = block_q or plan_blocks(Hq, Hkv, max_query_len)[0]
     target, min_chunk = work_target(q.device, D, Hkv)
-    return plan_attention(query_start_loc, seq_lens, T, bq, target_items=target, min_chunk=min_chunk,
+    return plan_attention_triton(query_start_loc, seq_lens, T, bq, target_items=target, min_chunk=min_chunk,
                           max_chunks=max_chunks, sliding_window=sliding_window, is_sparse=is_sparse,
                           draft_start=draft_start, pillar_lengths=pillar_lengths, pillar_rows=pillar_rows,
                           max_pillars=max_pillars, chunk_keys=chunk_keys)

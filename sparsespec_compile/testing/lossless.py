@@ -87,9 +87,12 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
     pad = getattr(model.config, "pad_token_id", None)
     device = next(model.parameters()).device
     with torch.no_grad():  # keyword overrides: a GenerationConfig argument would inherit the model's EOS again
+        # return_dict_in_generate: a config with output_attentions / output_hidden_states=True makes generate return
+        # a ModelOutput even when not asked; read .sequences either way
         out = model.generate(torch.tensor([prompt], device=device), max_new_tokens=n, do_sample=False, num_beams=1,
-                             repetition_penalty=1.0, eos_token_id=None, pad_token_id=0 if pad is None else pad)
-    out = out[0, len(prompt):].tolist()
+                             repetition_penalty=1.0, eos_token_id=None, pad_token_id=0 if pad is None else pad,
+                             return_dict_in_generate=True)
+    out = out.sequences[0, len(prompt):].tolist()
     assert len(out) == n, f"HF generate stopped after {len(out)} of {n} tokens"
     return out
 

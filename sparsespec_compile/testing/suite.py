@@ -1,6 +1,6 @@
 """``run_checks``: every check ``sparsespec check`` runs, one row each, for CLIs and CI scripts.
 
-    rows = run_checks(model)            # rewrite coverage, logits, greedy lossless, sampling, recompilation
+    rows = run_checks(model)            # causal LM, rewrite coverage, logits, greedy lossless, sampling, recompiles
     print(format_table(rows)); sys.exit(0 if all(r.ok for r in rows) else 1)
 """
 
@@ -53,9 +53,27 @@ def run_checks(
     from .lossless import check_lossless
     from .sampling import check_sampling
 
+    from sparsespec_compile.runtime.servable import check_model
+
     rows: list[CheckRow] = []
     layers = model.config.get_text_config().num_hidden_layers
     lossless = {}
+    servable: list[bool] = []
+
+    def causal() -> str:
+        try:
+            check_model(model)
+        except ValueError as exc:
+            raise AssertionError(f"not a causal LM sparsespec can serve: {exc}") from None
+        servable.append(True)
+        return f"{type(model).__name__}: causal (later positions do not change earlier logits), with an LM head"
+
+    def needs_causal(fn: Callable[[], str]) -> Callable[[], str]:
+        def run() -> str:
+            if not servable:
+                raise _Skip("needs a causal LM (see the first row)")
+            return fn()
+        return run
 
     def coverage() -> str:
         report = inspect(model)
@@ -90,10 +108,11 @@ def run_checks(
         return f"{detail} (limit {max_graphs})"
 
     checks: Iterable[tuple[str, Callable[[], str]]] = (
+        ("causal LM", causal),
         ("rewrite coverage", coverage),
         ("logits equivalence", logits),
-        ("greedy lossless (sparse drafts)", greedy),
-        ("sampling distribution", sampling),
+        ("greedy lossless (sparse drafts)", needs_causal(greedy)),
+        ("sampling distribution", needs_causal(sampling)),
         ("recompilation count", recompiles),
     )
     for name, fn in checks:

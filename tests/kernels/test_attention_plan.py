@@ -4,6 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from sparsespec_compile.kernels.attention_plan import item_key_range, plan_attention, unit_capacity
+from sparsespec_compile.kernels.attention_plan_triton import plan_attention_triton
 
 # a row: (q_len, context before it, sparse?, pillars, dense tail); q_len 0 = a padding row
 row = st.tuples(st.integers(0, 40), st.integers(0, 5000), st.booleans(), st.integers(0, 300), st.integers(0, 50))
@@ -60,6 +61,12 @@ def test_plan_covers_every_key_exactly_once(rows, bq, target, min_chunk, block_n
                 assert e - b <= chunk + block_n
         assert covered == list(range(lo, n))  # each key once, in order
     assert len(real_items) == sum(u[3] for u in real_units) <= plan.capacity
+    fast = plan_attention_triton(qsl, torch.tensor(seq, dtype=torch.int32), T, bq, target_items=target,
+                                 min_chunk=min_chunk, max_chunks=max_chunks, sliding_window=window,
+                                 is_sparse=torch.tensor(sparse), draft_start=torch.tensor(dstart, dtype=torch.int32),
+                                 pillar_lengths=store_len, pillar_rows=slots, max_pillars=300, chunk_keys=forced)
+    assert torch.equal(fast.units, plan.units) and torch.equal(fast.items, plan.items)  # the one-launch planner
+    assert int(fast.chunk) == chunk
 
 
 def test_chunk_follows_the_total_work():
@@ -68,11 +75,22 @@ def test_chunk_follows_the_total_work():
     seq = [4096] + [3000] * 64
     qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
     sparse = torch.tensor([False] + [True] * 64)
-    plan = plan_attention(qsl, torch.tensor(seq, dtype=torch.int32), sum(q_lens), 16, target_items=48, min_chunk=128,
+    plan = plan_attention(qsl, torch.tensor(seq, dtype=torch.int32), sum(q_lens), 16, target_items=80, min_chunk=128,
                           is_sparse=sparse, draft_start=torch.tensor([0] + [2990] * 64, dtype=torch.int32),
                           pillar_lengths=torch.full((65,), 190, dtype=torch.int32), max_pillars=256)
     n_c = {u[0]: u[3] for u in plan.units.tolist() if u[0] >= 0}
     total = 4096 + 64 * 200
-    assert int(plan.chunk) == -(-total // 48)
+    assert int(plan.chunk) == -(-total // 80)
     assert n_c[0] == -(-4096 // int(plan.chunk)) > 1
     assert all(n_c[r] == 1 for r in range(1, 65))
+
+
+def test_enough_units_cut_only_outliers():
+    """A prefill (32 q-blocks of 16 queries, 16..512 keys) fills a target of 8 items: no q-block is cut; a 20k-key row
+    among them is (4x the mean)."""
+    q_lens, seq = [512, 9], [512, 20000]
+    qsl = torch.tensor([0, 512, 521], dtype=torch.int32)
+    plan = plan_attention(qsl, torch.tensor(seq, dtype=torch.int32), 521, 16, target_items=8, min_chunk=16)
+    n_c = [u[3] for u in plan.units.tolist() if u[0] == 0]
+    assert len(n_c) == 32 and all(n == 1 for n in n_c)
+    assert [u[3] for u in plan.units.tolist() if u[0] == 1][0] > 1
