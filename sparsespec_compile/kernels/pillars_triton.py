@@ -112,7 +112,10 @@ _scores_kernel_tuned = triton.autotune(
 
 
 def pillar_scores_triton(q, k_cache, *, query_start_loc, seq_lens, block_tables, rows, lse, scale, softcap=0.0,
-                         sliding_window=-1, max_ctx, block_n: int | None = None, out: torch.Tensor | None = None):
+                         sliding_window=-1, max_ctx, block_n: int | None = None, tiles: int | None = None,
+                         out: torch.Tensor | None = None):
+    """Launcher; arguments as :func:`sparsespec_compile.kernels.pillar_scores`. ``tiles`` (K tiles per program,
+    default ``_SCORE_TILES``) and ``block_n`` override the launch shape (sweeps)."""
     T, Hq, D = q.shape
     _, P, Hkv, _ = k_cache.shape
     Rv = rows.shape[0]
@@ -125,7 +128,7 @@ def pillar_scores_triton(q, k_cache, *, query_start_loc, seq_lens, block_tables,
             float(scale), float(softcap) if softcap > 0 else 1.0, int(sliding_window),
             triton.next_power_of_2(max_ctx), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
             k_cache.stride(2), block_tables.stride(0), scores.stride(0), scores.stride(1))
-    tiles = 2 if interpreting() else _SCORE_TILES
+    tiles = tiles or (2 if interpreting() else _SCORE_TILES)
     meta = dict(HQ=Hq, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), GROUP=Hq // Hkv, GROUP_PAD=gp,
                 BLOCK_Q=bq, BLOCK_M=bq * gp, TILES=tiles, PAGE_SIZE=P, USE_SOFTCAP=softcap > 0,
                 USE_WINDOW=sliding_window > 0, UPCAST=interpreting(),
