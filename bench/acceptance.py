@@ -55,7 +55,7 @@ def main() -> None:
     for draft, temperature in runs:
         torch._dynamo.reset()
         cfg = SparseSpecConfig(
-            stride=args.stride, sparsity=args.sparsity, min_budget=args.min_budget, draft=draft,
+            adaptive=False, stride=args.stride, sparsity=args.sparsity, min_budget=args.min_budget, draft=draft,
             compiler="eager", num_pages=(args.max_tokens + 512) * args.num_prompts // 16 + 64,
             max_num_seqs=args.num_prompts, max_num_batched_tokens=4096,
         )

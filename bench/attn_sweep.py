@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Sweep of the unified attention kernel's launch plan (BLOCK_N, warps, stages, KV splits) at the shapes the
+"""Sweep of the unified attention kernel's launch plan (BLOCK_N, warps, stages, keys per plan item) at the shapes the
 end-to-end runs produce, against the bytes floor and torch SDPA on contiguous K/V.
 
     python3 bench/attn_sweep.py --out $OUT       (next to bench/kernels.py: it reuses its Pool)
@@ -8,7 +8,8 @@ Why: the per-kernel profile of a SmolLM2-shaped stride-0 step (B 64, context ~2.
 1.32 of the step's 2.73 ms, at 0.58 of its floor, with the two tuned configs and the 2-programs-per-SM split plan.
 Cases: SmolLM2 (9/3/64) decode at B 64 x L 2k/4k/8k; a mixed step of 57 sparse drafts (budget 128) + 7 verify
 chunks (9 queries) at L 2k/4k; Qwen3-8B (32/8/128) decode at B 32 x L 4k to check a plan does not regress there.
-Writes attn_sweep.json: every (case, config, splits) time, the best per case, and the current plan's time.
+Writes attn_sweep.json: every (case, config, chunk) time, the best per case, and the current plan's time. (The
+figures in bench/RESULTS.md from before the work plan swept a launch-wide split count instead of the chunk.)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch  # noqa: E402
 from sparsespec_compile.kernels.attention_triton import unified_attention_triton  # noqa: E402
 
 CONFIGS = [(bn, w, s) for bn, w, s in itertools.product((32, 64, 128), (2, 4, 8), (2, 4)) if not (bn == 32 and w == 8)]
-SPLITS = (1, 2, 4, 8, 16)
+CHUNKS = (None, 256, 512, 1024, 2048, 4096)  # keys per item of the plan (None: the plan's own choice)
 
 
 def cases():
@@ -79,26 +80,26 @@ def main():
             q = b["q"].view(B, 1, pool.hq, pool.d).transpose(1, 2)
             rec["sdpa_ms"] = kb.bench_ms(lambda: f(q, kc, vc, scale=pool.scale, enable_gqa=True))
             del kc, vc
-        for (bn, w, s), n in itertools.product(CONFIGS, SPLITS):
+        for (bn, w, s), n in itertools.product(CONFIGS, CHUNKS):
             if time.time() - t0 > 400:
                 rec["truncated"] = True
                 break
             try:
                 ms = kb.bench_ms(lambda: unified_attention_triton(b["q"], pool.k, pool.v, scale=pool.scale, **meta, **sp,
-                                                                  num_splits=n, block_n=bn, num_warps=w, num_stages=s))
+                                                                  chunk_keys=n, block_n=bn, num_warps=w, num_stages=s))
             except Exception as e:  # noqa: BLE001 - a config that does not compile (shared memory) is skipped
-                rec["runs"].append({"cfg": [bn, w, s], "splits": n, "error": str(e)[:80]})
+                rec["runs"].append({"cfg": [bn, w, s], "chunk_keys": n, "error": str(e)[:80]})
                 continue
-            rec["runs"].append({"cfg": [bn, w, s], "splits": n, "ms": ms, "floor_frac": floor_ms / ms})
+            rec["runs"].append({"cfg": [bn, w, s], "chunk_keys": n, "ms": ms, "floor_frac": floor_ms / ms})
         ok = [r for r in rec["runs"] if "ms" in r]
         if ok:
             best = min(ok, key=lambda r: r["ms"])
             rec["best"] = best
             print(f"{model} {name}: floor {floor_ms:.4f} ms, current {cur:.4f} ({floor_ms / cur:.2f}, {rec['current_cfg']}), "
-                  f"best {best['ms']:.4f} ({best['floor_frac']:.2f}) cfg {best['cfg']} splits {best['splits']}"
+                  f"best {best['ms']:.4f} ({best['floor_frac']:.2f}) cfg {best['cfg']} chunk {best['chunk_keys']}"
                   + (f", sdpa {rec['sdpa_ms']:.4f}" if "sdpa_ms" in rec else ""), flush=True)
             top = sorted(ok, key=lambda r: r["ms"])[:6]
-            print("   top:", [(r["cfg"], r["splits"], round(r["ms"], 4)) for r in top], flush=True)
+            print("   top:", [(r["cfg"], r["chunk_keys"], round(r["ms"], 4)) for r in top], flush=True)
         res["cases"].append(rec)
         with open(os.path.join(out, "attn_sweep.json"), "w") as fh:
             json.dump(res, fh, indent=1)

@@ -122,7 +122,7 @@ def main() -> None:
                                                         for _ in range(batch)])
         torch._dynamo.reset()
         t_build = time.perf_counter()
-        llm = LLM(model, SparseSpecConfig(stride=stride, compiler=compiler, cuda_graphs=graphs, min_budget=128,
+        llm = LLM(model, SparseSpecConfig(adaptive=False, stride=stride, compiler=compiler, cuda_graphs=graphs, min_budget=128,
                                           overlap=overlap, fuse_projections=fuse,
                                           num_pages=batch * (plen + ntok + 64) // 16 + 64, max_num_seqs=batch,
                                           max_num_batched_tokens=max(2048, batch * (stride + 1))))
@@ -132,7 +132,7 @@ def main() -> None:
         if args.profile:
             print(name, profile_decode(llm, prompts, args.out, name), flush=True)
             continue
-        llm.engine.stats.__init__(accepted_hist=[0] * (stride + 1))  # count the timed run only
+        llm.engine.reset_stats()  # count the timed run only
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()

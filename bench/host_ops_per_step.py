@@ -36,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
     model = smallest_llama()
     prompts = [[5 + (i * 7 + j) % 90 for j in range(16)] for i in range(args.batch)]
-    llm = LLM(model, SparseSpecConfig(compiler="eager", num_pages=args.batch * (args.tokens + 40) // 4 + 64,
+    llm = LLM(model, SparseSpecConfig(adaptive=False, compiler="eager", num_pages=args.batch * (args.tokens + 40) // 4 + 64,
                                       page_size=4, max_num_batched_tokens=2048, stride=args.stride, min_budget=16,
                                       recent=4, max_num_seqs=args.batch, cuda_graphs="pad"))
     count, steps = _Count(), [0]

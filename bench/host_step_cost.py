@@ -1,7 +1,10 @@
 """Host cost of one decode step outside the model: schedule, shape + pack (with and without the incremental block
 tables), update — on a simulated batch (no model, no device), so it runs anywhere.
 
-    python bench/host_step_cost.py [--batch 64] [--stride 8] [--context 3300] [--steps 200]
+    python bench/host_step_cost.py [--batch 64] [--stride 8] [--context 3300] [--steps 200] [--adaptive]
+
+``--adaptive``: the per-request stride (priced by a fixed KV-bound cost, so every request keeps speculating), to
+see what choosing k and re-balancing phases at every cycle start adds to schedule/update.
 
 Every draft is accepted (the fake verifier returns the drafts plus a bonus token), so contexts grow at full speed.
 """
@@ -20,7 +23,9 @@ from sparsespec_compile.runtime.request import Request
 from sparsespec_compile.runtime.sampling_params import SamplingParams
 from sparsespec_compile.runtime.scheduler import Scheduler
 from sparsespec_compile.runtime.step_plan import StepKind
+from sparsespec_compile.runtime.step_cost import FixedStepCost
 from sparsespec_compile.runtime.step_shapes import shape_for
+from sparsespec_compile.runtime.stride_policy import AdaptiveStride
 
 
 def fake_results(plan) -> list[list[int]]:
@@ -39,13 +44,15 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=8)
     ap.add_argument("--context", type=int, default=3300, help="tokens per request before timing")
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--adaptive", action="store_true")
     args = ap.parse_args()
     page = 16
-    cfg = SparseSpecConfig(stride=args.stride, max_num_seqs=args.batch)
+    cfg = SparseSpecConfig(adaptive=False, stride=args.stride, max_num_seqs=args.batch)
     max_tokens = args.context + args.steps * (args.stride + 1) + 64
     pages = args.batch * ((max_tokens + 100 + 2 * args.stride) // page + 2)
+    policy = AdaptiveStride(args.stride, FixedStepCost(0.0, 0.0, 1.0, 0.1), cfg.budget) if args.adaptive else None
     s = Scheduler(BlockAllocator(pages, page), stride=args.stride, max_num_batched_tokens=8192,
-                  max_model_len=1 << 20, max_num_seqs=args.batch)
+                  max_model_len=1 << 20, max_num_seqs=args.batch, policy=policy)
     for _ in range(args.batch):
         if not s.add(Request(list(range(1, 100)), SamplingParams(max_tokens=max_tokens, ignore_eos=True))):
             raise SystemExit("the simulated request was rejected: pool too small")
@@ -72,7 +79,8 @@ def main() -> None:
         t["schedule"] += t1 - t0
         t["update"] += time.perf_counter() - t4
     ctx = sum(r.num_computed_tokens for r in s.running) / len(s.running)
-    print(f"batch {args.batch}, stride {args.stride}, mean context {ctx:.0f} tokens, {args.steps} steps:")
+    print(f"batch {args.batch}, stride {args.stride}{' adaptive' if args.adaptive else ''}, mean context {ctx:.0f} "
+          f"tokens, {args.steps} steps:")
     for k, v in t.items():
         print(f"  {k:14s} {1e3 * v / args.steps:.3f} ms/step")
 

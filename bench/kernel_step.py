@@ -12,9 +12,9 @@ verify rows' K once more for scoring, and the fp32 scores written once and read 
 
 Variants: ``fused`` = one plan and one launch for every row, the library's default (the decode block, BLOCK_M 16,
 for every row: a verify chunk is several units that read its K/V again from L2); ``fused_m64`` = the same with a
-64-row block (16 queries of a 4-head group), a verify chunk being one unit; ``by_kind`` = a plan and a launch for the drafts and
-another for the verify rows; ``main`` = the kernels of main before this change (one launch, one split count for all
-rows, per-tile scoring programs, a 4/16-way search), loaded from OLD_KERNELS_DIR when that is set.
+64-row block (16 queries of a 4-head group), a verify chunk being one unit; ``by_kind`` = a plan and a launch for
+the drafts and another for the verify rows; ``main`` = the kernels of main before this change (one launch, one
+split count for all rows, per-tile scoring programs, a 4/16-way search), loaded from OLD_KERNELS_DIR when set.
 """
 
 from __future__ import annotations
@@ -182,8 +182,19 @@ def breakdown(case: StepCase, K, bench_ms) -> dict:
         K.select_pillars(case.layer_scores.view(n, p.hkv, case.L), case.ctx.repeat(case.n_layers),
                          case.budget.repeat(case.n_layers), 16, case.max_budget)
 
+    def score_tiles(t):  # the scoring launch shape: K tiles per program (the library's default is 8)
+        from sparsespec_compile.kernels.pillars_triton import pillar_scores_triton
+
+        for layer in range(case.n_layers):
+            pillar_scores_triton(case.q, p.k, query_start_loc=case.qsl, seq_lens=case.seq,
+                                 block_tables=case.tables[layer], rows=case.score_rows, lse=lses[layer],
+                                 max_ctx=case.L, out=case.layer_scores[layer], scale=p.scale, tiles=t)
+
     attend(keep=True)
-    return dict(attn_ms=bench_ms(attend), score_ms=bench_ms(score), select_ms=bench_ms(select))
+    r = dict(attn_ms=bench_ms(attend), score_ms=bench_ms(score), select_ms=bench_ms(select))
+    for t in (2, 4, 16):
+        r[f"score_tiles{t}_ms"] = bench_ms(lambda: score_tiles(t))
+    return r
 
 
 def bench_steps(pool, K, bench_ms, bw, row, log, shapes, n_layers, old=None):

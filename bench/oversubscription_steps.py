@@ -22,7 +22,7 @@ PROMPT_LEN, PAGE = 8, 4
 def steps(model, batch: int, tokens: int, requests_per_slot: int, fraction: float) -> tuple[int, float]:
     per_request = math.ceil((PROMPT_LEN + tokens + 2) / PAGE)
     pages = per_request * batch + 4 if fraction >= 1 else max(math.ceil(fraction * per_request * batch), per_request)
-    llm = LLM(model, SparseSpecConfig(compiler="eager", num_pages=pages, page_size=PAGE, max_num_batched_tokens=256,
+    llm = LLM(model, SparseSpecConfig(adaptive=False, compiler="eager", num_pages=pages, page_size=PAGE, max_num_batched_tokens=256,
                                       stride=0, max_num_seqs=batch,
                                       host_kv_pages=per_request * batch * requests_per_slot))
     prompts = [[5 + (i * 7 + j) % 90 for j in range(PROMPT_LEN)] for i in range(batch * requests_per_slot)]

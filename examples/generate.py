@@ -9,7 +9,9 @@ from sparsespec_compile.models import load_smollm2
 model, tok = load_smollm2()  # yours: AutoModelForCausalLM.from_pretrained(...) and AutoTokenizer.from_pretrained(...)
 # A small pillar budget so that drafts are sparse on short contexts (the paper's 128 would cover them); the pool
 # is sized explicitly (512 pages of 16 tokens) rather than from the machine's memory.
-config = SparseSpecConfig(stride=4, min_budget=16, compiler="eager", num_pages=512)
+# adaptive=False drafts k = 4 every cycle; the default (adaptive) picks each request's k per cycle from its acceptance
+# and the measured step cost, and on a CPU, where a step costs about the same whatever it holds, mostly decodes plainly.
+config = SparseSpecConfig(stride=4, adaptive=False, min_budget=16, compiler="eager", num_pages=512)
 llm = LLM(model, config, tokenizer=tok)
 
 prompts = ["What is 7 times 8?", "Name the three primary colors."]

@@ -5,15 +5,19 @@ sampling both stop at the first rejection), so the natural quantity is the condi
 ``q_i = P(draft i accepted | drafts 1..i-1 accepted)``; a cycle of ``j`` drafts then yields in expectation
 ``1 + sum_{i<=j} prod_{m<=i} q_m`` tokens (the accepted drafts plus the bonus token).
 
-Counts decay by ``decay`` per recorded cycle (0.7: a cycle 5 cycles ago weighs 0.17), so a request whose text turns
-hard (or easy) is followed within a few cycles; the estimate is smoothed towards a prior (the population's
-acceptance, see stride_policy.py) with the weight of ``prior_weight`` cycles, so one unlucky cycle does not end
-speculation and a position never reached falls back to the prior.
+Counts decay by ``decay`` per recorded cycle (0.8: a cycle 5 cycles ago weighs 0.33; at most 5 cycles of evidence),
+so a request whose text turns hard (or easy) is followed within a few cycles. The estimate is smoothed towards a
+prior (the population's acceptance, see stride_policy.py) with the weight of ``PRIOR_WEIGHT`` cycles, so one unlucky
+cycle does not end speculation and a position never judged falls back to the prior. The weight is small against
+the evidence on purpose: a request that never gets draft 1 accepted never has draft 2 judged, and its estimate of
+``q_1`` must still fall far enough (0.5 * 0.8 / 5.5 = 0.07 at most) that the prior's optimism about the positions
+behind it does not keep it speculating.
 """
 
 from __future__ import annotations
 
-DECAY = 0.7
+DECAY = 0.8
+PRIOR_WEIGHT = 0.5
 
 
 class AcceptanceStats:
@@ -49,7 +53,7 @@ class AcceptanceStats:
             self.accepted[i] += 1.0
         self.cycles += 1
 
-    def conditional(self, n: int, prior: list[float], prior_weight: float = 1.0) -> list[float]:
+    def conditional(self, n: int, prior: list[float], prior_weight: float = PRIOR_WEIGHT) -> list[float]:
         """``q_1..q_n``: smoothed conditional acceptance of each position (``prior[i]`` with weight ``prior_weight``)."""
         out = []
         for i in range(n):

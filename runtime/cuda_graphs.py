@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 from sparsespec_compile.config import SparseSpecConfig
-from sparsespec_compile.context import ForwardContext, PagedKVCache, PillarStore
+from sparsespec_compile.context import PagedKVCache, PillarStore
 
 from .host_copy import pinned_for
 from .overlap import apply_patch
-from .padded_step import BlockTableMirror, pack_step, unpack_step
-from .step_forward import run_compiled
+from .padded_step import BlockTableMirror, pack_step
+from .step_forward import run_packed
 from .step_plan import StepPlan
 from .step_shapes import StepShape, shape_for
 
@@ -141,25 +141,9 @@ class StepGraphs:
 
     def _forward(self, packed: torch.Tensor, shape: StepShape, out: torch.Tensor | None = None) -> torch.Tensor:
         """Run the padded step; the logits are copied into ``out`` when given (inside a capture: a static buffer)."""
-        t = unpack_step(packed, shape)
-        ctx = ForwardContext(
-            kv=self.kv, slot_mapping=t.slot_mapping, query_start_loc=t.query_start_loc, seq_lens=t.seq_lens,
-            block_tables=t.block_tables, max_query_len=shape.max_query_len, max_seq_len=shape.max_seq_len,
-            is_sparse=t.is_sparse, draft_start=t.draft_start, pillar_slot=t.pillar_slot, pillars=self.pillars,
-            score_rows=t.score_rows, score_slots=t.score_slots, budget=t.budget, recent=self.config.recent,
-            sliding_windows=self.sliding_windows, impl=self.impl,
-            layer_scores=step_score_buffer(self.pillars, self.num_layers, shape.scored, self.kv, shape.max_seq_len),
-        )
-        logits = run_compiled(self.compiled, ctx, t.input_ids, t.position_ids, t.logits_indices, self.num_layers)
+        logits = run_packed(self.compiled, packed, shape, kv=self.kv, pillars=self.pillars, recent=self.config.recent,
+                            sliding_windows=self.sliding_windows, impl=self.impl, num_layers=self.num_layers)
         if out is not None:
             out.copy_(logits)
         return logits
 
-
-def step_score_buffer(pillars: PillarStore | None, num_layers: int, num_scored: int, kv: PagedKVCache,
-                      max_ctx: int) -> torch.Tensor | None:
-    """``ForwardContext.layer_scores`` for a step that scores ``num_scored`` rows (None when it scores none)."""
-    if pillars is None or num_scored == 0:
-        return None
-    kv_heads = kv.k[0].shape[2]
-    return torch.empty(num_layers, num_scored, kv_heads, max_ctx, dtype=torch.float32, device=kv.k[0].device)

@@ -15,8 +15,38 @@ The load of a phase is the extra tokens verifies put on it (``j`` above a 1-toke
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from .request import Request, RequestState
 from .stride_policy import StridePolicy
+
+
+@dataclass
+class CycleStats:
+    """Every verified cycle of every request, counted once, here (``record_verify``): the run's telemetry."""
+
+    cycles_by_k: list[int]  # [j] = cycles that drafted j (j = 0: plain decodes)
+    judged_at: list[int]  # [i] = cycles in which draft i+1 was judged (the first i accepted)
+    drafted_at: list[int]  # [i] = cycles that drafted at least i+1
+    accepted_at: list[int]  # [i] = cycles that accepted at least i+1
+    accepted_hist: list[int]  # [a] = full cycles (j == stride) that accepted a: the paper's accepted length
+    full_cycles: int = 0
+
+    @classmethod
+    def empty(cls, stride: int) -> CycleStats:
+        return cls([0] * (stride + 1), [0] * stride, [0] * stride, [0] * stride, [0] * (stride + 1))
+
+    def record(self, stride: int, drafted: int, accepted: int) -> None:
+        self.cycles_by_k[drafted] += 1
+        for i in range(min(accepted + 1, drafted)):
+            self.judged_at[i] += 1
+        for i in range(drafted):
+            self.drafted_at[i] += 1
+        for i in range(accepted):
+            self.accepted_at[i] += 1
+        if drafted == stride > 0:
+            self.full_cycles += 1
+            self.accepted_hist[accepted] += 1
 
 
 class CyclePlanner:
@@ -28,6 +58,7 @@ class CyclePlanner:
         self.delayed_verify = delayed_verify and self.stride > 0
         self.cycle_len = self.stride + 1 + (1 if self.delayed_verify else 0)
         self.max_model_len = max_model_len
+        self.stats = CycleStats.empty(self.stride)
 
     def decode_load(self, n: int) -> int:
         """Tokens per step of ``n`` phase-balanced decoding requests (worst step)."""
@@ -80,6 +111,8 @@ class CyclePlanner:
         return load
 
     def record_verify(self, r: Request, drafted: int, accepted: int) -> None:
+        """The one place acceptance is counted: the request's metrics, its decayed estimate (the policy), the run's."""
         r.metrics.accepted.append(accepted)
         r.metrics.drafted.append(drafted)
         self.policy.record(r, drafted, accepted)
+        self.stats.record(self.stride, drafted, accepted)

@@ -10,14 +10,16 @@ import dataclasses
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from sparsespec_compile.config import SparseSpecConfig
 
 from .block_allocator import BlockAllocator
-from .cuda_graphs import StepGraphs, step_score_buffer
+from .cycle_planner import CycleStats
+from .cuda_graphs import StepGraphs
+from .padded_step import pack_step
 from .host_copy import to_device
 from .overlap import apply_patch, placeholder, placeholder_patch
 from .kv_cache import allocate_kv_cache, allocate_pillar_store, kv_shape_from_config, pages_for_requests
@@ -30,9 +32,10 @@ from .step_cost import StepCostModel, step_work
 from .step_plan import Refresh, StepEntry, StepKind, StepPlan
 from .stride_policy import AdaptiveStride, FixedStride
 from .step_results import StepResults
-from .step_forward import run_compiled
-from .step_inputs import build_step_inputs, write_streaming_pillars
 from .logprobs import step_logprobs, wants_logprobs
+from .step_forward import run_packed
+from .step_shapes import exact_shape
+from .streaming_pillars import write_streaming_pillars
 from .verify import PositionSeed, rejection_sample, sample
 
 log = logging.getLogger("sparsespec.runtime")
@@ -47,8 +50,6 @@ class EngineStats:
     request_steps: int = 0
     output_tokens: int = 0
     seconds: float = 0.0
-    cycles: int = 0
-    accepted_hist: list[int] = field(default_factory=list)  # accepted_hist[a] = full cycles that accepted a
     graph_steps: int = 0  # steps run through StepGraphs (padded static shape, replayed graph on CUDA)
     # CUDA only: device time from a step's first launch to its last result read (events), summed. The rest of
     # ``seconds`` is host time the GPU sat idle (scheduling, input packing, bookkeeping).
@@ -162,7 +163,7 @@ class Engine:
             draft=config.draft,
             policy=policy,
         )
-        self.stats = EngineStats(accepted_hist=[0] * (config.stride + 1))
+        self.stats = EngineStats()  # steps and time; acceptance is counted by the cycle planner (CycleStats)
         graphs = config.cuda_graphs
         if graphs == "auto":
             graphs = "on" if self.device.type == "cuda" and self.tp_world == 1 else "off"
@@ -172,6 +173,19 @@ class Engine:
                                      self.device, num_layers, capture=graphs == "on")
         self._inflight: StepResults | None = None
         self._draft_probs: dict[int, list[torch.Tensor]] = {}  # request id -> q_i of this cycle's drafts ([V] each)
+
+    def reset_stats(self) -> None:
+        """Count afresh from now on: steps and time (EngineStats), and every cycle's acceptance (CycleStats)."""
+        self.stats = EngineStats()
+        self.scheduler.planner.stats = CycleStats.empty(self.config.stride)
+
+    def use_step_cost(self, cost) -> None:
+        """Price the adaptive stride with ``cost`` (``coefficients()``, ``observe()``; e.g. ``FixedStepCost`` in tests,
+        where CPU step times say nothing about a GPU's) instead of the fit to this engine's own steps."""
+        self.step_cost = cost
+        policy = self.scheduler.planner.policy
+        if isinstance(policy, AdaptiveStride):
+            policy.cost = cost
 
     # ---- requests -------------------------------------------------------------------------------------------
     def add_request(self, req: Request) -> bool:
@@ -288,15 +302,17 @@ class Engine:
         """Read a step's results (waits for its copies): fill its draft placeholders, confirm its plain decodes,
         apply the held updates. Feeds the step's measured time to the step-cost model."""
         try:
-            values = from_rank0(res.lists(), self.tp_world)
+            local = res.lists()
+            busy = res.device_seconds()
+            # The step's measured time prices the adaptive stride: device time on CUDA (events), the CPU's own time
+            # for the forward and sampling elsewhere. Rank 0's, with its tokens: every rank must choose the same k.
+            values, seconds = from_rank0((local, busy if busy is not None else res.host_seconds), self.tp_world)
         except Exception as exc:  # confined to this step's requests; the others keep going
             self._fail([res.plan.entries[i] for i in res.held], res.plan.step, exc)
             return
-        busy = res.device_seconds()
         if busy is not None:
             self.stats.gpu_busy_seconds += busy
-        # device time on CUDA (events); the CPU's own time for the forward and sampling elsewhere
-        self.step_cost.observe(res.work, busy if busy is not None else res.host_seconds)
+        self.step_cost.observe(res.work, seconds)
         for r, idx, row in res.placeholders:
             if idx < len(r.draft_token_ids) and r.draft_token_ids[idx] == placeholder(row):
                 r.draft_token_ids[idx] = values[res.sample_rows[row]][0]
@@ -322,7 +338,7 @@ class Engine:
         sub = StepPlan(res.plan.step, entries=entries)
         lengths = [len(e.request.output_token_ids) for e in entries]
         self.scheduler.update(sub, [values[i] for i in res.held])
-        self._after_update(sub)
+        self._write_streaming_pillars(sub)
         self.stats.output_tokens += sum(len(e.request.output_token_ids) for e in entries) - sum(lengths)
         for i, e, before in zip(res.held, entries, lengths):  # the tokens the update kept (a stop cuts the rest)
             if i in logprobs:
@@ -341,14 +357,14 @@ class Engine:
             if shape is not None:
                 self.stats.graph_steps += 1
                 return self.graphs.run(plan, shape, patch)
-        inp = build_step_inputs(plan, self.kv, self.pillars, self.config, self.sliding_windows, self.impl, self.device)
-        apply_patch(inp.input_ids.view(-1), patch)
-        if inp.ctx.score_rows is not None:
-            inp.ctx.layer_scores = step_score_buffer(self.pillars, self.num_layers, inp.ctx.score_rows.shape[0],
-                                                     self.kv, inp.ctx.max_seq_len)
-        logits = run_compiled(self.compiled, inp.ctx, inp.input_ids, inp.position_ids, inp.logits_indices,
-                              self.num_layers)
-        return logits[: sum(e.num_logits for e in plan.entries)], inp.input_ids.view(-1)
+        # the step at its own size, through the same packed buffer and context builder as a graphed step
+        shape = exact_shape(plan)
+        host = pack_step(plan, shape, self.config, self.kv.page_size, scratch_slot=0)  # (exact: no padding rows)
+        packed = to_device(torch.from_numpy(host), self.device)
+        apply_patch(packed, patch)  # placeholders sit in the first T entries: the input ids
+        logits = run_packed(self.compiled, packed, shape, kv=self.kv, pillars=self.pillars, recent=self.config.recent,
+                            sliding_windows=self.sliding_windows, impl=self.impl, num_layers=self.num_layers)
+        return logits[: sum(e.num_logits for e in plan.entries)], packed[: shape.tokens]
 
     def _sample_and_verify(self, plan: StepPlan, logits: torch.Tensor,
                            input_ids: torch.Tensor | None = None) -> StepResults:
@@ -435,18 +451,12 @@ class Engine:
         )
         return tokens, target
 
-    def _after_update(self, plan: StepPlan) -> None:
+    def _write_streaming_pillars(self, plan: StepPlan) -> None:
+        """Streaming drafts: the verified rows' next draft sets (sinks + newest window), one write for the step."""
         streaming: list[tuple[int, int, int]] = []  # (slot, context, budget) of verified streaming requests
         for e in plan.entries:
             r = e.request
-            if e.kind is not StepKind.VERIFY or r.state.value == "waiting":
-                continue
-            if self.config.stride > 0 and r.metrics.drafted and r.metrics.drafted[-1] == self.config.stride:
-                self.stats.cycles += 1  # only full cycles: shortened ones say nothing about draft quality
-                self.stats.accepted_hist[r.metrics.accepted[-1]] += 1
-            if r.is_finished:
-                continue
-            if e.refresh is Refresh.STREAMING:
+            if e.refresh is Refresh.STREAMING and not r.is_finished and r.state.value != "waiting":
                 streaming.append((r.pillar_slot, e.start_pos, self.config.budget(e.start_pos)))
         if streaming:
             write_streaming_pillars(self.pillars, *map(list, zip(*streaming)))

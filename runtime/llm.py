@@ -10,10 +10,11 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
+from sparsespec_compile.compile_options import compile_options_of, resolve_config
 from sparsespec_compile.config import SparseSpecConfig
 from sparsespec_compile.passes.fuse_projections import refresh_fused_weights
 
-from .engine import Engine, EngineStats
+from .engine import Engine
 from .request import Request
 from .sampling_params import SamplingParams
 from .prompts import chat_ids, encode, split_prompts
@@ -98,11 +99,12 @@ class LLM:
     """
 
     def __init__(self, model_or_compiled, config: SparseSpecConfig | None = None, tokenizer=None) -> None:
-        self.config = config or SparseSpecConfig()
         if isinstance(model_or_compiled, (str, os.PathLike)):  # LLM("path/to/model"): model and tokenizer from there
             model_or_compiled, own = load_model_dir(model_or_compiled)
             tokenizer = tokenizer if tokenizer is not None else own
         compiled, model = _unwrap(model_or_compiled)
+        # torch.compile(..., options={...})'s runtime options are honoured; conflicts are refused (compile_options.py)
+        self.config = resolve_config(compile_options_of(compiled) if compiled is not None else None, config)
         if model.training:
             model.eval()
         check_model(model)  # refuse what cannot be served exactly now, not per request inside the step loop
@@ -245,8 +247,9 @@ class LLM:
         m = r.metrics
         metrics = {
             "accepted": list(m.accepted),
-            "drafted": list(m.drafted),
+            "drafted": list(m.drafted),  # the k chosen at each cycle (0: a plain decode)
             "mean_accepted": m.mean_accepted(self.config.stride),
+            **m.speculation(self.config.stride, len(r.output_token_ids)),
             "preemptions": m.num_preemptions,
             "offloads": m.num_offloads,
         }
@@ -255,39 +258,52 @@ class LLM:
                              metrics, stop_reason, logprobs)
 
     def stats(self, reset: bool = False) -> dict:
-        """Mean accepted length and per-position acceptance over full cycles, throughput, step counts, since the
-        LLM was built or the last ``stats(reset=True)`` (which returns them, then starts counting afresh).
+        """Mean accepted length and per-position acceptance over full cycles, the k chosen per cycle and acceptance by
+        position over every cycle, tokens per step, throughput, step counts, since the LLM was built or the last
+        ``stats(reset=True)`` (which returns them, then starts counting afresh).
 
         ``seconds`` / ``tokens_per_s`` leave out the steps during which Dynamo compiled a graph (``compile_seconds``,
         ``compile_steps``; the first graph is compiled when the LLM is built) and CUDA-graph capture
         (``capture_seconds``)."""
         out = self._stats()
         if reset:
-            self.engine.stats = EngineStats(accepted_hist=[0] * (self.config.stride + 1))
+            self.engine.reset_stats()
             self._compile = _CompileTime()
         return out
 
     def _stats(self) -> dict:
-        s, k, c = self.engine.stats, self.config.stride, self._compile
-        seconds, tokens = s.seconds - c.seconds, s.output_tokens - c.tokens
-        cycles = s.cycles
-        mean = sum(a * c for a, c in enumerate(s.accepted_hist)) / cycles if cycles else 0.0
+        s, k, comp = self.engine.stats, self.config.stride, self._compile
+        c = self.engine.scheduler.planner.stats
+        seconds, tokens = s.seconds - comp.seconds, s.output_tokens - comp.tokens
+        cycles = c.full_cycles
+        mean = sum(a * n for a, n in enumerate(c.accepted_hist)) / cycles if cycles else 0.0
         # position i (1-based) accepted in a cycle iff that cycle accepted >= i drafts
-        per_pos = [sum(s.accepted_hist[i:]) / cycles if cycles else 0.0 for i in range(1, k + 1)]
+        per_pos = [sum(c.accepted_hist[i:]) / cycles if cycles else 0.0 for i in range(1, k + 1)]
+        all_cycles = sum(c.cycles_by_k)
         return {
             "stride": k,
+            "adaptive": self.config.adaptive,
             "draft": self.config.draft,
-            "cycles": cycles,
+            "cycles": cycles,  # full cycles (k == stride)
             "mean_accepted": mean,
             "per_position_acceptance": per_pos,
+            # every cycle, whatever its k: how often each k was chosen, and acceptance by position where drafted
+            "all_cycles": all_cycles,
+            "cycles_by_k": list(c.cycles_by_k),
+            "mean_k": sum(j * n for j, n in enumerate(c.cycles_by_k)) / all_cycles if all_cycles else 0.0,
+            "position_drafted": list(c.drafted_at),
+            "position_accepted": list(c.accepted_at),
+            "per_position_acceptance_all": [a / d if d else 0.0 for a, d in zip(c.accepted_at, c.drafted_at)],
+            "tokens_per_step": s.output_tokens / s.steps if s.steps else 0.0,
+            "tokens_per_request_step": s.output_tokens / s.request_steps if s.request_steps else 0.0,
             "steps": s.steps,
             "output_tokens": s.output_tokens,
             "forward_tokens": s.forward_tokens,
             "mean_requests_per_step": s.request_steps / s.steps if s.steps else 0.0,
             "seconds": seconds,
             "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
-            "compile_seconds": c.seconds,
-            "compile_steps": c.steps,
+            "compile_seconds": comp.seconds,
+            "compile_steps": comp.steps,
             "graph_steps": s.graph_steps,
             "cuda_graphs": self.engine.graphs.num_graphs if self.engine.graphs is not None else 0,
             "gpu_busy_seconds": s.gpu_busy_seconds,

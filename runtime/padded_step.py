@@ -1,8 +1,10 @@
-"""A decode step padded to a StepShape: all metadata packed in ONE int64 buffer, one host->device copy per step.
+"""A step's metadata packed in ONE int64 buffer at a StepShape: one host->device copy per step, every step.
 
-The graph runner (cuda_graphs.py) copies :func:`pack_step`'s host buffer into a static device buffer and replays a
-graph whose first kernels are :func:`unpack_step`'s slices and casts — so every layer's ForwardContext tensors have
-fixed addresses, and a step costs one H2D copy instead of one per metadata tensor (13).
+This is the one step-metadata builder. The graph runner (cuda_graphs.py) copies :func:`pack_step`'s host buffer into
+a static device buffer and replays a graph whose first kernels are :func:`unpack_step`'s slices and casts — so
+every layer's ForwardContext tensors have fixed addresses, and a step costs one H2D copy instead of one per metadata
+tensor (13). The eager path (prefill steps, or no graphs) packs at the step's ``exact_shape`` and unpacks the same
+way; step_forward.py builds the ForwardContext from the unpacked tensors for both.
 
 Padding is inert by construction:
 
@@ -12,9 +14,9 @@ Padding is inert by construction:
 * padding score rows have budget 0 and write their (empty) pillar selection to a scratch row of the PillarStore
   (``scratch_slot``) that no request owns.
 
-Layout (int64, in this order): input_ids[T], positions[T], slot_mapping[T], logits_indices[T], query_start_loc
-[R+1], seq_lens[R], draft_start[R], pillar_slot[R], is_sparse[R], block_tables[R*W], score_rows[Rv],
-score_slots[Rv], budget[Rv].
+Layout (int64, in this order): input_ids[T], positions[T], slot_mapping[T], logits_indices[L] (L = T for graphed
+steps), query_start_loc[R+1], seq_lens[R], draft_start[R], pillar_slot[R], is_sparse[R], block_tables[R*W],
+score_rows[Rv], score_slots[Rv], budget[Rv].
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from .step_shapes import StepShape
 def packed_fields(buf, shape: StepShape) -> dict:
     """Named views of a packed buffer (a numpy array on the host or a tensor on the device), in layout order."""
     T, R, Rv, W = shape.tokens, shape.requests, shape.scored, shape.table_width
-    sizes = (("input_ids", T), ("positions", T), ("slot_mapping", T), ("logits_indices", T),
+    sizes = (("input_ids", T), ("positions", T), ("slot_mapping", T), ("logits_indices", shape.num_logits),
              ("query_start_loc", R + 1), ("seq_lens", R), ("draft_start", R), ("pillar_slot", R), ("is_sparse", R),
              ("block_tables", R * W), ("score_rows", Rv), ("score_slots", Rv), ("budget", Rv))
     fields, o = {}, 0
@@ -138,7 +140,7 @@ class PaddedStepTensors:
 
     input_ids: torch.Tensor  # [1, T] int64
     position_ids: torch.Tensor  # [1, T] int64
-    logits_indices: torch.Tensor  # [T] int64
+    logits_indices: torch.Tensor  # [L] int64
     slot_mapping: torch.Tensor
     query_start_loc: torch.Tensor
     seq_lens: torch.Tensor

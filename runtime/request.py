@@ -31,7 +31,7 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
-from .acceptance import AcceptanceStats
+from .acceptance import AcceptanceStats, per_position
 from .sampling_params import SamplingParams
 
 
@@ -67,6 +67,17 @@ class RequestMetrics:
         """
         full = [a for a, d in zip(self.accepted, self.drafted) if d == stride]
         return sum(full) / len(full) if full else 0.0
+
+    def speculation(self, stride: int, num_output: int) -> dict:
+        """Per-request telemetry: the mean k chosen, acceptance by position (over the cycles that drafted it), and
+        tokens per step of its decode (first token to finish; ~1 for plain decoding in a step with room)."""
+        steps = self.finish_step - self.first_token_step
+        return {
+            "mean_k": sum(self.drafted) / len(self.drafted) if self.drafted else 0.0,
+            "per_position_acceptance": per_position(self.accepted, self.drafted, stride),
+            "decode_steps": steps if self.first_token_step >= 0 else None,
+            "tokens_per_step": (num_output - 1) / steps if self.first_token_step >= 0 and steps > 0 else None,
+        }
 
 
 class Request:
@@ -114,6 +125,7 @@ class Request:
         self.acceptance = AcceptanceStats()  # decayed per-position acceptance (the adaptive stride reads it)
         self.plain_cycles = 0  # adaptive: cycles in a row at j = 0 since it last speculated
         self.probe_interval = 0  # adaptive: plain cycles before the next probe (0: not set yet)
+        self.wants_pillars = False  # adaptive: decodes plainly only for lack of pillars (its decode scores them)
         self.finish_reason: str | None = None  # "stop" | "length" | "error: ..." | "abort"
         self.metrics = RequestMetrics()
 

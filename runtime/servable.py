@@ -76,7 +76,7 @@ def probe_compiled(compiled, model: torch.nn.Module, num_layers: int) -> tuple[i
     Returns ``(kv_heads, head_dim)`` the op receives (what the KV pool must hold per layer)."""
     ids = _probe_ids(model)
     positions = torch.arange(PROBE_LEN, device=ids.device).unsqueeze(0)
-    keep = positions[0, -2:].clone()  # two logit rows, as a step has at least (step_inputs pads to two)
+    keep = positions[0, -2:].clone()  # two logit rows, as a step has at least (step_shapes.exact_shape pads to two)
     for t in (ids, positions):
         torch._dynamo.maybe_mark_dynamic(t, 1)  # as run_compiled does: the graph compiled here is the runtime's
     torch._dynamo.maybe_mark_dynamic(keep, 0)

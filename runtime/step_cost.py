@@ -5,13 +5,13 @@ A step's time is modelled as ``c0 + c_tok * tokens + c_full * full_keys + c_spar
 * ``c0``: what every step pays whatever it holds — reading the weights once, the ~414 batch-independent kernel
   launches of a SmolLM2 step (2.1 ms of device time on the H200, bench/RESULTS.md), sampling set-up;
 * ``c_tok``: per query token (the GEMMs' M dimension, the LM head row, its sample);
-* ``c_full``: per key a full-attention row reads (its context; a verify row that refreshes pillars reads its
-  context once more for the scores);
+* ``c_full``: per key a full-attention row reads (its context; a verify row that refreshes pillars re-reads the
+  keys of its context, not the values, for the scores: counted as half a read);
 * ``c_sparse``: per key a PillarAttn draft row reads (pillars + dense tail; a gather, dearer per key than a full
   row's contiguous pages).
 
 So a plain decode row at context L costs ``c_tok + c_full (L+1)``, a draft row ``c_tok + c_sparse (B + tail)`` and a
-verify row of ``j+1`` tokens ``(j+1) c_tok + c_full (L+j+1)`` (+ ``c_full L`` when it scores). ``StepCostModel``
+verify row of ``j+1`` tokens ``(j+1) c_tok + c_full (L+j+1)`` (+ ``c_full L / 2`` when it scores). ``StepCostModel``
 fits the four coefficients by exponentially weighted least squares on (step work, measured seconds) pairs — on CUDA
 the engine feeds it each step's device time (CUDA events from the step's first launch to its results' copy), on the
 CPU the host wall time of the forward and sampling (real, but not what a GPU would pay) — with a small ridge towards
@@ -47,7 +47,7 @@ class StepWork:
         return self.full_keys + self.sparse_keys
 
     def features(self) -> tuple[float, float, float, float]:
-        return (1.0, float(self.tokens), float(self.full_keys + self.score_keys), float(self.sparse_keys))
+        return (1.0, float(self.tokens), self.full_keys + 0.5 * self.score_keys, float(self.sparse_keys))
 
 
 def step_work(plan: StepPlan, budget: Callable[[int], int]) -> StepWork:
@@ -88,7 +88,7 @@ class StepCostModel:
     """
 
     def __init__(self, seed: tuple[float, float, float, float] = SEED, forget: float = 0.98,
-                 ridge: float = 1e-3) -> None:
+                 ridge: float = 1e-4) -> None:
         if len(seed) != 4 or min(seed) < 0:
             raise ValueError(f"StepCostModel.seed must be 4 costs >= 0, got {seed}")
         if not 0.0 < forget <= 1.0:

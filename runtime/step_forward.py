@@ -1,12 +1,16 @@
 """One forward of the compiled model on a flattened ragged batch: what the eager step path and every CUDA-graph
-capture run, so both call the model the same way and both check the rewrite."""
+capture run, so both build the ForwardContext the same way (``run_packed``, the one place it is built), call the
+model the same way and check the rewrite."""
 
 from __future__ import annotations
 
 import torch
 
-from sparsespec_compile.context import ForwardContext, forward_context
+from sparsespec_compile.context import ForwardContext, PagedKVCache, PillarStore, forward_context
 from sparsespec_compile.ops import select_step_pillars
+
+from .padded_step import unpack_step
+from .step_shapes import StepShape
 
 _UNUSED_MASKS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
@@ -70,3 +74,27 @@ def run_compiled(compiled, ctx: ForwardContext, input_ids: torch.Tensor, positio
         check_layers_ran(ctx.attention_layers, num_layers)
         select_step_pillars(ctx)
     return out.logits[0]
+
+
+def run_packed(compiled, packed: torch.Tensor, shape: StepShape, *, kv: PagedKVCache, pillars: PillarStore | None,
+               recent: int, sliding_windows: list[int], impl: str, num_layers: int) -> torch.Tensor:
+    """Logits ``[shape.num_logits, V]`` of the step packed in ``packed`` (padded_step.py) on the device."""
+    t = unpack_step(packed, shape)
+    ctx = ForwardContext(
+        kv=kv, slot_mapping=t.slot_mapping, query_start_loc=t.query_start_loc, seq_lens=t.seq_lens,
+        block_tables=t.block_tables, max_query_len=shape.max_query_len, max_seq_len=shape.max_seq_len,
+        is_sparse=t.is_sparse, draft_start=t.draft_start, pillar_slot=t.pillar_slot, pillars=pillars,
+        score_rows=t.score_rows, score_slots=t.score_slots, budget=t.budget, recent=recent,
+        sliding_windows=sliding_windows, impl=impl,
+        layer_scores=step_score_buffer(pillars, num_layers, shape.scored, kv, shape.max_seq_len),
+    )
+    return run_compiled(compiled, ctx, t.input_ids, t.position_ids, t.logits_indices, num_layers)
+
+
+def step_score_buffer(pillars: PillarStore | None, num_layers: int, num_scored: int, kv: PagedKVCache,
+                      max_ctx: int) -> torch.Tensor | None:
+    """``ForwardContext.layer_scores`` for a step that scores ``num_scored`` rows (None when it scores none)."""
+    if pillars is None or num_scored == 0:
+        return None
+    kv_heads = kv.k[0].shape[2]
+    return torch.empty(num_layers, num_scored, kv_heads, max_ctx, dtype=torch.float32, device=kv.k[0].device)

@@ -1,6 +1,6 @@
 """What one step runs: the StepPlan the scheduler hands the engine (entries, finished, preempted, swaps).
 
-Torch-free; ``scheduler.py`` builds these, ``step_inputs.py`` turns them into tensors, ``offload.py`` runs the swaps.
+Torch-free; ``scheduler.py`` builds these, ``padded_step.py`` packs them for the device, ``offload.py`` runs the swaps.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ described by five numbers, each rounded up to a bucket:
   width are sized from it; keys past a request's own length are masked, so over-sizing only costs empty programs.
 
 Steps that contain a prefill chunk are not graphed (their token counts are large and varied: vLLM, too, runs
-them outside full graphs); ``shape_for`` returns None and the engine runs them as before. Torch-free.
+them outside full graphs); ``shape_for`` returns None and the engine runs them at their ``exact_shape`` — through
+the same packed buffer and the same context builder (padded_step.py, step_forward.py), unpadded. Torch-free.
 """
 
 from __future__ import annotations
@@ -32,12 +33,17 @@ class StepShape:
     max_query_len: int
     max_seq_len: int
     table_width: int  # block-table columns: ceil(max_seq_len / page_size)
+    logits: int = 0  # logits rows the forward keeps; 0: one per token (a graphed decode step: shape-fixed)
+
+    @property
+    def num_logits(self) -> int:
+        return self.logits or self.tokens
 
     @property
     def packed_size(self) -> int:
         """int64 entries of the packed host->device metadata buffer (see padded_step.py for the layout)."""
-        return 4 * self.tokens + (self.requests + 1) + 4 * self.requests + self.requests * self.table_width \
-            + 3 * self.scored
+        return 3 * self.tokens + self.num_logits + (self.requests + 1) + 4 * self.requests \
+            + self.requests * self.table_width + 3 * self.scored
 
 
 def token_bucket(n: int) -> int:
@@ -80,3 +86,19 @@ def shape_for(plan: StepPlan, stride: int, page_size: int, max_tokens: int) -> S
     seq = seq_bucket(max(e.seq_len for e in plan.entries))
     return StepShape(tokens=token_bucket(t), requests=request_bucket(len(plan.entries)), scored=request_bucket(scored),
                      max_query_len=mq, max_seq_len=seq, table_width=-(-seq // page_size))
+
+
+def exact_shape(plan: StepPlan) -> StepShape:
+    """The unpadded shape of ``plan`` (an eager step: a prefill chunk in it, or no graphs).
+
+    Dynamo specializes sizes 0 and 1 even on dims marked dynamic: a one-token step (the last request decoding alone)
+    or a one-logit step would recompile the whole model (~40 s with Inductor for SmolLM2 on the H200). So tokens and
+    logits are at least two: the extra token belongs to no request (past ``query_start_loc[R]``, slot -1), the
+    extra logit rows point at token 0; the engine reads only the plan's rows."""
+    return StepShape(
+        tokens=max(plan.num_tokens, 2), requests=len(plan.entries),
+        scored=sum(1 for e in plan.entries if e.refresh is Refresh.SCORE),
+        max_query_len=max(e.num_tokens for e in plan.entries), max_seq_len=max(e.seq_len for e in plan.entries),
+        table_width=max(len(e.request.block_table) for e in plan.entries),
+        logits=max(sum(e.num_logits for e in plan.entries), 2),
+    )

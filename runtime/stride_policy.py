@@ -8,7 +8,7 @@ start of each of its cycles, maximising its expected tokens per unit of step cos
 * ``E_j`` — expected tokens of the cycle: ``1 + sum_{i<=j} prod_{m<=i} q_m`` from the request's own decayed
   conditional acceptance ``q`` (acceptance.py), smoothed towards the population's;
 * ``K_j`` — the cycle's row costs from the measured step-cost model (step_cost.py): ``j`` draft rows (sparse when the
-  request has pillars) and one verify row of ``j+1`` tokens (which re-reads its context to score pillars); ``j = 0``
+  request has pillars) and one verify row of ``j+1`` tokens (which re-reads its context's keys to score pillars); ``j = 0``
   is one plain decode row;
 * ``s_j * c0 / n`` — its share of the fixed cost of the ``s_j`` steps the cycle spans (``j + 1``, + 1 sat out under
   delayed verification), ``n`` requests decoding.
@@ -84,20 +84,21 @@ class AdaptiveStride:
         self.population = AcceptanceStats(decay=0.99)  # every request's cycles: the prior of a request's own
 
     # ---- the choice ---------------------------------------------------------------------------------------------
-    def scores(self, r: Request, j_max: int, num_decoding: int) -> list[float]:
-        """``score(j)`` for ``j = 0..j_max`` (tokens per unit of cost; see the module docstring)."""
+    def scores(self, r: Request, j_max: int, num_decoding: int, with_pillars: bool | None = None) -> list[float]:
+        """``score(j)`` for ``j = 0..j_max`` (tokens per unit of cost; see the module docstring). ``with_pillars``:
+        price the drafts as sparse (True) or full (False) rows; None: as ``r`` would draft now."""
         c0, c_tok, c_full, c_sparse = self.cost.coefficients()
         pop = self.population.conditional(j_max, [OPTIMISTIC_PRIOR] * j_max)
         q = r.acceptance.conditional(j_max, pop)
         ctx = r.num_computed_tokens
         share = c0 / max(1, num_decoding)
-        sparse = self.sparse_drafts and r.has_pillars
+        sparse = self.sparse_drafts and (r.has_pillars if with_pillars is None else with_pillars)
         b = self.budget(ctx) if sparse else 0
         out = [1.0 / max(c_tok + c_full * (ctx + 1) + share, 1e-30)]
         drafts = 0.0
         for j in range(1, j_max + 1):
             drafts += c_tok + (c_sparse * (b + TAIL + j) if sparse else c_full * (ctx + j))
-            verify = (j + 1) * c_tok + c_full * (2 * ctx + j + 1)  # attention over the context + its pillar scores
+            verify = (j + 1) * c_tok + c_full * (1.5 * ctx + j + 1)  # attention over the context + pillar scores (K)
             steps = j + 1 + (1 if self.delayed_verify else 0)
             out.append(expected_tokens(q, j) / max(drafts + verify + steps * share, 1e-30))
         return out
@@ -107,7 +108,13 @@ class AdaptiveStride:
         if j_max <= 0:
             return [0]
         s = self.scores(r, j_max, num_decoding)
-        best = max(range(j_max + 1), key=lambda j: (s[j], j))
+        best = _argmax(s)
+        # Without pillars (after prefill, after plain decodes that did not score) drafts are full-attention rows, as
+        # dear as plain decodes; if sparse drafts would pay, decode plainly once and score pillars for the next cycle.
+        r.wants_pillars = (best == 0 and self.sparse_drafts and not r.has_pillars
+                           and _argmax(self.scores(r, j_max, num_decoding, with_pillars=True)) > 0)
+        if r.wants_pillars:
+            return [0]
         if best == 0:
             if not r.probe_interval:
                 r.probe_interval = PROBE_FIRST
@@ -124,8 +131,13 @@ class AdaptiveStride:
     def refresh_after(self, r: Request, j: int) -> bool:
         """A speculative cycle's verify refreshes the pillars; a plain one only when a probe comes next (so the probe
         drafts sparsely, as speculation would)."""
-        return j > 0 or (r.probe_interval > 0 and r.plain_cycles + 1 > r.probe_interval)
+        return j > 0 or r.wants_pillars or (r.probe_interval > 0 and r.plain_cycles + 1 > r.probe_interval)
 
     def record(self, r: Request, drafted: int, accepted: int) -> None:
         r.acceptance.record(drafted, accepted)
         self.population.record(drafted, accepted)
+
+
+def _argmax(scores: list[float]) -> int:
+    """The best ``j`` (the longest among equals)."""
+    return max(range(len(scores)), key=lambda j: (scores[j], j))

@@ -72,7 +72,7 @@ class SparseSpecConfig:
     """
 
     stride: int = 8
-    adaptive: bool = False
+    adaptive: bool = True
     sparsity: float = 0.05
     min_budget: int = 128
     max_budget: int = 6144

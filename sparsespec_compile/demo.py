@@ -43,7 +43,7 @@ def run_demo(prompt: str | None = None, max_tokens: int = 48, stride: int = 4, c
     t_ref = time.perf_counter() - t
 
     # Small budget so that the drafts really are sparse on a short demo context (the paper's 128 would cover it).
-    config = SparseSpecConfig(stride=stride, min_budget=16, recent=4, sparsity=0.05, num_pages=512, compiler=compiler)
+    config = SparseSpecConfig(adaptive=False, stride=stride, min_budget=16, recent=4, sparsity=0.05, num_pages=512, compiler=compiler)
     llm = LLM(compiled, config, tokenizer=tok)
     t = time.perf_counter()
     out = llm.generate([ids], SamplingParams(max_tokens=max_tokens), use_tqdm=False)[0]

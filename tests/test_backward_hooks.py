@@ -28,7 +28,7 @@ def hooked_qwen3():
 
 
 def generate(model):
-    llm = LLM(model, SparseSpecConfig(compiler="eager", num_pages=32, page_size=4, stride=2, min_budget=2, recent=1))
+    llm = LLM(model, SparseSpecConfig(adaptive=False, compiler="eager", num_pages=32, page_size=4, stride=2, min_budget=2, recent=1))
     return llm.generate(PROMPTS, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
 
 

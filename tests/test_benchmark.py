@@ -22,7 +22,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e")
     md = out / "RESULTS.md"
     argv = ["--model", "tiny-random", "--device", "cpu", "--batch-sizes", "1", "2", "--output-lens", "8",
-            "--prompt-len", "12", "--methods", "hf_eager", "stride0", "pillar", "streaming", "--temperature", "0",
+            "--prompt-len", "12", "--methods", "hf_eager", "stride0", "sparsespec", "pillar", "streaming", "--temperature", "0",
             "--compiler", "eager", "--stride", "3", "--min-budget", "6", "--recent", "2", "--hf-max-tokens", "8",
             "--warmup-tokens", "4", "--save-tokens", "--out", str(out), "--results-md", str(md)]
     assert benchmark.main(argv) == 0
@@ -36,7 +36,7 @@ def test_records_have_the_fields(run):
         assert env.get(key), key
     records = result["records"]
     assert [(r["batch"], r["method"]) for r in records] == [
-        (b, m) for b in (1, 2) for m in ("hf_eager", "stride0", "pillar", "streaming")]
+        (b, m) for b in (1, 2) for m in ("hf_eager", "stride0", "sparsespec", "pillar", "streaming")]
     for r in records:
         assert r["status"] == "ok", r
         missing = [f for f in FIELDS if f not in r]
@@ -51,6 +51,14 @@ def test_records_have_the_fields(run):
     spread = by[(2, "pillar")]["per_request_accepted"]
     assert spread["requests"] == 2 and spread["min"] <= spread["median"] <= spread["max"]
     assert by[(2, "stride0")]["per_request_accepted"] is None
+    # telemetry: the k chosen per cycle, tokens per step, each request's tokens per step against stride 0's
+    for m in ("sparsespec", "pillar"):
+        r = by[(2, m)]
+        assert sum(r["cycles_by_k"]) > 0 and 0 <= r["mean_k"] <= 3 and len(r["per_position_acceptance_all"]) == 3
+        vs = r["per_request_tokens_per_step_vs_stride0"]
+        assert len(vs["values"]) == 2 and 0 < vs["min"] <= vs["median"] <= vs["max"]
+    assert by[(2, "pillar")]["mean_k"] > 0 and by[(2, "stride0")]["mean_k"] == 0
+    assert by[(2, "stride0")]["per_request_tokens_per_step_vs_stride0"]["values"] == [1.0, 1.0]
 
 
 def test_greedy_outputs_identical(run):
@@ -60,7 +68,7 @@ def test_greedy_outputs_identical(run):
     for b in (1, 2):
         assert by[(b, "stride0")]["tokens"] == by[(b, "hf_eager")]["tokens"]
         assert by[(b, "stride0")]["greedy_vs"]["hf_eager"]["identical"] == b
-        for m in ("pillar", "streaming"):
+        for m in ("sparsespec", "pillar", "streaming"):
             assert by[(b, m)]["tokens"] == by[(b, "stride0")]["tokens"], m
             assert by[(b, m)]["greedy_vs"]["stride0"]["first_divergence"] == [None] * b
 
@@ -69,7 +77,7 @@ def test_markdown_and_png(run):
     out, md, _ = run
     text = md.read_text()
     assert "### End-to-end benchmark" in text and "sparsespec bench --model tiny-random" in text
-    assert text.count("| pillar |") == 2 and "tokens/s" in text
+    assert text.count("| pillar |") == 2 and text.count("| sparsespec |") == 2 and "tokens/s" in text
     pytest.importorskip("matplotlib")  # the `bench` extra (scripts/setup.sh installs it); without it: no PNG
     png = out / benchmark.PNG_NAME
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

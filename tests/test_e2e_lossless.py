@@ -27,7 +27,7 @@ def _model(family: str, attn: str, kv_heads: int = 2, seed: int = 0):
 
 def _llm(model, **cfg) -> LLM:
     torch._dynamo.reset()  # each test compiles afresh; recompiles of earlier tests must not count
-    base = dict(compiler="eager", num_pages=96, page_size=4, max_num_batched_tokens=32, recent=1)
+    base = dict(adaptive=False, compiler="eager", num_pages=96, page_size=4, max_num_batched_tokens=32, recent=1)
     return LLM(model, SparseSpecConfig(**{**base, **cfg}))
 
 
@@ -144,7 +144,7 @@ def test_varying_token_counts_compile_one_graph():
     model = _model("llama", "sdpa")
     torch._dynamo.reset()
     llm = LLM(torch.compile(model, backend=counting_backend),
-              SparseSpecConfig(compiler="eager", num_pages=96, page_size=4, stride=3, min_budget=2, recent=1,
+              SparseSpecConfig(adaptive=False, compiler="eager", num_pages=96, page_size=4, stride=3, min_budget=2, recent=1,
                                max_num_batched_tokens=32))
     llm.generate([list(range(5, 30)), [7, 8, 9], [4]], SamplingParams(max_tokens=14, ignore_eos=True), use_tqdm=False)
     assert llm.stats()["steps"] > 10

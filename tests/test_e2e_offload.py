@@ -43,7 +43,7 @@ def compiled(model):
 
 def _run(compiled, **cfg):
     """Generate PROMPTS; returns (outputs, finished Request objects, every StepPlan, the engine)."""
-    base = dict(compiler="eager", page_size=PAGE, max_num_batched_tokens=32, recent=1, stride=STRIDE, min_budget=3)
+    base = dict(adaptive=False, compiler="eager", page_size=PAGE, max_num_batched_tokens=32, recent=1, stride=STRIDE, min_budget=3)
     llm = LLM(compiled, SparseSpecConfig(**{**base, **cfg}))
     eng, plans, finished = llm.engine, [], []
     schedule, step = eng.scheduler.schedule, eng.step

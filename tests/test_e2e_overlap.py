@@ -23,7 +23,7 @@ def _model(family, attn):
 
 def _llm(model, **cfg):
     torch._dynamo.reset()
-    base = dict(compiler="eager", num_pages=96, page_size=4, max_num_batched_tokens=32, recent=1, stride=4,
+    base = dict(adaptive=False, compiler="eager", num_pages=96, page_size=4, max_num_batched_tokens=32, recent=1, stride=4,
                 min_budget=3, overlap=True)
     return LLM(model, SparseSpecConfig(**{**base, **cfg}))
 

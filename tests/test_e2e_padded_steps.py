@@ -22,7 +22,7 @@ def _model(family, attn):
 
 def _run(model, graphs, max_new, prompts=PROMPTS, **cfg):
     torch._dynamo.reset()
-    base = dict(compiler="eager", num_pages=96, page_size=4, max_num_batched_tokens=32, recent=1, stride=4,
+    base = dict(adaptive=False, compiler="eager", num_pages=96, page_size=4, max_num_batched_tokens=32, recent=1, stride=4,
                 min_budget=3, cuda_graphs=graphs)
     llm = LLM(model, SparseSpecConfig(**{**base, **cfg}))
     outs = llm.generate(prompts, SamplingParams(max_tokens=max_new, ignore_eos=True), use_tqdm=False)
@@ -60,11 +60,11 @@ def test_graphs_on_refuse_a_cpu_model():
 def test_deferred_all_layer_selection_equals_per_layer_selection(monkeypatch):
     """ForwardContext.layer_scores (select once for all layers after the forward) picks the same pillars as each
     layer selecting its own: identical acceptance in every cycle."""
-    import sparsespec_compile.runtime.engine as engine
+    import sparsespec_compile.runtime.step_forward as step_forward
 
     model = _model("llama", "sdpa")
     deferred, s1 = _run(model, "off", 20)
-    monkeypatch.setattr(engine, "step_score_buffer", lambda *a, **k: None)  # every layer selects itself
+    monkeypatch.setattr(step_forward, "step_score_buffer", lambda *a, **k: None)  # every layer selects itself
     per_layer, s2 = _run(model, "off", 20)
     assert [o.token_ids for o in deferred] == [o.token_ids for o in per_layer]
     assert [o.metrics["accepted"] for o in deferred] == [o.metrics["accepted"] for o in per_layer]
@@ -99,7 +99,7 @@ def test_a_forward_without_the_rewrite_fails_its_requests_loudly():
     step fails instead, naming the cause, and only its requests end (with that error)."""
     model = _model("llama", "sdpa")
     torch._dynamo.reset()
-    llm = LLM(model, SparseSpecConfig(compiler="eager", num_pages=96, page_size=4, stride=4, min_budget=3, recent=1,
+    llm = LLM(model, SparseSpecConfig(adaptive=False, compiler="eager", num_pages=96, page_size=4, stride=4, min_budget=3, recent=1,
                                       max_num_batched_tokens=32))
     llm.engine.compiled = model  # the original forward: no sparsespec::attention op runs
     outs = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)

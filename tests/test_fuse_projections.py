@@ -33,7 +33,7 @@ def test_fused_projections_equal_hf_greedy(family, compiler, per_layer):
     model = _model(family)
     ref = [hf_greedy(model, p, 8) for p in PROMPTS]
     torch._dynamo.reset()
-    cfg = SparseSpecConfig(compiler=compiler, fuse_projections=True, num_pages=64, page_size=4, stride=3,
+    cfg = SparseSpecConfig(adaptive=False, compiler=compiler, fuse_projections=True, num_pages=64, page_size=4, stride=3,
                            min_budget=3, recent=1, max_num_batched_tokens=32, cuda_graphs="pad")
     with capture_reports() as reports:
         outs = LLM(model, cfg).generate(PROMPTS, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)

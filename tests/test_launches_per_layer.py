@@ -22,7 +22,7 @@ def _launches_per_forward(stride, monkeypatch):
     import sparsespec_compile.runtime.cuda_graphs as cuda_graphs
 
     launches: list[Counter] = []
-    real_run, real_forward = InterpretedFunction.run, cuda_graphs.run_compiled
+    real_run, real_forward = InterpretedFunction.run, cuda_graphs.run_packed
 
     def counting_run(self, *a, **k):
         if launches:
@@ -34,11 +34,11 @@ def _launches_per_forward(stride, monkeypatch):
         return real_forward(*a, **k)
 
     monkeypatch.setattr(InterpretedFunction, "run", counting_run)
-    monkeypatch.setattr(cuda_graphs, "run_compiled", counting_forward)
+    monkeypatch.setattr(cuda_graphs, "run_packed", counting_forward)
     fam = FAMILIES["llama"]
     model = tiny_model(fam.config(layers=LAYERS, heads=4, kv_heads=2, head_dim=8), attn="sdpa", seed=0)
     torch._dynamo.reset()
-    llm = LLM(model, SparseSpecConfig(compiler="eager", num_pages=64, page_size=4, stride=stride, min_budget=3,
+    llm = LLM(model, SparseSpecConfig(adaptive=False, compiler="eager", num_pages=64, page_size=4, stride=stride, min_budget=3,
                                       recent=1, cuda_graphs="pad", attention_impl="triton"))
     llm.generate([[5, 6, 7, 8, 9, 10, 11], list(range(20, 37))], SamplingParams(max_tokens=8, ignore_eos=True),
                  use_tqdm=False)

@@ -7,14 +7,18 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("hf_eager", "hf_static_compile", "stride0", "pillar", "streaming")
+# sparsespec = the default config (PillarAttn drafts, per-request adaptive stride up to --stride); pillar and
+# streaming draft a fixed --stride every cycle
+METHODS = ("hf_eager", "hf_static_compile", "stride0", "sparsespec", "pillar", "streaming")
 HF_METHODS = ("hf_eager", "hf_static_compile")
-DRAFT_OF = {"stride0": "pillar", "pillar": "pillar", "streaming": "streaming"}  # stride0 ignores its draft
+SPEC_METHODS = ("sparsespec", "pillar", "streaming")
+DRAFT_OF = {"stride0": "pillar", "sparsespec": "pillar", "pillar": "pillar", "streaming": "streaming"}  # stride0: none
 DEFAULT_PROMPTS = Path("../shared/data/prompts/gsm8k_test.jsonl")
 JSON_NAME, PNG_NAME = "e2e.json", "e2e.png"
 # Counters of llm.stats() that accumulate over the LLM's life: the timed run's share is after - before.
 COUNTERS = ("steps", "cycles", "output_tokens", "forward_tokens", "seconds", "gpu_busy_seconds", "graph_steps",
-            "kv_tokens_read", "capture_seconds", "graph_seconds", "graph_kv_tokens_read")
+            "kv_tokens_read", "capture_seconds", "graph_seconds", "graph_kv_tokens_read", "all_cycles")
+LIST_COUNTERS = ("cycles_by_k", "position_drafted", "position_accepted")  # element by element
 
 
 def sync(device: torch.device) -> None:

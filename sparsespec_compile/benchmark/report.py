@@ -10,14 +10,29 @@ from .common import HF_METHODS, JSON_NAME, METHODS
 
 
 def add_speedups(records: list[dict]) -> None:
-    """tokens/s over stride 0's and HF eager's in the same (batch, output length, temperature) group."""
+    """tokens/s over stride 0's and HF eager's in the same (batch, output length, temperature) group, and each
+    request's tokens per step over what the same request got at stride 0 (same prompts, same order)."""
     key = lambda r: (r["batch"], r["output_len"], r["temperature"])  # noqa: E731
-    base = {(key(r), r["method"]): r["tokens_per_s"] for r in records if r.get("status") == "ok"}
+    ok = {(key(r), r["method"]): r for r in records if r.get("status") == "ok"}
     for r in records:
-        if r.get("status") == "ok":
-            for ref in ("stride0", "hf_eager"):
-                b = base.get((key(r), ref))
-                r[f"speedup_vs_{ref}"] = r["tokens_per_s"] / b if b else None
+        if r.get("status") != "ok":
+            continue
+        for ref in ("stride0", "hf_eager"):
+            b = ok.get((key(r), ref))
+            r[f"speedup_vs_{ref}"] = r["tokens_per_s"] / b["tokens_per_s"] if b else None
+        r["per_request_tokens_per_step_vs_stride0"] = _per_request_ratio(r, ok.get((key(r), "stride0")))
+
+
+def _per_request_ratio(r: dict, base: dict | None) -> dict | None:
+    mine, ref = r.get("per_request_tokens_per_step"), (base or {}).get("per_request_tokens_per_step")
+    if not mine or not ref or len(mine) != len(ref):
+        return None
+    ratios = sorted(a / b for a, b in zip(mine, ref) if a is not None and b)
+    if not ratios:
+        return None
+    n = len(ratios)
+    return {"min": ratios[0], "p10": ratios[n // 10], "median": ratios[n // 2], "max": ratios[-1],
+            "values": [a / b if a is not None and b else None for a, b in zip(mine, ref)]}
 
 
 def _fmt(x, spec: str = ".2f", none: str = "–") -> str:
@@ -41,14 +56,15 @@ def markdown_table(result: dict) -> str:
     env, records = result["environment"], result["records"]
     lines = [
         "| method | batch | prompt len (mean) | tokens/request | temp | tokens/s | × stride0 | × HF eager | "
-        "step ms | floor step ms | floor fraction | decode step ms / floor fraction | mean accepted | idle fraction | peak GiB | "
+        "step ms | floor step ms | floor fraction | decode step ms / floor fraction | mean accepted | mean k | "
+        "tokens/step | request tokens/step vs stride0 (min / median) | idle fraction | peak GiB | "
         "compiles / capture s in timed run | greedy agreement |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in records:
         if r.get("status") != "ok":
             lines.append(f"| {r['method']} | {r['batch']} | – | {r['output_len']} | {r['temperature']} | "
-                         f"{r.get('status')}: {r.get('reason', '')} |" + " |" * 11)
+                         f"{r.get('status')}: {r.get('reason', '')} |" + " |" * 14)
             continue
         tokens = str(r["generated_per_request"])
         if r["method"] in HF_METHODS and r["generated_per_request"] != r["output_len"]:
@@ -59,7 +75,8 @@ def markdown_table(result: dict) -> str:
             f"| {r['method']} | {_batch(r)} | {r['prompt_len_mean']:.0f} | {tokens} | {r['temperature']} | "
             f"{r['tokens_per_s']:.1f} | {_fmt(r.get('speedup_vs_stride0'))} | {_fmt(r.get('speedup_vs_hf_eager'))} | "
             f"{_fmt(r['step_ms'], '.3f')} | {_fmt(r['floor_step_ms'], '.3f')} | {r['floor_fraction']:.3f} | "
-            f"{_decode(r)} | {acc or '–'} | {_fmt(r.get('idle_fraction'))} | {_fmt(peak)} | "
+            f"{_decode(r)} | {acc or '–'} | {_fmt(r.get('mean_k'))} | {_fmt(r.get('tokens_per_step'))} | "
+            f"{_vs_stride0(r)} | {_fmt(r.get('idle_fraction'))} | {_fmt(peak)} | "
             f"{r.get('graphs_compiled_in_timed_run', '–')} / {_fmt(r.get('capture_seconds_in_timed_run'), '.1f')} | "
             f"{_agreement(r)} |")
     bw = env["copy_bandwidth_bytes_per_s"]
@@ -75,10 +92,19 @@ def markdown_table(result: dict) -> str:
         "estimated from the request lengths (and cycles). Decode step: the graphed steps only (no prefill chunk), "
         "wall time per step against the same floor over those steps. Greedy agreement: requests identical to the reference "
         "over the common length / requests, with the first differing positions (bf16 near-ties can flip a token).",
+        "mean k: drafts per cycle over every cycle (sparsespec chooses k per request and cycle, 0 = plain decode; "
+        "pillar and streaming draft the fixed stride). tokens/step: output tokens / steps. Request tokens/step vs "
+        "stride0: each request's output tokens per step of its decode (first token to finish) over the same "
+        "request's at stride 0, min and median over the requests.",
     ]
     skipped = result.get("skipped_methods") or {}
     notes += [f"{m} not run: {why}." for m, why in skipped.items()]
     return "\n".join(lines) + "\n\n" + "\n".join(f"* {n}" for n in notes) + "\n"
+
+
+def _vs_stride0(r: dict) -> str:
+    v = r.get("per_request_tokens_per_step_vs_stride0")
+    return "–" if not v else f"{v['min']:.2f} / {v['median']:.2f}"
 
 
 def _agreement(r: dict) -> str:

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from .common import COUNTERS, DEFAULT_PROMPTS, DRAFT_OF, HF_METHODS, METHODS, PNG_NAME, clear, graph_count, sync
+from .common import (COUNTERS, DEFAULT_PROMPTS, DRAFT_OF, HF_METHODS, LIST_COUNTERS, METHODS, PNG_NAME, SPEC_METHODS,
+                     clear, graph_count, sync)
 from .floor import (floor_seconds, kv_bytes_per_token, measure_copy_bandwidth, plain_kv_tokens_read,
                     spec_kv_tokens_read, weight_bytes)
 from ..runtime.parallel import from_rank0, join_torchrun
@@ -44,6 +45,17 @@ def stats_delta(before: dict, after: dict) -> dict:
         b = before.get("per_position_acceptance") or [0.0] * len(after["per_position_acceptance"])
         d["per_position_acceptance"] = [(x * c1 - y * c0) / cycles if cycles else 0.0
                                         for x, y in zip(after["per_position_acceptance"], b)]
+    for key in LIST_COUNTERS:
+        if isinstance(after.get(key), list):
+            b = before.get(key) or [0] * len(after[key])
+            d[key] = [x - y for x, y in zip(after[key], b)]
+    if "cycles_by_k" in d:
+        n = sum(d["cycles_by_k"])
+        d["mean_k"] = sum(j * c for j, c in enumerate(d["cycles_by_k"])) / n if n else 0.0
+        d["per_position_acceptance_all"] = [a / t if t else 0.0
+                                            for a, t in zip(d["position_accepted"], d["position_drafted"])]
+    if d.get("steps"):
+        d["tokens_per_step"] = d.get("output_tokens", 0) / d["steps"]
     if d.get("seconds"):
         d["tokens_per_s"] = d.get("output_tokens", 0) / d["seconds"]
         if d.get("gpu_busy_seconds"):  # the runtime's own definition (step loop time), over the timed run only
@@ -63,7 +75,7 @@ def runtime_config(method: str, args, batch: int, prompts: list[list[int]], outp
         # request), and the dynamic KV cache offloads whole requests to the host pool when it runs short
         pages = max(math.ceil(args.kv_pool_fraction * sum(per_request[:batch])), per_request[0])
     return SparseSpecConfig(
-        stride=stride, draft=DRAFT_OF[method], sparsity=args.sparsity, min_budget=args.min_budget,
+        stride=stride, adaptive=method == "sparsespec", draft=DRAFT_OF[method], sparsity=args.sparsity, min_budget=args.min_budget,
         recent=min(args.recent, args.min_budget), compiler=args.compiler, page_size=args.page_size, num_pages=pages,
         max_num_seqs=batch, max_num_batched_tokens=max(args.max_num_batched_tokens, stride + 1),
         **({"cuda_graphs": args.cuda_graphs} if args.cuda_graphs else {}),  # else the config's default
@@ -147,7 +159,14 @@ def run_cell(model, prompts, method: str, batch: int, output_len: int, temperatu
         kv_tokens_read=kv_read, kv_tokens_read_source=kv_source, floor_seconds=floor,
         floor_step_ms=1e3 * floor / steps if steps else None, floor_fraction=floor / seconds,
         mean_accepted=stats.get("mean_accepted") if not hf and method != "stride0" else None,
-        per_position_acceptance=stats.get("per_position_acceptance") if method in ("pillar", "streaming") else None,
+        per_position_acceptance=stats.get("per_position_acceptance") if method in SPEC_METHODS else None,
+        # every cycle, whatever its k (the adaptive stride's cycles are rarely full): k chosen, acceptance by position
+        mean_k=stats.get("mean_k") if not hf else None,
+        cycles_by_k=stats.get("cycles_by_k") if not hf else None,
+        per_position_acceptance_all=stats.get("per_position_acceptance_all") if method in SPEC_METHODS else None,
+        tokens_per_step=out_tokens / steps if steps else None,
+        per_request_tokens_per_step=None if hf else [m.get("tokens_per_step") for m in r["metrics"]],
+        per_request_mean_k=None if hf else [m.get("mean_k") for m in r["metrics"]],
         cycles=stats.get("cycles"), mean_requests_per_step=stats.get("mean_requests_per_step"),
         kv_pool_fraction=None if hf else args.kv_pool_fraction,
         kv_pages=r["config"].num_pages if not hf else None,

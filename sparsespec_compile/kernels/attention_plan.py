@@ -11,8 +11,12 @@ merged.
 
 Units and items:
 
-* the chunk is ``ceil(total / target_items)`` keys when the step has fewer units than ``target_items`` (cut to fill
-  the device), else 4x the mean unit (only outliers are cut), and never below ``min_chunk``;
+* the chunk is ``ceil(total / target_items)`` keys (each item about the work of one program slot of the device:
+  the makespan bound), never below ``min_chunk``. In a step with prefill chunks (compute-bound q-blocks) whose units
+  already fill the device, it is 4x the mean unit: only outliers are cut, as flash-decoding never split such steps
+  (cutting every long q-block of a B 4 x 2,048 SmolLM2 prefill measured 1.26x slower on the H200). Without that
+  exception in decode steps, a Qwen3-8B k = 8 step (38 units for a target of 33) left its 16k-key verify units whole
+  and ran 1.8x slower (bench/RESULTS.md);
 * a *unit* is (row r, q-block qb): up to ``block_q`` consecutive queries of one row, the GQA group of one KV head
   (the kernel's ``BLOCK_M`` rows). Its virtual key range is ``lo .. n_keys`` as the kernel defines it (full rows:
   positions up to the block's last query, from the window's start; sparse rows: the pillars, then
@@ -22,8 +26,9 @@ Units and items:
   decides only how many pieces a unit gets: coverage of every key exactly once holds whatever the plan's counts.
 
 The plan is built on the device (no host sync), once per step and sliding window, and read by every layer: this
-module's tensor-op form is the reference, ``attention_plan_triton`` the one-launch form the launcher uses; its tensors have capacities fixed by the step's shape (``T``, ``R``), so a CUDA graph of the step
-captures it and any mix of rows replays through the same graph.
+module's tensor-op form is the reference, ``attention_plan_triton`` the one-launch form the launcher uses. Its
+tensors have capacities fixed by the step's shape (``T``, ``R``), so a CUDA graph of the step captures it and any mix
+of rows replays through the same graph.
 """
 
 from __future__ import annotations
@@ -64,9 +69,10 @@ def plan_attention(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_to
                    target_items: int, min_chunk: int, max_chunks: int = 64, sliding_window: int = -1,
                    is_sparse: torch.Tensor | None = None, draft_start: torch.Tensor | None = None,
                    pillar_lengths: torch.Tensor | None = None, pillar_rows: torch.Tensor | None = None,
-                   max_pillars: int = 0, chunk_keys: int | None = None) -> AttentionPlan:
+                   max_pillars: int = 0, chunk_keys: int | None = None, compute_bound: bool = False) -> AttentionPlan:
     """Cut the step's work into about ``target_items`` items of >= ``min_chunk`` keys each (``chunk_keys`` forces
-    the chunk size: tests and sweeps). Arguments as :func:`unified_attention`; ``num_tokens`` is ``T`` (padding
+    the chunk size: tests and sweeps). ``compute_bound`` (steps with prefill chunks): once the units fill the device,
+    cut only the outliers. Arguments as :func:`unified_attention`; ``num_tokens`` is ``T`` (padding
     included), which with ``R`` fixes the plan's capacities."""
     R = seq_lens.shape[0]
     dev = seq_lens.device
@@ -97,11 +103,10 @@ def plan_attention(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_to
         chunk = torch.full((), int(chunk_keys), dtype=i64, device=dev)
     else:
         total, n_units = n_keys.sum(), valid.sum()
-        # Fewer units than the target: cut to fill the machine. Enough units already: cut only the outliers (4x the
-        # mean), so a prefill's q-blocks are not split (measured 1.26x slower on SmolLM2, B 4 x 2,048) while a long
-        # verify row among many drafts still is.
-        chunk = torch.where(n_units < target_items, (total + target_items - 1) // target_items,
-                            4 * ((total + n_units - 1) // n_units.clamp(min=1))).clamp(min=min_chunk)
+        fill = (total + target_items - 1) // target_items
+        if compute_bound:  # enough prefill q-blocks already fill the device: cut only the outliers (4x the mean)
+            fill = torch.where(n_units < target_items, fill, 4 * ((total + n_units - 1) // n_units.clamp(min=1)))
+        chunk = fill.clamp(min=min_chunk)
     n_c = torch.where(valid, ((n_keys + chunk - 1) // chunk).clamp(min=1, max=max_chunks), 0)
     W = item_capacity(U, target_items, max_chunks, forced=chunk_keys is not None)
     iends = torch.cumsum(n_c, 0)

@@ -18,10 +18,10 @@ from .attention_plan import AttentionPlan, item_capacity, unit_capacity
 
 
 @triton.jit(do_not_specialize=["R", "U", "W", "window", "max_pillars", "target", "min_chunk", "max_chunks",
-                               "forced_chunk"])
+                               "forced_chunk", "compute_bound"])
 def _plan_kernel(items, units, unit_keys, chunk_out, query_start_loc, seq_lens, is_sparse, draft_start,
                  pillar_lengths, pillar_rows, R, U, W, window, max_pillars, target, min_chunk, max_chunks,
-                 forced_chunk, BLOCK_Q: tl.constexpr, HAS_SPARSE: tl.constexpr, USE_WINDOW: tl.constexpr,
+                 forced_chunk, compute_bound, BLOCK_Q: tl.constexpr, HAS_SPARSE: tl.constexpr, USE_WINDOW: tl.constexpr,
                  BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     # pass 1: rows -> units (row, q_block) in order, each unit's virtual key count, the step's total
@@ -57,10 +57,11 @@ def _plan_kernel(items, units, unit_keys, chunk_out, query_start_loc, seq_lens, 
             tl.store(unit_keys + u, n, mask=m)
             total += tl.sum(tl.where(m, n, 0), 0).to(tl.int64)
         n_units += tl.sum(nqb, 0)
-    if n_units < target:  # the rule of attention_plan.plan_attention: fill the device, else cut only outliers
-        chunk = tl.maximum((total + target - 1) // target, min_chunk)
-    else:
-        chunk = tl.maximum(4 * ((total + n_units - 1) // n_units), min_chunk)
+    fill = (total + target - 1) // target  # the rule of attention_plan.plan_attention
+    if compute_bound != 0:
+        if n_units >= target:
+            fill = 4 * ((total + n_units - 1) // n_units)
+    chunk = tl.maximum(fill, min_chunk)
     if forced_chunk > 0:
         chunk = total * 0 + forced_chunk
     tl.store(chunk_out, chunk)
@@ -85,26 +86,27 @@ def _plan_kernel(items, units, unit_keys, chunk_out, query_start_loc, seq_lens, 
             tl.store(items + w * 4 + 2, n_c * 0 + c, mask=m)
             tl.store(items + w * 4 + 3, n_c, mask=m)
         n_items += tl.sum(n_c, 0)
-    for u0 in range(0, U, BLOCK):  # units past the real ones: row -1
-        u = u0 + offs
-        m = (u >= n_units) & (u < U)
-        tl.store(units + u * 4, u * 0 - 1, mask=m)
-        tl.store(units + u * 4 + 1, u * 0, mask=m)
-        tl.store(units + u * 4 + 2, u * 0, mask=m)
-        tl.store(units + u * 4 + 3, u * 0, mask=m)
-    for w0 in range(0, W, BLOCK):  # items past the real ones: row -1
-        w = w0 + offs
-        m = (w >= n_items) & (w < W)
-        tl.store(items + w * 4, w * 0 - 1, mask=m)
-        tl.store(items + w * 4 + 1, w * 0, mask=m)
-        tl.store(items + w * 4 + 2, w * 0, mask=m)
-        tl.store(items + w * 4 + 3, w * 0, mask=m)
+    _pad_records(units, n_units, U, BLOCK)
+    _pad_records(items, n_items, W, BLOCK)
+
+
+@triton.jit
+def _pad_records(records, n_real, capacity, BLOCK: tl.constexpr):
+    """(-1, 0, 0, 0) into records n_real .. capacity of a [capacity, 4] table."""
+    offs = tl.arange(0, BLOCK)
+    for i0 in range(0, capacity, BLOCK):
+        i = i0 + offs
+        m = (i >= n_real) & (i < capacity)
+        tl.store(records + i * 4, i * 0 - 1, mask=m)
+        tl.store(records + i * 4 + 1, i * 0, mask=m)
+        tl.store(records + i * 4 + 2, i * 0, mask=m)
+        tl.store(records + i * 4 + 3, i * 0, mask=m)
 
 
 def plan_attention_triton(query_start_loc, seq_lens, num_tokens: int, block_q: int, *, target_items: int,
                           min_chunk: int, max_chunks: int = 64, sliding_window: int = -1, is_sparse=None,
                           draft_start=None, pillar_lengths=None, pillar_rows=None, max_pillars: int = 0,
-                          chunk_keys: int | None = None) -> AttentionPlan:
+                          chunk_keys: int | None = None, compute_bound: bool = False) -> AttentionPlan:
     """:func:`.attention_plan.plan_attention` in one launch (same arguments, same result)."""
     R = seq_lens.shape[0]
     dev = seq_lens.device
@@ -122,7 +124,8 @@ def plan_attention_triton(query_start_loc, seq_lens, num_tokens: int, block_q: i
                        is_sparse if has_sparse else dummy, draft_start if has_sparse else dummy,
                        pillar_lengths if has_sparse else dummy, pillar_rows if has_sparse else dummy,
                        R, U, W, int(sliding_window), int(max_pillars), int(target_items), int(min_chunk),
-                       int(max_chunks), int(chunk_keys or 0), BLOCK_Q=block_q, HAS_SPARSE=has_sparse,
+                       int(max_chunks), int(chunk_keys or 0), int(compute_bound), BLOCK_Q=block_q,
+                       HAS_SPARSE=has_sparse,
                        USE_WINDOW=sliding_window > 0, BLOCK=64 if interpreting() else 256,
                        num_warps=1 if interpreting() else 4)
     return AttentionPlan(items=items, units=units, block_q=block_q, chunk=chunk)

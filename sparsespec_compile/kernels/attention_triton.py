@@ -25,12 +25,12 @@ from .attention_plan_triton import plan_attention_triton
 
 
 # runtime ints that vary per step are not specialised (no recompiles when a count crosses 1 or a multiple of 16)
-@triton.jit(do_not_specialize=["max_pillars", "sliding_window", "seq_bucket"])
+@triton.jit(do_not_specialize=["max_pillars", "sliding_window", "seq_bucket", "work_bucket"])
 def _attn_kernel(
     out, lse, part_acc, part_m, part_l, items,
     q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
     is_sparse, draft_start, pillar_indices, pillar_lengths, pillar_rows,
-    max_pillars, scale, softcap, sliding_window, seq_bucket,
+    max_pillars, scale, softcap, sliding_window, seq_bucket, work_bucket,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cp, stride_co, stride_ch, stride_bt, stride_pr, stride_ph,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
@@ -205,9 +205,9 @@ def _tuning_configs():
     # Decode is bound by the gathered K/V loads: key-tile width, warps and prefetch depth decide how many bytes are
     # in flight. Chosen by a sweep on the H200 (bench/attn_sweep.py, bench/RESULTS.md): SmolLM2 (d64) decode at
     # B 64 is fastest with N64/2 warps/4 stages up to L 4k and N128/4/4 at 8k; the mixed draft + verify step with
-    # N128/4/2; Qwen3-8B (d128) with N64/4/4. N64/8/2 is the one config without register spills at BLOCK_M 64 for
-    # d64 and BLOCK_M 16 for d128 (ptxas -v, sm_90: 195 / 254 registers; the others use 255 and spill). Each config
-    # compiles per variant (~2-4 s): five only.
+    # N128/4/2; Qwen3-8B (d128) with N64/4/4. N64/8/2 uses the fewest registers a thread (ptxas -v, sm_90, with
+    # the JIT's 16-divisible strides: 105 at BLOCK_M 16 and 166 at 64 for d64, against 120-156 and 197-255 for the
+    # others; N64/2/4 spills at BLOCK_M 64), so more programs fit an SM. Each config compiles per variant (~2-4 s).
     return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bn, w, s in ((64, 2, 4), (128, 4, 4), (128, 4, 2), (64, 4, 4), (64, 8, 2))]
 
@@ -219,7 +219,9 @@ def _quick_bench(fn, quantiles=None):
 
 _attn_kernel_tuned = triton.autotune(
     configs=_tuning_configs(),
-    key=["HEAD_DIM", "GROUP", "BLOCK_M", "HAS_SPARSE", "seq_bucket", "PAGE_SIZE"],
+    # work_bucket (the plan's item capacity, a power of two): a 9-unit verify-only launch and a 32-row decode share
+    # every other key, and a config tuned on the first was 1.17x slower on the second (H200, Qwen3-8B shape)
+    key=["HEAD_DIM", "GROUP", "BLOCK_M", "HAS_SPARSE", "seq_bucket", "work_bucket", "PAGE_SIZE"],
     do_bench=_quick_bench,
 )(_attn_kernel)
 
@@ -241,8 +243,9 @@ def plan_blocks(Hq: int, Hkv: int, max_query_len: int) -> tuple[int, int]:
     Decode, draft and verify steps (every row <= 16 queries) use the smallest block: a k + 1 verify chunk becomes
     several units whose K/V re-reads hit L2, and no draft row pays for a 64-row block. On the H200 (bench/kernels.py
     step section) a steady k = 8 step was 0.86x (SmolLM2, B 256, L 4k) and 0.83x (Qwen3-8B, B 32, L 16k) the time
-    with a 64-row block: BLOCK_M 64 needs 255 registers and spills at most tile configs (ptxas -v). Steps with
-    a prefill chunk keep up to 64 rows (compute-bound: each K/V tile serves more queries)."""
+    with a 64-row block, which needs 166-255 registers a thread where 16 rows need 105-156 (d64; ptxas -v, sm_90),
+    so fewer programs fit an SM. Steps with a prefill chunk keep up to 64 rows (compute-bound: each K/V tile serves
+    more queries)."""
     gp = triton.next_power_of_2(Hq // Hkv)
     bq_min = max(1, 16 // gp)
     if max_query_len <= 16:
@@ -250,7 +253,8 @@ def plan_blocks(Hq: int, Hkv: int, max_query_len: int) -> tuple[int, int]:
     return max(bq_min, min(triton.next_power_of_2(max_query_len), max(1, 64 // gp))), gp
 
 
-def work_target(device: torch.device, head_dim: int, num_kv_heads: int) -> tuple[int, int]:
+def work_target(device: torch.device, head_dim: int, num_kv_heads: int,
+                compute_bound: bool = False) -> tuple[int, int]:
     """(target_items, min_chunk) of a launch's plan: enough ``(item, kv_head)`` programs to keep every SM's loads in
     flight, and no item shorter than ``min_chunk`` keys, where per-program fixed costs would dominate.
 
@@ -259,7 +263,12 @@ def work_target(device: torch.device, head_dim: int, num_kv_heads: int) -> tuple
     within 3% from 2 to 8 per SM.
     """
     programs_per_sm = 12 if head_dim <= 64 else 2
-    min_chunk = 256
+    if compute_bound:  # q-blocks of prefill chunks keep the tensor cores busy with a couple of programs per SM;
+        # flash-decoding split none of a B 4 x 2,048 SmolLM2 prefill's 1,548 programs, and cutting them was 1.26x slower
+        programs_per_sm = 2
+    # a PillarAttn draft row (budget 128-410 keys up to 8k contexts) stays one item in d64 steps: cut at 256 keys,
+    # a B 64, L 8k SmolLM2 step merged its drafts and ran 1.11x slower (H200, bench/RESULTS.md)
+    min_chunk = 512 if head_dim <= 64 else 256
     if interpreting():  # tests: few programs (interpreter time), short chunks so cut rows and merges still occur
         programs_per_sm, min_chunk = 2, 16
     return max(1, -(-programs_per_sm * _num_sms(device) // num_kv_heads)), min_chunk
@@ -310,7 +319,7 @@ def unified_attention_triton(q, k_cache, v_cache, *, query_start_loc, seq_lens, 
     args = (out, lse, part_acc, part_m, part_l, plan.items, q, k_cache, v_cache, query_start_loc, seq_lens,
             block_tables, is_sparse, draft_start, pillar_indices, pillar_lengths, pillar_rows,
             pillar_indices.shape[2], float(scale), float(softcap) if softcap > 0 else 1.0, int(sliding_window),
-            triton.next_power_of_2(max(max_seq_len, 1)),
+            triton.next_power_of_2(max(max_seq_len, 1)), triton.next_power_of_2(W),
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
             pillar_indices.stride(0), pillar_indices.stride(1))
@@ -339,8 +348,9 @@ def attention_plan(q, k_cache, *, query_start_loc, seq_lens, max_query_len, slid
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     bq = block_q or plan_blocks(Hq, Hkv, max_query_len)[0]
-    target, min_chunk = work_target(q.device, D, Hkv)
+    target, min_chunk = work_target(q.device, D, Hkv, compute_bound=max_query_len > 16)
     return plan_attention_triton(query_start_loc, seq_lens, T, bq, target_items=target, min_chunk=min_chunk,
+                                 compute_bound=max_query_len > 16,
                           max_chunks=max_chunks, sliding_window=sliding_window, is_sparse=is_sparse,
                           draft_start=draft_start, pillar_lengths=pillar_lengths, pillar_rows=pillar_rows,
                           max_pillars=max_pillars, chunk_keys=chunk_keys)

@@ -105,7 +105,7 @@ def make_llm(model: torch.nn.Module, prompts: list[list[int]], max_new: int, *, 
     from sparsespec_compile import LLM, SparseSpecConfig
 
     pages = sum(-(-(len(p) + max_new + stride + 1) // page_size) for p in prompts) + 8
-    base = dict(stride=stride, min_budget=budget, recent=min(1, budget), draft=draft, compiler=compiler,
+    base = dict(adaptive=False, stride=stride, min_budget=budget, recent=min(1, budget), draft=draft, compiler=compiler,
                 page_size=page_size, num_pages=pages, max_num_batched_tokens=max(32, stride + 1),
                 max_num_seqs=min(64, len(prompts)))  # pillar slots: the store is [layers, seqs, heads, budget]
     if fresh:

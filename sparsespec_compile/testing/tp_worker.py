@@ -34,7 +34,7 @@ def main() -> None:
     rank, world, device = join_torchrun(args.device)
     where = tp_from_pretrained_kwargs() if world > 1 else {"device_map": str(device)}
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, **where).eval()
-    llm = LLM(model, SparseSpecConfig(stride=3, min_budget=3, recent=1, compiler=args.compiler, num_pages=64,
+    llm = LLM(model, SparseSpecConfig(adaptive=False, stride=3, min_budget=3, recent=1, compiler=args.compiler, num_pages=64,
                                       page_size=4, cuda_graphs=args.cuda_graphs))
     greedy = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
     unseeded = SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, ignore_eos=True)  # ranks' generators differ

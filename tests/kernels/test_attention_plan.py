@@ -24,8 +24,9 @@ def _virtual_range(q_len, L, qb, bq, sparse, n_pil, dstart, window):
 @given(rows=st.lists(row, min_size=1, max_size=12), bq=st.sampled_from([1, 2, 4, 16]),
        target=st.integers(1, 400), min_chunk=st.sampled_from([16, 256]), block_n=st.sampled_from([16, 64]),
        window=st.sampled_from([-1, 100]), pad=st.integers(0, 20), forced=st.sampled_from([None, 64]),
-       max_chunks=st.sampled_from([4, 64]))
-def test_plan_covers_every_key_exactly_once(rows, bq, target, min_chunk, block_n, window, pad, forced, max_chunks):
+       max_chunks=st.sampled_from([4, 64]), compute_bound=st.booleans())
+def test_plan_covers_every_key_exactly_once(rows, bq, target, min_chunk, block_n, window, pad, forced, max_chunks,
+                                            compute_bound):
     q_lens = [q for q, *_ in rows]
     seq = [c + q if q else 0 for q, c, *_ in rows]
     sparse = [s and q > 0 for q, _, s, *_ in rows]
@@ -39,7 +40,7 @@ def test_plan_covers_every_key_exactly_once(rows, bq, target, min_chunk, block_n
     plan = plan_attention(qsl, torch.tensor(seq, dtype=torch.int32), T, bq, target_items=target, min_chunk=min_chunk,
                           max_chunks=max_chunks, sliding_window=window, is_sparse=torch.tensor(sparse),
                           draft_start=torch.tensor(dstart, dtype=torch.int32), pillar_lengths=store_len,
-                          pillar_rows=slots, max_pillars=300, chunk_keys=forced)
+                          pillar_rows=slots, max_pillars=300, chunk_keys=forced, compute_bound=compute_bound)
     items, units = plan.items.tolist(), plan.units.tolist()
     assert len(units) == unit_capacity(T, len(rows), bq)
     real_units = [u for u in units if u[0] >= 0]
@@ -64,7 +65,8 @@ def test_plan_covers_every_key_exactly_once(rows, bq, target, min_chunk, block_n
     fast = plan_attention_triton(qsl, torch.tensor(seq, dtype=torch.int32), T, bq, target_items=target,
                                  min_chunk=min_chunk, max_chunks=max_chunks, sliding_window=window,
                                  is_sparse=torch.tensor(sparse), draft_start=torch.tensor(dstart, dtype=torch.int32),
-                                 pillar_lengths=store_len, pillar_rows=slots, max_pillars=300, chunk_keys=forced)
+                                 pillar_lengths=store_len, pillar_rows=slots, max_pillars=300, chunk_keys=forced,
+                                 compute_bound=compute_bound)
     assert torch.equal(fast.units, plan.units) and torch.equal(fast.items, plan.items)  # the one-launch planner
     assert int(fast.chunk) == chunk
 
@@ -87,10 +89,13 @@ def test_chunk_follows_the_total_work():
 
 def test_enough_units_cut_only_outliers():
     """A prefill (32 q-blocks of 16 queries, 16..512 keys) fills a target of 8 items: no q-block is cut; a 20k-key row
-    among them is (4x the mean)."""
+    among them is (4x the mean). Decode steps (not compute-bound) always cut to the target."""
     q_lens, seq = [512, 9], [512, 20000]
     qsl = torch.tensor([0, 512, 521], dtype=torch.int32)
-    plan = plan_attention(qsl, torch.tensor(seq, dtype=torch.int32), 521, 16, target_items=8, min_chunk=16)
+    plan = plan_attention(qsl, torch.tensor(seq, dtype=torch.int32), 521, 16, target_items=8, min_chunk=16,
+                          compute_bound=True)
     n_c = [u[3] for u in plan.units.tolist() if u[0] == 0]
     assert len(n_c) == 32 and all(n == 1 for n in n_c)
     assert [u[3] for u in plan.units.tolist() if u[0] == 1][0] > 1
+    fill = plan_attention(qsl, torch.tensor(seq, dtype=torch.int32), 521, 16, target_items=8, min_chunk=16)
+    assert int(fill.chunk) == -(-(sum(min(512, 16 * (b + 1)) for b in range(32)) + 20000) // 8)

@@ -63,7 +63,7 @@ ref = [model.generate(torch.tensor([p], device=dev), max_new_tokens=16, min_new_
                       eos_token_id=None, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
 for cfg in (dict(num_pages=96), dict(num_pages=8, host_kv_pages=64)):
     torch._dynamo.reset()
-    llm = LLM(model, SparseSpecConfig(compiler="eager", page_size=4, max_num_batched_tokens=32, recent=1, stride=3,
+    llm = LLM(model, SparseSpecConfig(adaptive=False, compiler="eager", page_size=4, max_num_batched_tokens=32, recent=1, stride=3,
                                       min_budget=3, **cfg))
     outs = llm.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)
     s = llm.engine.scheduler

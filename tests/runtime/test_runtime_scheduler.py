@@ -169,22 +169,44 @@ def test_staggered_phases_keep_step_sizes_flat(k, n, seed, delayed):
     assert lo <= min(sizes) and max(sizes) <= hi, (sizes, lo, hi)
 
 
+class MixedStrides:
+    """A stride policy drawing each request's j per cycle at random (0..j_max), sometimes offering a few for the
+    planner's phase balancing: mixed strides in one batch, plain decodes among them."""
+
+    adaptive = True
+
+    def __init__(self, stride: int, rng: random.Random) -> None:
+        self.stride, self.rng = stride, rng
+
+    def options(self, r, j_max, num_decoding):
+        return self.rng.sample(range(j_max + 1), self.rng.randint(1, j_max + 1))
+
+    def refresh_after(self, r, j):
+        return j > 0 or self.rng.random() < 0.3
+
+    def record(self, r, drafted, accepted):
+        r.acceptance.record(drafted, accepted)
+
+
 class SchedulerMachine(RuleBasedStateMachine):
     """Random arrivals, aborts and tiny page pools (forcing offloads to a host pool — none, small: recompute
-    fallbacks, or ample: never a recompute — and preemptions); a fake model answers every step and a fake KV pool
-    (ss_runtime_sim.FakeKV) checks every step reads exactly the KV and pillars it wrote, across swaps."""
+    fallbacks, or ample: never a recompute — and preemptions), a fixed stride or mixed per-request strides; a fake
+    model answers every step and a fake KV pool (ss_runtime_sim.FakeKV) checks every step reads exactly the KV and
+    pillars it wrote, across swaps."""
 
     @initialize(stride=st.integers(0, 5), page=st.integers(1, 6), blocks=st.integers(10, 40),
                 budget=st.integers(6, 48), delayed=st.booleans(), accept=st.sampled_from([0.0, 0.5, 0.9, 1.0]),
                 seed=st.integers(0, 2**16), initial=st.integers(1, 8),
-                host=st.sampled_from(["none", "small", "ample"]), small=st.integers(1, 12))
-    def init(self, stride, page, blocks, budget, delayed, accept, seed, initial, host, small):
+                host=st.sampled_from(["none", "small", "ample"]), small=st.integers(1, 12), mixed=st.booleans())
+    def init(self, stride, page, blocks, budget, delayed, accept, seed, initial, host, small, mixed):
         self.max_model_len = 48
         self.host_kind = host
         num_host = {"none": 0, "small": small, "ample": 6 * blocks}[host]  # ample: 6 requests' whole pools
+        policy = MixedStrides(stride, random.Random(seed + 1)) if mixed else None
+        event(f"mixed strides: {mixed}")
         self.s = Scheduler(BlockAllocator(blocks, page), stride=stride, max_num_seqs=6,
                            max_num_batched_tokens=max(budget, stride + 1), max_model_len=self.max_model_len,
-                           eos_token_ids=[EOS], delayed_verify=delayed, num_host_blocks=num_host)
+                           eos_token_ids=[EOS], delayed_verify=delayed, num_host_blocks=num_host, policy=policy)
         self.kv = FakeKV(page)
         self.swapped_aborts = 0
         self.verified_last: set = set()
@@ -238,9 +260,10 @@ class SchedulerMachine(RuleBasedStateMachine):
     def check_plan(self, plan):
         self.finished += plan.finished
         ids = {e.request.request_id for e in plan.entries}
-        if self.s.delayed_verify:  # a request that verified at step i sits out step i+1
-            assert not ids & self.verified_last, (plan.step, ids & self.verified_last)
-        self.verified_last = {e.request.request_id for e in plan.entries if e.kind is StepKind.VERIFY}
+        # a request that verified at step i sits out step i+1 (delayed verification; a plain decode does not)
+        assert not ids & self.verified_last, (plan.step, ids & self.verified_last)
+        self.verified_last = {e.request.request_id for e in plan.entries if e.kind is StepKind.VERIFY
+                              and self.s.planner.sits_out_after_verify(e.num_tokens - 1)}
         for op in plan.swap_in + plan.swap_out:
             r = op.request
             assert len(op.device_blocks) == len(op.host_blocks) and r not in plan.preempted
@@ -265,7 +288,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             else:
                 assert e.start_pos == r.num_computed_tokens == r.num_tokens - 1
                 assert e.token_ids == (r.last_token_id, *r.draft_token_ids)
-                assert (e.refresh is Refresh.SCORE) == (self.s.stride > 0) and e.num_logits == e.num_tokens <= self.s.stride + 1
+                assert (e.refresh is Refresh.SCORE) == r.cycle_refresh and e.num_logits == e.num_tokens <= self.s.stride + 1
+                if not self.s.planner.policy.adaptive:  # a fixed stride refreshes at every verify
+                    assert r.cycle_refresh == (self.s.stride > 0)
             # sparse drafts only once pillars exist; their dense tail starts at the last verify chunk
             assert not e.sparse or (e.kind is StepKind.DRAFT and r.has_pillars and e.draft_start < e.start_pos)
 

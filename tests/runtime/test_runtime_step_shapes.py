@@ -14,7 +14,7 @@ from sparsespec_compile.runtime.padded_step import pack_step
 from sparsespec_compile.runtime.request import Request
 from sparsespec_compile.runtime.sampling_params import SamplingParams
 from sparsespec_compile.runtime.step_plan import Refresh, StepEntry, StepKind, StepPlan
-from sparsespec_compile.runtime.step_shapes import request_bucket, seq_bucket, shape_for, token_bucket
+from sparsespec_compile.runtime.step_shapes import exact_shape, request_bucket, seq_bucket, shape_for, token_bucket
 
 
 @given(st.integers(1, 20000))
@@ -86,6 +86,22 @@ def test_pack_step_layout_and_inert_padding():
     # reusing a buffer clears the previous step
     again = pack_step(plan, shape, cfg, page_size=4, scratch_slot=9, out=np.full_like(buf, 77))
     assert np.array_equal(again, buf)
+
+
+def test_exact_shape_packs_the_eager_step_unpadded_with_two_tokens_at_least():
+    plan = _plan()
+    shape = exact_shape(plan)
+    assert (shape.tokens, shape.requests, shape.scored, shape.max_query_len, shape.max_seq_len, shape.table_width,
+            shape.num_logits) == (4, 2, 1, 3, 10, 3, 4)
+    cfg = SparseSpecConfig(stride=4, min_budget=3, recent=1, page_size=4)
+    buf = pack_step(plan, shape, cfg, page_size=4, scratch_slot=0)
+    assert buf.shape == (shape.packed_size,) and buf[:4].tolist() == [42, 11, 12, 13]
+    one = StepPlan(0, [plan.entries[0]])  # a lone draft: Dynamo would specialize a size-1 token axis
+    shape = exact_shape(one)
+    assert (shape.tokens, shape.num_logits) == (2, 2)
+    buf = pack_step(one, shape, cfg, page_size=4, scratch_slot=0)
+    assert buf[4:6].tolist() == [1 * 4 + 1, -1]  # the real token's slot; none for the padding token
+    assert buf[6:8].tolist() == [0, 0]  # logits: the draft's own row (token 0), the padding row repeats token 0
 
 
 def test_config_rejects_unknown_graph_mode():

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparsespec_compile.runtime.kv_cache import allocate_pillar_store
-from sparsespec_compile.runtime.step_inputs import write_streaming_pillars
+from sparsespec_compile.runtime.streaming_pillars import write_streaming_pillars
 
 
 def expected_row(context_len: int, budget: int, sinks: int) -> list[int]:

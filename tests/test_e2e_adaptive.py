@@ -1,0 +1,60 @@
+"""End to end, the adaptive per-request stride: a request whose drafts never match (a planted bad draft) falls to plain
+decoding within a few cycles while the others keep speculating, in the same steps, and every output still equals HF
+greedy — synchronously and with host/device overlap (where its plain decodes run on placeholders between the
+others' delayed verifications). Prices are injected: CPU step times say nothing about a GPU's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsespec_compile import LLM, SamplingParams, SparseSpecConfig
+from sparsespec_compile.runtime import engine as eng
+from sparsespec_compile.runtime.step_cost import FixedStepCost
+from sparsespec_compile.runtime.step_plan import StepKind
+from sparsespec_compile.runtime.stride_policy import PROBE_DRAFTS
+from sparsespec_compile.testing import FAMILIES
+from sparsespec_compile.testing.checks import tiny_model
+from sparsespec_compile.testing.lossless import hf_greedy
+
+PROMPTS = [list(range(5, 25)), list(range(30, 45)), list(range(50, 72))]
+MAX_NEW = 40
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(FAMILIES["llama"].config(layers=2, heads=4, kv_heads=2, head_dim=8), attn="sdpa", seed=0)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_planted_bad_draft_falls_to_plain_decoding_others_keep_speculating(model, monkeypatch, overlap):
+    ref = [hf_greedy(model, p, MAX_NEW) for p in PROMPTS]
+    vocab = model.config.vocab_size
+    real = eng.Engine._sample_and_verify
+
+    def sample_and_verify(self, plan, *args):  # the first prompt's drafts are always wrong, on the device
+        res = real(self, plan, *args)
+        for j, i in enumerate(res.sample_rows):
+            e = plan.entries[i]
+            if e.kind is StepKind.DRAFT and e.request.prompt_token_ids == PROMPTS[0]:
+                res.sampled[j] = (res.sampled[j] + 1) % vocab
+        return res
+
+    monkeypatch.setattr(eng.Engine, "_sample_and_verify", sample_and_verify)
+    torch._dynamo.reset()
+    # budget >= every context: drafts equal full attention, so every draft of the others is accepted
+    llm = LLM(model, SparseSpecConfig(compiler="eager", stride=4, num_pages=128, page_size=4, min_budget=96,
+                                      recent=1, max_num_batched_tokens=64, overlap=overlap))
+    assert llm.config.adaptive  # the default
+    llm.engine.use_step_cost(FixedStepCost(0.0, 0.0, 1.0, 0.1))  # keys dominate; sparse keys 10x cheaper
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_NEW, ignore_eos=True), use_tqdm=False)
+    assert [o.token_ids for o in outs] == ref  # lossless
+    bad, good = outs[0].metrics, [o.metrics for o in outs[1:]]
+    spec = [j for j in bad["drafted"] if j > PROBE_DRAFTS]
+    assert len(spec) <= 3 and sum(bad["accepted"]) == 0, bad["drafted"]  # gave up within a few cycles
+    assert bad["drafted"].count(0) >= len(bad["drafted"]) - 5 and bad["mean_k"] < 1
+    for m in good:  # kept speculating at the full stride, everything accepted
+        assert m["drafted"][0] == 0 and m["drafted"][1] == 4 and m["per_position_acceptance"] == [1.0] * 4
+    stats = llm.stats()
+    assert stats["adaptive"] and stats["cycles_by_k"][0] > 0 and stats["cycles_by_k"][4] > 0
+    assert 0 < stats["mean_k"] < 4 and stats["tokens_per_step"] > 0
