@@ -89,3 +89,32 @@ def test_bench_help_describes_the_benchmark(capsys):
         cli.main(["bench", "--help"])
     out = capsys.readouterr().out
     assert "End-to-end benchmark" in out and "Modules:" not in out and "The benchmark driver" not in out
+
+
+def test_generate_sizes_the_pool_from_the_prompts(model_dir, monkeypatch):
+    """Issue 15.1: `generate` peaked at 12.9 GB RSS (a pool of half the machine's memory); now what the prompts can
+    need, or --num-pages."""
+    import sparsespec_compile
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(model, config, tokenizer=None):
+        seen.append(config)
+        raise Stop
+
+    monkeypatch.setattr(sparsespec_compile, "LLM", spy)
+    base = ["generate", "--model", str(model_dir), "w5 w6 w7", " ".join(VOCAB[3:40]), "--max-tokens", "20",
+            "--stride", "4"]
+    for extra in ([], ["--num-pages", "7"]):
+        with pytest.raises(Stop):
+            cli.main(base + extra)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    lengths = [len(tok(p)["input_ids"]) for p in base[3:5]]
+    # each prompt + 20 new tokens + one verify chunk (stride + 1 = 5), in pages of 16
+    assert seen[0].num_pages == sum(-(-(n + 20 + 5) // 16) for n in lengths) and seen[0].max_num_seqs == 2
+    assert seen[0].num_pages < 20 and seen[1].num_pages == 7
