@@ -17,7 +17,7 @@ VOCAB = [f"w{i}" for i in range(96)]
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Llama checkpoint with a word-level tokenizer (no chat template), as `from_pretrained` reads it."""
-    from conftest import make_word_tokenizer
+    from word_tokenizer import make_word_tokenizer
 
     path = tmp_path_factory.mktemp("tiny-llama-dir")
     tiny_model(FAMILIES["llama"].config(layers=1, heads=2, kv_heads=1), "sdpa").save_pretrained(path)
