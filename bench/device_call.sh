@@ -155,7 +155,7 @@ PY
              # real weights, B 256, 512 GSM8K requests, 4,096 outputs, T 0 (METHODS overrides the method list)
     [ -f "$R/.carry/prompts512.jsonl" ] && cp "$R/.carry/prompts512.jsonl" "$GG/"  # (after the cd: from $R)
     timeout "${SMOL_TIMEOUT:-540}" python3 -m sparsespec_compile.benchmark --model smollm2 --gguf "$GG/smollm2.gguf" \
-      --prompts "$GG/prompts512.jsonl" --methods ${METHODS:-stride0 pillar streaming} --batch-sizes 256 \
+      --prompts "$GG/prompts512.jsonl" --methods ${METHODS:-stride0 sparsespec pillar streaming} --batch-sizes 256 \
       --output-lens 4096 --requests-per-slot 2 --temperature 0 --fuse-projections \
       --time-budget-s "${SMOL_BUDGET:-480}" --out "$OUT/smol" 2>&1 | grep -v -i warn | grep -v '^{' | tail -16 \
       || echo "(smol rc $?: what ran is in the JSON)" ;;

@@ -86,20 +86,21 @@ def _plan_kernel(items, units, unit_keys, chunk_out, query_start_loc, seq_lens, 
             tl.store(items + w * 4 + 2, n_c * 0 + c, mask=m)
             tl.store(items + w * 4 + 3, n_c, mask=m)
         n_items += tl.sum(n_c, 0)
-    for u0 in range(0, U, BLOCK):  # units past the real ones: row -1
-        u = u0 + offs
-        m = (u >= n_units) & (u < U)
-        tl.store(units + u * 4, u * 0 - 1, mask=m)
-        tl.store(units + u * 4 + 1, u * 0, mask=m)
-        tl.store(units + u * 4 + 2, u * 0, mask=m)
-        tl.store(units + u * 4 + 3, u * 0, mask=m)
-    for w0 in range(0, W, BLOCK):  # items past the real ones: row -1
-        w = w0 + offs
-        m = (w >= n_items) & (w < W)
-        tl.store(items + w * 4, w * 0 - 1, mask=m)
-        tl.store(items + w * 4 + 1, w * 0, mask=m)
-        tl.store(items + w * 4 + 2, w * 0, mask=m)
-        tl.store(items + w * 4 + 3, w * 0, mask=m)
+    _pad_records(units, n_units, U, BLOCK)
+    _pad_records(items, n_items, W, BLOCK)
+
+
+@triton.jit
+def _pad_records(records, n_real, capacity, BLOCK: tl.constexpr):
+    """(-1, 0, 0, 0) into records n_real .. capacity of a [capacity, 4] table."""
+    offs = tl.arange(0, BLOCK)
+    for i0 in range(0, capacity, BLOCK):
+        i = i0 + offs
+        m = (i >= n_real) & (i < capacity)
+        tl.store(records + i * 4, i * 0 - 1, mask=m)
+        tl.store(records + i * 4 + 1, i * 0, mask=m)
+        tl.store(records + i * 4 + 2, i * 0, mask=m)
+        tl.store(records + i * 4 + 3, i * 0, mask=m)
 
 
 def plan_attention_triton(query_start_loc, seq_lens, num_tokens: int, block_q: int, *, target_items: int,

@@ -20,6 +20,21 @@ from ._validate import interpreting
 
 
 
+@triton.jit
+def _verify_queries(q, lse, q_start, tok, q_len, g, head, offs_d, d_ok, stride_qt, stride_qh, HQ: tl.constexpr,
+                    GROUP: tl.constexpr, UPCAST: tl.constexpr):
+    """Queries ``tok`` of a verify row ([BLOCK_M, BLOCK_D]) and their lse in log2 units; a row that attended nothing
+    (lse -inf) or lies past the row gets +inf, so it adds 0 to every score."""
+    ok = (tok < q_len) & (g < GROUP)
+    qrow = (q_start + tok).to(tl.int64)
+    qt = tl.load(q + qrow[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                 mask=ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        qt = qt.to(tl.float32)
+    lse_r = tl.load(lse + qrow * HQ + head, mask=ok, other=float("inf"))
+    return qt, tl.where(lse_r == float("-inf"), float("inf"), lse_r) * 1.4426950408889634
+
+
 @triton.jit(do_not_specialize=["max_ctx", "sliding_window", "seq_bucket"])
 def _scores_kernel(
     scores, q, k_cache, lse, query_start_loc, seq_lens, block_tables, rows,
@@ -54,14 +69,8 @@ def _scores_kernel(
     g = offs_m % GROUP_PAD
     head = kvh * GROUP + g
     tok0 = offs_m // GROUP_PAD
-    row0 = (tok0 < q_len) & (g < GROUP)
-    qrow0 = (q_start + tok0).to(tl.int64)
-    q0 = tl.load(q + qrow0[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                 mask=row0[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q0 = q0.to(tl.float32)
-    lse0 = tl.load(lse + qrow0 * HQ + head, mask=row0, other=float("inf"))
-    lse0 = tl.where(lse0 == float("-inf"), float("inf"), lse0) * 1.4426950408889634  # a row that saw nothing adds 0
+    q0, lse0 = _verify_queries(q, lse, q_start, tok0, q_len, g, head, offs_d, d_ok, stride_qt, stride_qh, HQ, GROUP,
+                               UPCAST)
     inv = 1.0 / (q_len * GROUP).to(tl.float32)
     bt_base = block_tables + r.to(tl.int64) * stride_bt
     for t in range(TILES):
@@ -80,13 +89,8 @@ def _scores_kernel(
                 qt = q0
                 lse_r = lse0
             else:
-                qrow = (q_start + tok).to(tl.int64)
-                qt = tl.load(q + qrow[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                             mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                if UPCAST:
-                    qt = qt.to(tl.float32)
-                lse_r = tl.load(lse + qrow * HQ + head, mask=row_ok, other=float("inf"))
-                lse_r = tl.where(lse_r == float("-inf"), float("inf"), lse_r) * 1.4426950408889634
+                qt, lse_r = _verify_queries(q, lse, q_start, tok, q_len, g, head, offs_d, d_ok, stride_qt, stride_qh,
+                                            HQ, GROUP, UPCAST)
             s = tl.dot(qt, kt, input_precision=DOT_PREC) * scale
             if USE_SOFTCAP:
                 e = tl.exp2((2.0 * 1.4426950408889634 / softcap) * s)

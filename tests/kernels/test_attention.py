@@ -162,3 +162,25 @@ def test_split_path_writes_padding_rows_itself(monkeypatch, pad):
     T = int(b.query_start_loc[-1])
     assert (out[T:] == 0).all() and torch.isneginf(lse[T:]).all()
     _check_close(out, lse, ref_out, ref_lse, torch.float32)
+
+
+# Long rows across many pages (the plan cuts them into several items and merges them), head dims 64 / 128: the
+# shapes of real steps, few examples (the interpreter runs every program in Python).
+long_request = st.one_of(
+    st.integers(1, 5000).map(lambda L: (1, L)),  # draft / decode
+    st.integers(9, 5000).map(lambda L: (9, L)),  # verify k + 1 = 9
+    st.integers(1, 48).flatmap(lambda n: st.integers(n, 600).map(lambda L: (n, L))),  # prefill chunk after context
+)
+
+
+@settings(max_examples=4, deadline=None, derandomize=True)
+@given(specs=st.lists(long_request, min_size=1, max_size=4), group=st.sampled_from([1, 3, 4, 8]),
+       d=st.sampled_from([64, 128]), window=st.sampled_from([-1, 300]), softcap=st.sampled_from([0.0, 5.0]),
+       sparse=st.booleans(), seed=st.integers(0, 2**16))
+def test_long_rows_at_the_plans_own_cut(specs, group, d, window, softcap, sparse, seed):
+    hkv = 2
+    b = make_batch(specs, hkv * group, hkv, d, 16, torch.float32, seed=seed, pad_tokens=2)
+    kw = dict(softcap=softcap, sliding_window=window)
+    if sparse:
+        kw.update(make_sparse(b, range(0, len(specs), 2), hkv, bmax=256, seed=seed))
+    _check_close(*_attend(b, "triton", **kw), *_attend(b, "reference", **kw), torch.float32)
