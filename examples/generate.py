@@ -21,3 +21,14 @@ for out in llm.generate(prompts, params, use_chat_template=True, use_tqdm=False)
     print(f"[{out.finish_reason}] {out.text!r} (mean accepted {out.metrics['mean_accepted']:.2f} of {config.stride})")
 stats = llm.stats()
 print(f"{stats['tokens_per_s']:.1f} tokens/s, mean accepted {stats['mean_accepted']:.2f} of {config.stride}")
+
+# vLLM / HF habits: chat messages, streaming, stop strings, log-probs, per-call stats
+(reply,) = llm.chat([{"role": "user", "content": "Say hello in French."}], SamplingParams(max_tokens=16), use_tqdm=False)
+print(repr(reply.text))
+for event in llm.generate_stream(["Count from 1 to 10."], SamplingParams(max_tokens=48, stop=["5"], logprobs=1),
+                                 use_chat_template=True):
+    print(event.text, end="", flush=True)  # final tokens only, as they are decided
+    if event.finished:
+        print(f"\n[{event.output.finish_reason}: {event.output.stop_reason!r}] log-prob of the first token "
+              f"{event.output.logprobs[0][event.output.token_ids[0]]:.2f}")
+print(llm.stats(reset=True)["tokens_per_s"])  # since the previous reset, without compile time; then counts afresh

@@ -32,6 +32,7 @@ from .step_cost import StepCostModel, step_work
 from .step_plan import Refresh, StepEntry, StepKind, StepPlan
 from .stride_policy import AdaptiveStride, FixedStride
 from .step_results import StepResults
+from .logprobs import step_logprobs, wants_logprobs
 from .step_forward import run_packed
 from .step_shapes import exact_shape
 from .streaming_pillars import write_streaming_pillars
@@ -316,9 +317,14 @@ class Engine:
         for r, idx, row in res.placeholders:
             if idx < len(r.draft_token_ids) and r.draft_token_ids[idx] == placeholder(row):
                 r.draft_token_ids[idx] = values[res.sample_rows[row]][0]
+        logprobs = {}  # entry index -> per-slot {token: log-prob}, for the requests that asked
+        for part in res.logprobs or ():
+            logprobs.update(part.per_entry())
         for r, idx, row in res.decodes:
             if self.scheduler.confirm_decode(r, idx, placeholder(row), values[res.sample_rows[row]][0]):
                 self.stats.output_tokens += 1
+                if res.sample_rows[row] in logprobs and len(r.output_token_ids) > idx:
+                    r.output_logprobs.append(logprobs[res.sample_rows[row]][0])
         if not res.held:
             return
         ids, offsets = None, res.plan.token_offsets()
@@ -331,10 +337,13 @@ class Engine:
             self.scheduler.release(e.request)
             entries.append(e)
         sub = StepPlan(res.plan.step, entries=entries)
-        before = sum(len(e.request.output_token_ids) for e in entries)
+        lengths = [len(e.request.output_token_ids) for e in entries]
         self.scheduler.update(sub, [values[i] for i in res.held])
         self._write_streaming_pillars(sub)
-        self.stats.output_tokens += sum(len(e.request.output_token_ids) for e in entries) - before
+        self.stats.output_tokens += sum(len(e.request.output_token_ids) for e in entries) - sum(lengths)
+        for i, e, before in zip(res.held, entries, lengths):  # the tokens the update kept (a stop cuts the rest)
+            if i in logprobs:
+                e.request.output_logprobs += logprobs[i][: len(e.request.output_token_ids) - before]
 
     def _count_step(self, plan: StepPlan, work) -> None:
         self.stats.steps += 1
@@ -373,7 +382,7 @@ class Engine:
             elif e.kind is StepKind.VERIFY:
                 verify_entries.append((i, rows))
             rows += e.num_logits
-        sampled = verify_tokens = None
+        sampled = verify_tokens = target = None
         if sample_rows:
             reqs = [plan.entries[i].request for i in sample_rows]
             sampled, probs = sample(logits[to_device(sample_logit_rows, logits.device)], _params(reqs),
@@ -385,10 +394,30 @@ class Engine:
                     rows_of = rows_of or probs.unbind(0)
                     self._draft_probs.setdefault(e.request.request_id, []).append(rows_of[j])
         if verify_entries:
-            verify_tokens = self._verify(plan, logits, verify_entries, input_ids)
-        return StepResults(plan, sample_rows, sampled, [i for i, _ in verify_entries], verify_tokens, input_ids)
+            verify_tokens, target = self._verify(plan, logits, verify_entries, input_ids)
+        res = StepResults(plan, sample_rows, sampled, [i for i, _ in verify_entries], verify_tokens, input_ids)
+        if any(wants_logprobs(e) for e in plan.entries):
+            res.logprobs = self._logprobs(plan, logits, sample_rows, sample_logit_rows, sampled, verify_entries,
+                                          target, verify_tokens)
+        return res
 
-    def _verify(self, plan, logits, verify_entries, input_ids) -> torch.Tensor:
+    def _logprobs(self, plan, logits, sample_rows, sample_logit_rows, sampled, verify_entries, target, tokens):
+        """Log-probs of the tokens this step emits, for the requests that asked (logprobs.py)."""
+        n = max(e.request.params.logprobs for e in plan.entries if wants_logprobs(e))
+        parts = []
+        rows = [(j, i) for j, i in enumerate(sample_rows) if wants_logprobs(plan.entries[i])]
+        if rows:
+            idx = to_device([sample_logit_rows[j] for j, _ in rows], logits.device)
+            parts.append(step_logprobs([i for _, i in rows], logits[idx].unsqueeze(1),
+                                       sampled[to_device([j for j, _ in rows], logits.device)].unsqueeze(1), n))
+        rows = [(j, i) for j, (i, _) in enumerate(verify_entries) if wants_logprobs(plan.entries[i])]
+        if rows:
+            idx = to_device([j for j, _ in rows], logits.device)
+            parts.append(step_logprobs([i for _, i in rows], target[idx], tokens[idx], n))
+        return parts
+
+    def _verify(self, plan, logits, verify_entries, input_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens [Nv, k+1] as rejection_sample returns them, the target logits [Nv, k+1, V] they were judged by)"""
         entries = [plan.entries[i] for i, _ in verify_entries]
         k = max(e.num_tokens - 1 for e in entries)
         n, vocab, dev = len(entries), logits.shape[-1], logits.device
@@ -421,7 +450,7 @@ class Engine:
             drafts, draft_probs, target, _params(reqs), _position_seeds(entries),
             num_drafts=to_device(num_drafts, dev),
         )
-        return tokens
+        return tokens, target
 
     def _write_streaming_pillars(self, plan: StepPlan) -> None:
         """Streaming drafts: the verified rows' next draft sets (sinks + newest window), one write for the step."""

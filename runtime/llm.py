@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
-from typing import Sequence
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
@@ -15,7 +17,9 @@ from sparsespec_compile.passes.fuse_projections import refresh_fused_weights
 from .engine import Engine
 from .request import Request
 from .sampling_params import SamplingParams
-from .prompts import encode, split_prompts
+from .prompts import chat_ids, encode, split_prompts
+from .stop_strings import StopStrings
+from .streaming import StreamEvent, TextDelta
 from .servable import check_model
 
 log = logging.getLogger("sparsespec.runtime")
@@ -27,8 +31,29 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]
     text: str | None
-    finish_reason: str  # "stop" | "length" | "error: ..."
+    finish_reason: str  # "stop" | "length" | "abort" | "error: ..."
     metrics: dict = field(default_factory=dict)
+    stop_reason: str | int | None = None  # the stop string matched, or the stop id / EOS that ended it
+    # SamplingParams.logprobs: per token, {token id: log-prob} of the token itself and its top alternatives
+    logprobs: list[dict[int, float]] | None = None
+
+
+def load_model_dir(path: str | os.PathLike):
+    """(model, tokenizer or None) from a Hugging Face model directory: the checkpoint's dtype on CUDA (then the
+    model goes to the GPU), float32 on a CPU; the tokenizer when the directory has one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path)
+    if not p.is_dir():
+        raise ValueError(f"LLM({str(path)!r}): no such directory (a Hugging Face model directory with config.json; "
+                         "nothing is downloaded)")
+    if not (p / "config.json").is_file():
+        raise ValueError(f"LLM({str(path)!r}): no config.json in that directory")
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(p, dtype="auto" if cuda else torch.float32)
+    model = model.to("cuda" if cuda else "cpu").eval()
+    has_tok = any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    return model, AutoTokenizer.from_pretrained(p) if has_tok else None
 
 
 def _unwrap(model_or_compiled):
@@ -42,6 +67,13 @@ def _unwrap(model_or_compiled):
         f"LLM() takes a Hugging Face causal LM or torch.compile(model, backend='sparsespec'), "
         f"got {type(model_or_compiled).__name__}"
     )
+
+
+def _check_conversation(messages) -> list:
+    if not isinstance(messages, (list, tuple)) or not messages or not all(
+            isinstance(m, Mapping) and "role" in m and "content" in m for m in messages):
+        raise ValueError(f"a conversation is a list of {{'role': ..., 'content': ...}} messages, got {messages!r}")
+    return list(messages)
 
 
 @dataclass
@@ -61,11 +93,15 @@ class LLM:
     """Speculative generation with a sparsespec-compiled Hugging Face causal LM.
 
     ``LLM(model)`` compiles it with ``backend="sparsespec"`` (Inductor unless ``config.compiler == "eager"``);
-    ``LLM(torch.compile(model, backend="sparsespec"))`` uses yours. Prompts are strings (needs ``tokenizer``)
-    or lists of token ids.
+    ``LLM(torch.compile(model, backend="sparsespec"))`` uses yours; ``LLM("path/to/model")`` loads a Hugging Face
+    model directory (and its tokenizer). Prompts are strings (needs ``tokenizer``) or lists of token ids. A model
+    that cannot be served exactly is refused here (servable.py), not per request.
     """
 
     def __init__(self, model_or_compiled, config: SparseSpecConfig | None = None, tokenizer=None) -> None:
+        if isinstance(model_or_compiled, (str, os.PathLike)):  # LLM("path/to/model"): model and tokenizer from there
+            model_or_compiled, own = load_model_dir(model_or_compiled)
+            tokenizer = tokenizer if tokenizer is not None else own
         compiled, model = _unwrap(model_or_compiled)
         # torch.compile(..., options={...})'s runtime options are honoured; conflicts are refused (compile_options.py)
         self.config = resolve_config(compile_options_of(compiled) if compiled is not None else None, config)
@@ -95,8 +131,39 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in prompt order.
 
-        A bad prompt (empty, too long, out-of-vocabulary ids) gets ``finish_reason="error: ..."`` and no tokens;
-        the other prompts are generated as usual.
+        A bad prompt (empty, too long, out-of-vocabulary ids, not token ids) gets ``finish_reason="error: ..."`` and
+        no tokens; the other prompts are generated as usual. A malformed call (not prompts at all) raises.
+        """
+        outputs: dict[int, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(desc="generate", unit="tok", dynamic_ncols=True)
+        try:
+            for event in self.generate_stream(prompts, params, use_chat_template=use_chat_template):
+                if bar is not None:
+                    bar.update(len(event.token_ids))
+                if event.output is not None:
+                    outputs[event.index] = event.output
+        finally:
+            if bar is not None:
+                bar.close()
+        return [outputs[i] for i in range(len(outputs))]
+
+    def generate_stream(
+        self,
+        prompts: Sequence[str | Sequence[int]] | str,
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_chat_template: bool = False,
+    ) -> Iterator[StreamEvent]:
+        """``generate``, as an iterator of ``StreamEvent``s: after each step, one per prompt that gained final tokens
+        (``event.token_ids``, ``event.text``), and a last one per prompt with its ``RequestOutput``
+        (``event.output``). Leaving the loop early aborts the call's remaining requests.
+
+            for ev in llm.generate_stream(["Tell me a story"], SamplingParams(max_tokens=256), use_chat_template=True):
+                print(ev.text, end="", flush=True)
         """
         # fused q/k/v and gate/up copies see weights changed in place since the last call (CUDA-graph replays skip
         # the compiled graph's own per-call check)
@@ -106,51 +173,77 @@ class LLM:
         per = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(per) != len(prompts):
             raise ValueError(f"got {len(per)} SamplingParams for {len(prompts)} prompts")
-        reqs: list[Request | None] = []
-        outputs: dict[int, RequestOutput] = {}
+        live: dict[int, tuple[int, Request, TextDelta]] = {}  # request id -> (prompt index, request, stream state)
+        failed: list[StreamEvent] = []
         for i, (prompt, p) in enumerate(zip(prompts, per)):
             try:
-                ids = encode(prompt, self.tokenizer, use_chat_template)
-                req = Request(ids, p)
-                bad = [t for t in ids if t >= self.engine.vocab_size]
-                if bad:
-                    raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {self.engine.vocab_size})")
+                req = self._request(prompt, p, use_chat_template)
             except ValueError as exc:
-                outputs[i] = RequestOutput(-1, [], [], None, f"error: {exc}")
-                reqs.append(None)
+                failed.append(StreamEvent(i, [], "", RequestOutput(-1, [], [], None, f"error: {exc}")))
                 continue
-            reqs.append(req)
+            live[req.request_id] = (i, req, TextDelta(self.tokenizer, req))
             self.engine.add_request(req)
-        by_id = {r.request_id: i for i, r in enumerate(reqs) if r is not None}
-        bar = None
-        if use_tqdm:
-            from tqdm.auto import tqdm
+        yield from failed
+        try:
+            while live:
+                finished = self._step()
+                for r in finished:
+                    if r.request_id in live:
+                        i, _, delta = live.pop(r.request_id)
+                        out = self._output(r)
+                        yield StreamEvent(i, *delta.last(out.text, out.token_ids), out)
+                for i, _, delta in list(live.values()):
+                    ids, text = delta.new()
+                    if ids:
+                        yield StreamEvent(i, ids, text)
+        finally:
+            if live:  # the caller stopped early: abort what is left of this call and let the engine drain it
+                for _, r, _ in live.values():
+                    self.engine.scheduler.abort(r, "abort")
+                while self.engine.has_unfinished():
+                    self._step()
 
-            total = sum(r.params.max_tokens for r in reqs if r is not None)
-            bar = tqdm(total=total, desc="generate", unit="tok", dynamic_ncols=True)
-        done = 0
-        while self.engine.has_unfinished():
-            graphs, stats = _graphs_compiled(), self.engine.stats
-            seconds, tokens = stats.seconds, stats.output_tokens
-            for r in self.engine.step():
-                if r.request_id in by_id:
-                    outputs[by_id[r.request_id]] = self._output(r)
-            if _graphs_compiled() != graphs:  # Dynamo compiled a graph in this step: compile time, not decoding
-                self._compile.seconds += stats.seconds - seconds
-                self._compile.tokens += stats.output_tokens - tokens
-                self._compile.steps += 1
-            if bar is not None:
-                now = sum(len(r.output_token_ids) for r in reqs if r is not None)
-                bar.update(now - done)
-                done = now
-        if bar is not None:
-            bar.close()
-        return [outputs[i] for i in range(len(prompts))]
+    def chat(self, messages, params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate the assistant's reply to a conversation, or to each of a list of conversations.
+
+        ``messages``: ``[{"role": "user", "content": "..."}, ...]`` (one conversation) or a list of those, through
+        the tokenizer's chat template with the assistant turn opened (vLLM's ``LLM.chat``)."""
+        conversations = [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
+        if not conversations:
+            raise ValueError("chat() got no messages")
+        prompts = [chat_ids(self.tokenizer, _check_conversation(c)) for c in conversations]
+        return self.generate(prompts, params, use_tqdm=use_tqdm)
+
+    def _request(self, prompt, params: SamplingParams, chat: bool) -> Request:
+        ids = encode(prompt, self.tokenizer, chat)
+        req = Request(ids, params)
+        bad = [t for t in ids if t >= self.engine.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {self.engine.vocab_size})")
+        if params.stop:
+            req.stop_check = StopStrings(self.tokenizer, params.stop)
+        return req
+
+    def _step(self) -> list[Request]:
+        """One engine step; a step during which Dynamo compiled a graph counts as compile time, not decoding."""
+        graphs, stats = _graphs_compiled(), self.engine.stats
+        seconds, tokens = stats.seconds, stats.output_tokens
+        finished = self.engine.step()
+        if _graphs_compiled() != graphs:
+            self._compile.seconds += stats.seconds - seconds
+            self._compile.tokens += stats.output_tokens - tokens
+            self._compile.steps += 1
+        return finished
 
     def _output(self, r: Request) -> RequestOutput:
-        text = None
+        text = stop_reason = None
         if self.tokenizer is not None and r.output_token_ids:
             text = self.tokenizer.decode(r.output_token_ids, skip_special_tokens=True)
+        if r.stop_check is not None and r.stop_check.matched is not None:
+            text, stop_reason = r.stop_check.cut(text or ""), r.stop_check.matched
+        elif r.finish_reason == "stop" and r.output_token_ids:
+            stop_reason = r.output_token_ids[-1]  # a stop id or EOS (kept in the ids, as HF generate does)
         m = r.metrics
         metrics = {
             "accepted": list(m.accepted),
@@ -160,8 +253,9 @@ class LLM:
             "preemptions": m.num_preemptions,
             "offloads": m.num_offloads,
         }
+        logprobs = list(r.output_logprobs) if r.params.logprobs is not None else None
         return RequestOutput(r.request_id, r.prompt_token_ids, list(r.output_token_ids), text, r.finish_reason or "",
-                             metrics)
+                             metrics, stop_reason, logprobs)
 
     def stats(self, reset: bool = False) -> dict:
         """Mean accepted length and per-position acceptance over full cycles, the k chosen per cycle and acceptance by

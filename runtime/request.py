@@ -102,6 +102,7 @@ class Request:
         self.prompt_token_ids = prompt
         self.params = params
         self.output_token_ids: list[int] = []
+        self.output_logprobs: list[dict[int, float]] = []  # SamplingParams.logprobs: one per output token
         self.state = RequestState.WAITING
         self.num_computed_tokens = 0  # tokens whose (verified) KV is in the cache
         self.block_table: list[int] = []
@@ -115,6 +116,9 @@ class Request:
         self.draft_start = 0
         self.has_pillars = False
         self.num_pending = 0  # overlap, plain decodes: trailing output tokens that are still device placeholders
+        # stop strings (stop_strings.StopStrings, set by LLM: needs the tokenizer): (ids, n) -> the text of ids[:n]
+        # contains one
+        self.stop_check = None
         self.stall_until = -1  # STALL: sits out every step up to this one
         self.held = False  # STALL until the engine has read this request's result from the device (overlap)
         self.cycle_refresh = False  # this cycle's verify refreshes the pillars (the next cycle drafts with them)

@@ -21,7 +21,11 @@ class SamplingParams:
     by Gumbel-max coupling (accepted iff equal to the target's own sample under that noise: exact, the acceptance
     a little below rejection sampling's). ``None`` draws from the engine's shared generator (rejection sampling). Generation stops at ``max_tokens`` new tokens, at a
     token in ``stop_token_ids`` (always), or at the model's EOS (unless ``ignore_eos``); the stop token is kept in
-    the output ids, as HF ``generate`` does.
+    the output ids, as HF ``generate`` does. ``stop``: strings; the request stops at the first token whose text
+    completes one (exactly as plain decoding would, under speculation too), its ids kept up to that token, its text
+    cut before the string (vLLM's default); needs the LLM's tokenizer. ``logprobs``: return each output token's
+    log-prob and its ``logprobs`` most likely alternatives' (``RequestOutput.logprobs``), under the model's raw
+    distribution (before temperature / top-k / top-p, as vLLM).
     """
 
     max_tokens: int = 256
@@ -31,6 +35,8 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -58,6 +64,18 @@ class SamplingParams:
             if isinstance(t, bool) or not isinstance(t, int) or t < 0:
                 raise ValueError(f"SamplingParams.stop_token_ids must hold ints >= 0, got {t!r} in {stops!r}")
         object.__setattr__(self, "stop_token_ids", stops)
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        try:
+            stop = tuple(stop)
+        except TypeError:
+            raise ValueError(f"SamplingParams.stop must be a string or a sequence of strings, got {self.stop!r}") from None
+        if any(not isinstance(x, str) or not x for x in stop):
+            raise ValueError(f"SamplingParams.stop must hold non-empty strings, got {stop!r}")
+        object.__setattr__(self, "stop", stop)
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= 20):
+            raise ValueError(f"SamplingParams.logprobs must be None or an int in [0, 20] (alternatives per token), "
+                             f"got {self.logprobs!r}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"SamplingParams.ignore_eos must be a bool, got {self.ignore_eos!r}")
 

@@ -342,10 +342,12 @@ class Scheduler:
         return n >= r.params.max_tokens or r.num_prompt_tokens + n >= self.max_model_len
 
     def _stop_reason(self, r: Request, token: int, num_output: int) -> str | None:
-        """Why ``r`` stops once ``token`` is its ``num_output``-th output token: "stop" (a stop id, or EOS unless
-        ignored), "length" (max_tokens or max_model_len reached), or None."""
+        """Why ``r`` stops once ``token`` is its ``num_output``-th output token: "stop" (a stop id, EOS unless
+        ignored, or a stop string completed), "length" (max_tokens or max_model_len reached), or None."""
         p = r.params
         if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
+            return "stop"
+        if r.stop_check is not None and r.stop_check(r.output_token_ids, num_output):
             return "stop"
         return "length" if self._at_length(r, num_output) else None
 

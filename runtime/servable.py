@@ -17,7 +17,7 @@ import logging
 
 import torch
 
-from sparsespec_compile.backend import capture_reports
+from sparsespec_compile.backend import capture_reports, sparsespec_backend
 from sparsespec_compile.ops import record_attention_calls
 
 from .step_forward import call_model, check_layers_ran
@@ -94,9 +94,17 @@ def probe_compiled(compiled, model: torch.nn.Module, num_layers: int) -> tuple[i
     layers = sorted(c.layer_idx for c in calls)
     left = sorted({r.reason for rep in reports for r in rep.left_alone})  # empty unless this call compiled a graph
     if not calls and not reports:
+        backend = _backend_of(compiled)
+        if backend is sparsespec_backend:  # a graph compiled earlier in this process, reused: it left them alone
+            raise ValueError(
+                f"none of the {num_layers} attention layers ran as sparsespec::attention in the graph Dynamo reused "
+                "(compiled earlier in this process): the rewrite left them alone. "
+                "print(sparsespec_compile.inspect(model)) shows why")
+        name = getattr(backend, "__name__", None)
         raise ValueError(
             f"none of the {num_layers} attention layers ran as sparsespec::attention: the model was compiled with "
-            "another backend. Pass the model itself, or torch.compile(model, backend='sparsespec')")
+            f"another backend{f' ({name!r})' if name else ''}. Pass the model itself, or "
+            "torch.compile(model, backend='sparsespec')")
     if len(calls) == num_layers and layers != list(range(num_layers)):
         try:  # the step loop's own check: it names the layers that ran twice and why
             check_layers_ran([c.layer_idx for c in calls], num_layers)
@@ -113,6 +121,15 @@ def probe_compiled(compiled, model: torch.nn.Module, num_layers: int) -> tuple[i
         raise ValueError(f"the attention layers receive K/V of different shapes (heads, head_dim) {shapes}: the "
                          "paged KV pool holds one shape for every layer")
     return shapes[0]
+
+
+def _backend_of(compiled):
+    """The compiler function of a ``torch.compile``-d module, if Dynamo's wrapper shows it (private attributes,
+    read only to word an error message; None when they are not there)."""
+    inner = getattr(getattr(getattr(compiled, "dynamo_ctx", None), "callback", None), "_torchdynamo_orig_backend", None)
+    backend = getattr(inner, "_torchdynamo_orig_backend", None)
+    fn = getattr(backend, "compiler_fn", backend)
+    return getattr(fn, "func", fn)  # functools.partial (options=...)
 
 
 __all__ = ["check_model", "probe_compiled"]

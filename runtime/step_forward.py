@@ -51,9 +51,13 @@ def call_model(compiled, input_ids: torch.Tensor, position_ids: torch.Tensor, lo
     """The one call the runtime makes (steps, graph captures, LLM's construction probe): no HF cache; no attention
     weights or hidden states even if the model's config asks for them (``output_attentions=True`` would keep the
     softmax alive as an output, and the rewrite must leave such attention alone)."""
-    return compiled(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=logits_to_keep,
-                    attention_mask=unused_attention_mask(dtype, input_ids.device), output_attentions=False,
-                    output_hidden_states=False)
+    # specialize_float (for the graphs compiled from this call only): once Dynamo has seen one model's attention
+    # scale, a second model of the same class (another head_dim) would get its scale as a tensor input, which the
+    # rewrite must leave alone; specialised, each scale is a constant, guarded like any other
+    with torch._dynamo.config.patch(specialize_float=True):
+        return compiled(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                        logits_to_keep=logits_to_keep, attention_mask=unused_attention_mask(dtype, input_ids.device),
+                        output_attentions=False, output_hidden_states=False)
 
 
 def run_compiled(compiled, ctx: ForwardContext, input_ids: torch.Tensor, position_ids: torch.Tensor,

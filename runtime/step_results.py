@@ -29,6 +29,7 @@ class StepResults:
     placeholders: list[tuple] = field(default_factory=list)
     # stride 0: plain decodes applied with a placeholder output token: (request, index in output_token_ids, row)
     decodes: list[tuple] = field(default_factory=list)
+    logprobs: list | None = None  # logprobs.StepLogprobs parts, when a request asked (read with the results)
     start_event: torch.cuda.Event | None = None  # recorded before the step's first device op (GPU busy time)
     work: StepWork = field(default_factory=StepWork)  # what the step asked of the device (step_cost.py)
     host_seconds: float = 0.0  # host time of its launch (forward, sampling, verification): the CPU's step time

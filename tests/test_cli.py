@@ -17,14 +17,11 @@ VOCAB = [f"w{i}" for i in range(96)]
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Llama checkpoint with a word-level tokenizer (no chat template), as `from_pretrained` reads it."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from conftest import make_word_tokenizer
 
     path = tmp_path_factory.mktemp("tiny-llama-dir")
     tiny_model(FAMILIES["llama"].config(layers=1, heads=2, kv_heads=1), "sdpa").save_pretrained(path)
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="w3"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w3", eos_token="w2").save_pretrained(path)
+    make_word_tokenizer(chat=False).save_pretrained(path)
     return path
 
 

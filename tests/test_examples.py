@@ -34,8 +34,9 @@ def test_python_example(name, expect, capsys):
     out = capsys.readouterr().out
     assert expect in out, out
     if name == "generate.py":
-        answers = [line for line in out.splitlines() if line.startswith("[")]
+        answers = [line for line in out.splitlines() if line.startswith(("[length] '", "[stop] '"))]
         assert len(answers) == 2 and all("''" not in a for a in answers), answers  # non-empty: chat template used
+        assert "[stop: '5']" in out  # the streamed count stopped at the stop string
 
 
 def test_users_ci_test_file_passes():

@@ -98,3 +98,19 @@ def test_kv_expanded_by_the_model_is_served_exactly():
     check_lossless(model, [[5, 6, 7, 8, 9, 10, 11], list(range(10, 31))], stride=3, budget=4, max_new_tokens=12)
     llm = LLM(model, SparseSpecConfig(compiler="eager", num_pages=8))
     assert llm.engine.kv.k[0].shape[2] == 4  # [pages, page_size, heads, head_dim]
+
+
+def test_two_models_of_one_class_with_different_scales_in_one_process():
+    """Once Dynamo had compiled one Llama, a second Llama with another head_dim got its attention scale as a tensor
+    input ('scale is not a constant'): refused. The runtime's calls specialise floats."""
+    import torch
+
+    from sparsespec_compile import SamplingParams
+    from sparsespec_compile.testing import hf_greedy
+
+    torch._dynamo.reset()
+    for head_dim in (8, 16, 8):
+        model = tiny_model(FAMILIES["llama"].config(layers=1, heads=2, kv_heads=1, head_dim=head_dim), "sdpa")
+        llm = LLM(model, SparseSpecConfig(compiler="eager", stride=2, min_budget=2, num_pages=32))
+        out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=6, ignore_eos=True), use_tqdm=False)[0]
+        assert out.token_ids == hf_greedy(model, [5, 6, 7], 6), head_dim
