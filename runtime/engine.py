@@ -278,7 +278,7 @@ class Engine:
         decode runs on with a placeholder token; a verify or a prompt-ending prefill is held (sits out) until its
         result is read."""
         row_of = {i: j for j, i in enumerate(res.sample_rows)}
-        now, res.held, res.placeholders = [], [], []
+        now, decodes, res.held, res.placeholders = [], [], [], []
         for i, e in enumerate(res.plan.entries):
             r = e.request
             if r.is_finished:
@@ -291,12 +291,13 @@ class Engine:
             elif e.kind is StepKind.VERIFY and not self.scheduler.planner.sits_out_after_verify(e.num_tokens - 1):
                 # a plain decode (stride 0, or an adaptive k = 0): runs on, its token pending
                 res.decodes.append((r, len(r.output_token_ids), row_of[i]))
-                self.scheduler.launch_decode(e, placeholder(row_of[i]))
+                decodes.append((e, placeholder(row_of[i])))
             else:
                 self.scheduler.hold(r)
                 res.held.append(i)
         if now:
             self.scheduler.update(StepPlan(res.plan.step, entries=[e for e, _ in now]), [t for _, t in now])
+        self.scheduler.launch_decodes(decodes)  # after the drafts: their next cycles see every phase as it is
 
     def _resolve(self, res: StepResults) -> None:
         """Read a step's results (waits for its copies): fill its draft placeholders, confirm its plain decodes,

@@ -9,7 +9,7 @@ reach the device one ``index_put_`` copies the real tokens from step i's tensor.
 while the device runs step i+1, then swaps the placeholders for the values and applies the held updates.
 
 At stride 0 there is nothing to verify: a plain decode's sampled token is final, so it goes into the request's
-output at once as a placeholder (``Scheduler.launch_decode``) and is the input of its next step, like a draft; the
+output at once as a placeholder (``Scheduler.launch_decodes``) and is the input of its next step, like a draft; the
 stop checks wait for the value (``Scheduler.confirm_decode``), so a request that stopped has had one more step
 computed, whose token is dropped.
 """

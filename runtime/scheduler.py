@@ -139,14 +139,14 @@ class Scheduler:
 
     def _schedule_running(self, plan: StepPlan) -> int:
         budget = self.max_num_batched_tokens
-        for r in [r for r in self.running if r.is_decoding]:
-            if r.state in _NOT_RUNNING:
+        decoding = [r for r in self.running if r.is_decoding]
+        due = [r for r in decoding if r.state is RequestState.STALL and not r.held and r.stall_until < self.step]
+        for r in due:  # sat out its step(s): its next cycle starts with this step
+            r.stall_until = -1
+        self.planner.begin_cycles(due, self.step - 1, self.running)
+        for r in decoding:
+            if r.state in _NOT_RUNNING or r.state is RequestState.STALL:
                 continue  # evicted earlier in this loop (state, not `in self.running`: that is O(batch) per request)
-            if r.state is RequestState.STALL:
-                if r.held or r.stall_until >= self.step:
-                    continue
-                r.stall_until = -1
-                self.planner.begin_cycle(r, self.step - 1, self.running)
             e = self._decode_entry(r)
             if e.num_tokens > budget:
                 continue  # waits a step; its phase shifts by one
@@ -234,7 +234,8 @@ class Scheduler:
         dropped). A malformed result finishes that request with ``'error: ...'``; the others are unaffected."""
         if len(sampled) != len(plan.entries):
             raise ValueError(f"update got {len(sampled)} results for {len(plan.entries)} entries")
-        entering: list[Request] = []
+        entering: list[Request] = []  # prompts just prefilled: their first cycle
+        starting: list[Request] = []  # verified: their next cycle
         for e, toks in zip(plan.entries, sampled):
             r = e.request
             if r.is_finished or r.state in (RequestState.WAITING, RequestState.SWAPPED):
@@ -270,27 +271,31 @@ class Scheduler:
                 if self.planner.sits_out_after_verify(j):
                     r.state, r.stall_until = RequestState.STALL, plan.step + 1
                 else:
-                    self.planner.begin_cycle(r, self.step, self.running)
-        for r in entering:  # after every other request's state is final, so phase loads are exact
-            self.planner.begin_cycle(r, self.step, self.running, first=True)
+                    starting.append(r)
+        # after every other request's state is final, so phase loads are exact; first cycles see the others' new ones
+        self.planner.begin_cycles([r for r in starting if not r.is_finished], self.step, self.running)
+        self.planner.begin_cycles(entering, self.step, self.running, first=True)
 
-    def launch_decode(self, e: StepEntry, token: int) -> None:
-        """Overlap, plain decode ``e`` (a 1-token verify, just launched): apply it before its token is known.
-        ``token`` is a placeholder (overlap.py) that becomes the request's last output token, so the next step runs
-        on it (patched on the device). The stop checks wait for the value (``confirm_decode``): a request that turns
-        out to have stopped has had at most one more step computed, whose token is dropped. At its length limit the
-        request sits out (held) until the value arrives."""
-        r = e.request
-        self.planner.record_verify(r, 0, 0)
-        r.draft_start = e.start_pos
-        r.has_pillars = e.refresh is not Refresh.NONE
-        r.num_computed_tokens = e.start_pos + 1
-        r.output_token_ids.append(token)
-        r.num_pending += 1
-        if self._at_length(r):
-            self.hold(r)
-        else:
-            self.planner.begin_cycle(r, self.step, self.running)
+    def launch_decodes(self, decodes: Sequence[tuple[StepEntry, int]]) -> None:
+        """Overlap, plain decodes (1-token verifies, just launched): apply them before their tokens are known.
+        Each ``(entry, token)``'s ``token`` is a placeholder (overlap.py) that becomes the request's last output
+        token, so the next step runs on it (patched on the device). The stop checks wait for the value
+        (``confirm_decode``): a request that turns out to have stopped has had at most one more step computed, whose
+        token is dropped. At its length limit a request sits out (held) until the value arrives."""
+        starting = []
+        for e, token in decodes:
+            r = e.request
+            self.planner.record_verify(r, 0, 0)
+            r.draft_start = e.start_pos
+            r.has_pillars = e.refresh is not Refresh.NONE
+            r.num_computed_tokens = e.start_pos + 1
+            r.output_token_ids.append(token)
+            r.num_pending += 1
+            if self._at_length(r):
+                self.hold(r)
+            else:
+                starting.append(r)
+        self.planner.begin_cycles(starting, self.step, self.running)
 
     def confirm_decode(self, r: Request, idx: int, token: int, value: int) -> bool:
         """The value of a ``launch_decode`` placeholder arrived: put it in place and apply the stop checks that

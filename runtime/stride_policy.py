@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
-from .acceptance import AcceptanceStats, expected_tokens
+from .acceptance import AcceptanceStats
 from .request import Request
 
 PROBE_DRAFTS = 2
@@ -95,12 +95,14 @@ class AdaptiveStride:
         sparse = self.sparse_drafts and (r.has_pillars if with_pillars is None else with_pillars)
         b = self.budget(ctx) if sparse else 0
         out = [1.0 / max(c_tok + c_full * (ctx + 1) + share, 1e-30)]
-        drafts = 0.0
+        drafts, tokens, p = 0.0, 1.0, 1.0  # tokens = expected_tokens(q, j), built up one position at a time
         for j in range(1, j_max + 1):
+            p *= q[j - 1]
+            tokens += p
             drafts += c_tok + (c_sparse * (b + TAIL + j) if sparse else c_full * (ctx + j))
             verify = (j + 1) * c_tok + c_full * (1.5 * ctx + j + 1)  # attention over the context + pillar scores (K)
             steps = j + 1 + (1 if self.delayed_verify else 0)
-            out.append(expected_tokens(q, j) / max(drafts + verify + steps * share, 1e-30))
+            out.append(tokens / max(drafts + verify + steps * share, 1e-30))
         return out
 
     def options(self, r: Request, j_max: int, num_decoding: int) -> list[int]:

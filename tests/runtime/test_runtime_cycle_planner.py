@@ -34,13 +34,13 @@ class PerRequest:
 def test_fixed_stride_drafts_k_and_clips_at_the_length_limit():
     p = CyclePlanner(FixedStride(4), delayed_verify=False, max_model_len=64)
     r = _decoding()
-    p.begin_cycle(r, step=10, running=[r])
+    p.begin_cycles([r], step=10, running=[r])
     assert (r.num_cycle_drafts, r.state, r.cycle_refresh) == (4, RequestState.DRAFT, True)
     short = _decoding(max_tokens=3)  # 2 tokens left: one draft, whose verify emits up to 2
-    p.begin_cycle(short, step=10, running=[short])
+    p.begin_cycles([short], step=10, running=[short])
     assert short.num_cycle_drafts == 1
     last = _decoding(max_tokens=2)
-    p.begin_cycle(last, step=10, running=[last])
+    p.begin_cycles([last], step=10, running=[last])
     assert (last.num_cycle_drafts, last.state) == (0, RequestState.VERIFY)
 
 
@@ -50,11 +50,11 @@ def test_first_cycle_lands_on_the_least_loaded_phase():
     a = _decoding(drafts=1, done=1)  # next verify at 11
     b = _decoding(drafts=2, done=1)  # next verify at 12
     r = _decoding()
-    p.begin_cycle(r, step=10, running=[a, b, r], first=True)
+    p.begin_cycles([r], step=10, running=[a, b, r], first=True)
     assert r.num_cycle_drafts == 2
     a.draft_token_ids = []  # now a verifies at 12 as well: phases 0 taken twice, 1 and 2 free -> prefer longest
     c = _decoding()
-    p.begin_cycle(c, step=10, running=[a, b, c], first=True)
+    p.begin_cycles([c], step=10, running=[a, b, c], first=True)
     assert c.num_cycle_drafts == 2
 
 
@@ -64,7 +64,7 @@ def test_delayed_verification_sits_out_and_can_stall_to_reach_the_last_phase():
     a = _decoding(drafts=0, state=RequestState.VERIFY)  # verifies at 11 (phase 2)
     b = _decoding(drafts=1)  # verifies at 12 (phase 0)
     r = _decoding()
-    p.begin_cycle(r, step=10, running=[a, b, r], first=True)  # phase 1 (step 13) is reached by sitting out first
+    p.begin_cycles([r], step=10, running=[a, b, r], first=True)  # phase 1 (step 13) is reached by sitting out first
     assert r.state is RequestState.STALL and r.stall_until == 11
 
 
@@ -74,7 +74,7 @@ def test_mixed_strides_each_request_its_own_j_and_plain_decodes_never_sit_out():
     reqs = [_decoding() for _ in range(3)]
     for r, j in zip(reqs, (0, 1, 3)):
         policy.j_of[r.request_id] = j
-        p.begin_cycle(r, step=5, running=reqs)
+    p.begin_cycles(reqs, step=5, running=reqs)
     assert [r.num_cycle_drafts for r in reqs] == [0, 1, 3]
     assert [r.state for r in reqs] == [RequestState.VERIFY, RequestState.DRAFT, RequestState.DRAFT]
     assert [r.cycle_refresh for r in reqs] == [False, True, True]
