@@ -14,8 +14,8 @@ from sparsespec_compile.testing import FAMILIES, tiny_model
 
 def test_batched_seeded_requests_equal_their_solo_runs():
     model = tiny_model(FAMILIES["llama"].config(layers=2, heads=4, kv_heads=2), "sdpa", seed=0)
-    llm = LLM(model, SparseSpecConfig(compiler="eager", stride=4, min_budget=4, recent=1, page_size=4,
-                                      num_pages=160, max_num_seqs=8))
+    llm = LLM(model, SparseSpecConfig(compiler="eager", stride=4, adaptive=False, min_budget=4, recent=1,
+                                      page_size=4, num_pages=160, max_num_seqs=8))
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 96, (int(n),), generator=g).tolist() for n in torch.randint(3, 20, (8,), generator=g)]
     params = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=123, ignore_eos=True)
