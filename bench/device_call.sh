@@ -38,7 +38,7 @@
 #           shape (random bf16 weights saved once to /root/q8b) at B 32, 4k prompts, stride 0: 2 ranks (graphs on
 #           when the check captured them, and padded steps without graphs) vs 1 GPU
 set -euo pipefail
-phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile|context_profile|tp|streaming|carry|kstep|kstep2|s14_qwen|s14_smol}
+phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile|context_profile|tp|streaming|carry|kstep|kstep2|s14_qwen|s14_smol|prof14}
 R=$PWD
 GG=/root/gg
 mkdir -p "$GG"
@@ -159,6 +159,15 @@ PY
       --output-lens 4096 --requests-per-slot 2 --temperature 0 --fuse-projections \
       --time-budget-s "${SMOL_BUDGET:-480}" --out "$OUT/smol" 2>&1 | grep -v -i warn | grep -v '^{' | tail -16 \
       || echo "(smol rc $?: what ran is in the JSON)" ;;
+  prof14)  # issue 14: where a speculative step's time goes at B 256 with 512-token prompts (random SmolLM2-shaped
+           # weights): per-kernel profiles of stride 0 and k = 8 (eager padded launches, and graph replays), then the
+           # same two timed with CUDA graphs and overlap (the wall step the benchmark reports)
+    cp "$R/bench/gpu_graph_check.py" .
+    timeout 330 python3 gpu_graph_check.py --profile --out "$OUT" --runs "s0_b256 0 pad inductor 256 512 64 fuse" \
+      "k8_b256 8 pad inductor 256 512 64 fuse" "k8_b256_graph 8 on inductor 256 512 64 fuse" \
+      2>&1 | grep -v -i warn | cut -c1-200 | head -150 || echo "(profile rc $?)"
+    timeout 170 python3 gpu_graph_check.py --out "$OUT" --runs "s0_b256 0 on inductor 256 512 256 on fuse" \
+      "k8_b256 8 on inductor 256 512 256 on fuse" 2>&1 | grep -v -i warn | cut -c1-1500 | tail -6 || echo "(timed rc $?)" ;;
   profile)
     cp "$R/bench/gpu_graph_check.py" .
     timeout 300 python3 gpu_graph_check.py --profile --out "$OUT" --runs "s0_fuse 0 pad inductor 64 2048 256 fuse" \
