@@ -182,18 +182,22 @@ def breakdown(case: StepCase, K, bench_ms) -> dict:
         K.select_pillars(case.layer_scores.view(n, p.hkv, case.L), case.ctx.repeat(case.n_layers),
                          case.budget.repeat(case.n_layers), 16, case.max_budget)
 
-    def score_tiles(t):  # the scoring launch shape: K tiles per program (the library's default is 8)
+    def score_shape(bn, t):  # a fixed scoring launch shape: bn-key tiles, t per program (the library autotunes it)
         from sparsespec_compile.kernels.pillars_triton import pillar_scores_triton
 
         for layer in range(case.n_layers):
             pillar_scores_triton(case.q, p.k, query_start_loc=case.qsl, seq_lens=case.seq,
                                  block_tables=case.tables[layer], rows=case.score_rows, lse=lses[layer],
-                                 max_ctx=case.L, out=case.layer_scores[layer], scale=p.scale, tiles=t)
+                                 max_ctx=case.L, out=case.layer_scores[layer], scale=p.scale, block_n=bn, tiles=t)
 
     attend(keep=True)
     r = dict(attn_ms=bench_ms(attend), score_ms=bench_ms(score), select_ms=bench_ms(select))
-    for t in (2, 4, 16):
-        r[f"score_tiles{t}_ms"] = bench_ms(lambda: score_tiles(t))
+    from sparsespec_compile.kernels.pillars_triton import _scores_kernel_tuned
+
+    best = _scores_kernel_tuned.best_config
+    r["score_shape_tuned"] = f"N{best.kwargs['BLOCK_N']}x{best.kwargs['TILES']}/w{best.num_warps}" if best else None
+    for bn, t in ((64, 1), (64, 4), (128, 2), (128, 8)):
+        r[f"score_n{bn}x{t}_ms"] = bench_ms(lambda: score_shape(bn, t))
     return r
 
 

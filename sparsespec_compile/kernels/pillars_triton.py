@@ -35,10 +35,10 @@ def _verify_queries(q, lse, q_start, tok, q_len, g, head, offs_d, d_ok, stride_q
     return qt, tl.where(lse_r == float("-inf"), float("inf"), lse_r) * 1.4426950408889634
 
 
-@triton.jit(do_not_specialize=["max_ctx", "sliding_window", "seq_bucket"])
+@triton.jit(do_not_specialize=["max_ctx", "sliding_window", "seq_bucket", "work_bucket"])
 def _scores_kernel(
     scores, q, k_cache, lse, query_start_loc, seq_lens, block_tables, rows,
-    max_ctx, scale, softcap, sliding_window, seq_bucket,
+    max_ctx, scale, softcap, sliding_window, seq_bucket, work_bucket,
     stride_qt, stride_qh, stride_cp, stride_co, stride_ch, stride_bt, stride_sj, stride_sh,
     HQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -103,14 +103,18 @@ def _scores_kernel(
         tl.store(out_row + pos, tl.where(pos_ok, total * inv, float("-inf")), mask=pos < max_ctx)
 
 
-# Keys per program = TILES * BLOCK_N: one program per 64-key tile (5.4k programs in a B 256 step) spent its time on
-# metadata and Q loads, not on K (0.77 ms per step in the H200 profile against ~0.27 ms of K bytes).
-_SCORE_TILES = 8
+# Keys per program = TILES * BLOCK_N, tuned per (context bucket, scored rows x KV heads): keys are scored
+# independently (no merge), so the launch shape only trades parallelism against per-program fixed costs (Q and lse
+# loads, metadata). Both ends measured slow on the H200: one 64-key tile per program at B 256, 4k contexts spent
+# its time on metadata and Q loads (0.77 ms per step against ~0.27 ms of K bytes); 8 tiles per program at B 256,
+# 512-token prompts left 84 programs for 132 SMs (16.8 us a layer against ~1.7 us of K bytes;
+# bench/data/profile_k8_b256_prompt512_h200.txt). Which shape wins depends on how many (row, head, chunk)
+# programs have keys, so the autotuner measures each shape on the step's own rows.
+_SCORE_SHAPES = ((64, 1, 4), (64, 2, 4), (64, 4, 4), (128, 1, 4), (128, 2, 4), (128, 4, 4), (128, 8, 4), (128, 4, 8))
 
 _scores_kernel_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-             for bn, w, s in ((64, 4, 2), (128, 4, 2), (128, 8, 2))],
-    key=["HEAD_DIM", "BLOCK_M", "seq_bucket", "PAGE_SIZE"],
+    configs=[triton.Config({"BLOCK_N": bn, "TILES": t}, num_warps=w, num_stages=2) for bn, t, w in _SCORE_SHAPES],
+    key=["HEAD_DIM", "BLOCK_M", "seq_bucket", "work_bucket", "PAGE_SIZE"],
     do_bench=lambda fn, quantiles=None: triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles),
 )(_scores_kernel)
 
@@ -118,8 +122,8 @@ _scores_kernel_tuned = triton.autotune(
 def pillar_scores_triton(q, k_cache, *, query_start_loc, seq_lens, block_tables, rows, lse, scale, softcap=0.0,
                          sliding_window=-1, max_ctx, block_n: int | None = None, tiles: int | None = None,
                          out: torch.Tensor | None = None):
-    """Launcher; arguments as :func:`sparsespec_compile.kernels.pillar_scores`. ``tiles`` (K tiles per program,
-    default ``_SCORE_TILES``) and ``block_n`` override the launch shape (sweeps)."""
+    """Launcher; arguments as :func:`sparsespec_compile.kernels.pillar_scores`. ``tiles`` (K tiles per program)
+    and ``block_n`` fix the launch shape (sweeps; both default to the autotuned shape)."""
     T, Hq, D = q.shape
     _, P, Hkv, _ = k_cache.shape
     Rv = rows.shape[0]
@@ -130,18 +134,19 @@ def pillar_scores_triton(q, k_cache, *, query_start_loc, seq_lens, block_tables,
     bq = max(1, 16 // gp, min(16, 128 // gp))
     args = (scores, q, k_cache, lse.contiguous(), query_start_loc, seq_lens, block_tables, rows, max_ctx,
             float(scale), float(softcap) if softcap > 0 else 1.0, int(sliding_window),
-            triton.next_power_of_2(max_ctx), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+            triton.next_power_of_2(max_ctx), triton.next_power_of_2(Rv * Hkv), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
             k_cache.stride(2), block_tables.stride(0), scores.stride(0), scores.stride(1))
-    tiles = tiles or (2 if interpreting() else _SCORE_TILES)
     meta = dict(HQ=Hq, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), GROUP=Hq // Hkv, GROUP_PAD=gp,
-                BLOCK_Q=bq, BLOCK_M=bq * gp, TILES=tiles, PAGE_SIZE=P, USE_SOFTCAP=softcap > 0,
+                BLOCK_Q=bq, BLOCK_M=bq * gp, PAGE_SIZE=P, USE_SOFTCAP=softcap > 0,
                 USE_WINDOW=sliding_window > 0, UPCAST=interpreting(),
                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
-    if interpreting() or block_n is not None:
-        bn = block_n or 16
-        _scores_kernel[(Rv, Hkv, triton.cdiv(max_ctx, bn * tiles))](*args, BLOCK_N=bn, num_warps=4, **meta)
+    if interpreting() or block_n is not None or tiles is not None:
+        bn = block_n or (16 if interpreting() else 64)
+        tiles = tiles or 2
+        _scores_kernel[(Rv, Hkv, triton.cdiv(max_ctx, bn * tiles))](*args, BLOCK_N=bn, TILES=tiles, num_warps=4,
+                                                                     **meta)
     else:
-        grid = lambda m: (Rv, Hkv, triton.cdiv(max_ctx, m["BLOCK_N"] * tiles))  # noqa: E731
+        grid = lambda m: (Rv, Hkv, triton.cdiv(max_ctx, m["BLOCK_N"] * m["TILES"]))  # noqa: E731
         _scores_kernel_tuned[grid](*args, **meta)
     return scores
 

@@ -39,6 +39,22 @@ def test_scores_triton_matches_reference(reqs, group, d, page, dtype, window, so
     torch.testing.assert_close(out.nan_to_num(neginf=0), ref.nan_to_num(neginf=0), rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("tiles", [1, 4, 8])  # the autotuned launch shapes' tiles per program (chunks of 16-128 keys)
+def test_scores_any_launch_shape(tiles):
+    """Every launch shape the autotuner may pick gives the reference scores (keys are scored independently, so
+    the chunking changes only which program writes a key)."""
+    specs = [(9, 9 + 70), (1, 1 + 5), (4, 4 + 33)]
+    b, lse = _verify_batch(specs, 3, 16, 4, torch.float32, seed=3)
+    kw = dict(**b.meta(), rows=torch.tensor([0, 1, 2]), lse=lse, scale=b.scale)
+    ref = kernels.pillar_scores(b.q, b.k_cache, **kw, impl="reference")
+    from sparsespec_compile.kernels.pillars_triton import pillar_scores_triton
+
+    kw.pop("impl", None)
+    out = pillar_scores_triton(b.q, b.k_cache, **kw, max_ctx=ref.shape[-1], block_n=16, tiles=tiles)
+    assert torch.equal(torch.isinf(out), torch.isinf(ref))
+    torch.testing.assert_close(out.nan_to_num(neginf=0), ref.nan_to_num(neginf=0), rtol=1e-4, atol=1e-7)
+
+
 def test_scores_are_mean_probabilities():
     """Scores of the verified context are the verify queries' full-attention probabilities, group/query mean."""
     specs = [(9, 40), (3, 3 + 17)]
