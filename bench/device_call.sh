@@ -38,7 +38,7 @@
 #           shape (random bf16 weights saved once to /root/q8b) at B 32, 4k prompts, stride 0: 2 ranks (graphs on
 #           when the check captured them, and padded steps without graphs) vs 1 GPU
 set -euo pipefail
-phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile|context_profile|tp|streaming|carry|kstep|kstep2|s14_qwen|s14_smol|prof14}
+phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile|context_profile|tp|streaming|carry|kstep|kstep2|s14_qwen|s14_smol|prof14|s14b}
 R=$PWD
 GG=/root/gg
 mkdir -p "$GG"
@@ -168,6 +168,15 @@ PY
       2>&1 | grep -v -i warn | cut -c1-200 | head -150 || echo "(profile rc $?)"
     timeout 170 python3 gpu_graph_check.py --out "$OUT" --runs "s0_b256 0 on inductor 256 512 256 on fuse" \
       "k8_b256 8 on inductor 256 512 256 on fuse" 2>&1 | grep -v -i warn | cut -c1-1500 | tail -6 || echo "(timed rc $?)" ;;
+  s14b)  # issue 14, no GGUF: the step section (checks, breakdown with the scoring shape the autotuner chose), then
+         # the Qwen3-8B shape end to end, stride 0 vs PillarAttn (B 32 x 12,288-token prompts; QWEN_TIMEOUT)
+    mkdir -p /tmp/old_kernels && cp "$R"/.carry/old_kernels/*.py /tmp/old_kernels/ 2>/dev/null || true
+    OLD_KERNELS_DIR=/tmp/old_kernels timeout 160 python3 "$R/bench/kernels.py" --sections check,step --budget-s 80 \
+      --out "$OUT" 2>&1 | grep -v -i warn | grep "kind=\|FAIL\|rror\|step" | cut -c1-900 | tail -30 || echo "(kernels rc $?)"
+    timeout "${QWEN_TIMEOUT:-400}" python3 -m sparsespec_compile.benchmark --model qwen3-8b-random --methods stride0 pillar \
+      --batch-sizes 32 --prompt-len 12288 --output-lens 256 --temperature 0 --fuse-projections \
+      --time-budget-s "$(( ${QWEN_TIMEOUT:-400} - 20 ))" --out "$OUT/qwen" 2>&1 | grep -v -i warn | grep -v '^{' | tail -14 \
+      || echo "(qwen rc $?)" ;;
   profile)
     cp "$R/bench/gpu_graph_check.py" .
     timeout 300 python3 gpu_graph_check.py --profile --out "$OUT" --runs "s0_fuse 0 pad inductor 64 2048 256 fuse" \
