@@ -194,7 +194,7 @@ def breakdown(case: StepCase, K, bench_ms) -> dict:
     r = dict(attn_ms=bench_ms(attend), score_ms=bench_ms(score), select_ms=bench_ms(select))
     from sparsespec_compile.kernels.pillars_triton import _scores_kernel_tuned
 
-    best = _scores_kernel_tuned.best_config
+    best = getattr(_scores_kernel_tuned, "best_config", None)  # set once the autotuner ran (GPU)
     r["score_shape_tuned"] = f"N{best.kwargs['BLOCK_N']}x{best.kwargs['TILES']}/w{best.num_warps}" if best else None
     for bn, t in ((64, 1), (64, 4), (128, 2), (128, 8)):
         r[f"score_n{bn}x{t}_ms"] = bench_ms(lambda: score_shape(bn, t))
