@@ -104,7 +104,7 @@ def run_step(case: StepCase, K, variant: str, old=None):
               pillar_lengths=case.pillar_len)
     if variant.startswith("fused"):  # fused_m64: a 64-row block (16 queries of a 4-head group) so a verify chunk is
         # one unit; fused: the library's choice (the decode block, BLOCK_M 16, for steps of <= 16 queries per row)
-        bq = max(1, 64 // triton.next_power_of_2(p.hq // p.hkv)) if variant == "fused_m64" else None
+        bq = max(1, 64 // (p.hq // p.hkv)) if variant == "fused_m64" else None
         plan = K.attention_plan(case.q, p.k, query_start_loc=case.qsl, seq_lens=case.seq, max_query_len=case.k + 1,
                                 max_pillars=case.pillars.shape[2], block_q=bq,
                                 **{k: v for k, v in sp.items() if k != "pillar_indices"})

@@ -2,8 +2,8 @@
 the rows that were cut.
 
 Program ``(item, kv_head)`` of the attention kernel reads one item of the step's :class:`AttentionPlan`: ``BLOCK_Q``
-query tokens of one request times the ``GROUP`` query heads of one KV head, flattened into ``BLOCK_M = BLOCK_Q *
-GROUP_PAD`` rows of one ``tl.dot`` (every K/V tile is loaded once for the whole GQA group), over one slice of the
+query tokens of one request times the ``GROUP`` query heads of one KV head, packed densely into the first
+``BLOCK_Q * GROUP`` of the ``BLOCK_M`` rows of one ``tl.dot`` (every K/V tile is loaded once for the whole GQA group), over one slice of the
 request's *virtual key range*: for a full row the positions ``lo .. last``; for a sparse (PillarAttn) row the pillar
 list followed by ``draft_start .. last``. Each key's page comes from the block table, so full and sparse rows share
 one loop and one launch. An item that covers its whole unit writes the output itself; the slices of a cut unit write
@@ -33,7 +33,7 @@ def _attn_kernel(
     max_pillars, scale, softcap, sliding_window, seq_bucket, work_bucket,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cp, stride_co, stride_ch, stride_bt, stride_pr, stride_ph,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
     HAS_SPARSE: tl.constexpr, USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -53,9 +53,9 @@ def _attn_kernel(
     pos0 = seq_len - q_len  # position of the request's first query
 
     offs_m = tl.arange(0, BLOCK_M)
-    tok = qb * BLOCK_Q + offs_m // GROUP_PAD  # query index inside the request
-    g = offs_m % GROUP_PAD
-    row_ok = (tok < q_len) & (g < GROUP)
+    tok = qb * BLOCK_Q + offs_m // GROUP  # query index inside the request
+    g = offs_m % GROUP
+    row_ok = (tok < q_len) & (offs_m < BLOCK_Q * GROUP)  # the block's last rows may be spare
     head = kvh * GROUP + g
     qpos = pos0 + tok
     offs_d = tl.arange(0, BLOCK_D)
@@ -145,7 +145,7 @@ def _attn_kernel(
 @triton.jit
 def _merge_kernel(out, lse, part_acc, part_m, part_l, units, query_start_loc, R, num_units, num_tokens,
                   stride_ot, stride_oh,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
                   BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr):
     """Program ``(u, kv_head)``: for u < num_units, combine the partials of a unit that was cut (a unit of one
     item wrote its rows itself); past them, zero the padding tokens of one block of BLOCK_Q (out / lse are not
@@ -154,13 +154,14 @@ def _merge_kernel(out, lse, part_acc, part_m, part_l, units, query_start_loc, R,
     kvh = tl.program_id(1)
     Hkv = tl.num_programs(1)
     offs_m = tl.arange(0, BLOCK_M)
-    g = offs_m % GROUP_PAD
+    g = offs_m % GROUP
     head = kvh * GROUP + g
     dd = tl.arange(0, BLOCK_D)
     d_ok = dd < HEAD_DIM
+    used = offs_m < BLOCK_Q * GROUP
     if u >= num_units:  # padding tokens past query_start_loc[R]: zeros and -inf
-        t = (u - num_units) * BLOCK_Q + offs_m // GROUP_PAD
-        pad = (t >= tl.load(query_start_loc + R)) & (t < num_tokens) & (g < GROUP)
+        t = (u - num_units) * BLOCK_Q + offs_m // GROUP
+        pad = (t >= tl.load(query_start_loc + R)) & (t < num_tokens) & used
         trow = t.to(tl.int64)
         tl.store(out + trow[:, None] * stride_ot + head[:, None] * stride_oh + dd[None, :],
                  tl.zeros([BLOCK_M, BLOCK_D], tl.float32).to(out.dtype.element_ty), mask=pad[:, None] & d_ok[None, :])
@@ -175,8 +176,8 @@ def _merge_kernel(out, lse, part_acc, part_m, part_l, units, query_start_loc, R,
     first = tl.load(rec + 2)
     q_start = tl.load(query_start_loc + r)
     q_len = tl.load(query_start_loc + r + 1) - q_start
-    tok = qb * BLOCK_Q + offs_m // GROUP_PAD
-    row_ok = (tok < q_len) & (g < GROUP)
+    tok = qb * BLOCK_Q + offs_m // GROUP
+    row_ok = (tok < q_len) & used
     m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_run = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -238,19 +239,26 @@ def _num_sms(device: torch.device) -> int:
 
 
 def plan_blocks(Hq: int, Hkv: int, max_query_len: int) -> tuple[int, int]:
-    """(BLOCK_Q, GROUP_PAD): BLOCK_M = BLOCK_Q * GROUP_PAD rows, at least 16 (tl.dot's minimum).
+    """(BLOCK_Q, BLOCK_M): a block holds BLOCK_Q query tokens times the GQA group of one KV head, packed densely into
+    BLOCK_M >= 16 rows (tl.dot's minimum, a power of two); a group of 3 puts 5 queries in 16 rows, so a k + 1 = 9
+    verify chunk is 2 units (reading its context twice), where padding the group to 4 made it 3 (4 + 4 + 1).
 
-    Decode, draft and verify steps (every row <= 16 queries) use the smallest block: a k + 1 verify chunk becomes
-    several units whose K/V re-reads hit L2, and no draft row pays for a 64-row block. On the H200 (bench/kernels.py
-    step section) a steady k = 8 step was 0.86x (SmolLM2, B 256, L 4k) and 0.83x (Qwen3-8B, B 32, L 16k) the time
-    with a 64-row block, which needs 166-255 registers a thread where 16 rows need 105-156 (d64; ptxas -v, sm_90),
-    so fewer programs fit an SM. Steps with a prefill chunk keep up to 64 rows (compute-bound: each K/V tile serves
-    more queries)."""
-    gp = triton.next_power_of_2(Hq // Hkv)
-    bq_min = max(1, 16 // gp)
-    if max_query_len <= 16:
-        return bq_min, gp
-    return max(bq_min, min(triton.next_power_of_2(max_query_len), max(1, 64 // gp))), gp
+    Decode, draft and verify steps (every row <= 16 queries) use the smallest block: a verify chunk becomes a few
+    units whose K/V re-reads hit L2, and no draft row pays for a 64-row block. On the H200 (bench/kernels.py step
+    section) a steady k = 8 step was 0.86x (SmolLM2, B 256, L 4k) and 0.83x (Qwen3-8B, B 32, L 16k) the time with a
+    64-row block, which needs 166-255 registers a thread where 16 rows need 105-156 (d64; ptxas -v, sm_90), so fewer
+    programs fit an SM. Steps with a prefill chunk use up to 64 rows (compute-bound: each K/V tile serves more
+    queries)."""
+    group = Hq // Hkv
+    bm = max(16, triton.next_power_of_2(group))
+    if max_query_len > 16:
+        bm = max(bm, min(64, triton.next_power_of_2(max_query_len * group)))
+    return max(1, bm // group), bm
+
+
+def block_rows(group: int, block_q: int) -> int:
+    """BLOCK_M of a plan cut into ``block_q``-query units: the smallest power of two >= 16 holding them."""
+    return max(16, triton.next_power_of_2(block_q * group))
 
 
 def work_target(device: torch.device, head_dim: int, num_kv_heads: int,
@@ -300,11 +308,10 @@ def unified_attention_triton(q, k_cache, v_cache, *, query_start_loc, seq_lens, 
                               draft_start=draft_start, pillar_lengths=pillar_lengths, pillar_rows=pillar_rows,
                               max_pillars=pillar_indices.shape[2] if has_sparse else 0, chunk_keys=chunk_keys,
                               max_chunks=max_chunks, block_q=block_q)
-    bq, gp = plan.block_q, triton.next_power_of_2(Hq // Hkv)
-    if bq * gp < 16 or bq & (bq - 1):
-        raise ValueError(f"the plan's BLOCK_Q {bq} must be a power of two with BLOCK_Q * {gp} (the padded GQA group) "
-                         ">= 16 (tl.dot's minimum)")
-    bm = bq * gp
+    bq, gp = plan.block_q, Hq // Hkv
+    if bq < 1:
+        raise ValueError(f"the plan's BLOCK_Q must be >= 1, got {bq}")
+    bm = block_rows(gp, bq)
     W, U = plan.items.shape[0], plan.units.shape[0]
     # Every real row is written by its item (one chunk) or by the merge, padding rows by the merge: no fill.
     out = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
@@ -323,7 +330,7 @@ def unified_attention_triton(q, k_cache, v_cache, *, query_start_loc, seq_lens, 
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
             pillar_indices.stride(0), pillar_indices.stride(1))
-    meta = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), GROUP=Hq // Hkv, GROUP_PAD=gp, BLOCK_Q=bq,
+    meta = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), GROUP=gp, BLOCK_Q=bq,
                 BLOCK_M=bm, PAGE_SIZE=P, HAS_SPARSE=has_sparse, USE_SOFTCAP=softcap > 0,
                 USE_WINDOW=sliding_window > 0, UPCAST=upcast,
                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
@@ -334,7 +341,7 @@ def unified_attention_triton(q, k_cache, v_cache, *, query_start_loc, seq_lens, 
         _attn_kernel_tuned[grid](*args, **meta)
     _merge_kernel[(U + triton.cdiv(T, bq), Hkv)](
         out, lse, part_acc, part_m, part_l, plan.units, query_start_loc, R, U, T, out.stride(0), out.stride(1),
-        HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], GROUP=Hq // Hkv, GROUP_PAD=gp, BLOCK_Q=bq, BLOCK_M=bm,
+        HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], GROUP=gp, BLOCK_Q=bq, BLOCK_M=bm,
         num_warps=1 if upcast else 4)
     return out, lse
 

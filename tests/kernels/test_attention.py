@@ -39,7 +39,8 @@ request = st.one_of(
 @SETTINGS
 @given(specs=st.lists(request, min_size=1, max_size=5), hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 3, 4, 8]),
        d=st.sampled_from([16, 32, 64]), page=st.sampled_from([1, 4, 16]), dtype=st.sampled_from([torch.float32, torch.float16]),
-       softcap=st.sampled_from([0.0, 5.0]), window=st.sampled_from([-1, 7]), chunk=st.sampled_from([None, 16, 40]), small_block=st.booleans(),
+       softcap=st.sampled_from([0.0, 5.0]), window=st.sampled_from([-1, 7]), chunk=st.sampled_from([None, 16, 40]),
+       small_block=st.sampled_from([0, 1, 2]),  # the plan's block / a padded-group block (4 of 5 queries) / dense
        sparse=st.booleans(), pad=st.integers(0, 3), seed=st.integers(0, 2**16))
 def test_triton_matches_reference(specs, hkv, group, d, page, dtype, softcap, window, chunk, small_block, sparse, pad,
                                   seed):
@@ -50,7 +51,8 @@ def test_triton_matches_reference(specs, hkv, group, d, page, dtype, softcap, wi
     ref_out, ref_lse = _attend(b, "reference", **kw)
     out, lse = unified_attention_triton(b.q, b.k_cache, b.v_cache, **b.meta(), max_query_len=b.max_query_len,
                                         max_seq_len=b.max_seq_len, scale=b.scale, chunk_keys=chunk, max_chunks=4,
-                                        block_q=max(1, 16 // triton.next_power_of_2(group)) if small_block else None,
+                                        block_q=[None, max(1, 16 // triton.next_power_of_2(group)),
+                                                 max(1, 16 // group)][small_block],
                                         **kw)
     _check_close(out, lse, ref_out, ref_lse, dtype)
     T = int(b.query_start_loc[-1])
