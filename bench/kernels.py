@@ -25,6 +25,7 @@ ap.add_argument("--out", default="bench_out")
 ap.add_argument("--smoke", action="store_true")
 ap.add_argument("--budget-s", type=float, default=120, help="seconds after which a model's sections are skipped")
 ap.add_argument("--sections", default="check,step,decode,draft,verify,score,mixed")
+ap.add_argument("--models", default=None, help="comma-separated subset of the model shapes (default: all)")
 # Parse the command line only when run as a script: transformers probes for a package named `kernels`, and a
 # script started from bench/ puts this file first on sys.path under that name.
 args = ap.parse_args() if __name__ == "__main__" else ap.parse_args([])
@@ -68,7 +69,6 @@ from sparsespec_compile.kernels.pillars_triton import pillar_scores_triton  # no
 
 DEV = "cpu" if args.smoke else "cuda"
 DT = torch.float32 if args.smoke else torch.bfloat16  # the interpreter's bf16 math is wrong
-MODELS = {"qwen3-8b": (32, 8, 128), "smollm2": (9, 3, 64)}  # (Hq, Hkv, D)
 PAGE = 16
 MAX_TOKENS = 2048 if args.smoke else 2 * 1024 * 1024  # KV pool: 8 GB for the Qwen shape
 BS = [1, 2] if args.smoke else [1, 8, 32, 64, 128]
@@ -270,7 +270,7 @@ def main():
     sections = args.sections.split(",")
     full_ms = {}
     t0 = time.time()
-    for name in MODELS:
+    for name in (args.models.split(",") if args.models else MODELS):
         try:
             run_model(name, sections, bw, full_ms, t0)
         except Exception as e:  # noqa: BLE001 - keep what was measured, report the failure
