@@ -69,6 +69,7 @@ from sparsespec_compile.kernels.pillars_triton import pillar_scores_triton  # no
 
 DEV = "cpu" if args.smoke else "cuda"
 DT = torch.float32 if args.smoke else torch.bfloat16  # the interpreter's bf16 math is wrong
+MODELS = {"qwen3-8b": (32, 8, 128), "smollm2": (9, 3, 64)}  # (Hq, Hkv, D)
 PAGE = 16
 MAX_TOKENS = 2048 if args.smoke else 2 * 1024 * 1024  # KV pool: 8 GB for the Qwen shape
 BS = [1, 2] if args.smoke else [1, 8, 32, 64, 128]
