@@ -268,9 +268,12 @@ def work_target(device: torch.device, head_dim: int, num_kv_heads: int,
 
     A d64 program moves half the bytes per key of a d128 one, so it needs more programs in flight: on the H200
     (bench/attn_sweep.py) SmolLM2 decode at B 64, L 4k was fastest with 1,536 programs (12 per SM), Qwen3-8B (d128)
-    within 3% from 2 to 8 per SM.
+    decode within 3% from 2 to 8 per SM. d128 takes the top of that range because a speculative step's rows are
+    unequal: at 2 per SM a Qwen3-8B k = 8 step (B 32, L 16k) gets 5.2k-key verify items beside 0.8k-key drafts, and
+    the SMs holding verify items finish last (list-scheduling the plan's items on 132 SMs: 1.56x the balanced time,
+    1.05-1.13x at 8 per SM); the step section measured that step at 2.3x its bytes floor with decode at 1.0x.
     """
-    programs_per_sm = 12 if head_dim <= 64 else 2
+    programs_per_sm = 12 if head_dim <= 64 else 8
     if compute_bound:  # q-blocks of prefill chunks keep the tensor cores busy with a couple of programs per SM;
         # flash-decoding split none of a B 4 x 2,048 SmolLM2 prefill's 1,548 programs, and cutting them was 1.26x slower
         programs_per_sm = 2
