@@ -3,7 +3,7 @@
 A step's time is modelled as ``c0 + c_tok * tokens + c_full * full_keys + c_sparse * sparse_keys``:
 
 * ``c0``: what every step pays whatever it holds — reading the weights once, the ~414 batch-independent kernel
-  launches of a SmolLM2 step (2.1 ms of device time on the H200, bench/RESULTS.md), sampling set-up;
+  launches of a SmolLM2 step (~1.2 ms of device time on the H200 at B 256, besides attention), sampling set-up;
 * ``c_tok``: per query token (the GEMMs' M dimension, the LM head row, its sample);
 * ``c_full``: per key a full-attention row reads (its context; a verify row that refreshes pillars re-reads the
   keys of its context, not the values, for the scores: counted as half a read);
@@ -26,10 +26,12 @@ from typing import Callable
 
 from .step_plan import Refresh, StepKind, StepPlan
 
-# Seed (seconds): the SmolLM2-135M / H200 step of bench/RESULTS.md — 2.1 ms fixed, ~0.3 us per token, 2.5e-5 us per
-# full key and 5e-5 us per sparse key (the 8k-context, batch-64 step: 2.7 ms for ~0.5 M keys). Only the ratios
-# matter to the stride choice; the fit replaces them after a few dozen steps.
-SEED = (2.1e-3, 3e-7, 2.5e-11, 5e-11)
+# Seed (seconds, 30 layers): per-kernel profiles of SmolLM2-shaped steps at B 256, 512-token prompts on the H200
+# (bench/data/profile_{s0,k8}_b256_prompt512_h200.txt): ~1.2 ms of GEMMs, norms and sampling whatever the batch
+# holds; +0.8 us per token (a k = 8 step's 483 tokens against stride 0's 256); 7 ns per full-attention key (1.19 ms
+# for 166k keys); ~2e-8 s per sparse draft key (a draft row's attention, scoring and selection over 32k draft keys
+# came to ~1.2 ms). Only the ratios matter to the stride choice; the fit replaces them after a few dozen steps.
+SEED = (1.2e-3, 8e-7, 7e-9, 2e-8)
 
 
 @dataclass(frozen=True)
