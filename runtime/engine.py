@@ -7,6 +7,7 @@ the compiled graph on a flattened ragged batch; the attention op reads the Forwa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sparsespec_compile import kernels
 from sparsespec_compile.config import SparseSpecConfig
 
 from .block_allocator import BlockAllocator
@@ -120,6 +122,9 @@ class Engine:
         text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.max_model_len = int(getattr(text, "max_position_embeddings", 4096) or 4096)
         self.vocab_size = int(text.vocab_size)
+        # how many passes over its keys the attention makes for a row of n queries (the step costs count them)
+        q_heads = int(getattr(text, "num_attention_heads", 0) or kv_heads * self.tp_world) // self.tp_world
+        self.query_passes = functools.partial(kernels.query_passes, max(q_heads, kv_heads), kv_heads, impl=self.impl)
         self.kv = allocate_kv_cache(
             num_layers, kv_heads, head_dim, dtype=self.dtype, device=self.device, page_size=config.page_size,
             num_pages=config.num_pages, memory_fraction=config.kv_memory_fraction,
@@ -147,7 +152,7 @@ class Engine:
         self.step_cost = StepCostModel()
         if config.adaptive and config.stride > 0:
             policy = AdaptiveStride(config.stride, self.step_cost, config.budget, sparse_drafts=self.pillars is not None,
-                                    delayed_verify=self.overlap)
+                                    delayed_verify=self.overlap, passes=self.query_passes)
         else:
             policy = FixedStride(config.stride)
         self.scheduler = Scheduler(
@@ -251,7 +256,7 @@ class Engine:
             self._fail(plan.entries, plan.step, exc)
             return None
         res.host_seconds = time.perf_counter() - t0
-        res.work = step_work(plan, self.config.budget)
+        res.work = step_work(plan, self.config.budget, self.query_passes)
         self._count_step(plan, res.work)
         if self.overlap:
             self._launched_structure(res)

@@ -39,7 +39,7 @@ class StepWork:
     """What one step asks of the device (the regression's features, and the KV half of the bytes floor)."""
 
     tokens: int = 0
-    full_keys: int = 0  # keys read by full-attention rows (prefill, verify, plain decode, dense drafts)
+    full_keys: int = 0  # keys read by full-attention rows (prefill, verify, plain decode, dense drafts), per pass
     sparse_keys: int = 0  # keys read by PillarAttn draft rows
     score_keys: int = 0  # keys re-read to score pillars (context before each scoring verify chunk)
 
@@ -52,13 +52,22 @@ class StepWork:
         return (1.0, float(self.tokens), self.full_keys + 0.5 * self.score_keys, float(self.sparse_keys))
 
 
-def step_work(plan: StepPlan, budget: Callable[[int], int]) -> StepWork:
-    """The work of ``plan``; ``budget(context)`` is the pillar count B of a context (SparseSpecConfig.budget)."""
+def one_pass(num_tokens: int) -> int:
+    return 1
+
+
+def step_work(plan: StepPlan, budget: Callable[[int], int], passes: Callable[[int], int] = one_pass) -> StepWork:
+    """The work of ``plan``; ``budget(context)`` is the pillar count B of a context (SparseSpecConfig.budget);
+    ``passes(n)`` how many times the attention reads the keys of a row of ``n <= 16`` queries (one per q-block:
+    kernels.query_passes) — a 9-token verify row of a 4-head group reads its context 3 times, of a 3-head group twice.
+    Prefill chunks count their context once (compute-bound: their passes are not the cost)."""
     tokens = full = sparse = score = 0
     for e in plan.entries:
         tokens += e.num_tokens
         if e.kind is StepKind.DRAFT and e.sparse:
             sparse += budget(e.draft_start) + e.seq_len - e.draft_start  # budget() never exceeds the context
+        elif e.num_tokens <= 16:
+            full += e.seq_len * passes(e.num_tokens)
         else:
             full += e.seq_len
         if e.refresh is Refresh.SCORE:

@@ -28,6 +28,7 @@ from typing import Callable, Protocol
 
 from .acceptance import AcceptanceStats
 from .request import Request
+from .step_cost import one_pass
 
 PROBE_DRAFTS = 2
 PROBE_FIRST, PROBE_MAX = 16, 256
@@ -72,14 +73,15 @@ class AdaptiveStride:
     """Per-request ``j`` from its acceptance and ``cost.coefficients()`` = ``(c0, c_tok, c_full, c_sparse)``.
 
     ``budget(context)``: pillar count of a context (SparseSpecConfig.budget); ``sparse_drafts``: drafts read pillars
-    (False for draft="full"); ``delayed_verify``: a speculative cycle sits out one step after its verify.
+    (False for draft="full"); ``delayed_verify``: a speculative cycle sits out one step after its verify;
+    ``passes(n)``: how many times a row of ``n`` queries reads its keys (step_cost.step_work's, kernels.query_passes).
     """
 
     adaptive = True
 
     def __init__(self, stride: int, cost: CostModel, budget: Callable[[int], int], *, sparse_drafts: bool = True,
-                 delayed_verify: bool = False) -> None:
-        self.stride, self.cost, self.budget = stride, cost, budget
+                 delayed_verify: bool = False, passes: Callable[[int], int] = one_pass) -> None:
+        self.stride, self.cost, self.budget, self.passes = stride, cost, budget, passes
         self.sparse_drafts, self.delayed_verify = sparse_drafts, delayed_verify
         self.population = AcceptanceStats(decay=0.99)  # every request's cycles: the prior of a request's own
 
@@ -100,7 +102,8 @@ class AdaptiveStride:
             p *= q[j - 1]
             tokens += p
             drafts += c_tok + (c_sparse * (b + TAIL + j) if sparse else c_full * (ctx + j))
-            verify = (j + 1) * c_tok + c_full * (1.5 * ctx + j + 1)  # attention over the context + pillar scores (K)
+            # attention over the context, once per q-block of the j + 1 queries, + the pillar scores (K only)
+            verify = (j + 1) * c_tok + c_full * (self.passes(j + 1) * (ctx + j + 1) + 0.5 * ctx)
             steps = j + 1 + (1 if self.delayed_verify else 0)
             out.append(tokens / max(drafts + verify + steps * share, 1e-30))
         return out

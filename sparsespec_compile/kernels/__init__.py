@@ -25,7 +25,20 @@ def attention_plan(*args, **kwargs):
     return _plan(*args, **kwargs)
 
 
+def query_passes(num_q_heads: int, num_kv_heads: int, query_len: int, impl: str = "triton") -> int:
+    """How many times the attention of a decode / draft / verify row (<= 16 queries) reads the row's keys: its
+    queries' q-blocks (``BLOCK_Q`` queries of one KV head's GQA group each) each make one pass. The runtime's step
+    costs count a verify row's keys this many times. The reference attention makes one pass whatever the count."""
+    if impl != "triton" or query_len <= 1:
+        return 1
+    from .attention_triton import plan_blocks
+
+    block_q = plan_blocks(num_q_heads, num_kv_heads, min(query_len, 16))[0]
+    return -(-query_len // block_q)
+
+
 __all__ = [
+    "query_passes",
     "write_kv",
     "unified_attention",
     "AttentionPlan",

@@ -76,6 +76,30 @@ def test_choice_follows_acceptance_and_cost():
     # its drafts would be full-attention rows, as dear as plain decodes
 
 
+def test_verify_passes_are_priced():
+    """A verify row reads its context once per q-block (kernels.query_passes): with a 4-query block and every draft
+    accepted, 3 drafts (4 queries, one pass) beat 4 (5 queries, two passes) when keys dominate the cost."""
+    from sparsespec_compile import kernels
+
+    assert [kernels.query_passes(9, 3, n) for n in (1, 5, 6, 9)] == [1, 1, 2, 2]  # SmolLM2: 5 queries a block
+    assert [kernels.query_passes(32, 8, n) for n in (1, 4, 5, 9)] == [1, 1, 2, 3]  # Qwen3-8B: 4 queries a block
+    assert kernels.query_passes(32, 8, 9, impl="reference") == 1
+    passes = lambda n: -(-n // 4)  # noqa: E731
+    good = _decoding(ctx=8000)
+    for _ in range(8):
+        good.acceptance.record(4, 4)
+    keys = FixedStepCost(0.0, 0.0, 1.0, 0.01)
+    assert AdaptiveStride(4, keys, lambda c: 64, passes=passes).options(good, 4, 64)[0] == 3
+    assert AdaptiveStride(4, keys, lambda c: 64).options(good, 4, 64)[0] == 4  # one pass whatever the count
+    w = StepWork(tokens=9, full_keys=3 * 1000)  # what step_work counts for a 9-token verify row at context 1000
+    from sparsespec_compile.runtime.step_cost import step_work
+    from sparsespec_compile.runtime.step_plan import StepEntry, StepPlan
+
+    r = _decoding(ctx=991)
+    plan = StepPlan(step=0, entries=[StepEntry(r, StepKind.VERIFY, tuple(range(9)), 991, 9)])
+    assert step_work(plan, lambda c: 64, passes).full_keys == w.full_keys
+
+
 def test_plain_decoding_request_probes_with_backoff():
     policy = AdaptiveStride(8, KV_BOUND, lambda ctx: 16)
     r = _decoding()
