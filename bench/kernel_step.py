@@ -152,9 +152,10 @@ def run_step(case: StepCase, K, variant: str, old=None):
     return K.select_pillars(flat, ctx, budget, 16, case.max_budget)
 
 
-def breakdown(case: StepCase, K, bench_ms) -> dict:
+def breakdown(case: StepCase, K, bench_ms, bw: float) -> dict:
     """The default (fused) step in parts, each timed alone: plan + attention of every layer, the scoring of every
-    layer (from saved lse), the one selection."""
+    layer (from saved lse), the one selection; and the attention of the drafts alone and of the verify rows alone
+    (one plan and launch each), each against its own K/V bytes (``bw`` bytes/s), so a miss names its part."""
     p = case.pool
     sp = dict(is_sparse=case.is_sparse, draft_start=case.draft_start, pillar_indices=case.pillars,
               pillar_lengths=case.pillar_len)
@@ -190,8 +191,28 @@ def breakdown(case: StepCase, K, bench_ms) -> dict:
                                  block_tables=case.tables[layer], rows=case.score_rows, lse=lses[layer],
                                  max_ctx=case.L, out=case.layer_scores[layer], scale=p.scale, block_n=bn, tiles=t)
 
+    def attend_kind(drafts: bool):
+        n = slice(0, case.nd) if drafts else slice(case.nd, case.B)
+        qsl = case.qsl_d if drafts else case.qsl_v
+        extra = dict(is_sparse=case.is_sparse[n], draft_start=case.draft_start[n], pillar_lengths=case.pillar_len[n])
+        mq = 1 if drafts else case.k + 1
+        plan = K.attention_plan(case.q_d if drafts else case.q_v, p.k, query_start_loc=qsl, seq_lens=case.seq[n],
+                                max_query_len=mq, **(dict(max_pillars=case.pillars.shape[2], **extra) if drafts else {}))
+        for layer in range(case.n_layers):
+            K.unified_attention(case.q_d if drafts else case.q_v, p.k, p.v, query_start_loc=qsl, seq_lens=case.seq[n],
+                                block_tables=case.tables[layer][n], max_query_len=mq, max_seq_len=case.L, plan=plan,
+                                scale=p.scale, **(dict(pillar_indices=case.pillars[n], **extra) if drafts else {}))
+
     attend(keep=True)
     r = dict(attn_ms=bench_ms(attend), score_ms=bench_ms(score), select_ms=bench_ms(select))
+    layers_ms = case.n_layers * 1e3 / bw
+    r["attn_drafts_ms"] = bench_ms(lambda: attend_kind(True))
+    r["attn_drafts_x_floor"] = r["attn_drafts_ms"] / (p.kv_bytes(case.nd * (case.bud + 5)) * layers_ms)
+    r["attn_verify_ms"] = bench_ms(lambda: attend_kind(False))
+    r["attn_verify_x_floor"] = r["attn_verify_ms"] / (p.kv_bytes(case.nv * case.L) * layers_ms)
+    ctx = case.L - case.k - 1
+    score_bytes = case.nv * ctx * p.hkv * (p.d * p.k.element_size() + 2 * 4)  # K once, fp32 scores written + read
+    r["score_x_floor"] = r["score_ms"] / (score_bytes * layers_ms)
     from sparsespec_compile.kernels.pillars_triton import _scores_kernel_tuned
 
     best = getattr(_scores_kernel_tuned, "best_config", None)  # set once the autotuner ran (GPU)
@@ -230,7 +251,7 @@ def bench_steps(pool, K, bench_ms, bw, row, log, shapes, n_layers, old=None):
             r[f"{v}_ms"] = t
             r[f"{v}_x_floor"] = t / fl
         r["select_agree"] = agree
-        r.update(breakdown(case, K, bench_ms))
+        r.update(breakdown(case, K, bench_ms, bw))
         row(**r)
         del case
 
