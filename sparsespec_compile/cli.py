@@ -1,5 +1,6 @@
 """``sparsespec`` command line: ``inspect`` (the rewrite report), ``demo`` (the embedded model end to end),
-``generate`` (the speculative runtime on prompts), ``check`` (CI checks), ``bench`` (the end-to-end benchmark)."""
+``generate`` (the speculative runtime on prompts), ``check`` (CI checks), ``serve`` (an OpenAI-compatible server),
+``bench`` (the end-to-end benchmark)."""
 
 from __future__ import annotations
 
@@ -152,6 +153,102 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if all(r.ok is not False for r in rows) else 1
 
 
+SERVE_KNOBS = ("stride", "draft", "sparsity", "min_budget", "num_pages", "kv_memory_fraction", "max_num_seqs",
+               "max_num_batched_tokens")
+
+
+def _option(text: str) -> tuple[str, object]:
+    """``--option KEY=VALUE``: VALUE as JSON (numbers, true/false/null), else a string."""
+    import json
+
+    key, eq, value = text.partition("=")
+    if not eq or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (a SparseSpecConfig field), got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``sparsespec serve [MODEL_DIR]``: every flag checked, the model loaded and compiled, a warm-up, then uvicorn."""
+    import os
+
+    import torch
+
+    from . import LLM, SparseSpecConfig
+
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(f"sparsespec serve needs the serve extra ({exc.name} is missing): "
+                         "pip install 'sparsespec[serve]'") from None
+    cuda = torch.cuda.is_available()
+    knobs = {k: getattr(args, k) for k in SERVE_KNOBS if getattr(args, k) is not None}
+    knobs["compiler"] = args.compiler or ("inductor" if cuda else "eager")  # Inductor's C++ build: minutes on a CPU
+    if args.adaptive is not None:
+        knobs["adaptive"] = args.adaptive
+    for key, value in args.option:
+        knobs[key] = value
+    try:
+        config = SparseSpecConfig(**knobs)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"sparsespec serve: {exc}") from None
+    if not 0 < args.port < 65536:
+        raise SystemExit(f"sparsespec serve: --port {args.port}: not a TCP port")
+    path = _model_dir(args.model_dir) if args.model_dir else None
+    api_key = args.api_key or os.environ.get("SPARSESPEC_API_KEY") or None
+    from .serve import serve
+
+    if path is None:
+        from .models import load_smollm2
+
+        model, tok = load_smollm2(dtype=torch.bfloat16 if cuda else torch.float32, device="cuda" if cuda else "cpu")
+        llm, name = LLM(model, config, tokenizer=tok), args.served_model_name or "SmolLM2-135M-Instruct"
+    else:
+        llm, name = LLM(str(path), config), args.served_model_name or args.model_dir
+    if llm.tokenizer is None:
+        raise SystemExit(f"sparsespec serve: {args.model_dir} has no tokenizer (tokenizer.json / tokenizer_config.json)")
+    print(f"sparsespec serve: {name} on http://{args.host}:{args.port}/v1 (stride {config.stride}, "
+          f"{llm.engine.kv.num_pages} KV pages of {config.page_size} tokens, {config.max_num_seqs} sequences)",
+          flush=True)
+    serve(llm, model_name=name, host=args.host, port=args.port, api_key=api_key, warmup=not args.no_warmup,
+          log_level=args.log_level)
+    return 0
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible server (/v1/completions, /v1/chat/completions, /metrics)")
+    p.add_argument("model_dir", nargs="?", metavar="MODEL_DIR",
+                   help="Hugging Face model directory with its tokenizer (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default; 0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $SPARSESPEC_API_KEY, else none)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model's name in the API (default: MODEL_DIR as given, or SmolLM2-135M-Instruct)")
+    p.add_argument("--stride", type=int, default=None, help="most draft tokens per speculative cycle (k; 0 = none)")
+    p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
+                   help="per-request stride in 0..k each cycle (default) or a fixed k")
+    p.add_argument("--draft", default=None, choices=["pillar", "streaming", "full"], help="draft attention")
+    p.add_argument("--sparsity", type=float, default=None, help="share of the context kept as pillars")
+    p.add_argument("--min-budget", type=int, default=None, help="fewest pillars per draft")
+    p.add_argument("--num-pages", type=int, default=None, help="KV pool size in pages (default: from free memory)")
+    p.add_argument("--kv-memory-fraction", type=float, default=None, help="share of free memory for the KV pool")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="most requests in a step")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="most tokens in a step")
+    p.add_argument("--compiler", default=None, choices=["eager", "inductor"],
+                   help="run the rewritten graph eagerly or through Inductor (default: Inductor on a GPU)")
+    p.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
+                   help="any other SparseSpecConfig field, e.g. --option cuda_graphs=off --option fuse_projections=true")
+    p.add_argument("--no-warmup", action="store_true", help="serve at once (the first requests then pay the compiles)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
+    p.set_defaults(fn=cmd_serve)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # the benchmark parses its own options (and --help): hand it the rest untouched
@@ -223,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weights of a config-only model")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_check)
+
+    add_serve_parser(sub)
 
     # Listed for `sparsespec --help` only: main() hands `bench ...` to sparsespec_compile.benchmark before parsing.
     sub.add_parser("bench", help="end-to-end benchmark: HF generate vs the runtime (stride 0, PillarAttn, "

@@ -243,14 +243,14 @@ async def _stream(server: Server, req, streams: list[RequestStream], env: Envelo
         try:
             async for i, d in _merge(streams):
                 completion_tokens += len(d.token_ids)
-                text = texts[i].add(d.token_ids)
                 reason = None
-                if d.output is not None:
-                    if d.output.finish_reason.startswith("error"):
-                        err = RequestError(d.output.finish_reason, None, status=500, type="server_error")
-                        yield sse(err.body())
-                        continue
-                    text += texts[i].finish(d.output.text)
+                if d.output is None:
+                    text = texts[i].add(d.token_ids)
+                elif d.output.finish_reason.startswith("error"):
+                    yield sse(RequestError(d.output.finish_reason, None, status=500, type="server_error").body())
+                    continue
+                else:  # the last tokens' text is the final text's rest (a stop string cut it)
+                    text = texts[i].finish(d.output.text)
                     reason = finish_reason(d.output.finish_reason)
                 if not text and reason is None and d.logprobs is None:
                     continue  # tokens whose text is held back (a stop string may start there)
