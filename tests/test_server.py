@@ -1,6 +1,6 @@
 """``sparsespec serve`` (issue 17): uvicorn on 127.0.0.1, a tiny random Llama and a word-level tokenizer with a chat
-template, driven by the real ``openai`` client. Every expected output is computed by ``LLM.generate`` on the same
-``LLM`` before the server starts (the engine thread owns it afterwards)."""
+template, driven by the real ``openai`` client. Expected outputs: ``LLM.generate`` on the same ``LLM`` before the
+server starts (the engine thread owns it afterwards), and each prompt alone through HF ``generate``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from sparsespec_compile import LLM, SamplingParams, SparseSpecConfig
-from sparsespec_compile.testing import FAMILIES, tiny_model
+from sparsespec_compile.testing import FAMILIES, hf_greedy, tiny_model
 
 pytest.importorskip("fastapi")
 from server_fixture import running_server  # noqa: E402
@@ -28,8 +28,8 @@ def _text(ids) -> str:
 
 # 32 distinct prompts (the word tokenizer: "w5 w6" -> ids [5, 6]); ids 0-3 are special-ish (w2 is EOS)
 PROMPTS = [_text([4 + (7 * i + j * (i % 5 + 1)) % 90 for j in range(3 + i % 9)]) for i in range(32)]
-GREEDY = dict(max_tokens=20, temperature=0.0, ignore_eos=True)
-LONG = 100  # max_tokens of the requests that overflow the pool
+N = 16  # greedy tokens per request
+LONG = 60  # max_tokens of the requests that overflow the pool
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +39,15 @@ def served(word_tokenizer):
     config = SparseSpecConfig(compiler="eager", stride=4, adaptive=False, min_budget=4, recent=1, page_size=4,
                               num_pages=120, max_num_seqs=8)
     llm = LLM(model, config, tokenizer=word_tokenizer)
-    alone = [llm.generate([p], SamplingParams(**GREEDY), use_tqdm=False)[0] for p in PROMPTS]
+    batch = llm.generate(PROMPTS, SamplingParams(max_tokens=N, ignore_eos=True), use_tqdm=False)
+    alone = [word_tokenizer.decode(hf_greedy(model, o.prompt_token_ids, N), skip_special_tokens=True) for o in batch]
+    assert [o.text for o in batch] == alone
     chat = llm.chat([{"role": "user", "content": PROMPTS[3]}], SamplingParams(max_tokens=12), use_tqdm=False)[0]
     overflow = llm.generate(PROMPTS[:12], SamplingParams(max_tokens=LONG, ignore_eos=True), use_tqdm=False)
     seeded = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, seed=7,
                                                       ignore_eos=True), use_tqdm=False)
     logprobs = llm.generate(PROMPTS[5], SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2), use_tqdm=False)[0]
-    refs = dict(alone=alone, chat=chat, overflow=overflow, seeded=seeded, logprobs=logprobs)
+    refs = dict(batch=batch, alone=alone, chat=chat, overflow=overflow, seeded=seeded, logprobs=logprobs)
     with running_server(llm, model_name=MODEL, api_key=KEY) as (base, server):
         yield base, server, refs
 
@@ -74,18 +76,18 @@ def test_completions_whole_and_streamed_equal_generate(served):
     base, _, refs = served
     c = _client(base)
     for i in (0, 7):
-        want = refs["alone"][i]
+        want = refs["batch"][i]
         whole = c.completions.create(model=MODEL, prompt=PROMPTS[i], extra_body={"ignore_eos": True},
-                                     max_tokens=20, temperature=0)
+                                     max_tokens=N, temperature=0)
         assert whole.choices[0].text == want.text and whole.choices[0].finish_reason == "length"
-        assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (len(want.prompt_token_ids), 20)
+        assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (len(want.prompt_token_ids), N)
         chunks = list(c.completions.create(model=MODEL, prompt=PROMPTS[i], extra_body={"ignore_eos": True},
-                                           max_tokens=20, temperature=0, stream=True))
+                                           max_tokens=N, temperature=0, stream=True))
         assert "".join(ch.choices[0].text for ch in chunks) == want.text
         assert chunks[-1].choices[0].finish_reason == "length" and len(chunks) > 2  # streamed, not one lump
-    ids = c.completions.create(model=MODEL, prompt=refs["alone"][1].prompt_token_ids, max_tokens=20,
+    ids = c.completions.create(model=MODEL, prompt=refs["batch"][1].prompt_token_ids, max_tokens=N,
                                temperature=0, extra_body={"ignore_eos": True})  # a prompt of token ids
-    assert ids.choices[0].text == refs["alone"][1].text
+    assert ids.choices[0].text == refs["batch"][1].text
 
 
 def test_chat_whole_and_streamed_equal_llm_chat(served):
@@ -105,7 +107,7 @@ def test_32_concurrent_streams_get_what_they_get_alone(served):
     base, server, refs = served
 
     async def one(client, prompt):
-        stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0,
+        stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=N, temperature=0,
                                                  stream=True, extra_body={"ignore_eos": True})
         return "".join([ch.choices[0].text async for ch in stream])
 
@@ -113,7 +115,7 @@ def test_32_concurrent_streams_get_what_they_get_alone(served):
         client = _aclient(base)
         return await asyncio.gather(*(one(client, p) for p in PROMPTS))
 
-    assert asyncio.run(main()) == [o.text for o in refs["alone"]]  # 32 clients, 8 sequences: 24 queue
+    assert asyncio.run(main()) == refs["alone"]  # 32 clients, 8 sequences: 24 queue
     _wait(lambda: _pages_free(server))
 
 
@@ -124,7 +126,7 @@ def test_a_request_joins_the_running_batch(served):
 
     async def long():
         client = _aclient(base)
-        stream = await client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=150, temperature=0,
+        stream = await client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=LONG, temperature=0,
                                                  stream=True, extra_body={"ignore_eos": True})
         started = False
         async for _ in stream:
@@ -165,8 +167,6 @@ def test_a_client_that_disconnects_frees_its_pages(served):
                     lines += line.startswith("data:")
                     if lines == 3:
                         break  # leaving the block closes the connection mid-stream
-        live = {r.request_id: r for r in server.llm.engine.scheduler.running}
-        return live
 
     async def main():
         client = _aclient(base)
@@ -212,13 +212,13 @@ def test_more_requests_than_the_pool_holds_queue_and_finish(served):
 def test_stop_strings_end_the_output_there(served):
     base, _, refs = served
     c = _client(base)
-    ref = refs["alone"][4]
+    ref = refs["batch"][4]
     stop = _text(ref.token_ids[9:11])  # two tokens: completes mid-output, possibly inside an accepted run
     text = ref.text[: ref.text.index(stop)]
-    whole = c.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=20, temperature=0, stop=[stop, "w999"],
+    whole = c.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=N, temperature=0, stop=[stop, "w999"],
                                  extra_body={"ignore_eos": True})
     assert (whole.choices[0].text, whole.choices[0].finish_reason) == (text, "stop")
-    chunks = list(c.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=20, temperature=0, stop=stop,
+    chunks = list(c.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=N, temperature=0, stop=stop,
                                        stream=True, extra_body={"ignore_eos": True}))
     assert "".join(ch.choices[0].text for ch in chunks) == text and chunks[-1].choices[0].finish_reason == "stop"
 

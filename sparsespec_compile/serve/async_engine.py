@@ -70,6 +70,15 @@ class RequestStream:
         if self.done:
             raise StopAsyncIteration
         item = await self.queue.get()
+        # Steps that piled up while this handler waited (the event loop behind the step loop, e.g. with hundreds
+        # of clients) are merged into one delta: one chunk to encode and send instead of one per step.
+        while isinstance(item, Delta) and item.output is None and not self.queue.empty():
+            nxt = self.queue.get_nowait()
+            if isinstance(nxt, BaseException):
+                self.queue.put_nowait(nxt)  # (put back: nothing else is queued after an error)
+                break
+            lps = None if item.logprobs is None else item.logprobs + (nxt.logprobs or [])
+            item = Delta(item.token_ids + nxt.token_ids, lps, nxt.output)
         if isinstance(item, BaseException):
             self.done = True
             raise item
