@@ -170,13 +170,56 @@ def _option(text: str) -> tuple[str, object]:
         return key.strip(), value
 
 
+def _check_serve_dir(path: str) -> Path:
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise SystemExit(f"sparsespec serve: {path}: not a Hugging Face model directory (no config.json there; "
+                         "nothing is downloaded)")
+    return p
+
+
+def serve_config(args: argparse.Namespace):
+    """The ``SparseSpecConfig`` of ``sparsespec serve``'s flags (checked: ``SystemExit`` naming the bad one)."""
+    import torch
+
+    from . import SparseSpecConfig
+
+    knobs = {k: getattr(args, k) for k in SERVE_KNOBS if getattr(args, k) is not None}
+    # Inductor's C++ build of a 30-layer model takes minutes on a CPU
+    knobs["compiler"] = args.compiler or ("inductor" if torch.cuda.is_available() else "eager")
+    if args.adaptive is not None:
+        knobs["adaptive"] = args.adaptive
+    for key, value in args.option:
+        knobs[key] = value
+    try:
+        return SparseSpecConfig(**knobs)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"sparsespec serve: {exc}") from None
+
+
+def load_served(args: argparse.Namespace, config):
+    """(LLM, served model name) for ``sparsespec serve [MODEL_DIR]`` (no MODEL_DIR: the embedded SmolLM2, bf16 on a
+    GPU). ``bench/serve_load.py`` builds its offline LLM with this too, so both sides run the same model and config."""
+    import torch
+
+    from . import LLM
+
+    cuda = torch.cuda.is_available()
+    if args.model_dir is None:
+        from .models import load_smollm2
+
+        model, tok = load_smollm2(dtype=torch.bfloat16 if cuda else torch.float32, device="cuda" if cuda else "cpu")
+        llm, name = LLM(model, config, tokenizer=tok), "SmolLM2-135M-Instruct"
+    else:
+        llm, name = LLM(str(_check_serve_dir(args.model_dir)), config), args.model_dir
+    if llm.tokenizer is None:
+        raise SystemExit(f"sparsespec serve: {args.model_dir} has no tokenizer (tokenizer.json / tokenizer_config.json)")
+    return llm, args.served_model_name or name
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """``sparsespec serve [MODEL_DIR]``: every flag checked, the model loaded and compiled, a warm-up, then uvicorn."""
     import os
-
-    import torch
-
-    from . import LLM, SparseSpecConfig
 
     try:
         import fastapi  # noqa: F401
@@ -185,32 +228,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise SystemExit(f"sparsespec serve needs the serve extra ({exc.name} is missing): "
                          "pip install 'sparsespec[serve]'") from None
-    cuda = torch.cuda.is_available()
-    knobs = {k: getattr(args, k) for k in SERVE_KNOBS if getattr(args, k) is not None}
-    knobs["compiler"] = args.compiler or ("inductor" if cuda else "eager")  # Inductor's C++ build: minutes on a CPU
-    if args.adaptive is not None:
-        knobs["adaptive"] = args.adaptive
-    for key, value in args.option:
-        knobs[key] = value
-    try:
-        config = SparseSpecConfig(**knobs)
-    except (TypeError, ValueError) as exc:
-        raise SystemExit(f"sparsespec serve: {exc}") from None
+    config = serve_config(args)
     if not 0 < args.port < 65536:
         raise SystemExit(f"sparsespec serve: --port {args.port}: not a TCP port")
-    path = _model_dir(args.model_dir) if args.model_dir else None
+    if args.model_dir is not None:
+        _check_serve_dir(args.model_dir)
     api_key = args.api_key or os.environ.get("SPARSESPEC_API_KEY") or None
     from .serve import serve
 
-    if path is None:
-        from .models import load_smollm2
-
-        model, tok = load_smollm2(dtype=torch.bfloat16 if cuda else torch.float32, device="cuda" if cuda else "cpu")
-        llm, name = LLM(model, config, tokenizer=tok), args.served_model_name or "SmolLM2-135M-Instruct"
-    else:
-        llm, name = LLM(str(path), config), args.served_model_name or args.model_dir
-    if llm.tokenizer is None:
-        raise SystemExit(f"sparsespec serve: {args.model_dir} has no tokenizer (tokenizer.json / tokenizer_config.json)")
+    llm, name = load_served(args, config)
     print(f"sparsespec serve: {name} on http://{args.host}:{args.port}/v1 (stride {config.stride}, "
           f"{llm.engine.kv.num_pages} KV pages of {config.page_size} tokens, {config.max_num_seqs} sequences)",
           flush=True)

@@ -154,7 +154,9 @@ class AsyncEngine:
                 if self.llm.engine.has_unfinished():
                     finished = self.llm.step()
                     self._publish(finished)
-                if self.metrics is not None:
+                    if self.metrics is not None:  # sampled now and then; at once when the engine goes idle
+                        self.metrics.observe_engine(self.llm, force=not self.llm.engine.has_unfinished())
+                elif self.metrics is not None:
                     self.metrics.observe_engine(self.llm)
         except BaseException as exc:  # a broken invariant: fail everyone rather than leave them waiting
             log.exception("the engine loop failed; every live request is finished with the error")
