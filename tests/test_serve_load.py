@@ -8,10 +8,8 @@ import importlib.util
 import json
 from pathlib import Path
 
-import pytest
 
-pytest.importorskip("fastapi")
-from server_fixture import running_server  # noqa: E402
+from server_fixture import running_server
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "serve_load.py"
 SERVE_ARGS = ["--compiler", "eager", "--stride", "4", "--no-adaptive", "--min-budget", "4", "--num-pages", "64",

@@ -14,8 +14,7 @@ import pytest
 from sparsespec_compile import LLM, SamplingParams, SparseSpecConfig
 from sparsespec_compile.testing import FAMILIES, hf_greedy, tiny_model
 
-pytest.importorskip("fastapi")
-from server_fixture import running_server  # noqa: E402
+from server_fixture import running_server
 
 KEY = "sekret"
 MODEL = "tiny-llama"
