@@ -231,6 +231,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = serve_config(args)
     if not 0 < args.port < 65536:
         raise SystemExit(f"sparsespec serve: --port {args.port}: not a TCP port")
+    if args.stream_interval < 1:
+        raise SystemExit(f"sparsespec serve: --stream-interval {args.stream_interval}: must be >= 1")
     if args.model_dir is not None:
         _check_serve_dir(args.model_dir)
     api_key = args.api_key or os.environ.get("SPARSESPEC_API_KEY") or None
@@ -241,7 +243,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"{llm.engine.kv.num_pages} KV pages of {config.page_size} tokens, {config.max_num_seqs} sequences)",
           flush=True)
     serve(llm, model_name=name, host=args.host, port=args.port, api_key=api_key, warmup=not args.no_warmup,
-          log_level=args.log_level)
+          stream_interval=args.stream_interval, log_level=args.log_level)
     return 0
 
 
@@ -269,6 +271,8 @@ def add_serve_parser(sub) -> None:
                    help="run the rewritten graph eagerly or through Inductor (default: Inductor on a GPU)")
     p.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
                    help="any other SparseSpecConfig field, e.g. --option cuda_graphs=off --option fuse_projections=true")
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="tokens per streamed chunk, at least (the first goes at once): fewer chunks under heavy load")
     p.add_argument("--no-warmup", action="store_true", help="serve at once (the first requests then pay the compiles)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level")

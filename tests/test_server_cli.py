@@ -27,6 +27,7 @@ def no_model_loading(monkeypatch):
 
 
 @pytest.mark.parametrize("flags,msg", [(["--stride", "-1"], "stride=-1"),
+                                       (["--stream-interval", "0"], "--stream-interval 0"),
                                        (["--max-num-seqs", "0"], "max_num_seqs=0"),
                                        (["--option", "nonsense=1"], "unknown sparsespec option"),
                                        (["--option", "cuda_graphs=sometimes"], "cuda_graphs"),
@@ -50,7 +51,7 @@ def test_serve_command_serves_and_stops_on_ctrl_c(tmp_path):
                SPARSESPEC_API_KEY="k3y")
     proc = subprocess.Popen(["sparsespec", "serve", str(model_dir), "--port", str(port), "--compiler", "eager",
                              "--stride", "3", "--num-pages", "64", "--max-num-seqs", "2", "--option", "page_size=4",
-                             "--option", "min_budget=4", "--log-level", "warning"],
+                             "--option", "min_budget=4", "--stream-interval", "3", "--log-level", "warning"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -71,6 +72,13 @@ def test_serve_command_serves_and_stops_on_ctrl_c(tmp_path):
                                              max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
         assert out.usage.completion_tokens == 5 and out.choices[0].message.content
         assert httpx.get(f"{base}/v1/models").status_code == 401  # $SPARSESPEC_API_KEY is honoured
+        args = dict(model=str(model_dir), prompt="w7 w8 w9", max_tokens=12, temperature=0,
+                    extra_body={"ignore_eos": True})
+        whole = client.completions.create(**args).choices[0].text
+        chunks = [c.choices[0].text for c in client.completions.create(**args, stream=True)]
+        assert "".join(chunks) == whole
+        words = [len(c.split()) for c in chunks if c.strip()]
+        assert words[0] == 1 and min(words[1:-1], default=3) >= 3, chunks  # --stream-interval 3
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         output = proc.communicate(timeout=30)[0]

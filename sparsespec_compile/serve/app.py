@@ -45,12 +45,12 @@ def _param_of(exc: ValueError) -> str | None:
 class Server:
     """What the routes share: the LLM, its engine thread, the metrics, the served name."""
 
-    def __init__(self, llm: LLM, model_name: str, api_key: str | None) -> None:
+    def __init__(self, llm: LLM, model_name: str, api_key: str | None, stream_interval: int = 1) -> None:
         if llm.tokenizer is None:
             raise ValueError("serving needs the model's tokenizer (text in, text out): LLM(model, tokenizer=...)")
         self.llm, self.model_name, self.api_key = llm, model_name, api_key
         self.metrics = ServerMetrics(model_name)
-        self.engine = AsyncEngine(llm, self.metrics)
+        self.engine = AsyncEngine(llm, self.metrics, stream_interval=stream_interval)
         e = llm.engine
         self.context = e.max_model_len
         # what one request may hold in the pool (worst case: prompt + output + one verify chunk past the end)
@@ -118,9 +118,10 @@ async def _until_disconnected(request: Request) -> None:
         await asyncio.sleep(0.1)
 
 
-def create_app(llm: LLM, *, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The app serving ``llm`` under ``model_name``; its engine thread runs while the app does (lifespan)."""
-    server = Server(llm, model_name, api_key)
+def create_app(llm: LLM, *, model_name: str, api_key: str | None = None, stream_interval: int = 1) -> FastAPI:
+    """The app serving ``llm`` under ``model_name``; its engine thread runs while the app does (lifespan).
+    ``stream_interval``: tokens per streamed chunk (at least; the first token goes at once)."""
+    server = Server(llm, model_name, api_key, stream_interval)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -97,8 +97,13 @@ class RequestStream:
 class AsyncEngine:
     """``llm``'s engine driven by one thread. ``start()`` on the event loop that will read the streams."""
 
-    def __init__(self, llm: LLM, metrics=None, *, idle_wait_s: float = 0.25) -> None:
+    def __init__(self, llm: LLM, metrics=None, *, stream_interval: int = 1, idle_wait_s: float = 0.25) -> None:
+        if isinstance(stream_interval, bool) or not isinstance(stream_interval, int) or stream_interval < 1:
+            raise ValueError(f"stream_interval must be an int >= 1 (tokens per streamed chunk), got {stream_interval!r}")
         self.llm, self.metrics = llm, metrics
+        # A running request's tokens go to its handler once this many are final (its first token and its end at
+        # once): fewer, larger chunks for the event loop, which shares the interpreter lock with the step loop.
+        self.stream_interval = stream_interval
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._live: dict[int, RequestStream] = {}  # engine thread only
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -210,7 +215,7 @@ class AsyncEngine:
             if r.is_finished:
                 continue  # its last tokens come with its output (a stop string may cut them)
             final = len(r.output_token_ids) - r.num_pending
-            if final > s.sent:
+            if final - s.sent >= self.stream_interval or (s.sent == 0 and final > 0):
                 lps = r.output_logprobs[s.sent:final] if r.params.logprobs is not None else None
                 batch.append((s, Delta(r.output_token_ids[s.sent:final], lps)))
                 self._timing(s, final - s.sent, now)

@@ -21,7 +21,7 @@ def warm_up(llm: LLM, tokens: int | None = None) -> None:
 
 
 def serve(llm: LLM, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          warmup: bool = True, log_level: str = "info") -> None:
+          warmup: bool = True, stream_interval: int = 1, log_level: str = "info") -> None:
     """Serve ``llm`` until interrupted (Ctrl-C / SIGTERM: uvicorn finishes, the engine thread aborts what is left)."""
     import uvicorn
 
@@ -30,7 +30,7 @@ def serve(llm: LLM, *, model_name: str, host: str = "127.0.0.1", port: int = 800
     if warmup:
         log.info("warming up (compiles the step graphs)")
         warm_up(llm)
-    app = create_app(llm, model_name=model_name, api_key=api_key)
+    app = create_app(llm, model_name=model_name, api_key=api_key, stream_interval=stream_interval)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
 
