@@ -12,7 +12,7 @@ API) against ``LLM.generate`` offline on the same requests (issue 17's target: s
 Writes ``serve_load.json`` (and the server's log) under ``--out``. Everything after ``--`` goes to ``sparsespec
 serve`` (and so to the offline LLM). The H200 target:
 
-    python bench/serve_load.py --prompts shared/data/prompts/gsm8k_test.jsonl --num-requests 256 --concurrency 256 \\
+    python bench/serve_load.py --prompts ../shared/data/prompts/gsm8k_test.jsonl --num-requests 256 --concurrency 256 \\
         --max-tokens 1024 --out bench_out/serve -- --max-num-seqs 256
 
 On a CPU, a tiny model in seconds (tests/test_serve_load.py):
@@ -33,6 +33,8 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 
@@ -75,17 +77,23 @@ def start_server(model_dir: str | None, serve_args: list[str], port: int, log_pa
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_healthy(proc: subprocess.Popen, base: str, timeout: float, log_path: Path) -> float:
-    import httpx
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, ""
 
+
+def wait_healthy(proc: subprocess.Popen, base: str, timeout: float, log_path: Path) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if proc.poll() is not None:
             raise SystemExit(f"serve_load: the server exited ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
         try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+            if _get(f"{base}/health")[0] == 200:
                 return time.monotonic() - t0
-        except httpx.HTTPError:
+        except OSError:  # not listening yet
             pass
         time.sleep(0.5)
     raise SystemExit(f"serve_load: the server was not healthy after {timeout:.0f} s")
@@ -102,12 +110,10 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 async def run_load(base: str, prompts: list[str], args) -> dict:
-    import httpx
     import openai
 
-    limits = httpx.Limits(max_connections=args.concurrency + 8, max_keepalive_connections=args.concurrency + 8)
-    client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=args.request_timeout,
-                                http_client=httpx.AsyncClient(limits=limits, timeout=args.request_timeout))
+    # (the client's own connection pool holds up to 1,000 connections: enough for every client at once)
+    client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=args.request_timeout)
     gate = asyncio.Semaphore(args.concurrency)
 
     async def one(prompt: str) -> dict:
@@ -144,11 +150,10 @@ async def run_load(base: str, prompts: list[str], args) -> dict:
 
 
 def scrape(base: str) -> dict:
-    import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
     out = {}
-    for fam in text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=10).text):
+    for fam in text_string_to_metric_families(_get(f"{base}/metrics")[1]):
         for s in fam.samples:
             if s.name.endswith(("_bucket", "_created")):
                 continue
@@ -184,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  epilog="arguments after -- go to `sparsespec serve` (and the offline LLM)")
     ap.add_argument("--model-dir", default=None, help="Hugging Face model directory (default: the embedded SmolLM2)")
-    ap.add_argument("--prompts", default="shared/data/prompts/gsm8k_test.jsonl", help="jsonl of prompts (question)")
+    ap.add_argument("--prompts", default="../shared/data/prompts/gsm8k_test.jsonl", help="jsonl of prompts (question)")
     ap.add_argument("--num-requests", type=int, default=256)
     ap.add_argument("--concurrency", type=int, default=None, help="clients in flight (default: all requests)")
     ap.add_argument("--max-tokens", type=int, default=1024, help="output tokens per request (EOS ignored)")

@@ -208,6 +208,10 @@ async def _respond(server: Server, http: Request, req, reqs: list, env: Envelope
 
 async def _merge(streams: list[RequestStream]):
     """(index, delta) of every stream, as they come."""
+    if len(streams) == 1:  # the usual case: no pump task and second queue per delta
+        async for d in streams[0]:
+            yield 0, d
+        return
     q: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, s: RequestStream) -> None:
@@ -255,6 +259,9 @@ async def _stream(server: Server, req, streams: list[RequestStream], env: Envelo
                     reason = finish_reason(d.output.finish_reason)
                 if not text and reason is None and d.logprobs is None:
                     continue  # tokens whose text is held back (a stop string may start there)
+                if reason is None and d.logprobs is None:
+                    yield env.text_chunk(i, text)
+                    continue
                 lps = fmt[i].format(d.token_ids, d.logprobs)
                 yield sse(env.body([env.choice(i, text, reason, lps, chunk=True)], None, chunk=True))
         except EngineDead as exc:

@@ -33,6 +33,16 @@ class Envelope:
         self.id = new_id("chatcmpl" if self.chat else "cmpl")
         self.created = int(time.time())
         self.model = model
+        head = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created, "model": model}
+        self._chunk_head = "data: " + json.dumps(head, separators=(",", ":"))[:-1] + ',"choices":[{"index":'
+        self._chunk_field = ',"delta":{"content":' if self.chat else ',"text":'
+        self._chunk_tail = ('}' if self.chat else '') + ',"logprobs":null,"finish_reason":null}]}\n\n'
+
+    def text_chunk(self, index: int, text: str) -> str:
+        """``sse(body([choice(index, text, None, chunk=True)], None, chunk=True))`` for a non-empty ``text``, without
+        building and encoding the dicts: the chunk most of a stream is made of, hundreds of them per step."""
+        return f"{self._chunk_head}{index}{self._chunk_field}{json.dumps(text)}{self._chunk_tail}"
 
     def body(self, choices: list[dict], usage_: dict | None, chunk: bool = False) -> dict:
         obj = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
