@@ -180,6 +180,16 @@ def test_a_client_that_disconnects_frees_its_pages(served):
     _wait(lambda: _pages_free(server) and not engine._live)
 
 
+def test_a_client_that_gives_up_on_a_whole_response_frees_its_pages(served):
+    base, server, _ = served
+    aborted_before = _finished_count(base, "abort")
+    body = {"model": MODEL, "prompt": PROMPTS[6], "max_tokens": CONTEXT - 16, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client closes the connection while the server generates
+        httpx.post(f"{base}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5)
+    _wait(lambda: _finished_count(base, "abort") == aborted_before + 1)
+    _wait(lambda: _pages_free(server) and not server.engine._live)
+
+
 def _finished_count(base, reason) -> float:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -313,3 +323,24 @@ def test_metrics_are_prometheus_text(served):
     assert value["sparsespec_generation_tokens_total"] >= 12
     positions = {s.labels["position"] for s in fams["sparsespec_acceptance_rate"].samples}
     assert positions == {"1", "2", "3", "4"}
+
+
+def test_a_broken_engine_fails_every_request_and_health(word_tokenizer, monkeypatch):
+    """A step loop that raises (a bug, not a bad request) ends every live request with an error, /health says so,
+    and later requests are refused at once: nothing waits forever."""
+    model = tiny_model(FAMILIES["llama"].config(layers=1, heads=2, kv_heads=1), "sdpa", seed=1)
+    llm = LLM(model, SparseSpecConfig(compiler="eager", stride=2, min_budget=4, page_size=4, num_pages=32,
+                                      max_num_seqs=2), tokenizer=word_tokenizer)
+    with running_server(llm, model_name=MODEL, api_key=KEY, warmup=False) as (base, _):
+        def broken():
+            raise RuntimeError("scheduler invariant broken")
+
+        monkeypatch.setattr(llm, "step", broken)
+        c = _client(base)
+        with pytest.raises(openai.APIStatusError) as info:
+            c.completions.create(model=MODEL, prompt="w5 w6", max_tokens=4)
+        assert info.value.status_code == 503 and "scheduler invariant broken" in info.value.message
+        assert httpx.get(f"{base}/health").status_code == 503
+        with pytest.raises(openai.APIStatusError) as info:
+            c.completions.create(model=MODEL, prompt="w5 w6", max_tokens=4, stream=True)
+        assert info.value.status_code == 503
