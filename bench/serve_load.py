@@ -10,7 +10,7 @@ API) against ``LLM.generate`` offline on the same requests (issue 17's target: s
    the server did, and times ``LLM.generate`` on the same prompts and parameters.
 
 Writes ``serve_load.json`` (and the server's log) under ``--out``. Everything after ``--`` goes to ``sparsespec
-serve`` (and so to the offline LLM). The H200 target:
+serve`` (and so to the offline LLM). The H200 target (``bench/serve_device.sh`` runs it on the device machine):
 
     python bench/serve_load.py --prompts ../shared/data/prompts/gsm8k_test.jsonl --num-requests 256 --concurrency 256 \\
         --max-tokens 1024 --out bench_out/serve -- --max-num-seqs 256

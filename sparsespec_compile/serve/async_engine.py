@@ -113,6 +113,10 @@ class AsyncEngine:
         # torch's intra-op thread count is per thread: the engine thread gets the one set where the LLM was built
         self._torch_threads = torch.get_num_threads()
         self.error: BaseException | None = None
+        # Taken to close the inbox (engine failed or stopped) and to submit: a request submitted while the engine
+        # goes away gets the error, never an inbox that nobody reads any more.
+        self._lock = threading.Lock()
+        self._closed: str | None = None  # why the inbox is closed
 
     # ---- event loop side --------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -137,7 +141,11 @@ class AsyncEngine:
         return RequestStream(self, request)
 
     def submit(self, stream: RequestStream) -> None:
-        self._inbox.put(("add", stream))
+        with self._lock:
+            if self._closed is None:
+                self._inbox.put(("add", stream))
+                return
+        stream.queue.put_nowait(EngineDead(self._closed))
 
     def abort(self, stream: RequestStream) -> None:
         stream.done = True
@@ -166,12 +174,25 @@ class AsyncEngine:
         except BaseException as exc:  # a broken invariant: fail everyone rather than leave them waiting
             log.exception("the engine loop failed; every live request is finished with the error")
             self.error = exc
-            self._send([(s, EngineDead(f"the engine failed: {exc!r}")) for s in self._live.values()])
-            self._live.clear()
+            self._close(f"the engine failed: {exc!r}")
             return
         for s in self._live.values():  # shutting down: the handlers get an error, not silence
             self.llm.abort(s.request)
-        self._send([(s, EngineDead("the server is shutting down")) for s in self._live.values()])
+        self._close("the server is shutting down")
+
+    def _close(self, why: str) -> None:
+        """Fail every live request and every one still in the inbox with ``why``; later submits fail at once."""
+        with self._lock:
+            self._closed = why
+            queued = []
+            while True:
+                try:
+                    kind, stream = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if kind == "add":
+                    queued.append(stream)
+        self._send([(s, EngineDead(why)) for s in [*self._live.values(), *queued]])
         self._live.clear()
 
     def _drain(self, block: bool) -> None:
