@@ -301,6 +301,7 @@ def test_api_key_is_required_on_v1(served):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
     assert [m.id for m in _client(base).models.list().data] == [MODEL]
+    assert _client(base).models.retrieve(MODEL).id == MODEL
     assert httpx.get(f"{base}/health").status_code == 200  # open: load balancers probe it without a key
 
 

@@ -153,11 +153,20 @@ def create_app(llm: LLM, *, model_name: str, api_key: str | None = None, stream_
         body, ctype = server.metrics.render()
         return Response(body, media_type=ctype)
 
+    def card() -> dict:
+        return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "sparsespec",
+                "max_model_len": server.context}
+
     @app.get("/v1/models")
     async def models(request: Request):
         server.check_key(request)
-        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
-                                             "owned_by": "sparsespec", "max_model_len": server.context}]}
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str, request: Request):
+        server.check_key(request)
+        server.check_model(name)
+        return card()
 
     @app.post("/v1/completions")
     async def completions(request: Request):
