@@ -141,7 +141,9 @@ class LLM:
 
             bar = tqdm(desc="generate", unit="tok", dynamic_ncols=True)
         try:
-            for event in self.generate_stream(prompts, params, use_chat_template=use_chat_template):
+            # no text per step: each output is decoded once, when it finishes (re-decoding every running output at
+            # every step cost ~0.3 ms per 512-token request per step on a CPU, more than a decode step on the GPU)
+            for event in self._events(prompts, params, use_chat_template, text=False):
                 if bar is not None:
                     bar.update(len(event.token_ids))
                 if event.output is not None:
@@ -165,6 +167,10 @@ class LLM:
             for ev in llm.generate_stream(["Tell me a story"], SamplingParams(max_tokens=256), use_chat_template=True):
                 print(ev.text, end="", flush=True)
         """
+        return self._events(prompts, params, use_chat_template, text=True)
+
+    def _events(self, prompts, params, use_chat_template: bool, text: bool) -> Iterator[StreamEvent]:
+        """``generate_stream``'s events; ``text=False``: running requests' events carry token ids only (``""``)."""
         # fused q/k/v and gate/up copies see weights changed in place since the last call (CUDA-graph replays skip
         # the compiled graph's own per-call check)
         refresh_fused_weights(self.model)
@@ -181,7 +187,7 @@ class LLM:
             except ValueError as exc:
                 failed.append(StreamEvent(i, [], "", RequestOutput(-1, [], [], None, f"error: {exc}")))
                 continue
-            live[req.request_id] = (i, req, TextDelta(self.tokenizer, req))
+            live[req.request_id] = (i, req, TextDelta(self.tokenizer if text else None, req))
             self.engine.add_request(req)
         yield from failed
         try:

@@ -49,3 +49,23 @@ def test_load_generator_reports_server_and_offline(tmp_path):
     assert s["tokens_per_s"] > 0 and s["ttft_ms"]["n"] == 5 and s["itl_ms"]["p50"] >= 0 and s["tpot_ms"]["p99"] > 0
     assert s["metrics"]["sparsespec_generation_tokens_total"] == 30
     assert r["offline"]["output_tokens"] == 30 and r["offline"]["failed"] == 0 and r["server_over_offline"] > 0
+
+
+def test_offline_generate_decodes_each_output_once(word_tokenizer, monkeypatch):
+    """The offline side of the comparison: ``LLM.generate`` decodes an output once, when it finishes, not at every
+    step (``generate_stream``, which streams text, still does)."""
+    from sparsespec_compile import LLM, SamplingParams, SparseSpecConfig
+    from sparsespec_compile.testing import FAMILIES, tiny_model
+
+    model = tiny_model(FAMILIES["llama"].config(layers=1, heads=2, kv_heads=1), "sdpa")
+    llm = LLM(model, SparseSpecConfig(compiler="eager", stride=2, min_budget=4, page_size=4, num_pages=64,
+                                      max_num_seqs=4), tokenizer=word_tokenizer)
+    calls = []
+    decode = word_tokenizer.decode
+    monkeypatch.setattr(word_tokenizer, "decode", lambda *a, **k: calls.append(1) or decode(*a, **k))
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    outs = llm.generate(["w5 w6", "w7 w8 w9", "w10"], params, use_tqdm=False)
+    assert len(calls) == 3
+    streamed = [ev for ev in llm.generate_stream(["w5 w6", "w7 w8 w9", "w10"], params)]
+    assert len(calls) > 3 + 3  # the streamed text of running requests
+    assert [o.text for o in outs] == ["".join(ev.text for ev in streamed if ev.index == i) for i in range(3)]
