@@ -157,6 +157,9 @@ SERVE_KNOBS = ("stride", "draft", "sparsity", "min_budget", "num_pages", "kv_mem
                "max_num_batched_tokens")
 
 
+CPU_MAX_NUM_SEQS = 8
+
+
 def _option(text: str) -> tuple[str, object]:
     """``--option KEY=VALUE``: VALUE as JSON (numbers, true/false/null), else a string."""
     import json
@@ -184,9 +187,13 @@ def serve_config(args: argparse.Namespace):
 
     from . import SparseSpecConfig
 
+    cuda = torch.cuda.is_available()
     knobs = {k: getattr(args, k) for k in SERVE_KNOBS if getattr(args, k) is not None}
     # Inductor's C++ build of a 30-layer model takes minutes on a CPU
-    knobs["compiler"] = args.compiler or ("inductor" if torch.cuda.is_available() else "eager")
+    knobs["compiler"] = args.compiler or ("inductor" if cuda else "eager")
+    if not cuda:  # a CPU: a few sequences (64 took 12 GB of pool for SmolLM2), no host pool (it is the same memory)
+        knobs.setdefault("max_num_seqs", CPU_MAX_NUM_SEQS)
+        knobs.setdefault("offload", False)
     if args.adaptive is not None:
         knobs["adaptive"] = args.adaptive
     for key, value in args.option:
@@ -240,8 +247,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     llm, name = load_served(args, config)
     print(f"sparsespec serve: {name} on http://{args.host}:{args.port}/v1 (stride {config.stride}, "
-          f"{llm.engine.kv.num_pages} KV pages of {config.page_size} tokens, {config.max_num_seqs} sequences)",
-          flush=True)
+          f"{llm.engine.kv.num_pages} KV pages of {config.page_size} tokens, {config.max_num_seqs} sequences, "
+          f"offload {'on' if config.offload else 'off'})", flush=True)
     serve(llm, model_name=name, host=args.host, port=args.port, api_key=api_key, warmup=not args.no_warmup,
           stream_interval=args.stream_interval, log_level=args.log_level)
     return 0
@@ -265,7 +272,8 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--min-budget", type=int, default=None, help="fewest pillars per draft")
     p.add_argument("--num-pages", type=int, default=None, help="KV pool size in pages (default: from free memory)")
     p.add_argument("--kv-memory-fraction", type=float, default=None, help="share of free memory for the KV pool")
-    p.add_argument("--max-num-seqs", type=int, default=None, help="most requests in a step")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help=f"most requests in a step (default: 64 on a GPU, {CPU_MAX_NUM_SEQS} on a CPU)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="most tokens in a step")
     p.add_argument("--compiler", default=None, choices=["eager", "inductor"],
                    help="run the rewritten graph eagerly or through Inductor (default: Inductor on a GPU)")

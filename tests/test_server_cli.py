@@ -83,4 +83,4 @@ def test_serve_command_serves_and_stops_on_ctrl_c(tmp_path):
         os.killpg(proc.pid, signal.SIGINT)
         output = proc.communicate(timeout=30)[0]
     assert proc.returncode == 0, output
-    assert f"on http://127.0.0.1:{port}/v1 (stride 3, 64 KV pages of 4 tokens, 2 sequences)" in output
+    assert f"on http://127.0.0.1:{port}/v1 (stride 3, 64 KV pages of 4 tokens, 2 sequences, offload off)" in output
