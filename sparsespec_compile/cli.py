@@ -1,5 +1,6 @@
 """``sparsespec`` command line: ``inspect`` (the rewrite report), ``demo`` (the embedded model end to end),
-``generate`` (the speculative runtime on prompts), ``check`` (CI checks), ``bench`` (the end-to-end benchmark)."""
+``generate`` (the speculative runtime on prompts), ``check`` (CI checks), ``serve`` (an OpenAI-compatible server),
+``bench`` (the end-to-end benchmark)."""
 
 from __future__ import annotations
 
@@ -152,6 +153,140 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if all(r.ok is not False for r in rows) else 1
 
 
+SERVE_KNOBS = ("stride", "draft", "sparsity", "min_budget", "num_pages", "kv_memory_fraction", "max_num_seqs",
+               "max_num_batched_tokens")
+
+
+CPU_MAX_NUM_SEQS = 8
+
+
+def _option(text: str) -> tuple[str, object]:
+    """``--option KEY=VALUE``: VALUE as JSON (numbers, true/false/null), else a string."""
+    import json
+
+    key, eq, value = text.partition("=")
+    if not eq or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (a SparseSpecConfig field), got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def _check_serve_dir(path: str) -> Path:
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise SystemExit(f"sparsespec serve: {path}: not a Hugging Face model directory (no config.json there; "
+                         "nothing is downloaded)")
+    return p
+
+
+def serve_config(args: argparse.Namespace):
+    """The ``SparseSpecConfig`` of ``sparsespec serve``'s flags (checked: ``SystemExit`` naming the bad one)."""
+    import torch
+
+    from . import SparseSpecConfig
+
+    cuda = torch.cuda.is_available()
+    knobs = {k: getattr(args, k) for k in SERVE_KNOBS if getattr(args, k) is not None}
+    # Inductor's C++ build of a 30-layer model takes minutes on a CPU
+    knobs["compiler"] = args.compiler or ("inductor" if cuda else "eager")
+    if not cuda:  # a CPU: a few sequences (64 took 12 GB of pool for SmolLM2), no host pool (it is the same memory)
+        knobs.setdefault("max_num_seqs", CPU_MAX_NUM_SEQS)
+        knobs.setdefault("offload", False)
+    if args.adaptive is not None:
+        knobs["adaptive"] = args.adaptive
+    for key, value in args.option:
+        knobs[key] = value
+    try:
+        return SparseSpecConfig(**knobs)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"sparsespec serve: {exc}") from None
+
+
+def load_served(args: argparse.Namespace, config):
+    """(LLM, served model name) for ``sparsespec serve [MODEL_DIR]`` (no MODEL_DIR: the embedded SmolLM2, bf16 on a
+    GPU). ``bench/serve_load.py`` builds its offline LLM with this too, so both sides run the same model and config."""
+    import torch
+
+    from . import LLM
+
+    cuda = torch.cuda.is_available()
+    if args.model_dir is None:
+        from .models import load_smollm2
+
+        model, tok = load_smollm2(dtype=torch.bfloat16 if cuda else torch.float32, device="cuda" if cuda else "cpu")
+        llm, name = LLM(model, config, tokenizer=tok), "SmolLM2-135M-Instruct"
+    else:
+        llm, name = LLM(str(_check_serve_dir(args.model_dir)), config), args.model_dir
+    if llm.tokenizer is None:
+        raise SystemExit(f"sparsespec serve: {args.model_dir} has no tokenizer (tokenizer.json / tokenizer_config.json)")
+    return llm, args.served_model_name or name
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``sparsespec serve [MODEL_DIR]``: every flag checked, the model loaded and compiled, a warm-up, then uvicorn."""
+    import os
+
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(f"sparsespec serve needs the serve extra ({exc.name} is missing): "
+                         "pip install 'sparsespec[serve]'") from None
+    config = serve_config(args)
+    if not 0 < args.port < 65536:
+        raise SystemExit(f"sparsespec serve: --port {args.port}: not a TCP port")
+    if args.stream_interval < 1:
+        raise SystemExit(f"sparsespec serve: --stream-interval {args.stream_interval}: must be >= 1")
+    if args.model_dir is not None:
+        _check_serve_dir(args.model_dir)
+    api_key = args.api_key or os.environ.get("SPARSESPEC_API_KEY") or None
+    from .serve import serve
+
+    llm, name = load_served(args, config)
+    print(f"sparsespec serve: {name} on http://{args.host}:{args.port}/v1 (stride {config.stride}, "
+          f"{llm.engine.kv.num_pages} KV pages of {config.page_size} tokens, {config.max_num_seqs} sequences, "
+          f"offload {'on' if config.offload else 'off'})", flush=True)
+    serve(llm, model_name=name, host=args.host, port=args.port, api_key=api_key, warmup=not args.no_warmup,
+          stream_interval=args.stream_interval, log_level=args.log_level)
+    return 0
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible server (/v1/completions, /v1/chat/completions, /metrics)")
+    p.add_argument("model_dir", nargs="?", metavar="MODEL_DIR",
+                   help="Hugging Face model directory with its tokenizer (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default; 0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $SPARSESPEC_API_KEY, else none)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model's name in the API (default: MODEL_DIR as given, or SmolLM2-135M-Instruct)")
+    p.add_argument("--stride", type=int, default=None, help="most draft tokens per speculative cycle (k; 0 = none)")
+    p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
+                   help="per-request stride in 0..k each cycle (default) or a fixed k")
+    p.add_argument("--draft", default=None, choices=["pillar", "streaming", "full"], help="draft attention")
+    p.add_argument("--sparsity", type=float, default=None, help="share of the context kept as pillars")
+    p.add_argument("--min-budget", type=int, default=None, help="fewest pillars per draft")
+    p.add_argument("--num-pages", type=int, default=None, help="KV pool size in pages (default: from free memory)")
+    p.add_argument("--kv-memory-fraction", type=float, default=None, help="share of free memory for the KV pool")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help=f"most requests in a step (default: 64 on a GPU, {CPU_MAX_NUM_SEQS} on a CPU)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="most tokens in a step")
+    p.add_argument("--compiler", default=None, choices=["eager", "inductor"],
+                   help="run the rewritten graph eagerly or through Inductor (default: Inductor on a GPU)")
+    p.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
+                   help="any other SparseSpecConfig field, e.g. --option cuda_graphs=off --option fuse_projections=true")
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="tokens per streamed chunk, at least (the first goes at once): fewer chunks under heavy load")
+    p.add_argument("--no-warmup", action="store_true", help="serve at once (the first requests then pay the compiles)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
+    p.set_defaults(fn=cmd_serve)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # the benchmark parses its own options (and --help): hand it the rest untouched
@@ -223,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weights of a config-only model")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_check)
+
+    add_serve_parser(sub)
 
     # Listed for `sparsespec --help` only: main() hands `bench ...` to sparsespec_compile.benchmark before parsing.
     sub.add_parser("bench", help="end-to-end benchmark: HF generate vs the runtime (stride 0, PillarAttn, "

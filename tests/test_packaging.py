@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 IMPORT_CHECK = (
     "import sparsespec_compile, sparsespec_compile.passes, sparsespec_compile.runtime; "
     "from sparsespec_compile.passes import PassManager; "
-    "import sparsespec_compile.testing; "
+    "import sparsespec_compile.testing, sparsespec_compile.serve; "
     "print(sparsespec_compile.__file__); print(sparsespec_compile.passes.__file__); "
     "print(sparsespec_compile.runtime.__file__)"
 )

@@ -1,0 +1,104 @@
+"""``/metrics`` in the Prometheus text format (prometheus-client), on a registry of the server's own (two servers in
+one process, as in the tests, do not collide).
+
+Counters and histograms are updated as things happen (the engine thread; prometheus-client is thread-safe); the
+engine's state (running / waiting requests, KV pages, acceptance, the stride chosen) is sampled by the engine thread
+after a step at most every ``refresh_s``, so a scrape reads numbers and never touches the scheduler mid-step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    60.0, 120.0)
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str, *, refresh_s: float = 0.5, window_s: float = 10.0) -> None:
+        self.registry = r = CollectorRegistry()
+        lab = {"model_name": model_name}
+        self.refresh_s, self.window_s = refresh_s, window_s
+
+        def gauge(name, doc, labels=()):
+            g = Gauge(f"sparsespec_{name}", doc, ["model_name", *labels], registry=r)
+            return g if labels else g.labels(**lab)
+
+        self._lab = lab
+        self.prompt_tokens = Counter("sparsespec_prompt_tokens", "Prompt tokens of accepted requests",
+                                     ["model_name"], registry=r).labels(**lab)
+        self.generation_tokens = Counter("sparsespec_generation_tokens", "Output tokens streamed",
+                                         ["model_name"], registry=r).labels(**lab)
+        self._finished = Counter("sparsespec_request_finished", "Finished requests by finish reason",
+                                 ["model_name", "finish_reason"], registry=r)
+        self.time_to_first_token = Histogram("sparsespec_time_to_first_token_seconds",
+                                             "Arrival to the first output token", ["model_name"],
+                                             buckets=_LATENCY_BUCKETS, registry=r).labels(**lab)
+        self.inter_token_latency = Histogram("sparsespec_inter_token_latency_seconds",
+                                             "Gap between successive output chunks of a request (a verify may "
+                                             "bring several tokens at once)", ["model_name"],
+                                             buckets=_LATENCY_BUCKETS, registry=r).labels(**lab)
+        self.e2e_latency = Histogram("sparsespec_e2e_request_latency_seconds", "Arrival to the last output token",
+                                     ["model_name"], buckets=_LATENCY_BUCKETS, registry=r).labels(**lab)
+        self.running = gauge("num_requests_running", "Requests admitted (holding KV pages)")
+        self.waiting = gauge("num_requests_waiting", "Requests queued for admission")
+        self.swapped = gauge("num_requests_swapped", "Requests offloaded to the host KV pool")
+        self.pages_used = gauge("kv_pages_used", "KV pages in use")
+        self.pages_total = gauge("kv_pages_total", "KV pages in the device pool")
+        self.tokens_per_s = gauge("generation_tokens_per_second", f"Output tokens/s over the last {window_s:g} s")
+        self.mean_accepted = gauge("mean_accepted_length", "Mean drafts accepted per full cycle (k = stride)")
+        self.per_position = gauge("acceptance_rate", "Share of cycles drafting this position that accepted it",
+                                  ["position"])
+        self.stride = gauge("stride", "Maximum draft tokens per cycle (k)")
+        self.mean_k = gauge("stride_mean_chosen", "Mean draft tokens chosen per cycle (adaptive stride)")
+        self.cycles_by_k = gauge("cycles_by_k", "Draft/verify cycles that drafted k tokens", ["k"])
+        self.steps = gauge("engine_steps", "Engine steps run")
+        self._last_refresh = 0.0
+        self._tokens = 0  # generation_tokens' value, kept here to avoid the client library's internals
+        self._recent: deque[tuple[float, int]] = deque()  # (time, output tokens so far)
+
+    def add_generation_tokens(self, n: int) -> None:
+        self._tokens += n
+        self.generation_tokens.inc(n)
+
+    def finished(self, reason: str) -> None:
+        self._finished.labels(finish_reason="error" if reason.startswith("error") else reason, **self._lab).inc()
+
+    def observe_engine(self, llm, force: bool = False) -> None:
+        """Sample the engine's state (engine thread, between steps)."""
+        now = time.monotonic()
+        if not force and now - self._last_refresh < self.refresh_s:
+            return
+        self._last_refresh = now
+        sched = llm.engine.scheduler
+        self.running.set(len(sched.running))
+        self.waiting.set(len(sched.waiting))
+        self.swapped.set(len(sched.swapped))
+        alloc = sched.allocator
+        self.pages_total.set(alloc.num_blocks)
+        self.pages_used.set(alloc.num_blocks - alloc.num_free)
+        tokens = self._tokens
+        self._recent.append((now, tokens))
+        while len(self._recent) > 2 and now - self._recent[0][0] > self.window_s:
+            self._recent.popleft()
+        t0, n0 = self._recent[0]
+        self.tokens_per_s.set((tokens - n0) / (now - t0) if now > t0 else 0.0)
+        s = llm.stats()
+        self.steps.set(s["steps"])
+        self.stride.set(s["stride"])
+        self.mean_accepted.set(s["mean_accepted"])
+        self.mean_k.set(s["mean_k"])
+        for i, rate in enumerate(s["per_position_acceptance_all"], start=1):
+            self.per_position.labels(position=str(i), **self._lab).set(rate)
+        for k, n in enumerate(s["cycles_by_k"]):
+            self.cycles_by_k.labels(k=str(k), **self._lab).set(n)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+__all__ = ["ServerMetrics"]

@@ -1,0 +1,50 @@
+"""A live ``sparsespec serve`` app for tests: uvicorn on 127.0.0.1 (a free port) in a thread of this process, so a
+test can also look at the engine (pages in use, live requests) behind the HTTP API."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(llm, *, model_name: str = "tiny", api_key: str | None = None, warmup: bool = True):
+    """Yield ``(base_url, server)`` (``server``: the app's ``Server``) while uvicorn serves ``llm``."""
+    import uvicorn
+
+    from sparsespec_compile.serve import create_app, warm_up
+
+    if warmup:
+        warm_up(llm)
+    app = create_app(llm, model_name=model_name, api_key=api_key)
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.05)
+    try:
+        yield base, app.state.server
+    finally:
+        server.should_exit = True
+        thread.join(15)
