@@ -189,6 +189,11 @@ def _accept_greedy(draft_tokens, t, num_drafts):
     return accepted, tokens
 
 
+def _prob_at(l: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """Scaled logits [...] of chosen tokens and their rows' stats [..., 4] -> the tokens' probabilities [...]."""
+    return torch.where(l >= stats[..., 1], (l - stats[..., 0]).exp() / stats[..., 2], 0.0)
+
+
 @dataclass
 class Drafts:
     """What verification needs of the sampled drafts: their logits rows [Nd, V] (as the model produced them), stats
@@ -235,13 +240,12 @@ def rejection_sample(draft_tokens: torch.Tensor, drafts: Drafts | None, target_l
     if num_drafts is None:
         num_drafts = torch.full((n,), k, device=dev)
     valid = torch.arange(k, device=dev) < num_drafts.view(-1, 1)  # [N, k]
-    # p_i(d_i) from the target's logit at d_i, q_i(d_i) kept from the draft's own sampling
+    # p_i(d_i) and q_i(d_i) from the logit at d_i and the row's stats (> 0 for q on valid sampled slots: d_i was drawn
+    # from q_i)
     it = st.inv_temp.view(n, k + 1)[:, :k]
-    ld = target_logits[target_index[:, :k], d].float() * it  # [N, k]
-    m, tau, z = tstats[:, :k, 0], tstats[:, :k, 1], tstats[:, :k, 2]
-    p_d = torch.where(ld >= tau, (ld - m).exp() / z, 0.0)
     di = drafts.index.clamp_min(0)
-    q_d = drafts.stats[di, 3]  # > 0 on valid sampled slots: d_i was drawn from q_i
+    p_d = _prob_at(target_logits[target_index[:, :k], d].float() * it, tstats[:, :k])  # [N, k]
+    q_d = _prob_at(drafts.logits[di, d].float() * it, drafts.stats[di])
     u = ref.uniform(s[:, :k].reshape(-1), torch.full((n * k, 1), target_logits.shape[-1], device=dev)).view(n, k)
     by_match = st.greedy.view(n, k + 1)[:, 0]  # greedy rows: accept iff d_i == argmax p_i
     if coupled is not None:

@@ -52,7 +52,8 @@ def uniform(seeds: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def thresholds(logits: torch.Tensor, inv_temp: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                greedy: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """logits [R, V], per-row inv_temp [R] f32, top_k [R] int (>= V: off), top_p [R] f32 (>= 1: off), greedy [R]
-    bool -> (l [R, V] f32 scaled logits, m [R], tau [R], z [R]). Greedy rows: tau = m (their token is the argmax)."""
+    bool -> (l [R, V] f32 scaled logits, m [R], tau [R], z [R]). Greedy rows: tau = m, z = 1 (their token is the
+    argmax, their distribution one-hot)."""
     l = logits.float() * inv_temp.float().unsqueeze(-1)
     valid = l > float("-inf")
     m = l.max(-1).values
@@ -68,7 +69,7 @@ def thresholds(logits: torch.Tensor, inv_temp: torch.Tensor, top_k: torch.Tensor
     # (no prefix reaches it only through rounding, top_p within ~1e-7 of 1: keep the top-k set)
     tau = torch.where((top_p < 1.0) & reach.any(-1), torch.maximum(tau, tau_p), tau)
     tau = torch.where(greedy, m, tau)
-    z = (e * (l >= tau.unsqueeze(-1))).sum(-1)
+    z = torch.where(greedy, 1.0, (e * (l >= tau.unsqueeze(-1))).sum(-1))
     return l, m, tau, z
 
 

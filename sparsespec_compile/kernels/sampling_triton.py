@@ -230,14 +230,19 @@ def _residual_kernel(t_logits, stride_t, t_rows, t_stats, d_logits, stride_d, d_
         tl.store(tokens + r, tl.where(bw > 0, iw, ip).to(tl.int64))  # all-zero residual (p == q): ~ p
 
 
-def _check_rows(logits: torch.Tensor, *vectors: torch.Tensor) -> None:
-    if logits.dim() != 2 or logits.stride(-1) != 1:
-        raise ValueError(f"logits must be [rows, V] with unit stride along V, got {tuple(logits.shape)} "
-                         f"strides {logits.stride()}")
-    n = vectors[0].shape[0]
+def _check_logits(*logits: torch.Tensor) -> None:
+    for x in logits:
+        if x.dim() != 2 or x.stride(-1) != 1:
+            raise ValueError(f"logits must be [rows, V] with unit stride along V, got {tuple(x.shape)} "
+                             f"strides {x.stride()}")
+
+
+def _per_row(n: int, *vectors: torch.Tensor) -> list[torch.Tensor]:
+    """Per-row inputs as contiguous [n] (a strided view of a few hundred elements costs one tiny copy)."""
     for v in vectors:
-        if v.shape[0] != n or not v.is_contiguous():
-            raise ValueError(f"per-row tensors must be contiguous [{n}], got {tuple(v.shape)}")
+        if v.shape[0] != n:
+            raise ValueError(f"per-row tensors must have {n} rows, got {tuple(v.shape)}")
+    return [v.contiguous() for v in vectors]
 
 
 def sample_rows(logits: torch.Tensor, rows: torch.Tensor, inv_temp: torch.Tensor, top_k: torch.Tensor,
@@ -246,8 +251,9 @@ def sample_rows(logits: torch.Tensor, rows: torch.Tensor, inv_temp: torch.Tensor
     top_k [R] int64 (>= V: off), top_p [R] f32 (1: off), greedy [R] bool, seeds [R] int64 ->
     (tokens [R] int64, stats [R, 4] f32 = (max l, tau, kept mass z, p(token))). No host sync: graph-capturable."""
 
-    _check_rows(logits, rows, inv_temp, top_k, top_p, greedy, seeds)
+    _check_logits(logits)
     n, v = rows.shape[0], logits.shape[1]
+    rows, inv_temp, top_k, top_p, greedy, seeds = _per_row(n, rows, inv_temp, top_k, top_p, greedy, seeds)
     tokens = torch.empty(n, dtype=torch.int64, device=logits.device)
     stats = torch.empty(n, 4, dtype=torch.float32, device=logits.device)
     if n:
@@ -261,11 +267,13 @@ def residual(target_logits: torch.Tensor, target_rows: torch.Tensor, target_stat
              seeds: torch.Tensor, need: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Writes ``out[r]`` ~ norm(max(p - q, 0)) of target row ``target_rows[r]`` and draft row ``draft_rows[r]`` (stats
     [R, 4] from ``sample_rows``) where ``need[r]``; other rows of ``out`` are left as they are."""
-    _check_rows(target_logits, target_rows, inv_temp, seeds, need, out)
-    _check_rows(draft_logits, draft_rows)
+    _check_logits(target_logits, draft_logits)
+    n = target_rows.shape[0]
+    if not out.is_contiguous() or out.shape != (n,):
+        raise ValueError(f"out must be a contiguous [{n}] tensor, got {tuple(out.shape)}")
+    target_rows, draft_rows, inv_temp, seeds, need = _per_row(n, target_rows, draft_rows, inv_temp, seeds, need)
     if target_logits.shape[1] != draft_logits.shape[1] or target_logits.dtype != draft_logits.dtype:
         raise ValueError("target and draft logits must share V and dtype")
-    n = target_rows.shape[0]
     if n:
         _residual_kernel[(n,)](target_logits, target_logits.stride(0), target_rows, target_stats.contiguous(),
                                draft_logits, draft_logits.stride(0), draft_rows, draft_stats.contiguous(), inv_temp,
