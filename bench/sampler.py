@@ -7,7 +7,8 @@
 For B rows x V (49,152: SmolLM2; 151,936: Qwen3) bf16 logits it times, per configuration (temperature only, top-p
 0.95, top-k 50, top-k 50 + top-p 0.95; all at T 0.6):
   * ``new``: kernels/sampling_triton.sample_rows, the noise seeds drawn on the device in the same graph (as a step
-    does);
+    does), rows that find their kept set (drafts, verify rows); ``new_plain``: rows that need only their token (a
+    plain decode: it stops once the token is proven kept);
   * ``old``: the sampler before issue 18 (runtime/verify.py at 715fc9e, copied below): a full-vocabulary sort for
     top-p (torch.topk when every row has a top-k), two softmaxes, a scatter, an exponential race over [B, V];
   * ``argmax``: greedy decoding's cost, the same bytes read once.
@@ -132,14 +133,19 @@ def sampler(records: list) -> None:
                 line = [f"V {v:6d} {kind:5s} B {b:3d}  floor {floor:7.1f} us  argmax {ms * 1e3:7.1f}"]
                 for name, (k, p) in CONFIGS.items():
                     rows, it, tk, tp, gr = rows_inputs(b, v, k, p)
+                    stats = torch.ones(b, dtype=torch.bool, device=DEV)
                     new = timed(lambda: sample_rows(x, rows, it, tk, tp, gr,
-                                                    torch.randint(0, 1 << 62, (b,), device=DEV)))
+                                                    torch.randint(0, 1 << 62, (b,), device=DEV), stats))
+                    plain = timed(lambda: sample_rows(x, rows, it, tk, tp, gr,
+                                                      torch.randint(0, 1 << 62, (b,), device=DEV), ~stats))
                     temp = torch.full((b,), T, device=DEV)
                     old = timed(lambda: old_sample(x, temp, k, p))
-                    for impl, t in (("new", new), ("old", old)):
+                    # new: a draft's row (its kept set found: verification reads it); new_plain: a decode's row (may
+                    # stop once its token is proven kept)
+                    for impl, t in (("new", new), ("new_plain", plain), ("old", old)):
                         records.append(dict(section="sampler", logits=kind, V=v, B=b, config=name, impl=impl, ms=t,
                                             floor_us=floor, x_floor=t * 1e3 / floor))
-                    line.append(f"{name} {new * 1e3:.1f} (old {old * 1e3:.1f})")
+                    line.append(f"{name} {new * 1e3:.1f}/{plain * 1e3:.1f} (old {old * 1e3:.1f})")
                 print(" | ".join(line), flush=True)
 
 

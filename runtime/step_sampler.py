@@ -70,9 +70,14 @@ class StepSampler:
     def _sample(self, plan, logits, sample_rows, sample_logit_rows) -> torch.Tensor:
         entries = [plan.entries[i] for i in sample_rows]
         idx = to_device(sample_logit_rows, logits.device)
-        # the kernel reads the rows in place: no [N, V] gather
-        tokens, stats = sample(logits, _params([e.request for e in entries]), _position_seeds(entries), rows=idx)
         keep = [j for j, e in enumerate(entries) if e.kind is StepKind.DRAFT and not e.request.params.greedy]
+        # only the sampled drafts' kept sets are read later (by their verification): the other rows may stop early
+        mine = set(keep)
+        need = None if len(keep) == len(entries) else to_device([j in mine for j in range(len(entries))],
+                                                                  logits.device, torch.bool)
+        # the kernel reads the rows in place: no [N, V] gather
+        tokens, stats = sample(logits, _params([e.request for e in entries]), _position_seeds(entries), rows=idx,
+                               need_stats=need)
         if keep:  # a sampled draft's logits row outlives this step's buffer: one gather of those rows
             sel = to_device(keep, logits.device)
             kept_logits, kept_stats = logits[idx[sel]].unbind(0), stats[sel].unbind(0)

@@ -129,31 +129,33 @@ def _impl(logits: torch.Tensor, impl: str) -> str:
 
 
 def sample_rows(logits: torch.Tensor, rows: torch.Tensor | None, st: SamplingTensors, seeds: torch.Tensor,
-                impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                impl: str = "auto", need_stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [Rows, V], rows [R] (None: every row) -> (tokens [R] int64, stats [R, 4]). Sampled rows only
-    (``st`` not all-greedy)."""
+    (``st`` not all-greedy). ``need_stats`` [R] bool (None: all): rows whose stats are read later; the kernel may
+    leave the others' NaN (sampling_triton.sample_rows)."""
     if _impl(logits, impl) == "triton":
         from sparsespec_compile.kernels.sampling_triton import sample_rows as kernel
 
         if rows is None:
             rows = torch.arange(logits.shape[0], device=logits.device)
-        return kernel(logits, rows, st.inv_temp, st.top_k, st.top_p, st.greedy, seeds)
+        return kernel(logits, rows, st.inv_temp, st.top_k, st.top_p, st.greedy, seeds, need_stats)
     x = logits if rows is None else logits[rows]
     return ref.sample_rows_reference(x, st.inv_temp, st.top_k, st.top_p, st.greedy, seeds)
 
 
 def sample(logits: torch.Tensor, params, seeds=None, generator: torch.Generator | None = None,
-           rows: torch.Tensor | None = None, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
+           rows: torch.Tensor | None = None, impl: str = "auto",
+           need_stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [N, V] (or the rows ``rows`` [N] of a bigger [*, V]) -> (tokens [N] int64, stats [N, 4] float32 or None
     when every row is greedy). Used for non-speculative steps and for drafting: keep a sampled draft's stats (and its
     logits row) for ``rejection_sample``. ``params``: one ``SamplingParams``, one per row, or ``SamplingTensors``;
-    ``seeds``: see ``noise_seeds``."""
+    ``seeds``: see ``noise_seeds``; ``need_stats``: see ``sample_rows``."""
     n = logits.shape[0] if rows is None else rows.shape[0]
     st = _as_tensors(params, n, logits.shape[-1], logits.device)
     if st.all_greedy:
         return (logits if rows is None else logits[rows]).argmax(-1), None
     s, _ = noise_seeds(n, None, seeds, logits.device, generator)
-    return sample_rows(logits, rows, st, s, impl)
+    return sample_rows(logits, rows, st, s, impl, need_stats)
 
 
 def probs_from_logits(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
@@ -234,7 +236,9 @@ def rejection_sample(draft_tokens: torch.Tensor, drafts: Drafts | None, target_l
                          "temperature > 0")
     s, coupled = noise_seeds(n, k + 1, seeds, dev, generator)  # [N, k+1]
     # every slot's target sample (greedy rows: the argmax), and the stats of its distribution
-    x, tstats = sample_rows(target_logits, target_index.flatten(), st, s.flatten(), impl)
+    # (seeded rows read only the winners: their kernel rows may stop before finding the threshold)
+    need = None if coupled is None else (~coupled).repeat_interleave(k + 1)
+    x, tstats = sample_rows(target_logits, target_index.flatten(), st, s.flatten(), impl, need)
     x, tstats = x.view(n, k + 1), tstats.view(n, k + 1, 4)
     d = draft_tokens.long()
     if num_drafts is None:

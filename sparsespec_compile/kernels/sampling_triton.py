@@ -73,7 +73,7 @@ def _load_row(base, idx, V, it, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _sample_kernel(logits, stride_l, rows, inv_temp, top_k, top_p, greedy, seeds, tokens, stats, V,
+def _sample_kernel(logits, stride_l, rows, inv_temp, top_k, top_p, greedy, seeds, need_stats, tokens, stats, V,
                    BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, NPIV: tl.constexpr, UPCAST: tl.constexpr):
     r = tl.program_id(0)
     base = logits + tl.load(rows + r).to(tl.int64) * stride_l
@@ -114,64 +114,85 @@ def _sample_kernel(logits, stride_l, rows, inv_temp, top_k, top_p, greedy, seeds
         ri = tl.where(upd, bi + start, ri)
         rk = tl.maximum(rk, bk)
 
-    # threshold search: phase 0 top-k (count >= k), phase 1 top-p (mass >= top_p * top-k mass), 2 done.
-    # Invariant: L is present with F(L) >= target (FLc, FLm: count and mass at or above L); the answer lies in [L, H].
+    # Threshold search: phase 0 top-k (F = count >= k), phase 1 top-p (F = mass >= top_p * top-k mass), 2 done.
+    # Invariant: F(A) >= target (A is at or below the answer), H is a present value at or above it. Each pass
+    # evaluates F at pivots in [A, H], H among them: if F(H) >= target the answer is H; else A rises to the largest
+    # good pivot and H falls to the largest present value below the smallest bad one.
     use_k = (kk < nvalid) & (~g)
     use_p = (pp < 1.0) & (~g)
     phase = tl.where(use_k, 0, tl.where(use_p, 1, 2))
     phase = tl.where((mn >= m) | (nvalid == 0), 2, phase)  # one distinct value (or none): everything is kept
-    L = mn
+    need = tl.load(need_stats + r) != 0
+    early = tl.full((), 0, tl.int1)  # the race winner was proven kept without finding the threshold
+    A = mn
     H = m
-    FLc = nvalid.to(tl.float32)  # counts as float32: exact below 2**24 tokens
-    FLm = zsum
-    target = tl.where(phase == 0, kk.to(tl.float32), pp * zsum)
+    tau = mn
+    FLm = zsum  # mass at or above tau
+    target = tl.where(phase == 0, kk.to(tl.float32), pp * zsum)  # counts as float32: exact below 2**24 tokens
     j = tl.arange(0, NPIV)
     half: tl.constexpr = NPIV // 2
+    last = j == half - 1  # the pivot that is H
     offs_s = tl.arange(0, BLOCK_S)
+    passes = 0
     while phase < 2:
-        # pivots in (L, H]: the last value pivot is H itself
-        tv = L + (H - L) * ((j + 1).to(tl.float32) / half)
-        tv = tl.where(j == half - 1, H, tl.minimum(tv, H))
-        kl = _float_key(L).to(tl.int64)
+        tv = tl.minimum(A + (H - A) * ((j + 1).to(tl.float32) / half), H)
+        ka = _float_key(A).to(tl.int64)
         kh = _float_key(H).to(tl.int64)
-        tk = _key_float((kl + (kh - kl) * (j - half + 1) // (half + 1)).to(tl.int32))
-        piv = tl.where(j < half, tv, tl.maximum(tk, L))
-        cnt = tl.zeros((NPIV,), tl.float32)
-        mass = tl.zeros((NPIV,), tl.float32)
-        minge = tl.full((NPIV,), float("inf"), tl.float32)
+        tk = _key_float((ka + (kh - ka) * (j - half + 1) // (half + 1)).to(tl.int32))
+        piv = tl.where(last, H, tl.where(j < half, tv, tl.minimum(tl.maximum(tk, A), H)))
+        f = tl.zeros((NPIV,), tl.float32)
         maxlt = tl.full((NPIV,), ninf, tl.float32)
+        c_h = tl.full((), 0.0, tl.float32)  # count and mass at or above H
+        m_h = tl.full((), 0.0, tl.float32)
+        c_gt = tl.full((), 0.0, tl.float32)  # count and mass above the race winner's value
+        m_gt = tl.full((), 0.0, tl.float32)
         for start in range(0, V, BLOCK_S):
             l = _load_row(base, start + offs_s, V, it, UPCAST)
             valid = l > ninf
             e = tl.where(valid, tl.exp(l - m), 0.0)
-            ge = (l[:, None] >= piv[None, :]) & valid[:, None]
-            cnt += tl.sum(ge.to(tl.float32), 0)
-            mass += tl.sum(tl.where(ge, e[:, None], 0.0), 0)
-            minge = tl.minimum(minge, tl.min(tl.where(ge, l[:, None], float("inf")), 0))
-            maxlt = tl.maximum(maxlt, tl.max(tl.where(ge | (~valid[:, None]), ninf, l[:, None]), 0))
-        good = tl.where(phase == 0, cnt, mass) >= target
-        any_good = tl.max(good.to(tl.int32), 0) > 0
-        any_bad = tl.min(good.to(tl.int32), 0) == 0
-        # the largest good pivot A: min_ge(A) is the new L, F(A) its count / mass (F falls as the pivot rises)
-        L = tl.where(any_good, tl.max(tl.where(good, minge, ninf), 0), L)
-        FLc = tl.where(any_good, tl.min(tl.where(good, cnt, float("inf")), 0), FLc)
-        FLm = tl.where(any_good, tl.min(tl.where(good, mass, float("inf")), 0), FLm)
-        # the smallest bad pivot B: the largest present value below it is the new H
-        H = tl.where(any_bad, tl.min(tl.where(good, float("inf"), maxlt), 0), H)
-        if L >= H:
-            if phase == 0:
-                # top-k set found (its mass FLm); top-p searches inside it, from its own threshold up
-                phase = tl.where(use_p, 1, 2)
-                target = pp * FLm
-                H = m
-                phase = tl.where(L >= H, 2, phase)
+            w = tl.where(phase == 0, valid.to(tl.float32), e)
+            ge = l[:, None] >= piv[None, :]
+            f += tl.sum(tl.where(ge, w[:, None], 0.0), 0)
+            maxlt = tl.maximum(maxlt, tl.max(tl.where(ge, ninf, l[:, None]), 0))  # (-inf rows add nothing)
+            at_h = valid & (l >= H)
+            c_h += tl.sum(at_h.to(tl.float32), 0)
+            m_h += tl.sum(tl.where(at_h, e, 0.0), 0)
+            gt = valid & (l > rl)
+            c_gt += tl.sum(gt.to(tl.float32), 0)
+            m_gt += tl.sum(tl.where(gt, e, 0.0), 0)
+        passes += 1
+        # A row that needs no stats stops once its race winner is proven kept: within the top-k alone
+        # (count above it < k), or within the top-p of the top-k set already found (mass above it < target).
+        kept = tl.where(phase == 0, (~use_p) & (c_gt < target), (rl >= A) & (m_gt < target))
+        if (~need) & kept:
+            early = True
+            phase = 2
+        else:
+            good = f >= target
+            if tl.where(phase == 0, c_h, m_h) >= target:  # the answer is H
+                tau = H
+                FLm = m_h
+                if phase == 0:  # the top-k set found: top-p searches inside it, from its threshold up
+                    phase = tl.where(use_p, 1, 2)
+                    target = pp * m_h
+                    A = H
+                    H = m
+                    phase = tl.where(A >= H, 2, phase)
+                else:
+                    phase = 2
             else:
-                phase = 2
-    tau = L
+                A = tl.maximum(A, tl.max(tl.where(good & (~last), piv, ninf), 0))
+                H_new = tl.min(tl.where(good & (~last), float("inf"), maxlt), 0)  # H itself counts as bad
+                # (below A only through rounding, top_p within ~1e-7 of 1: keep H, one present value above)
+                if (H_new < A) | (passes >= 64):  # 64: unreachable, each phase ends within 12 passes
+                    tau = H
+                    FLm = m_h
+                    phase = 2
+                H = H_new
 
     tok = ri
     tl_tok = rl
-    if (rl < tau) & (~g):  # the race winner was cut: race again over the kept set only
+    if (rl < tau) & (~g) & (~early):  # the race winner was cut: race again over the kept set only
         rk = tl.full((), ninf, tl.float32)
         for start in range(0, V, BLOCK):
             idx = start + offs
@@ -186,9 +207,10 @@ def _sample_kernel(logits, stride_l, rows, inv_temp, top_k, top_p, greedy, seeds
     tok = tl.where(g, am, tok)
     tl.store(tokens + r, tok.to(tl.int64))
     tl.store(stats + r * 4 + 0, m)
-    tl.store(stats + r * 4 + 1, tl.where(g, m, tau))
-    tl.store(stats + r * 4 + 2, tl.where(g, 1.0, FLm))
-    tl.store(stats + r * 4 + 3, tl.where(g, 1.0, tl.exp(tl_tok - m) / FLm))
+    nan = float("nan")  # a row that stopped early has no kept set: NaN, never a wrong number
+    tl.store(stats + r * 4 + 1, tl.where(g, m, tl.where(early, nan, tau)))
+    tl.store(stats + r * 4 + 2, tl.where(g, 1.0, tl.where(early, nan, FLm)))
+    tl.store(stats + r * 4 + 3, tl.where(g, 1.0, tl.where(early, nan, tl.exp(tl_tok - m) / FLm)))
 
 
 @triton.jit
@@ -246,19 +268,25 @@ def _per_row(n: int, *vectors: torch.Tensor) -> list[torch.Tensor]:
 
 
 def sample_rows(logits: torch.Tensor, rows: torch.Tensor, inv_temp: torch.Tensor, top_k: torch.Tensor,
-                top_p: torch.Tensor, greedy: torch.Tensor, seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                top_p: torch.Tensor, greedy: torch.Tensor, seeds: torch.Tensor,
+                need_stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [Rows, V] (any float dtype), rows [R] int64 (which logits row each output row reads), inv_temp [R] f32,
     top_k [R] int64 (>= V: off), top_p [R] f32 (1: off), greedy [R] bool, seeds [R] int64 ->
-    (tokens [R] int64, stats [R, 4] f32 = (max l, tau, kept mass z, p(token))). No host sync: graph-capturable."""
+    (tokens [R] int64, stats [R, 4] f32 = (max l, tau, kept mass z, p(token))). No host sync: graph-capturable.
 
+    ``need_stats`` [R] bool (None: all): a row without it may stop as soon as its race winner is proven kept (top-p
+    alone, ~1 pass after the first for top-p 0.95), its tau / z / p(token) then NaN; the token is the same."""
     _check_logits(logits)
     n, v = rows.shape[0], logits.shape[1]
-    rows, inv_temp, top_k, top_p, greedy, seeds = _per_row(n, rows, inv_temp, top_k, top_p, greedy, seeds)
+    if need_stats is None:
+        need_stats = torch.ones(n, dtype=torch.bool, device=logits.device)
+    rows, inv_temp, top_k, top_p, greedy, seeds, need_stats = _per_row(n, rows, inv_temp, top_k, top_p, greedy, seeds,
+                                                                      need_stats)
     tokens = torch.empty(n, dtype=torch.int64, device=logits.device)
     stats = torch.empty(n, 4, dtype=torch.float32, device=logits.device)
     if n:
-        _sample_kernel[(n,)](logits, logits.stride(0), rows, inv_temp, top_k, top_p, greedy, seeds, tokens, stats, v,
-                             BLOCK=BLOCK, BLOCK_S=BLOCK_S, NPIV=NPIV, UPCAST=logits.dtype != torch.float32)
+        _sample_kernel[(n,)](logits, logits.stride(0), rows, inv_temp, top_k, top_p, greedy, seeds, need_stats, tokens,
+                             stats, v, BLOCK=BLOCK, BLOCK_S=BLOCK_S, NPIV=NPIV, UPCAST=logits.dtype != torch.float32)
     return tokens, stats
 
 

@@ -108,3 +108,20 @@ def test_verification_through_the_kernels_equals_the_reference_path():
     out = [rejection_sample(d.view(n, k), Drafts.dense(draft, q.view(n, k, 4)), target, params, vseeds,
                             num_drafts=nd, impl=impl) for impl in ("triton", "reference")]
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+
+
+def test_rows_without_stats_stop_early_with_the_same_token():
+    x = hard_rows(torch.Generator().manual_seed(5))[[0, 1, 3, 5, 9, 10]]
+    n = x.shape[0]
+    cfg = [(1 / 0.6, V, 0.95), (1.0, 20, 1.0), (2.0, 20, 0.8)]
+    r = torch.arange(n).repeat_interleave(len(cfg))
+    it, tk, tp = (torch.tensor([c[i] for c in cfg] * n) for i in range(3))
+    it, tp = it.float(), tp.float()
+    gr = torch.zeros(r.shape[0], dtype=torch.bool)
+    seeds = torch.randint(0, 1 << 62, r.shape, generator=torch.Generator().manual_seed(6))
+    tok, st = sample_rows(x, r, it, tk, tp, gr, seeds, need_stats=torch.zeros_like(gr))
+    tok_r, st_r = ref.sample_rows_reference(x[r], it, tk, tp, gr, seeds)
+    assert torch.equal(tok, tok_r)
+    early = st[:, 1].isnan()
+    assert early.any()  # some rows stopped early: their stats say so instead of holding a wrong number
+    assert torch.equal(st[~early, 1], st_r[~early, 1])
