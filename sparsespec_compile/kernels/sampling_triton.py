@@ -2,17 +2,18 @@
 
 One program per row. A sort is what a nucleus is usually found with; here the kept set's threshold (see
 sampling_reference.py for the definition both share) is *searched*: each pass over the row evaluates, at NPIV pivot
-values at once, the count and the probability mass of the tokens at or above each pivot, plus the nearest present
-values on either side of it, and narrows the interval ``[L, H]`` of present values that holds the threshold. Half the
-pivots are spread evenly in value (few passes on real, peaked logits), half evenly in the float's bit order (a
-proven bound: each pass cuts the interval's 2**32 bit patterns by 9, so a search ends within 11 passes). The search
-ends on an exact present value, so the kept set is exact, ties and -inf included. Top-k and top-p are two searches
-(the top-p target is a share of the top-k set's mass).
+values at once, the count (top-k) or the probability mass (top-p) of the tokens at or above each pivot and the
+nearest present value below it, and narrows the interval ``[A, H]`` that holds the threshold. Half the pivots are
+spread evenly in value (few passes on real, peaked logits), half evenly in the float's bit order: a proven bound,
+each pass cuts the interval's 2**32 bit patterns by 9, so a phase ends within 12 passes. The search ends on a present
+value, so the kept set is exact, ties and -inf included. Top-k and top-p are two phases (the top-p target is a share
+of the top-k set's mass).
 
 Pass 1 also runs the Gumbel race over the whole row (and finds max, argmax, min and the sum of exponentials); when
 its winner lies in the kept set it is the kept set's winner too, and no race pass follows (for top-p 0.95, ~95% of
-rows). Noise is regenerated from (row seed, token index) in every pass, never stored: bit-identical to the
-reference's ``uniform``.
+rows). A row whose stats nobody reads (a plain decode, not a draft) stops the search as soon as its winner is proven
+kept. Greedy rows make one lean argmax pass. Noise is regenerated from (row seed, token index) in every pass, never
+stored: bit-identical to the reference's ``uniform``.
 
 ``residual`` samples max(p - q, 0) for speculative verification in one pass over the target and draft rows.
 """
@@ -94,25 +95,32 @@ def _sample_kernel(logits, stride_l, rows, inv_temp, top_k, top_p, greedy, seeds
     rk = tl.full((), ninf, tl.float32)
     ri = tl.full((), 0, tl.int32)
     rl = tl.full((), ninf, tl.float32)
-    for start in range(0, V, BLOCK):
-        idx = start + offs
-        l = _load_row(base, idx, V, it, UPCAST)
-        valid = l > ninf
-        bm = tl.max(l, 0)
-        am = tl.where(bm > m, tl.argmax(l, 0) + start, am)  # strictly greater: the first index on ties
-        new_m = tl.maximum(m, bm)
-        scale = tl.where(new_m == ninf, 0.0, tl.exp(m - new_m))
-        zsum = zsum * scale + tl.sum(tl.where(valid, tl.exp(l - new_m), 0.0), 0)
-        m = new_m
-        mn = tl.minimum(mn, tl.min(tl.where(valid, l, float("inf")), 0))
-        nvalid += tl.sum(valid.to(tl.int32), 0)
-        race = tl.where(valid, l - tl.log(_exp_noise(key, idx)), ninf)
-        bk = tl.max(race, 0)
-        bi = tl.argmax(race, 0)
-        upd = bk > rk
-        rl = tl.where(upd, tl.max(tl.where(offs == bi, l, ninf), 0), rl)
-        ri = tl.where(upd, bi + start, ri)
-        rk = tl.maximum(rk, bk)
+    if g:  # a greedy row: the argmax alone, one lean pass (it pays nothing for the sampled rows beside it)
+        for start in range(0, V, BLOCK):
+            l = _load_row(base, start + offs, V, it, UPCAST)
+            bm = tl.max(l, 0)
+            am = tl.where(bm > m, tl.argmax(l, 0) + start, am)  # strictly greater: the first index on ties
+            m = tl.maximum(m, bm)
+    else:
+        for start in range(0, V, BLOCK):
+            idx = start + offs
+            l = _load_row(base, idx, V, it, UPCAST)
+            valid = l > ninf
+            bm = tl.max(l, 0)
+            am = tl.where(bm > m, tl.argmax(l, 0) + start, am)  # strictly greater: the first index on ties
+            new_m = tl.maximum(m, bm)
+            scale = tl.where(new_m == ninf, 0.0, tl.exp(m - new_m))
+            zsum = zsum * scale + tl.sum(tl.where(valid, tl.exp(l - new_m), 0.0), 0)
+            m = new_m
+            mn = tl.minimum(mn, tl.min(tl.where(valid, l, float("inf")), 0))
+            nvalid += tl.sum(valid.to(tl.int32), 0)
+            race = tl.where(valid, l - tl.log(_exp_noise(key, idx)), ninf)
+            bk = tl.max(race, 0)
+            bi = tl.argmax(race, 0)
+            upd = bk > rk
+            rl = tl.where(upd, tl.max(tl.where(offs == bi, l, ninf), 0), rl)
+            ri = tl.where(upd, bi + start, ri)
+            rk = tl.maximum(rk, bk)
 
     # Threshold search: phase 0 top-k (F = count >= k), phase 1 top-p (F = mass >= top_p * top-k mass), 2 done.
     # Invariant: F(A) >= target (A is at or below the answer), H is a present value at or above it. Each pass
@@ -124,6 +132,7 @@ def _sample_kernel(logits, stride_l, rows, inv_temp, top_k, top_p, greedy, seeds
     phase = tl.where((mn >= m) | (nvalid == 0), 2, phase)  # one distinct value (or none): everything is kept
     need = tl.load(need_stats + r) != 0
     early = tl.full((), 0, tl.int1)  # the race winner was proven kept without finding the threshold
+    done = tl.full((), 2, tl.int32)  # (loop-carried values keep one type: a tensor, never a Python int)
     A = mn
     H = m
     tau = mn
@@ -133,7 +142,7 @@ def _sample_kernel(logits, stride_l, rows, inv_temp, top_k, top_p, greedy, seeds
     half: tl.constexpr = NPIV // 2
     last = j == half - 1  # the pivot that is H
     offs_s = tl.arange(0, BLOCK_S)
-    passes = 0
+    passes = tl.full((), 0, tl.int32)
     while phase < 2:
         tv = tl.minimum(A + (H - A) * ((j + 1).to(tl.float32) / half), H)
         ka = _float_key(A).to(tl.int64)
@@ -165,8 +174,8 @@ def _sample_kernel(logits, stride_l, rows, inv_temp, top_k, top_p, greedy, seeds
         # (count above it < k), or within the top-p of the top-k set already found (mass above it < target).
         kept = tl.where(phase == 0, (~use_p) & (c_gt < target), (rl >= A) & (m_gt < target))
         if (~need) & kept:
-            early = True
-            phase = 2
+            early = tl.full((), 1, tl.int1)
+            phase = done
         else:
             good = f >= target
             if tl.where(phase == 0, c_h, m_h) >= target:  # the answer is H
@@ -179,7 +188,7 @@ def _sample_kernel(logits, stride_l, rows, inv_temp, top_k, top_p, greedy, seeds
                     H = m
                     phase = tl.where(A >= H, 2, phase)
                 else:
-                    phase = 2
+                    phase = done
             else:
                 A = tl.maximum(A, tl.max(tl.where(good & (~last), piv, ninf), 0))
                 H_new = tl.min(tl.where(good & (~last), float("inf"), maxlt), 0)  # H itself counts as bad
@@ -187,7 +196,7 @@ def _sample_kernel(logits, stride_l, rows, inv_temp, top_k, top_p, greedy, seeds
                 if (H_new < A) | (passes >= 64):  # 64: unreachable, each phase ends within 12 passes
                     tau = H
                     FLm = m_h
-                    phase = 2
+                    phase = done
                 H = H_new
 
     tok = ri
