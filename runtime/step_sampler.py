@@ -70,8 +70,10 @@ class StepSampler:
     def _sample(self, plan, logits, sample_rows, sample_logit_rows) -> torch.Tensor:
         entries = [plan.entries[i] for i in sample_rows]
         idx = to_device(sample_logit_rows, logits.device)
-        keep = [j for j, e in enumerate(entries) if e.kind is StepKind.DRAFT and not e.request.params.greedy]
-        # only the sampled drafts' kept sets are read later (by their verification): the other rows may stop early
+        # Drafts verified by rejection sampling keep their row for it; seeded requests verify by coupling (verify.py),
+        # which reads only the drafted tokens. The other rows' kept sets are never read: they may stop early.
+        keep = [j for j, e in enumerate(entries)
+                if e.kind is StepKind.DRAFT and not e.request.params.greedy and e.request.params.seed is None]
         mine = set(keep)
         need = None if len(keep) == len(entries) else to_device([j in mine for j in range(len(entries))],
                                                                   logits.device, torch.bool)
@@ -107,13 +109,14 @@ class StepSampler:
         if not all(e.request.params.greedy for e in entries):
             lrows, srows, index = [], [], []  # one stack for the step, not one per request
             for e in entries:
-                mine = self._drafts.pop(e.request.request_id, [])  # greedy requests keep none: matched by argmax
+                # (greedy and seeded requests keep none: their drafts are matched against the target's own token)
+                mine = self._drafts.pop(e.request.request_id, [])
                 index.append([len(lrows) + s if s < len(mine) else -1 for s in range(k)])
                 lrows += [x for x, _ in mine]
                 srows += [s for _, s in mine]
             if lrows:
                 kept = Drafts(torch.stack(lrows), torch.stack(srows), to_device(index, dev))
-            else:  # sampled rows without a kept draft (none drafted): every slot is padding, nothing is read
+            else:  # only seeded (coupled) or draft-less sampled rows: no draft row is read
                 kept = Drafts(logits[:1], torch.ones(1, 4, device=dev), torch.full((n, k), -1, device=dev))
         _, tokens = rejection_sample(drafts, kept, logits, _params([e.request for e in entries]),
                                      _position_seeds(entries), num_drafts=to_device(num_drafts, dev),

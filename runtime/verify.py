@@ -176,10 +176,11 @@ def probs_from_logits(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor
 def greedy_verify(draft_tokens: torch.Tensor, target_logits: torch.Tensor,
                   num_drafts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """draft_tokens [N, k], target_logits [N, k+1, V] -> (accepted [N] int64, tokens [N, k+1] int64)."""
-    return _accept_greedy(draft_tokens, target_logits.argmax(-1), num_drafts)
+    return greedy_accept(draft_tokens, target_logits.argmax(-1), num_drafts)
 
 
-def _accept_greedy(draft_tokens, t, num_drafts):
+def greedy_accept(draft_tokens: torch.Tensor, t: torch.Tensor,
+                  num_drafts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``t`` [N, k+1]: the target's token after each verify input. ``tokens[r, :accepted[r]]`` are the accepted drafts,
     ``tokens[r, accepted[r]]`` the target's token at the first mismatch (or the bonus token), later slots ``-1``."""
     n, k = draft_tokens.shape
@@ -230,7 +231,7 @@ def rejection_sample(draft_tokens: torch.Tensor, drafts: Drafts | None, target_l
         target_logits = target_logits.reshape(n * (k + 1), -1)
     st = _as_tensors(params, n, target_logits.shape[-1], dev, repeat=k + 1)
     if st.all_greedy:
-        return _accept_greedy(draft_tokens, target_logits.argmax(-1)[target_index], num_drafts)
+        return greedy_accept(draft_tokens, target_logits.argmax(-1)[target_index], num_drafts)
     if drafts is None:
         raise ValueError("rejection_sample needs the drafts' logits and stats (from sample()) when any row has "
                          "temperature > 0")

@@ -219,7 +219,7 @@ def _sample_kernel(logits, stride_l, rows, inv_temp, top_k, top_p, greedy, seeds
     nan = float("nan")  # a row that stopped early has no kept set: NaN, never a wrong number
     tl.store(stats + r * 4 + 1, tl.where(g, m, tl.where(early, nan, tau)))
     tl.store(stats + r * 4 + 2, tl.where(g, 1.0, tl.where(early, nan, FLm)))
-    tl.store(stats + r * 4 + 3, tl.where(g, 1.0, tl.where(early, nan, tl.exp(tl_tok - m) / FLm)))
+    tl.store(stats + r * 4 + 3, tl.where(g, 1.0, tl.where(early, nan, tl.exp(tl_tok - m) / tl.where(FLm > 0, FLm, 1.0))))
 
 
 @triton.jit
