@@ -34,7 +34,7 @@ def _position_seeds(entries: list[StepEntry]) -> list[PositionSeed | None] | Non
 
 class StepSampler:
     def __init__(self) -> None:
-        # request id -> this cycle's sampled drafts: (logits row [V] as the model produced it, stats [4])
+        # request id -> this cycle's sampled drafts: (logits row [V] as the model produced it, stats [5])
         self._drafts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def forget(self, requests: list[Request]) -> None:
@@ -117,7 +117,7 @@ class StepSampler:
             if lrows:
                 kept = Drafts(torch.stack(lrows), torch.stack(srows), to_device(index, dev))
             else:  # only seeded (coupled) or draft-less sampled rows: no draft row is read
-                kept = Drafts(logits[:1], torch.ones(1, 4, device=dev), torch.full((n, k), -1, device=dev))
+                kept = Drafts(logits[:1], torch.ones(1, 5, device=dev), torch.full((n, k), -1, device=dev))
         _, tokens = rejection_sample(drafts, kept, logits, _params([e.request for e in entries]),
                                      _position_seeds(entries), num_drafts=to_device(num_drafts, dev),
                                      target_index=target_index)

@@ -4,7 +4,7 @@ and the branches taken on the host depend only on the ``SamplingParams``, never 
 Shapes: ``N`` rows (requests), ``k`` draft slots (rows with fewer drafts pass ``num_drafts``), ``V`` vocabulary.
 
 A sampled row's distribution is a threshold on its scaled logits (kernels/sampling_reference.py): no sort finds it,
-and a row is carried by ``stats = (m, tau, z, p(token))`` instead of a [V] probability vector. On CUDA the Triton
+and a row is carried by ``stats = (m, tau, z, p(token), u)`` instead of a [V] probability vector. On CUDA the Triton
 kernels (kernels/sampling_triton.py) do the work, elsewhere their torch reference; both draw the same noise, a hash
 of (row seed, token index), so a row's token depends on its seed and logits alone.
 
@@ -130,7 +130,7 @@ def _impl(logits: torch.Tensor, impl: str) -> str:
 
 def sample_rows(logits: torch.Tensor, rows: torch.Tensor | None, st: SamplingTensors, seeds: torch.Tensor,
                 impl: str = "auto", need_stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [Rows, V], rows [R] (None: every row) -> (tokens [R] int64, stats [R, 4]). Sampled rows only
+    """logits [Rows, V], rows [R] (None: every row) -> (tokens [R] int64, stats [R, 5]). Sampled rows only
     (``st`` not all-greedy). ``need_stats`` [R] bool (None: all): rows whose stats are read later; the kernel may
     leave the others' NaN (sampling_triton.sample_rows)."""
     if _impl(logits, impl) == "triton":
@@ -146,7 +146,7 @@ def sample_rows(logits: torch.Tensor, rows: torch.Tensor | None, st: SamplingTen
 def sample(logits: torch.Tensor, params, seeds=None, generator: torch.Generator | None = None,
            rows: torch.Tensor | None = None, impl: str = "auto",
            need_stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """logits [N, V] (or the rows ``rows`` [N] of a bigger [*, V]) -> (tokens [N] int64, stats [N, 4] float32 or None
+    """logits [N, V] (or the rows ``rows`` [N] of a bigger [*, V]) -> (tokens [N] int64, stats [N, 5] float32 or None
     when every row is greedy). Used for non-speculative steps and for drafting: keep a sampled draft's stats (and its
     logits row) for ``rejection_sample``. ``params``: one ``SamplingParams``, one per row, or ``SamplingTensors``;
     ``seeds``: see ``noise_seeds``; ``need_stats``: see ``sample_rows``."""
@@ -193,14 +193,14 @@ def greedy_accept(draft_tokens: torch.Tensor, t: torch.Tensor,
 
 
 def _prob_at(l: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
-    """Scaled logits [...] of chosen tokens and their rows' stats [..., 4] -> the tokens' probabilities [...]."""
+    """Scaled logits [...] of chosen tokens and their rows' stats [..., 5] -> the tokens' probabilities [...]."""
     return torch.where(l >= stats[..., 1], (l - stats[..., 0]).exp() / stats[..., 2], 0.0)
 
 
 @dataclass
 class Drafts:
     """What verification needs of the sampled drafts: their logits rows [Nd, V] (as the model produced them), stats
-    [Nd, 4] from ``sample``, and where each request's slot finds its row, ``index`` [N, k] (-1: none)."""
+    [Nd, 5] from ``sample``, and where each request's slot finds its row, ``index`` [N, k] (-1: none)."""
 
     logits: torch.Tensor
     stats: torch.Tensor
@@ -208,9 +208,9 @@ class Drafts:
 
     @classmethod
     def dense(cls, logits: torch.Tensor, stats: torch.Tensor) -> "Drafts":
-        """From [N, k, V] logits and [N, k, 4] stats."""
+        """From [N, k, V] logits and [N, k, 5] stats."""
         n, k, v = logits.shape
-        return cls(logits.reshape(n * k, v), stats.reshape(n * k, 4),
+        return cls(logits.reshape(n * k, v), stats.reshape(n * k, -1),
                    torch.arange(n * k, device=logits.device).view(n, k))
 
 
@@ -240,7 +240,7 @@ def rejection_sample(draft_tokens: torch.Tensor, drafts: Drafts | None, target_l
     # (seeded rows read only the winners: their kernel rows may stop before finding the threshold)
     need = None if coupled is None else (~coupled).repeat_interleave(k + 1)
     x, tstats = sample_rows(target_logits, target_index.flatten(), st, s.flatten(), impl, need)
-    x, tstats = x.view(n, k + 1), tstats.view(n, k + 1, 4)
+    x, tstats = x.view(n, k + 1), tstats.view(n, k + 1, -1)
     d = draft_tokens.long()
     if num_drafts is None:
         num_drafts = torch.full((n,), k, device=dev)
@@ -251,7 +251,7 @@ def rejection_sample(draft_tokens: torch.Tensor, drafts: Drafts | None, target_l
     di = drafts.index.clamp_min(0)
     p_d = _prob_at(target_logits[target_index[:, :k], d].float() * it, tstats[:, :k])  # [N, k]
     q_d = _prob_at(drafts.logits[di, d].float() * it, drafts.stats[di])
-    u = ref.uniform(s[:, :k].reshape(-1), torch.full((n * k, 1), target_logits.shape[-1], device=dev)).view(n, k)
+    u = tstats[:, :k, 4]  # [N, k] each slot's own uniform (its noise's counter V: independent of its race)
     by_match = st.greedy.view(n, k + 1)[:, 0]  # greedy rows: accept iff d_i == argmax p_i
     if coupled is not None:
         # Gumbel-max coupling (seeded rows): d_i was drawn with the position's own noise, x_i is the target's winner

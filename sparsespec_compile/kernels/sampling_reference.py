@@ -8,7 +8,8 @@ The kept set of a sampled row (temperature T, top-k, top-p, HF's order) is a thr
 (drop a token once the tokens ranked above it reach ``top_p``) with one difference on exact ties at the cut: a sort
 keeps some of the tied tokens, a threshold keeps all of them, so the result does not depend on a sort's tie order.
 The row is then ``p(x) = [l_x >= tau] exp(l_x - m) / z`` with ``m = max l`` and ``z = sum_{l >= tau} exp(l - m)``,
-which is what ``stats`` carries: ``(m, tau, z, p(token))`` per row.
+which is what ``stats`` carries: ``(m, tau, z, p(token), u)`` per row, ``u`` the row's uniform at counter V (the
+acceptance test of speculative verification).
 
 Noise is a counter hash of (row seed, vocabulary index) (``uniform``): the token of a row depends on its seed and its
 logits only, never on its neighbours, and the Triton kernel regenerates it in every pass instead of reading it.
@@ -75,25 +76,26 @@ def thresholds(logits: torch.Tensor, inv_temp: torch.Tensor, top_k: torch.Tensor
 
 def sample_rows_reference(logits: torch.Tensor, inv_temp, top_k, top_p, greedy,
                           seeds) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [R, V] -> (tokens [R] int64, stats [R, 4] f32 = (m, tau, z, p(token))); the kernel's contract."""
+    """logits [R, V] -> (tokens [R] int64, stats [R, 5] f32 = (m, tau, z, p(token), u)); the kernel's contract."""
     l, m, tau, z = thresholds(logits, inv_temp, top_k, top_p, greedy)
     idx = torch.arange(l.shape[-1], device=l.device).expand_as(l)
     race = torch.where(l >= tau.unsqueeze(-1), l - (-uniform(seeds, idx).log()).log(), float("-inf"))
     tokens = torch.where(greedy, l.argmax(-1), race.argmax(-1))
     lt = l.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     pt = torch.where(greedy, 1.0, (lt - m).exp() / z)
-    return tokens, torch.stack([m, tau, z, pt], -1)
+    u = uniform(seeds, torch.full((l.shape[0], 1), l.shape[-1], device=l.device))[:, 0]
+    return tokens, torch.stack([m, tau, z, pt, u], -1)
 
 
 def row_probs(l: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
-    """Scaled logits [..., V] and their stats [..., 4] -> the row's distribution [..., V] (sampled rows)."""
+    """Scaled logits [..., V] and their stats [..., >= 3] -> the row's distribution [..., V] (sampled rows)."""
     m, tau, z = (stats[..., i].unsqueeze(-1) for i in range(3))
     return torch.where(l >= tau, (l - m).exp() / z, 0.0)
 
 
 def residual_reference(target_logits: torch.Tensor, target_stats: torch.Tensor, draft_logits: torch.Tensor,
                        draft_stats: torch.Tensor, inv_temp: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
-    """Rows [R, V] of target and draft logits with their stats [R, 4] -> tokens [R] ~ norm(max(p - q, 0)), or ~ p
+    """Rows [R, V] of target and draft logits with their stats [R, 5] -> tokens [R] ~ norm(max(p - q, 0)), or ~ p
     where that residual is all zero (p == q to rounding: rejection there had probability ~0)."""
     it = inv_temp.float().unsqueeze(-1)
     p = row_probs(target_logits.float() * it, target_stats)

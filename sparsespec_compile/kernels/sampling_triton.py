@@ -46,11 +46,16 @@ def _row_key(seed):
 
 
 @triton.jit
-def _exp_noise(key, idx):
-    """E ~ Exp(1) at token ``idx`` of the stream ``key``: -log U with the reference's U."""
+def _uniform(key, idx):
+    """U(0, 1) at counter ``idx`` of the stream ``key``: the reference's ``uniform``."""
     h = _mix32(_mix32(idx.to(tl.uint32)) ^ key)
-    u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-    return -tl.log(u)
+    return ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def _exp_noise(key, idx):
+    """E ~ Exp(1) at token ``idx`` of the stream ``key``: -log U."""
+    return -tl.log(_uniform(key, idx))
 
 
 @triton.jit
@@ -215,11 +220,12 @@ def _sample_kernel(logits, stride_l, rows, inv_temp, top_k, top_p, greedy, seeds
             rk = tl.maximum(rk, bk)
     tok = tl.where(g, am, tok)
     tl.store(tokens + r, tok.to(tl.int64))
-    tl.store(stats + r * 4 + 0, m)
+    tl.store(stats + r * 5 + 0, m)
     nan = float("nan")  # a row that stopped early has no kept set: NaN, never a wrong number
-    tl.store(stats + r * 4 + 1, tl.where(g, m, tl.where(early, nan, tau)))
-    tl.store(stats + r * 4 + 2, tl.where(g, 1.0, tl.where(early, nan, FLm)))
-    tl.store(stats + r * 4 + 3, tl.where(g, 1.0, tl.where(early, nan, tl.exp(tl_tok - m) / tl.where(FLm > 0, FLm, 1.0))))
+    tl.store(stats + r * 5 + 1, tl.where(g, m, tl.where(early, nan, tau)))
+    tl.store(stats + r * 5 + 2, tl.where(g, 1.0, tl.where(early, nan, FLm)))
+    tl.store(stats + r * 5 + 3, tl.where(g, 1.0, tl.where(early, nan, tl.exp(tl_tok - m) / tl.where(FLm > 0, FLm, 1.0))))
+    tl.store(stats + r * 5 + 4, _uniform(key, tl.full((), 0, tl.int32) + V))  # counter V: the acceptance uniform
 
 
 @triton.jit
@@ -230,12 +236,12 @@ def _residual_kernel(t_logits, stride_t, t_rows, t_stats, d_logits, stride_d, d_
         it = tl.load(inv_temp + r)
         tb = t_logits + tl.load(t_rows + r).to(tl.int64) * stride_t
         db = d_logits + tl.load(d_rows + r).to(tl.int64) * stride_d
-        mp = tl.load(t_stats + r * 4)
-        tp = tl.load(t_stats + r * 4 + 1)
-        zp = tl.load(t_stats + r * 4 + 2)
-        mq = tl.load(d_stats + r * 4)
-        tq = tl.load(d_stats + r * 4 + 1)
-        zq = tl.load(d_stats + r * 4 + 2)
+        mp = tl.load(t_stats + r * 5)
+        tp = tl.load(t_stats + r * 5 + 1)
+        zp = tl.load(t_stats + r * 5 + 2)
+        mq = tl.load(d_stats + r * 5)
+        tq = tl.load(d_stats + r * 5 + 1)
+        zq = tl.load(d_stats + r * 5 + 2)
         key = _row_key(tl.load(seeds + r))
         offs = tl.arange(0, BLOCK)
         bw = tl.full((), -1.0, tl.float32)
@@ -281,7 +287,8 @@ def sample_rows(logits: torch.Tensor, rows: torch.Tensor, inv_temp: torch.Tensor
                 need_stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [Rows, V] (any float dtype), rows [R] int64 (which logits row each output row reads), inv_temp [R] f32,
     top_k [R] int64 (>= V: off), top_p [R] f32 (1: off), greedy [R] bool, seeds [R] int64 ->
-    (tokens [R] int64, stats [R, 4] f32 = (max l, tau, kept mass z, p(token))). No host sync: graph-capturable.
+    (tokens [R] int64, stats [R, 5] f32 = (max l, tau, kept mass z, p(token), u)). No host sync: graph-capturable.
+    ``u``: the row's uniform at counter V (verification's acceptance test reads it: no noise kernel of its own).
 
     ``need_stats`` [R] bool (None: all): a row without it may stop as soon as its race winner is proven kept (top-p
     alone, ~1 pass after the first for top-p 0.95), its tau / z / p(token) then NaN; the token is the same."""
@@ -292,7 +299,7 @@ def sample_rows(logits: torch.Tensor, rows: torch.Tensor, inv_temp: torch.Tensor
     rows, inv_temp, top_k, top_p, greedy, seeds, need_stats = _per_row(n, rows, inv_temp, top_k, top_p, greedy, seeds,
                                                                       need_stats)
     tokens = torch.empty(n, dtype=torch.int64, device=logits.device)
-    stats = torch.empty(n, 4, dtype=torch.float32, device=logits.device)
+    stats = torch.empty(n, 5, dtype=torch.float32, device=logits.device)
     if n:
         _sample_kernel[(n,)](logits, logits.stride(0), rows, inv_temp, top_k, top_p, greedy, seeds, need_stats, tokens,
                              stats, v, BLOCK=BLOCK, BLOCK_S=BLOCK_S, NPIV=NPIV, UPCAST=logits.dtype != torch.float32)
@@ -303,7 +310,7 @@ def residual(target_logits: torch.Tensor, target_rows: torch.Tensor, target_stat
              draft_logits: torch.Tensor, draft_rows: torch.Tensor, draft_stats: torch.Tensor, inv_temp: torch.Tensor,
              seeds: torch.Tensor, need: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Writes ``out[r]`` ~ norm(max(p - q, 0)) of target row ``target_rows[r]`` and draft row ``draft_rows[r]`` (stats
-    [R, 4] from ``sample_rows``) where ``need[r]``; other rows of ``out`` are left as they are."""
+    [R, 5] from ``sample_rows``) where ``need[r]``; other rows of ``out`` are left as they are."""
     _check_logits(target_logits, draft_logits)
     n = target_rows.shape[0]
     if not out.is_contiguous() or out.shape != (n,):

@@ -47,7 +47,7 @@ def test_rejection_sample_greedy_rows_equal_greedy_verify():
     draft_logits = target[:, :k] + torch.randn(N, k, V) * 2
     params = [SamplingParams(temperature=0.0) if i % 2 else SamplingParams(temperature=0.7) for i in range(N)]
     d, q = sample(draft_logits.reshape(N * k, V), [p for p in params for _ in range(k)])
-    a, o = rejection_sample(d.view(N, k), Drafts.dense(draft_logits, q.view(N, k, 4)), target, params,
+    a, o = rejection_sample(d.view(N, k), Drafts.dense(draft_logits, q.view(N, k, -1)), target, params,
                             generator=make_generator(1, "cpu"))
     d = d.view(N, k)
     ga, go = greedy_verify(d, target)
@@ -134,8 +134,8 @@ def run_speculative(params: SamplingParams, seed=0, k=3, V=8, num_drafts=None, t
         draft = target[:k] + torch.randn(k, V, generator=g) * 1.5  # [k, V] q far from p: ~half the drafts rejected
     k, V = draft.shape
     gen = make_generator(seed, "cpu")
-    d, q = sample(draft.repeat(N_SAMPLES, 1), params, generator=gen)  # [N*k], stats [N*k, 4]
-    drafts = Drafts(draft, q.view(N_SAMPLES, k, 4)[0], torch.arange(k).expand(N_SAMPLES, k))  # rows by index
+    d, q = sample(draft.repeat(N_SAMPLES, 1), params, generator=gen)  # [N*k], stats [N*k, 5]
+    drafts = Drafts(draft, q.view(N_SAMPLES, k, -1)[0], torch.arange(k).expand(N_SAMPLES, k))  # rows by index
     a, out = rejection_sample(d.view(N_SAMPLES, k), drafts, target, params, generator=gen, num_drafts=num_drafts,
                               target_index=torch.arange(k + 1).expand(N_SAMPLES, k + 1))
     st = SamplingTensors.build(params, 1, V, "cpu")

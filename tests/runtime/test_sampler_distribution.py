@@ -78,7 +78,7 @@ def speculative(params: SamplingParams, target: torch.Tensor, draft: torch.Tenso
     k = draft.shape[0]
     gen = make_generator(seed, "cpu")
     d, q = sample(draft.repeat(N, 1), params, generator=gen)
-    drafts = Drafts(draft, q.view(N, k, 4)[0], torch.arange(k).expand(N, k))
+    drafts = Drafts(draft, q.view(N, k, -1)[0], torch.arange(k).expand(N, k))
     return rejection_sample(d.view(N, k), drafts, target, params, generator=gen,
                             target_index=torch.arange(k + 1).expand(N, k + 1))
 
@@ -136,7 +136,7 @@ def test_seeded_rows_reproduce_whatever_else_is_in_the_batch():
         seeds = [PositionSeed(11, 40)] + [PositionSeed(2, 9) if p.seed else None for p in params[1:]]
         dseeds = [PositionSeed(s.seed, s.position + j) if s else None for s in seeds for j in range(k)]
         d, q = sample(draft.reshape(n * k, v), [p for p in params for _ in range(k)], dseeds)
-        a, tokens = rejection_sample(d.view(n, k), Drafts.dense(draft, q.view(n, k, 4)), t, params, seeds)
+        a, tokens = rejection_sample(d.view(n, k), Drafts.dense(draft, q.view(n, k, -1)), t, params, seeds)
         plain = sample(target[0], mine, [PositionSeed(11, 40 + j) for j in range(k + 1)])[0]
         runs.append((a[0].item(), tokens[0].tolist(), plain.tolist()))
     assert runs[0] == runs[1] == runs[2]
