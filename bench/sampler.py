@@ -19,7 +19,8 @@ long tail, like a language model's: the nucleus of top-p 0.95 at T 0.6 is tens t
 
 A ``check`` section first compares the kernel's tokens and kept-set statistics with the torch reference on bf16
 logits on the device (the same noise: the tokens must be equal), and a ``verify`` section times one speculative
-verification (N requests x k + 1 = 9 target rows, the residual) new vs old, when the package imports.
+verification (N requests x k + 1 = 9 target rows, the residual) new vs old, when the package imports. ``tune``
+times the search's shape (pivots per pass, tokens per step) at B 256.
 """
 
 from __future__ import annotations
@@ -149,6 +150,31 @@ def sampler(records: list) -> None:
                 print(" | ".join(line), flush=True)
 
 
+def tune(records: list) -> None:
+    """The search's shape at B 256 (and the smallest batch on the CPU smoke run): pivots per pass x tokens per step of a
+    pass, for the filters that search. The defaults are kernels/sampling_triton.NPIV / BLOCK_S."""
+    from sparsespec_compile.kernels import sampling_triton as S
+
+    default = (S.NPIV, S.BLOCK_S)
+    b = args.batch[-1] if args.smoke else 256
+    try:
+        for v in args.vocab:
+            x = logits_of("zipf", b, v)
+            for name in ("top_p_0.95", "top_k_50"):
+                k, p = CONFIGS[name]
+                rows, it, tk, tp, gr = rows_inputs(b, v, k, p)
+                stats = torch.ones(b, dtype=torch.bool, device=DEV)
+                for npiv, block_s in ((8, 128), (16, 64), (16, 128), (32, 64)):
+                    S.NPIV, S.BLOCK_S = npiv, block_s
+                    t = timed(lambda: sample_rows(x, rows, it, tk, tp, gr, torch.randint(0, 1 << 62, (b,), device=DEV),
+                                                  stats))
+                    records.append(dict(section="tune", logits="zipf", V=v, B=b, config=name, npiv=npiv,
+                                        block_s=block_s, ms=t))
+                    print(f"tune V {v} B {b} {name:12s} NPIV {npiv:2d} BLOCK_S {block_s:3d}: {t * 1e3:8.1f} us", flush=True)
+    finally:
+        S.NPIV, S.BLOCK_S = default
+
+
 def verify_section(records: list) -> None:
     try:
         from sparsespec_compile.runtime.sampling_params import SamplingParams
@@ -204,6 +230,7 @@ def main() -> None:
     t0 = time.time()
     check(records)
     sampler(records)
+    tune(records)
     verify_section(records)
     os.makedirs(args.out, exist_ok=True)
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -16,7 +16,7 @@ def test_sampler_benchmark_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     data = json.loads((tmp_path / "sampler_smoke.json").read_text())
     sections = {r["section"] for r in data["records"]}
-    assert sections == {"check", "sampler", "verify"}, sections
+    assert sections == {"check", "sampler", "tune", "verify"}, sections
     assert all(r["tokens_equal"] == 1.0 for r in data["records"] if r["section"] == "check")
     impls = {(r["config"], r["impl"]) for r in data["records"] if r["section"] == "sampler"}
     assert ("top_k_50_top_p_0.95", "new") in impls and ("top_p_0.95", "old") in impls and ("greedy", "argmax") in impls
