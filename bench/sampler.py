@@ -228,18 +228,20 @@ def old_verify(d, draft, target, temp, top_k, top_p, n, k):
 def main() -> None:
     records: list = []
     t0 = time.time()
-    check(records)
-    sampler(records)
-    tune(records)
-    verify_section(records)
     os.makedirs(args.out, exist_ok=True)
-    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu (interpreter smoke)",
-                torch=torch.__version__, triton=triton.__version__, temperature=T, hbm_tbps=args.hbm_tbps,
-                command=" ".join(sys.argv), seconds=round(time.time() - t0, 1))
     path = os.path.join(args.out, "sampler_h200.json" if DEV == "cuda" else "sampler_smoke.json")
-    with open(path, "w") as f:
-        json.dump(dict(meta=meta, records=records), f, indent=1)
+
+    def save() -> None:  # after every section: a run cut short by a time limit keeps what it measured
+        meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    device=torch.cuda.get_device_name() if DEV == "cuda" else "cpu (interpreter smoke)",
+                    torch=torch.__version__, triton=triton.__version__, temperature=T, hbm_tbps=args.hbm_tbps,
+                    command=" ".join(sys.argv), seconds=round(time.time() - t0, 1))
+        with open(path, "w") as f:
+            json.dump(dict(meta=meta, records=records), f, indent=1)
+
+    for section in (check, sampler, tune, verify_section):
+        section(records)
+        save()
     print("wrote", path)
 
 
