@@ -38,7 +38,7 @@
 #           shape (random bf16 weights saved once to /root/q8b) at B 32, 4k prompts, stride 0: 2 ranks (graphs on
 #           when the check captured them, and padded steps without graphs) vs 1 GPU
 set -euo pipefail
-phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile|context_profile|tp|streaming|carry|kstep|kstep2|s14_qwen|s14_smol|prof14|s14b}
+phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile|context_profile|tp|streaming|carry|kstep|kstep2|s14_qwen|s14_smol|prof14|s14b|s14c1|s14c2}
 R=$PWD
 GG=/root/gg
 mkdir -p "$GG"
@@ -177,6 +177,22 @@ PY
       --batch-sizes 32 --prompt-len 12288 --output-lens 256 --temperature 0 --fuse-projections \
       --time-budget-s "$(( ${QWEN_TIMEOUT:-400} - 20 ))" --out "$OUT/qwen" 2>&1 | grep -v -i warn | grep -v '^{' | tail -14 \
       || echo "(qwen rc $?)" ;;
+  s14c1)  # first of a pair (carry .carry/gguf.part_aa and .carry/old_kernels): the step section of both shapes,
+          # then the sampler micro-benchmark (issue 18)
+    mkdir -p /tmp/old_kernels && cp "$R"/.carry/old_kernels/*.py /tmp/old_kernels/ 2>/dev/null || true
+    OLD_KERNELS_DIR=/tmp/old_kernels timeout "${KSTEP_TIMEOUT:-200}" python3 "$R/bench/kernels.py" \
+      --models smollm2,qwen3-8b --sections check,step --budget-s 130 --out "$OUT" 2>&1 | grep -v -i warn \
+      | grep "kind=\|FAIL\|rror\|skipping" | cut -c1-1200 | tail -30 || echo "(kernels rc $?)"
+    timeout "${SAMPLER_TIMEOUT:-120}" python3 "$R/bench/sampler.py" --batch 1 64 256 512 --out "$OUT/sampler" 2>&1 \
+      | grep -v -i warn | tail -40 || echo "(sampler rc $?)" ;;
+  s14c2)  # second of the pair (carry .carry/gguf.part_ab, .carry/whl, .carry/prompts512.jsonl): SmolLM2 real
+          # weights, B 256, 512 GSM8K requests, 4,096 outputs, T 0: stride 0, the default config, PillarAttn k = 8
+    [ -f "$R/.carry/prompts512.jsonl" ] && cp "$R/.carry/prompts512.jsonl" "$GG/"
+    timeout "${SMOL_TIMEOUT:-450}" python3 -m sparsespec_compile.benchmark --model smollm2 --gguf "$GG/smollm2.gguf" \
+      --prompts "$GG/prompts512.jsonl" --methods ${METHODS:-stride0 sparsespec pillar} --batch-sizes 256 \
+      --output-lens 4096 --requests-per-slot 2 --temperature 0 --fuse-projections \
+      --time-budget-s "${SMOL_BUDGET:-420}" --out "$OUT/smol" 2>&1 | grep -v -i warn | grep -v '^{' | tail -16 \
+      || echo "(smol rc $?: what ran is in the JSON)" ;;
   profile)
     cp "$R/bench/gpu_graph_check.py" .
     timeout 300 python3 gpu_graph_check.py --profile --out "$OUT" --runs "s0_fuse 0 pad inductor 64 2048 256 fuse" \
