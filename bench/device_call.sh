@@ -188,6 +188,10 @@ PY
   s14c2)  # second of the pair (carry .carry/gguf.part_ab, .carry/whl, .carry/prompts512.jsonl): SmolLM2 real
           # weights, B 256, 512 GSM8K requests, 4,096 outputs, T 0: stride 0, the default config, PillarAttn k = 8
     [ -f "$R/.carry/prompts512.jsonl" ] && cp "$R/.carry/prompts512.jsonl" "$GG/"
+    if [ -n "${SAMPLER-1}" ]; then  # the sampler micro-benchmark first (issue 18; SAMPLER= skips it)
+      timeout "${SAMPLER_TIMEOUT:-90}" python3 "$R/bench/sampler.py" --batch 64 256 --out "$OUT/sampler" 2>&1 \
+        | grep -v -i warn | tail -30 || echo "(sampler rc $?)"
+    fi
     timeout "${SMOL_TIMEOUT:-450}" python3 -m sparsespec_compile.benchmark --model smollm2 --gguf "$GG/smollm2.gguf" \
       --prompts "$GG/prompts512.jsonl" --methods ${METHODS:-stride0 sparsespec pillar} --batch-sizes 256 \
       --output-lens 4096 --requests-per-slot 2 --temperature 0 --fuse-projections \

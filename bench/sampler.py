@@ -46,7 +46,6 @@ if args.smoke:
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sparsespec_compile.kernels import sampling_reference as ref  # noqa: E402
 from sparsespec_compile.kernels.sampling_triton import sample_rows  # noqa: E402
 
