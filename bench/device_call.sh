@@ -183,12 +183,12 @@ PY
     OLD_KERNELS_DIR=/tmp/old_kernels timeout "${KSTEP_TIMEOUT:-200}" python3 "$R/bench/kernels.py" \
       --models smollm2,qwen3-8b --sections check,step --budget-s 130 --out "$OUT" 2>&1 | grep -v -i warn \
       | grep "kind=\|FAIL\|rror\|skipping" | cut -c1-1200 | tail -30 || echo "(kernels rc $?)"
-    timeout "${SAMPLER_TIMEOUT:-120}" python3 "$R/bench/sampler.py" --batch 1 64 256 512 --out "$OUT/sampler" 2>&1 \
+    [ -f "$R/bench/sampler.py" ] && timeout "${SAMPLER_TIMEOUT:-120}" python3 "$R/bench/sampler.py" --batch 1 64 256 512 --out "$OUT/sampler" 2>&1 \
       | grep -v -i warn | tail -40 || echo "(sampler rc $?)" ;;
   s14c2)  # second of the pair (carry .carry/gguf.part_ab, .carry/whl, .carry/prompts512.jsonl): SmolLM2 real
           # weights, B 256, 512 GSM8K requests, 4,096 outputs, T 0: stride 0, the default config, PillarAttn k = 8
     [ -f "$R/.carry/prompts512.jsonl" ] && cp "$R/.carry/prompts512.jsonl" "$GG/"
-    if [ -n "${SAMPLER-1}" ]; then  # the sampler micro-benchmark first (issue 18; SAMPLER= skips it)
+    if [ -n "${SAMPLER-1}" ] && [ -f "$R/bench/sampler.py" ]; then  # the sampler bench first (issue 18; SAMPLER= skips)
       timeout "${SAMPLER_TIMEOUT:-90}" python3 "$R/bench/sampler.py" --batch 64 256 --out "$OUT/sampler" 2>&1 \
         | grep -v -i warn | tail -30 || echo "(sampler rc $?)"
     fi

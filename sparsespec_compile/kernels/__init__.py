@@ -5,6 +5,8 @@ Each operation is one dispatcher taking ``impl in {"reference", "triton"}``: the
 under ``TRITON_INTERPRET=1``).
 """
 
+import functools
+
 from .attention import unified_attention
 from .attention_plan import AttentionPlan
 from .kv_write import write_kv
@@ -25,6 +27,7 @@ def attention_plan(*args, **kwargs):
     return _plan(*args, **kwargs)
 
 
+@functools.lru_cache(maxsize=None)  # called per row per step by the runtime's step costs
 def query_passes(num_q_heads: int, num_kv_heads: int, query_len: int, impl: str = "triton") -> int:
     """How many times the attention of a decode / draft / verify row (<= 16 queries) reads the row's keys: its
     queries' q-blocks (``BLOCK_Q`` queries of one KV head's GQA group each) each make one pass. The runtime's step

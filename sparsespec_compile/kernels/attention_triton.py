@@ -262,18 +262,19 @@ def block_rows(group: int, block_q: int) -> int:
 
 
 def work_target(device: torch.device, head_dim: int, num_kv_heads: int,
-                compute_bound: bool = False) -> tuple[int, int]:
+                compute_bound: bool = False, mixed: bool = False) -> tuple[int, int]:
     """(target_items, min_chunk) of a launch's plan: enough ``(item, kv_head)`` programs to keep every SM's loads in
     flight, and no item shorter than ``min_chunk`` keys, where per-program fixed costs would dominate.
 
     A d64 program moves half the bytes per key of a d128 one, so it needs more programs in flight: on the H200
     (bench/attn_sweep.py) SmolLM2 decode at B 64, L 4k was fastest with 1,536 programs (12 per SM), Qwen3-8B (d128)
-    decode within 3% from 2 to 8 per SM. d128 takes the top of that range because a speculative step's rows are
-    unequal: at 2 per SM a Qwen3-8B k = 8 step (B 32, L 16k) gets 5.2k-key verify items beside 0.8k-key drafts, and
-    the SMs holding verify items finish last (list-scheduling the plan's items on 132 SMs: 1.56x the balanced time,
-    1.05-1.13x at 8 per SM); the step section measured that step at 2.3x its bytes floor with decode at 1.0x.
+    decode within 3% from 2 to 8 per SM. ``mixed`` (a speculative step: sparse drafts beside full verify rows) takes
+    8 for d128, because such rows are unequal: at 2 per SM a Qwen3-8B k = 8 step (B 32, L 16k) gets 5.2k-key verify
+    items beside 0.8k-key drafts and the SMs holding verify items finish last (list-scheduling the items on 132 SMs:
+    1.56x the balanced time, 1.05-1.13x at 8). Measured on the H200 (bench/RESULTS.md): that step 0.885 -> 0.856 ms,
+    L 32k 1.656 -> 1.536 ms; plain decode at 8 per SM was 1.05-1.07x main's kernel, so it keeps 2.
     """
-    programs_per_sm = 12 if head_dim <= 64 else 8
+    programs_per_sm = 12 if head_dim <= 64 else (8 if mixed else 2)
     if compute_bound:  # q-blocks of prefill chunks keep the tensor cores busy with a couple of programs per SM;
         # flash-decoding split none of a B 4 x 2,048 SmolLM2 prefill's 1,548 programs, and cutting them was 1.26x slower
         programs_per_sm = 2
@@ -358,7 +359,7 @@ def attention_plan(q, k_cache, *, query_start_loc, seq_lens, max_query_len, slid
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     bq = block_q or plan_blocks(Hq, Hkv, max_query_len)[0]
-    target, min_chunk = work_target(q.device, D, Hkv, compute_bound=max_query_len > 16)
+    target, min_chunk = work_target(q.device, D, Hkv, compute_bound=max_query_len > 16, mixed=is_sparse is not None)
     return plan_attention_triton(query_start_loc, seq_lens, T, bq, target_items=target, min_chunk=min_chunk,
                                  compute_bound=max_query_len > 16,
                           max_chunks=max_chunks, sliding_window=sliding_window, is_sparse=is_sparse,
