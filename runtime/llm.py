@@ -248,6 +248,7 @@ class LLM:
         metrics = {
             "accepted": list(m.accepted),
             "drafted": list(m.drafted),  # the k chosen at each cycle (0: a plain decode)
+            "recall": list(m.recall),  # draft recall at each scored verification (mean over layers)
             "mean_accepted": m.mean_accepted(self.config.stride),
             **m.speculation(self.config.stride, len(r.output_token_ids)),
             "preemptions": m.num_preemptions,

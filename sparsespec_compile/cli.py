@@ -111,6 +111,8 @@ def format_stats(s: dict) -> str:
         pos = " ".join(f"{x:.2f}" for x in s["per_position_acceptance"])
         lines.append(f"stride {s['stride']} ({s['draft']} drafts): mean accepted {s['mean_accepted']:.2f} of "
                      f"{s['stride']} over {s['cycles']} cycles; per position {pos}")
+    if s.get("mean_recall") is not None:
+        lines.append(f"draft recall (verify attention inside the next draft's keys) {s['mean_recall']:.3f}")
     return "\n".join(lines)
 
 
@@ -195,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
     p.add_argument("--seed", type=int, default=None, help="per-request seed: reproducible sampling")
     p.add_argument("--stride", type=int, default=8, help="draft tokens per speculative cycle (k; 0 = no speculation)")
-    p.add_argument("--draft", default="pillar", choices=["pillar", "streaming", "full"],
-                   help="draft attention: PillarAttn, StreamingLLM sinks + window, or full (the upper bound)")
+    p.add_argument("--draft", default="pillar", choices=["pillar", "streaming", "hybrid", "full"],
+                   help="draft attention: PillarAttn, StreamingLLM sinks + window, hybrid (sinks + window + pillars, "
+                        "split adaptively) or full (the upper bound)")
     p.add_argument("--sparsity", type=float, default=0.05, help="share of the context kept as pillars")
     p.add_argument("--min-budget", type=int, default=None, help="fewest pillars per draft (default 128)")
     p.add_argument("--num-pages", type=int, default=None,
