@@ -25,8 +25,10 @@ def _load(args: argparse.Namespace, tokenizer: bool):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .models import load_smollm2
+    from .models import EMBEDDED, load_embedded, load_smollm2
 
+    if getattr(args, "model", None) in EMBEDDED and not Path(args.model).is_dir():  # an embedded model by name
+        return load_embedded(args.model, attn=args.attn)
     if getattr(args, "model", None):
         path = _model_dir(args.model)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=args.attn)
@@ -171,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(p: argparse.ArgumentParser, config: bool = True) -> None:
         src = p.add_mutually_exclusive_group()
         src.add_argument("--model", metavar="DIR",
-                         help="Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)")
+                         help="Hugging Face model directory, or an embedded model: smollm2 (the default, "
+                              "SmolLM2-135M-Instruct) or gemma3 (Gemma3-270M)")
         if config:
             src.add_argument("--config", help="HF config.json or its directory: random weights of that shape")
         p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="HF attention implementation")

@@ -147,3 +147,13 @@ def _load_cached(name: str, gguf_file, hint: str, dtype: torch.dtype, device, at
     tok = AutoTokenizer.from_pretrained(cached)
     model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, attn_implementation=attn).to(device).eval()
     return model, tok
+
+
+EMBEDDED = {"smollm2": load_smollm2, "gemma3": load_gemma3}  # --model names of the CLI, the benchmark and bench/
+
+
+def load_embedded(name: str, **kwargs):
+    """``(model, tokenizer)`` of an embedded model by name (``EMBEDDED``); kwargs as its loader's."""
+    if name not in EMBEDDED:
+        raise ValueError(f"unknown embedded model {name!r}: one of {', '.join(EMBEDDED)}")
+    return EMBEDDED[name](**kwargs)

@@ -73,11 +73,12 @@ def hybrid_split(mass: torch.Tensor, ctx_lens: torch.Tensor, budget: torch.Tenso
         w = (m[..., 1] / (m[..., 2] - m[..., 0]).clamp(min=1e-12)).clamp(0.0, 1.0).expand(L, Rv, H)
     else:
         w = torch.full((L, Rv, H), float(share), device=mass.device)
-    pillar = w <= 0.0  # exactly the pillar draft: no sinks, the `recent` newest
-    s_n = torch.where(pillar, 0, b.clamp(max=sinks))
+    if not isinstance(share, str) and float(share) <= 0.0:  # exactly the pillar draft: no sinks, the `recent` newest
+        return b.clamp(max=recent).expand(L, Rv, H).to(torch.int32), torch.zeros(L, Rv, H, dtype=torch.int32,
+                                                                                device=mass.device)
+    s_n = b.clamp(max=sinks)
     free = b - s_n
     window = torch.maximum(torch.round(w * free).long(), free.clamp(max=recent)).clamp(max=free)
-    window = torch.where(pillar, b.clamp(max=recent), window)
     return window.to(torch.int32), s_n.expand(L, Rv, H).to(torch.int32)
 
 
