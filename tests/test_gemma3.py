@@ -36,3 +36,25 @@ def test_greedy_speculative_generation_equals_hf(gemma3):
     assert out.token_ids == ref
     s = llm.stats()
     assert s["cycles"] >= 1 and len(s["recall_by_layer"]) == 18
+
+
+def test_bench_runs_on_gemma3(tmp_path):
+    """``sparsespec bench --model gemma3`` at a tiny size: a GSM8K question as plain text (a base model, no chat
+    template), the hybrid draft with its recall per layer. One method (~1 min on 2 cores: each method compiles the
+    model afresh); tests/test_benchmark.py runs pillar, streaming and hybrid side by side on a tiny model."""
+    import json
+
+    from sparsespec_compile import benchmark
+
+    prompts = tmp_path / "q.jsonl"
+    prompts.write_text(json.dumps({"question": "Tom has 3 apples and buys 5 more. How many does he have?"}) + "\n")
+    argv = ["--model", "gemma3", "--device", "cpu", "--batch-sizes", "1", "--output-lens", "6", "--prompts",
+            str(prompts), "--methods", "hybrid", "--temperature", "0", "--compiler", "eager",
+            "--stride", "2", "--min-budget", "8", "--recent", "2", "--warmup-tokens", "2", "--save-tokens",
+            "--out", str(tmp_path)]
+    assert benchmark.main(argv) == 0
+    result = json.loads((tmp_path / benchmark.JSON_NAME).read_text())
+    assert "plain 'Question: ... Answer:' text" in result["prompts"] and "Gemma3" in result["environment"]["model"]
+    (rec,) = result["records"]
+    assert rec["status"] == "ok" and rec["method"] == "hybrid", rec
+    assert rec["output_tokens"] == 6 and rec["cycles"] > 0 and len(rec["recall_by_layer"]) == 18
