@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=8)
     ap.add_argument("--sparsity", type=float, default=0.05)
     ap.add_argument("--min-budget", type=int, default=128)
-    ap.add_argument("--drafts", nargs="+", default=["pillar", "streaming", "full"])
+    ap.add_argument("--drafts", nargs="+", default=["pillar", "streaming", "hybrid", "full"])
     ap.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 0.6])
     ap.add_argument("--out", type=Path, default=Path("bench/acceptance.json"))
     ap.add_argument("--gguf", default=None, help="GGUF path, or gemma3's folder of pieces (default: the packages')")

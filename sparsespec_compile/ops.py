@@ -304,8 +304,9 @@ def select_step_pillars(ctx: ForwardContext) -> None:
 
 def _select(ctx: ForwardContext, scores: torch.Tensor, layer: int | None = None):
     """Next draft sets of the scored rows from ``scores: [L', Rv, Hkv, N]`` (L' layers): ``(indices [L', Rv, Hkv,
-    max_budget], lengths [Rv])``; ``layer``: the one layer ``scores`` holds (else all of them). PillarAttn (``ctx.draft_split`` None) or the hybrid split (kernels/hybrid.py);
-    with a recall buffer in the store, each layer's draft recall is written to it (the runtime's telemetry)."""
+    max_budget], lengths [Rv])``; ``layer``: the one layer ``scores`` holds (else all of them). PillarAttn's top-B
+    (``ctx.draft_split`` None) or the hybrid split (kernels/hybrid.py). With a recall buffer in the store, each
+    layer's draft recall is written to it (the runtime's telemetry: device ops only, nothing read on the host)."""
     from . import kernels
     from .kernels.hybrid import draft_mass, draft_recall, hybrid_split
 
