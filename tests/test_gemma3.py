@@ -58,3 +58,16 @@ def test_bench_runs_on_gemma3(tmp_path):
     (rec,) = result["records"]
     assert rec["status"] == "ok" and rec["method"] == "hybrid", rec
     assert rec["output_tokens"] == 6 and rec["cycles"] > 0 and len(rec["recall_by_layer"]) == 18
+
+
+def test_gguf_pieces_from_a_folder_in_name_order(tmp_path):
+    """Pieces carried to a machine without the packages (in <= 64 MiB calls), split further or not, join in name
+    order (the SHA-256 check of load_gemma3 catches anything else)."""
+    from sparsespec_compile.models import GEMMA3_GGUF, gemma3_gguf_parts
+
+    names = [f"{GEMMA3_GGUF}.part00.ab", f"{GEMMA3_GGUF}.part01", f"{GEMMA3_GGUF}.part00.aa", "other.gguf"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+    assert [p.name for p in gemma3_gguf_parts(tmp_path)] == [names[2], names[0], names[1]]
+    with pytest.raises(FileNotFoundError, match="pieces"):
+        gemma3_gguf_parts(tmp_path / "missing")
