@@ -38,13 +38,17 @@
 #           shape (random bf16 weights saved once to /root/q8b) at B 32, 4k prompts, stride 0: 2 ranks (graphs on
 #           when the check captured them, and padded steps without graphs) vs 1 GPU
 set -euo pipefail
-phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile|context_profile|tp|streaming|carry|kstep|kstep2|s14_qwen|s14_smol|prof14|s14b|s14c1|s14c2}
+phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile|context_profile|tp|streaming|carry|kstep|kstep2|s14_qwen|s14_smol|prof14|s14b|s14c1|s14c2|g3carry|hybrid_smol|hybrid_gemma}
 R=$PWD
 GG=/root/gg
 mkdir -p "$GG"
 [ -f .carry/gguf.part_aa ] && cp .carry/gguf.part_aa "$GG/"
 if [ -f .carry/gguf.part_ab ] && [ ! -f "$GG/smollm2.gguf" ]; then cat "$GG/gguf.part_aa" .carry/gguf.part_ab > "$GG/smollm2.gguf"; fi
 [ -f .carry/prompts64.jsonl ] && cp .carry/prompts64.jsonl "$GG/"
+# Gemma3-270M (issue 16): its GGUF's four ~61 MiB pieces, one per call (.carry/gemma3/gemma-3-270m-q4_k_m.gguf.part0N),
+# gathered in $GG/gemma3; --gguf "$GG/gemma3" joins and SHA-checks them on the first load (sparsespec_compile/models.py)
+mkdir -p "$GG/gemma3"
+cp .carry/gemma3/gemma-3-270m-q4_k_m.gguf.part0* "$GG/gemma3/" 2>/dev/null || true
 PKG=/tmp/sparsespec_$phase
 rm -rf "$PKG"
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target "$PKG" .
@@ -197,6 +201,21 @@ PY
       --output-lens 4096 --requests-per-slot 2 --temperature 0 --fuse-projections \
       --time-budget-s "${SMOL_BUDGET:-420}" --out "$OUT/smol" 2>&1 | grep -v -i warn | grep -v '^{' | tail -16 \
       || echo "(smol rc $?: what ran is in the JSON)" ;;
+  g3carry)  # issue 16: brings Gemma3 GGUF pieces over; once all four are here, dequantizes them into the cache
+    ls -la "$GG/gemma3"
+    if [ "$(ls "$GG"/gemma3/*.part0* 2>/dev/null | wc -l)" = 4 ]; then
+      timeout 500 python3 -c "from sparsespec_compile.models import load_gemma3; load_gemma3(gguf_path='$GG/gemma3')" \
+        2>&1 | grep -v -i warn | tail -3 || echo "(gemma3 load rc $?)"
+    fi ;;
+  hybrid_smol|hybrid_gemma)  # issue 16: pillar, streaming and hybrid at one budget, B 256, 512 GSM8K requests (2 per
+       # slot), 4,096 outputs; TEMP=0 or 0.6 (top-p 0.95); SPLIT=request|layer|share; METHODS overrides the methods
+    [ -f "$R/.carry/prompts512.jsonl" ] && cp "$R/.carry/prompts512.jsonl" "$GG/"
+    if [ "$phase" = hybrid_smol ]; then M=(--model smollm2 --gguf "$GG/smollm2.gguf"); else M=(--model gemma3 --gguf "$GG/gemma3"); fi
+    timeout "${SMOL_TIMEOUT:-570}" python3 -m sparsespec_compile.benchmark "${M[@]}" --prompts "$GG/prompts512.jsonl" \
+      --methods ${METHODS:-pillar streaming hybrid} --batch-sizes 256 --output-lens 4096 --requests-per-slot 2 \
+      --temperature "${TEMP:-0}" --top-p 0.95 --hybrid-split "${SPLIT:-request}" --fuse-projections \
+      --time-budget-s "${SMOL_BUDGET:-500}" --out "$OUT/$phase" 2>&1 | grep -v -i warn | grep -v '^{' | tail -16 \
+      || echo "($phase rc $?: what ran is in the JSON)" ;;
   profile)
     cp "$R/bench/gpu_graph_check.py" .
     timeout 300 python3 gpu_graph_check.py --profile --out "$OUT" --runs "s0_fuse 0 pad inductor 64 2048 256 fuse" \

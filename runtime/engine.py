@@ -35,7 +35,7 @@ from .step_plan import Refresh, StepEntry, StepKind, StepPlan
 from .stride_policy import AdaptiveStride, FixedStride
 from .step_results import StepResults
 from .logprobs import step_logprobs, wants_logprobs
-from .step_forward import run_packed
+from .step_forward import draft_split, run_packed
 from .step_shapes import exact_shape
 from .streaming_pillars import write_streaming_pillars
 from .verify import PositionSeed, rejection_sample, sample
@@ -63,6 +63,9 @@ class EngineStats:
     # The graphed (decode-only) steps on their own: their wall time and keys read, for the step-time floor.
     graph_seconds: float = 0.0
     graph_kv_tokens_read: int = 0
+    # draft recall (kernels/hybrid.py draft_recall) summed per layer over the scored verifications, and their count
+    recall_sum: list[float] = dataclasses.field(default_factory=list)
+    recall_verifies: int = 0
 
 
 def sliding_windows_from_config(config, num_layers: int) -> list[int]:
@@ -251,6 +254,7 @@ class Engine:
                 logits, _ = self._forward(plan)  # [N, V]
                 res = self._sample_and_verify(plan, logits)
             res.start_event = start
+            res.recall_rows, res.recall = self._step_recall(plan)
             res.start_copy()
         except Exception as exc:
             self._fail(plan.entries, plan.step, exc)
@@ -319,6 +323,11 @@ class Engine:
         if busy is not None:
             self.stats.gpu_busy_seconds += busy
         self.step_cost.observe(res.work, seconds)
+        for i, per_layer in res.recall_lists():
+            res.plan.entries[i].request.metrics.add_recall(per_layer)
+            s = self.stats
+            s.recall_sum = [a + b for a, b in zip(s.recall_sum or [0.0] * len(per_layer), per_layer)]
+            s.recall_verifies += 1
         for r, idx, row in res.placeholders:
             if idx < len(r.draft_token_ids) and r.draft_token_ids[idx] == placeholder(row):
                 r.draft_token_ids[idx] = values[res.sample_rows[row]][0]
@@ -369,7 +378,8 @@ class Engine:
         packed = to_device(torch.from_numpy(host), self.device)
         apply_patch(packed, patch)  # placeholders sit in the first T entries: the input ids
         logits = run_packed(self.compiled, packed, shape, kv=self.kv, pillars=self.pillars, recent=self.config.recent,
-                            sliding_windows=self.sliding_windows, impl=self.impl, num_layers=self.num_layers)
+                            sliding_windows=self.sliding_windows, impl=self.impl, num_layers=self.num_layers,
+                            split=draft_split(self.config))
         return logits[: sum(e.num_logits for e in plan.entries)], packed[: shape.tokens]
 
     def _sample_and_verify(self, plan: StepPlan, logits: torch.Tensor,
@@ -456,6 +466,17 @@ class Engine:
             num_drafts=to_device(num_drafts, dev),
         )
         return tokens, target
+
+    def _step_recall(self, plan: StepPlan) -> tuple[list[int], torch.Tensor | None]:
+        """The scored verifications of ``plan`` and their draft recall per layer ([n, L] on the device, read with the
+        step's other results): what select_step_pillars wrote into the PillarStore during the forward."""
+        if self.pillars is None or self.pillars.recall is None:
+            return [], None
+        rows = [i for i, e in enumerate(plan.entries) if e.refresh is Refresh.SCORE]
+        if not rows:
+            return [], None
+        slots = to_device([plan.entries[i].request.pillar_slot for i in rows], self.device)
+        return rows, self.pillars.recall.index_select(1, slots).t()
 
     def _write_streaming_pillars(self, plan: StepPlan) -> None:
         """Streaming drafts: the verified rows' next draft sets (sinks + newest window), one write for the step."""

@@ -93,6 +93,7 @@ def allocate_pillar_store(num_layers: int, max_slots: int, num_kv_heads: int, ma
     return PillarStore(
         indices=torch.zeros(num_layers, max_slots, num_kv_heads, max_budget, dtype=torch.int32, device=device),
         lengths=torch.zeros(max_slots, dtype=torch.int32, device=device),
+        recall=torch.zeros(num_layers, max_slots, dtype=torch.float32, device=device),
     )
 
 

@@ -266,6 +266,7 @@ class LLM:
         metrics = {
             "accepted": list(m.accepted),
             "drafted": list(m.drafted),  # the k chosen at each cycle (0: a plain decode)
+            "recall": list(m.recall),  # draft recall at each scored verification (mean over layers)
             "mean_accepted": m.mean_accepted(self.config.stride),
             **m.speculation(self.config.stride, len(r.output_token_ids)),
             "preemptions": m.num_preemptions,
@@ -331,4 +332,10 @@ class LLM:
             "capture_seconds": s.capture_seconds,
             "graph_seconds": s.graph_seconds,
             "graph_kv_tokens_read": s.graph_kv_tokens_read,
+            # draft recall: share of the verify queries' attention inside the next draft's keys, per layer (mean
+            # over the scored verifications; streaming and full drafts score nothing: empty)
+            "recall_verifies": s.recall_verifies,
+            "recall_sum_by_layer": list(s.recall_sum),
+            "recall_by_layer": [x / s.recall_verifies for x in s.recall_sum] if s.recall_verifies else [],
+            "mean_recall": sum(s.recall_sum) / len(s.recall_sum) / s.recall_verifies if s.recall_verifies else None,
         }

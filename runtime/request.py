@@ -55,6 +55,10 @@ class RequestMetrics:
     num_preemptions: int = 0  # recompute preemptions (KV dropped, re-prefilled later)
     num_offloads: int = 0  # swaps to the host pool (KV kept, nothing recomputed)
     offload_fallbacks: int = 0  # recompute preemptions taken because the host pool was full
+    # draft recall at each scored verification (kernels/hybrid.py draft_recall), mean over layers and KV heads: the
+    # share of the verify queries' attention the next cycle's draft keeps; and per layer, summed over those cycles
+    recall: list[float] = field(default_factory=list)
+    recall_by_layer: list[float] = field(default_factory=list)
     arrival_step: int = -1
     first_token_step: int = -1
     finish_step: int = -1
@@ -68,6 +72,12 @@ class RequestMetrics:
         full = [a for a, d in zip(self.accepted, self.drafted) if d == stride]
         return sum(full) / len(full) if full else 0.0
 
+    def add_recall(self, per_layer: list[float]) -> None:
+        self.recall.append(sum(per_layer) / len(per_layer))
+        if not self.recall_by_layer:
+            self.recall_by_layer = [0.0] * len(per_layer)
+        self.recall_by_layer = [a + b for a, b in zip(self.recall_by_layer, per_layer)]
+
     def speculation(self, stride: int, num_output: int) -> dict:
         """Per-request telemetry: the mean k chosen, acceptance by position (over the cycles that drafted it), and
         tokens per step of its decode (first token to finish; ~1 for plain decoding in a step with room)."""
@@ -77,6 +87,8 @@ class RequestMetrics:
             "per_position_acceptance": per_position(self.accepted, self.drafted, stride),
             "decode_steps": steps if self.first_token_step >= 0 else None,
             "tokens_per_step": (num_output - 1) / steps if self.first_token_step >= 0 and steps > 0 else None,
+            "mean_recall": sum(self.recall) / len(self.recall) if self.recall else None,
+            "recall_by_layer": [x / len(self.recall) for x in self.recall_by_layer] if self.recall else None,
         }
 
 

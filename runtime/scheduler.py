@@ -37,7 +37,7 @@ from .stride_policy import FixedStride, StridePolicy
 
 # States a request that was running leaves it for (evicted: preempted or offloaded; finished)
 _NOT_RUNNING = (RequestState.WAITING, RequestState.SWAPPED, RequestState.FINISHED)  # a tuple: `in` is identity
-_DRAFTS = ("pillar", "streaming", "full")
+_DRAFTS = ("pillar", "streaming", "hybrid", "full")
 
 
 class Scheduler:
@@ -175,7 +175,7 @@ class Scheduler:
                              draft_start=r.draft_start)
         refresh = Refresh.NONE
         if r.cycle_refresh and self.draft != "full":
-            refresh = Refresh.SCORE if self.draft == "pillar" else Refresh.STREAMING
+            refresh = Refresh.STREAMING if self.draft == "streaming" else Refresh.SCORE  # pillar, hybrid: scored
         return StepEntry(r, StepKind.VERIFY, tuple(inputs), n, len(inputs), refresh=refresh, draft_start=r.draft_start)
 
     def _prefill_chunk(self, r: Request, plan: StepPlan, budget: int) -> int:

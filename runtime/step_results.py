@@ -33,12 +33,16 @@ class StepResults:
     start_event: torch.cuda.Event | None = None  # recorded before the step's first device op (GPU busy time)
     work: StepWork = field(default_factory=StepWork)  # what the step asked of the device (step_cost.py)
     host_seconds: float = 0.0  # host time of its launch (forward, sampling, verification): the CPU's step time
+    # draft-recall telemetry: the entries whose verification scored the context, and their next drafts' recall per
+    # layer ([len(recall_rows), num_layers] fp32 on the device; PillarStore.recall read after the forward)
+    recall_rows: list[int] = field(default_factory=list)
+    recall: torch.Tensor | None = None
     _host: list[torch.Tensor | None] | None = None
     _event: torch.cuda.Event | None = None
 
     def start_copy(self) -> None:
         """Non-blocking device->host copies of everything the host will read, and an event marking them done."""
-        tensors = (self.sampled, self.verify_tokens, self.input_ids)
+        tensors = (self.sampled, self.verify_tokens, self.input_ids, self.recall)
         # (a CPU tensor is cloned: `input_ids` may view a static buffer the next step overwrites)
         self._host = [None if t is None else t.to("cpu", non_blocking=True) if t.is_cuda else t.clone()
                       for t in tensors]
@@ -52,7 +56,7 @@ class StepResults:
             self.start_copy()
         if self._event is not None:
             self._event.synchronize()
-        sampled, verify, _ = self._host
+        sampled, verify = self._host[:2]
         out: list[list[int]] = [[] for _ in self.plan.entries]
         if sampled is not None:
             for i, tok in zip(self.sample_rows, sampled.tolist()):
@@ -61,6 +65,12 @@ class StepResults:
             for i, row in zip(self.verify_rows, verify.tolist()):
                 out[i] = [t for t in row if t >= 0]
         return out
+
+    def recall_lists(self) -> list[tuple[int, list[float]]]:
+        """(entry index, recall per layer) of the scored verifications; after ``lists()`` (the copy is done)."""
+        if self._host is None or self._host[3] is None:
+            return []
+        return list(zip(self.recall_rows, self._host[3].tolist()))
 
     def device_seconds(self) -> float | None:
         """Device time from ``start_event`` to the end of the result copies (after ``lists()``), when both exist."""

@@ -26,8 +26,10 @@ def _load(args: argparse.Namespace, tokenizer: bool):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .models import load_smollm2
+    from .models import EMBEDDED, load_embedded, load_smollm2
 
+    if getattr(args, "model", None) in EMBEDDED and not Path(args.model).is_dir():  # an embedded model by name
+        return load_embedded(args.model, attn=args.attn)
     if getattr(args, "model", None):
         path = _model_dir(args.model)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=args.attn)
@@ -112,6 +114,8 @@ def format_stats(s: dict) -> str:
         pos = " ".join(f"{x:.2f}" for x in s["per_position_acceptance"])
         lines.append(f"stride {s['stride']} ({s['draft']} drafts): mean accepted {s['mean_accepted']:.2f} of "
                      f"{s['stride']} over {s['cycles']} cycles; per position {pos}")
+    if s.get("mean_recall") is not None:
+        lines.append(f"draft recall (verify attention inside the next draft's keys) {s['mean_recall']:.3f}")
     return "\n".join(lines)
 
 
@@ -304,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(p: argparse.ArgumentParser, config: bool = True) -> None:
         src = p.add_mutually_exclusive_group()
         src.add_argument("--model", metavar="DIR",
-                         help="Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)")
+                         help="Hugging Face model directory, or an embedded model: smollm2 (the default, "
+                              "SmolLM2-135M-Instruct) or gemma3 (Gemma3-270M)")
         if config:
             src.add_argument("--config", help="HF config.json or its directory: random weights of that shape")
         p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="HF attention implementation")
@@ -330,8 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
     p.add_argument("--seed", type=int, default=None, help="per-request seed: reproducible sampling")
     p.add_argument("--stride", type=int, default=8, help="draft tokens per speculative cycle (k; 0 = no speculation)")
-    p.add_argument("--draft", default="pillar", choices=["pillar", "streaming", "full"],
-                   help="draft attention: PillarAttn, StreamingLLM sinks + window, or full (the upper bound)")
+    p.add_argument("--draft", default="pillar", choices=["pillar", "streaming", "hybrid", "full"],
+                   help="draft attention: PillarAttn, StreamingLLM sinks + window, hybrid (sinks + window + pillars, "
+                        "split adaptively) or full (the upper bound)")
     p.add_argument("--sparsity", type=float, default=0.05, help="share of the context kept as pillars")
     p.add_argument("--min-budget", type=int, default=None, help="fewest pillars per draft (default 128)")
     p.add_argument("--num-pages", type=int, default=None,

@@ -8,7 +8,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-_DRAFTS = ("pillar", "streaming", "full")
+_DRAFTS = ("pillar", "streaming", "hybrid", "full")
+_SPLITS = ("request", "layer")  # the hybrid draft's adaptive window share: one per request, or per request and layer
 _COMPILERS = ("inductor", "eager")
 _IMPLS = ("auto", "reference", "triton")
 _GRAPHS = ("auto", "on", "off", "pad")
@@ -20,7 +21,7 @@ _TYPES = {  # what each field must be (bool is an int to Python: refused for the
     "stride": _INT, "sparsity": _NUM, "min_budget": _INT, "max_budget": _INT, "recent": _INT, "draft": (str,),
     "page_size": _INT, "kv_memory_fraction": _NUM, "num_pages": _INT, "max_num_seqs": _INT,
     "max_num_batched_tokens": _INT, "compiler": (str,), "attention_impl": (str,), "offload": (bool,),
-    "host_kv_pages": _INT, "offload_chunk_pages": _INT, "kv_oversubscription": _NUM, "cuda_graphs": (str,),
+    "host_kv_pages": _INT, "offload_chunk_pages": _INT, "kv_oversubscription": _NUM, "cuda_graphs": (str,), "hybrid_split": (str, int, float),
 }
 _OPTIONAL = {"recent", "num_pages", "host_kv_pages", "kv_oversubscription"}
 
@@ -37,8 +38,12 @@ class SparseSpecConfig:
     sparsity: fraction s of the verified context kept as pillars (B = max(min_budget, ceil(s * L))).
     min_budget / max_budget: bounds on B (paper: 128 and 6,144).
     recent: newest verified tokens always among the pillars (None: min(16, min_budget)).
-    draft: "pillar" (PillarAttn), "streaming" (sinks + recent window, MagicDec-like, same budget) or
-        "full" (full-attention draft: the upper bound on acceptance).
+    draft: "pillar" (PillarAttn), "streaming" (sinks + recent window, MagicDec-like, same budget), "hybrid" (sinks +
+        recent window + pillars at the same budget, split by where the verify queries' attention fell:
+        kernels/hybrid.py) or "full" (full-attention draft: the upper bound on acceptance).
+    hybrid_split: the hybrid draft's window share of the budget: "request" (adapted per request at each verification
+        from its attention mass over all layers), "layer" (per request and layer), or a fixed number in [0, 1]
+        (0 = exactly the pillar draft, 1 = exactly the streaming draft). Ignored by the other drafts.
     page_size: tokens per KV page.
     kv_memory_fraction: share of free device memory given to the KV pool (ignored when num_pages is set).
     num_pages: explicit KV pool size in pages (tests, oversubscription experiments).
@@ -77,7 +82,8 @@ class SparseSpecConfig:
     min_budget: int = 128
     max_budget: int = 6144
     recent: int | None = None
-    draft: str = "pillar"
+    draft: str = "pillar"  # the default draft; "hybrid" becomes it if it wins on the GPU (bench/RESULTS.md)
+    hybrid_split: str | float = "request"
     page_size: int = 16
     kv_memory_fraction: float = 0.5
     num_pages: int | None = None
@@ -121,6 +127,9 @@ class SparseSpecConfig:
             fail("recent", f"must be in [0, min_budget={self.min_budget}]")
         if self.draft not in _DRAFTS:
             fail("draft", f"must be one of {_DRAFTS}")
+        if isinstance(self.hybrid_split, str) and self.hybrid_split not in _SPLITS or \
+                not isinstance(self.hybrid_split, str) and not 0.0 <= self.hybrid_split <= 1.0:
+            fail("hybrid_split", f"must be one of {_SPLITS} (adaptive) or a window share in [0, 1]")
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
             fail("page_size", "must be a power of two >= 1")
         if not (0.0 < self.kv_memory_fraction < 1.0):

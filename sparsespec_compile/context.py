@@ -61,6 +61,9 @@ class PillarStore:
 
     indices: torch.Tensor
     lengths: torch.Tensor  # [max_slots] int32
+    # [num_layers, max_slots] fp32: each slot's draft recall at its last scored verification (the share of the verify
+    # queries' attention inside the next draft's keys, kernels/hybrid.py draft_recall); None: not measured
+    recall: torch.Tensor | None = None
 
     @property
     def max_budget(self) -> int:
@@ -96,6 +99,9 @@ class ForwardContext:
     layer_scores: torch.Tensor | None = None
     budget: torch.Tensor | None = None  # [Rv] int32 pillar count B to select for each scored row
     recent: int = 16  # newest tokens before draft_start always kept among the B pillars
+    # None: PillarAttn's selection. Else the hybrid draft (sinks + recent window + pillars, kernels/hybrid.py): its
+    # window share, "request" / "layer" (adapted per request / per request and layer from the scores) or a number
+    draft_split: float | str | None = None
     # Per-layer semantics the graph alone cannot carry (from the model config at link time)
     sliding_windows: list[int] = field(default_factory=list)  # per layer, -1 = none
     # Which implementation the attention op dispatches to: "reference" (pure PyTorch) or "triton"

@@ -271,12 +271,10 @@ def _refresh_pillars(ctx: ForwardContext, kernels, q_t, k_cache, lse, layer_idx,
                               out=ctx.layer_scores[layer_idx], **common)
         return
     scores = kernels.pillar_scores(q_t, k_cache, rows=rows, lse=lse, max_ctx=ctx.max_seq_len, **common)  # [Rv, Hkv, L]
-    idx, lengths = kernels.select_pillars(
-        scores, _scored_context_lens(ctx), ctx.budget, recent=ctx.recent, max_budget=ctx.pillars.max_budget,
-        impl=ctx.impl,
-    )
+    # one layer at a time: a hybrid split per request would need every layer's scores, so it is per layer here
+    idx, lengths = _select(ctx, scores[None], layer=layer_idx)
     slots = _score_slots(ctx)
-    ctx.pillars.indices[layer_idx].index_copy_(0, slots, idx)
+    ctx.pillars.indices[layer_idx].index_copy_(0, slots, idx[0])
     if layer_idx == 0:  # the count is the same for every layer
         ctx.pillars.lengths.index_copy_(0, slots, lengths.to(ctx.pillars.lengths.dtype))
 
@@ -295,15 +293,39 @@ def select_step_pillars(ctx: ForwardContext) -> None:
     launch and write them to the PillarStore (what each layer does itself when ``layer_scores`` is None)."""
     if ctx.layer_scores is None or ctx.score_rows is None or ctx.score_rows.numel() == 0 or ctx.pillars is None:
         return
-    from . import kernels
-
     L, Rv, H, N = ctx.layer_scores.shape
-    idx, lengths = kernels.select_pillars(
-        ctx.layer_scores.view(L * Rv, H, N), _scored_context_lens(ctx).repeat(L), ctx.budget.repeat(L),
-        recent=ctx.recent, max_budget=ctx.pillars.max_budget, impl=ctx.impl,
-    )
+    idx, lengths = _select(ctx, ctx.layer_scores)
     slots = _score_slots(ctx)
     store = ctx.pillars.indices  # [L, S, H, B]
     flat = (torch.arange(L, device=slots.device)[:, None] * store.shape[1] + slots[None, :]).reshape(-1)
-    store.view(-1, store.shape[2], store.shape[3]).index_copy_(0, flat, idx)
-    ctx.pillars.lengths.index_copy_(0, slots, lengths[:Rv].to(ctx.pillars.lengths.dtype))
+    store.view(-1, store.shape[2], store.shape[3]).index_copy_(0, flat, idx.view(L * Rv, H, -1))
+    ctx.pillars.lengths.index_copy_(0, slots, lengths.to(ctx.pillars.lengths.dtype))
+
+
+def _select(ctx: ForwardContext, scores: torch.Tensor, layer: int | None = None):
+    """Next draft sets of the scored rows from ``scores: [L', Rv, Hkv, N]`` (L' layers): ``(indices [L', Rv, Hkv,
+    max_budget], lengths [Rv])``; ``layer``: the one layer ``scores`` holds (else all of them). PillarAttn's top-B
+    (``ctx.draft_split`` None) or the hybrid split (kernels/hybrid.py). With a recall buffer in the store, each
+    layer's draft recall is written to it (the runtime's telemetry: device ops only, nothing read on the host)."""
+    from . import kernels
+    from .kernels.hybrid import draft_mass, draft_recall, hybrid_split
+
+    L, Rv, H, N = scores.shape
+    flat = scores.view(L * Rv, H, N)
+    ctx_lens = _scored_context_lens(ctx)  # [Rv]
+    lens_l, budget_l = ctx_lens.repeat(L), ctx.budget.repeat(L)  # every layer's rows back to back
+    recall = ctx.pillars.recall
+    mass = None
+    if ctx.draft_split is not None or recall is not None:  # one read of the scores, no pass over the KV
+        mass = draft_mass(flat, lens_l, budget_l, impl=ctx.impl)  # [L * Rv, H, 3]
+    split = {}
+    if ctx.draft_split is not None:
+        share = "layer" if layer is not None and ctx.draft_split == "request" else ctx.draft_split
+        window, sinks = hybrid_split(mass.view(L, Rv, H, 3), ctx_lens, ctx.budget, ctx.recent, share)
+        split = dict(recent=window.view(L * Rv, H), sinks=sinks.view(L * Rv, H))
+    idx, lengths = kernels.select_pillars(flat, lens_l, budget_l, **({"recent": ctx.recent} | split),
+                                          max_budget=ctx.pillars.max_budget, impl=ctx.impl)
+    if recall is not None:
+        r = draft_recall(flat, idx, lengths, mass[..., 2]).mean(-1).view(L, Rv)  # mean over KV heads
+        (recall if layer is None else recall[layer:layer + 1]).index_copy_(1, _score_slots(ctx), r)
+    return idx.view(L, Rv, H, -1), lengths[:Rv]

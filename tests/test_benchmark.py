@@ -22,7 +22,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e")
     md = out / "RESULTS.md"
     argv = ["--model", "tiny-random", "--device", "cpu", "--batch-sizes", "1", "2", "--output-lens", "8",
-            "--prompt-len", "12", "--methods", "hf_eager", "stride0", "sparsespec", "pillar", "streaming", "--temperature", "0",
+            "--prompt-len", "12", "--methods", "hf_eager", "stride0", "sparsespec", "pillar", "streaming", "hybrid", "--temperature", "0",
             "--compiler", "eager", "--stride", "3", "--min-budget", "6", "--recent", "2", "--hf-max-tokens", "8",
             "--warmup-tokens", "4", "--save-tokens", "--out", str(out), "--results-md", str(md)]
     assert benchmark.main(argv) == 0
@@ -36,7 +36,7 @@ def test_records_have_the_fields(run):
         assert env.get(key), key
     records = result["records"]
     assert [(r["batch"], r["method"]) for r in records] == [
-        (b, m) for b in (1, 2) for m in ("hf_eager", "stride0", "sparsespec", "pillar", "streaming")]
+        (b, m) for b in (1, 2) for m in ("hf_eager", "stride0", "sparsespec", "pillar", "streaming", "hybrid")]
     for r in records:
         assert r["status"] == "ok", r
         missing = [f for f in FIELDS if f not in r]
@@ -61,6 +61,19 @@ def test_records_have_the_fields(run):
     assert by[(2, "stride0")]["per_request_tokens_per_step_vs_stride0"]["values"] == [1.0, 1.0]
 
 
+def test_draft_recall_in_the_records(run):
+    """Scored drafts report their recall per layer (2 layers) and its correlation with acceptance; streaming none."""
+    _, _, result = run
+    by = {(r["batch"], r["method"]): r for r in result["records"]}
+    for m in ("pillar", "hybrid"):
+        r = by[(2, m)]
+        assert len(r["recall_by_layer"]) == 2 and all(0.0 <= x <= 1.0 for x in r["recall_by_layer"]), m
+        assert 0.0 <= r["mean_recall"] <= 1.0 and len(r["per_request_recall"]) == 2
+        assert r["recall_vs_acceptance"]["requests"] == 2
+        assert r["stats"]["recall_verifies"] > 0
+    assert by[(2, "streaming")]["mean_recall"] is None and by[(2, "streaming")]["recall_vs_acceptance"] is None
+
+
 def test_greedy_outputs_identical(run):
     """fp32 CPU: stride 0 == HF eager token for token; PillarAttn and streaming drafts == stride 0."""
     _, _, result = run
@@ -68,7 +81,7 @@ def test_greedy_outputs_identical(run):
     for b in (1, 2):
         assert by[(b, "stride0")]["tokens"] == by[(b, "hf_eager")]["tokens"]
         assert by[(b, "stride0")]["greedy_vs"]["hf_eager"]["identical"] == b
-        for m in ("sparsespec", "pillar", "streaming"):
+        for m in ("sparsespec", "pillar", "streaming", "hybrid"):
             assert by[(b, m)]["tokens"] == by[(b, "stride0")]["tokens"], m
             assert by[(b, m)]["greedy_vs"]["stride0"]["first_divergence"] == [None] * b
 

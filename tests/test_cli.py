@@ -65,10 +65,12 @@ def test_inspect_needs_no_tokenizer(model_dir, tmp_path, capsys):
 def test_generate_exit_code_and_stats(model_dir, capsys):
     torch._dynamo.reset()
     ok = ["generate", "--model", str(model_dir), "w5 w6 w7", "--max-tokens", "4", "--stride", "2",
-          "--min-budget", "2", "--no-progress", "--seed", "3", "--temperature", "0.7", "--top-p", "0.9"]
+          "--min-budget", "2", "--no-progress", "--seed", "3", "--temperature", "0.7", "--top-p", "0.9",
+          "--draft", "hybrid"]
     assert cli.main(ok) == 0  # no chat template in this tokenizer: prompts go in as they are
     out = capsys.readouterr().out
     assert "[length]" in out and "tokens/s" in out and "compiled a graph left out" in out and "{'" not in out
+    assert "(hybrid drafts)" in out  # (the adaptive stride decodes plainly on a CPU: no scored cycle to show recall)
     too_long = " ".join(VOCAB[5:] * 3)  # 273 tokens > max_position_embeddings 256: the request fails
     assert cli.main(["generate", "--model", str(model_dir), too_long, "--max-tokens", "4", "--no-progress"]) == 1
     assert "1 of 1 request(s) failed" in capsys.readouterr().err
@@ -118,3 +120,22 @@ def test_generate_sizes_the_pool_from_the_prompts(model_dir, monkeypatch):
     # each prompt + 20 new tokens + one verify chunk (stride + 1 = 5), in pages of 16
     assert seen[0].num_pages == sum(-(-(n + 20 + 5) // 16) for n in lengths) and seen[0].max_num_seqs == 2
     assert seen[0].num_pages < 20 and seen[1].num_pages == 7
+
+
+def test_generate_names_an_embedded_model(monkeypatch):
+    """`--model gemma3` (or smollm2) loads the embedded model by name, not a directory of that name."""
+    import sparsespec_compile.models as models
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def stub(**kw):
+        seen.append(kw)
+        raise Stop
+
+    monkeypatch.setitem(models.EMBEDDED, "gemma3", stub)
+    with pytest.raises(Stop):
+        cli.main(["generate", "--model", "gemma3", "hi", "--draft", "hybrid"])
+    assert seen == [{"attn": "sdpa"}]

@@ -8,11 +8,13 @@ Methods (``--methods``):
   ``model.forward = torch.compile(...)``); CUDA graphs, so skipped on the CPU unless named explicitly;
 * ``stride0``: our runtime without speculation (plain decoding, same scheduler and kernels);
 * ``pillar``: sparse self-speculation with PillarAttn drafts (SparseSpec);
-* ``streaming``: the same with StreamingLLM drafts (sinks + recent window at the same budget, MagicDec-like).
+* ``streaming``: the same with StreamingLLM drafts (sinks + recent window at the same budget, MagicDec-like);
+* ``hybrid``: sinks + recent window + pillars at the same budget, split from the verify queries' attention
+  (``--hybrid-split``).
 
 Every (output length, batch, temperature, method) cell builds a fresh ``LLM``, warms it up (compiles), then times
 one ``generate``. Reported per cell: output tokens/s, step time against the bytes-moved floor (weights + KV read
-per step, at the copy bandwidth measured in the same run), mean accepted length, GPU idle fraction (when the
+per step, at the copy bandwidth measured in the same run), mean accepted length, draft recall per layer (and its correlation with acceptance), GPU idle fraction (when the
 runtime reports it), peak memory, and for greedy cells where each request first differs from the stride-0
 output (bf16 near-ties can flip a token; they are reported, never forced). The HF baselines are slow, so they
 generate ``--hf-max-tokens`` tokens per request; the table says so in its own column.
@@ -25,7 +27,7 @@ under ``--out``, prints a markdown table and appends it to ``--results-md`` when
 
 Modules: ``run`` (cells, CLI), ``models`` (models, checkpoints under torchrun, prompts), ``agreement`` (greedy
 comparisons), ``hf`` (HF baselines), ``floor`` (bandwidth, bytes, step floor), ``report`` (table, PNG, JSON),
-``common`` (shared names).
+``recall`` (draft recall vs acceptance), ``common`` (shared names).
 """
 
 from .common import JSON_NAME, METHODS, PNG_NAME

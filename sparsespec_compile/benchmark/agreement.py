@@ -41,7 +41,7 @@ def add_comparisons(rec: dict, group: dict[str, dict], model=None, prompts=None)
     vs HF eager (same model, other kernels and padding); with ``model``, the logit margins where they part."""
     if rec["temperature"] != 0 or rec.get("status") != "ok":
         return
-    ref = {"sparsespec": "stride0", "pillar": "stride0", "streaming": "stride0", "stride0": "hf_eager",
+    ref = {"sparsespec": "stride0", "pillar": "stride0", "streaming": "stride0", "hybrid": "stride0", "stride0": "hf_eager",
            "hf_static_compile": "hf_eager"}
     other = group.get(ref.get(rec["method"], ""))
     rec["greedy_vs"] = {}

@@ -9,16 +9,17 @@ import torch
 
 # sparsespec = the default config (PillarAttn drafts, per-request adaptive stride up to --stride); pillar and
 # streaming draft a fixed --stride every cycle
-METHODS = ("hf_eager", "hf_static_compile", "stride0", "sparsespec", "pillar", "streaming")
+METHODS = ("hf_eager", "hf_static_compile", "stride0", "sparsespec", "pillar", "streaming", "hybrid")
 HF_METHODS = ("hf_eager", "hf_static_compile")
-SPEC_METHODS = ("sparsespec", "pillar", "streaming")
-DRAFT_OF = {"stride0": "pillar", "sparsespec": "pillar", "pillar": "pillar", "streaming": "streaming"}  # stride0: none
+SPEC_METHODS = ("sparsespec", "pillar", "streaming", "hybrid")
+DRAFT_OF = {"stride0": "pillar", "sparsespec": "pillar", "pillar": "pillar", "streaming": "streaming",
+            "hybrid": "hybrid"}  # stride0: none
 DEFAULT_PROMPTS = Path("../shared/data/prompts/gsm8k_test.jsonl")
 JSON_NAME, PNG_NAME = "e2e.json", "e2e.png"
 # Counters of llm.stats() that accumulate over the LLM's life: the timed run's share is after - before.
 COUNTERS = ("steps", "cycles", "output_tokens", "forward_tokens", "seconds", "gpu_busy_seconds", "graph_steps",
-            "kv_tokens_read", "capture_seconds", "graph_seconds", "graph_kv_tokens_read", "all_cycles")
-LIST_COUNTERS = ("cycles_by_k", "position_drafted", "position_accepted")  # element by element
+            "kv_tokens_read", "capture_seconds", "graph_seconds", "graph_kv_tokens_read", "all_cycles", "recall_verifies")
+LIST_COUNTERS = ("cycles_by_k", "position_drafted", "position_accepted", "recall_sum_by_layer")  # element by element
 
 
 def sync(device: torch.device) -> None:

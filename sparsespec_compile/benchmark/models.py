@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-MODEL_NAMES = ("smollm2", "qwen3-8b-random", "tiny-random")
+MODEL_NAMES = ("smollm2", "gemma3", "qwen3-8b-random", "tiny-random")
 
 
 def build_model(name: str, device: str, dtype: torch.dtype, gguf: str | None, world: int = 1):
@@ -16,11 +16,12 @@ def build_model(name: str, device: str, dtype: torch.dtype, gguf: str | None, wo
     checkpoint (loaded with ``tp_plan="auto"`` when ``world`` > 1: each rank gets its shard)."""
     if Path(name).is_dir():
         return load_checkpoint(Path(name), device, dtype, world)
-    if name == "smollm2":
-        from ..models import load_smollm2
+    if name in ("smollm2", "gemma3"):
+        from ..models import load_embedded
 
-        model, tok = load_smollm2(dtype=dtype, device=device, gguf_path=gguf)
-        return model, tok, f"SmolLM2-135M-Instruct (real weights, {_dtype_name(dtype)})"
+        model, tok = load_embedded(name, dtype=dtype, device=device, gguf_path=gguf)
+        what = {"smollm2": "SmolLM2-135M-Instruct", "gemma3": "Gemma3-270M (base)"}[name]
+        return model, tok, f"{what} (real weights, {_dtype_name(dtype)})"
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
     if name == "qwen3-8b-random":
@@ -62,6 +63,16 @@ def load_checkpoint(path: Path, device: str, dtype: torch.dtype, world: int):
     return model.eval(), tok, f"{path.name} ({type(model).__name__}, {_dtype_name(dtype)}{how})"
 
 
+def question_ids(tok, question: str) -> list[int]:
+    """A GSM8K question as token ids: through the chat template when the tokenizer has one (an Instruct model), else
+    as plain text a base model continues (Gemma3-270M has no template)."""
+    if getattr(tok, "chat_template", None):
+        enc = tok.apply_chat_template([{"role": "user", "content": question + "\nAnswer step by step."}],
+                                      add_generation_prompt=True, tokenize=True)
+        return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+    return list(tok(f"Question: {question}\nAnswer: Let's think step by step.")["input_ids"])
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -83,12 +94,10 @@ def load_prompts(path: Path | None, tok, vocab_size: int, batch: int, prompt_len
             prompts = []
             for i in range(n):
                 r = rows[i % len(rows)]
-                text = (r.get("question") or r.get("problem")) + "\nAnswer step by step."
-                enc = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                              tokenize=True)
-                prompts.append(list(enc["input_ids"] if hasattr(enc, "keys") else enc))
+                prompts.append(question_ids(tok, r.get("question") or r.get("problem")))
             what = f"first {n}" if n <= len(rows) else f"{len(rows)} repeated to {n}"
-            return prompts, f"{path.name} ({what}, chat template)"
+            how = "chat template" if getattr(tok, "chat_template", None) else "plain 'Question: ... Answer:' text"
+            return prompts, f"{path.name} ({what}, {how})"
         print(f"warning: {path} has {len(rows)} prompts for a batch of {batch}: random-token prompts instead",
               file=sys.stderr)
     g = torch.Generator().manual_seed(seed)

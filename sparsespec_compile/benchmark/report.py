@@ -58,13 +58,13 @@ def markdown_table(result: dict) -> str:
         "| method | batch | prompt len (mean) | tokens/request | temp | tokens/s | × stride0 | × HF eager | "
         "step ms | floor step ms | floor fraction | decode step ms / floor fraction | mean accepted | mean k | "
         "tokens/step | request tokens/step vs stride0 (min / median) | idle fraction | peak GiB | "
-        "compiles / capture s in timed run | greedy agreement |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "compiles / capture s in timed run | greedy agreement | draft recall (r vs accepted: requests / cycles) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in records:
         if r.get("status") != "ok":
             lines.append(f"| {r['method']} | {r['batch']} | – | {r['output_len']} | {r['temperature']} | "
-                         f"{r.get('status')}: {r.get('reason', '')} |" + " |" * 14)
+                         f"{r.get('status')}: {r.get('reason', '')} |" + " |" * 15)
             continue
         tokens = str(r["generated_per_request"])
         if r["method"] in HF_METHODS and r["generated_per_request"] != r["output_len"]:
@@ -78,7 +78,7 @@ def markdown_table(result: dict) -> str:
             f"{_decode(r)} | {acc or '–'} | {_fmt(r.get('mean_k'))} | {_fmt(r.get('tokens_per_step'))} | "
             f"{_vs_stride0(r)} | {_fmt(r.get('idle_fraction'))} | {_fmt(peak)} | "
             f"{r.get('graphs_compiled_in_timed_run', '–')} / {_fmt(r.get('capture_seconds_in_timed_run'), '.1f')} | "
-            f"{_agreement(r)} |")
+            f"{_agreement(r)} | {_recall(r)} |")
     bw = env["copy_bandwidth_bytes_per_s"]
     notes = [
         f"Model: {env['model']}. Device: {env['device']}; torch {env['torch']}, triton {env['triton']}, "
@@ -96,10 +96,22 @@ def markdown_table(result: dict) -> str:
         "pillar and streaming draft the fixed stride). tokens/step: output tokens / steps. Request tokens/step vs "
         "stride0: each request's output tokens per step of its decode (first token to finish) over the same "
         "request's at stride 0, min and median over the requests.",
+        "draft recall: share of the verify queries' attention inside the key set the next draft uses (the scores "
+        "of the verification; mean over layers, KV heads and verifications; per layer in the JSON), with Pearson's "
+        "r against accepted drafts over requests (mean recall vs mean accepted per full cycle) and over cycles "
+        "(a verification's recall vs the next cycle's accepted drafts). Streaming and full drafts score nothing.",
     ]
     skipped = result.get("skipped_methods") or {}
     notes += [f"{m} not run: {why}." for m, why in skipped.items()]
     return "\n".join(lines) + "\n\n" + "\n".join(f"* {n}" for n in notes) + "\n"
+
+
+def _recall(r: dict) -> str:
+    if r.get("mean_recall") is None:
+        return "–"
+    c = r.get("recall_vs_acceptance") or {}
+    return (f"{r['mean_recall']:.3f} (r {_fmt(c.get('over_requests'))} over {c.get('requests', 0)} / "
+            f"{_fmt(c.get('over_cycles'))} over {c.get('cycles', 0)})")
 
 
 def _vs_stride0(r: dict) -> str:

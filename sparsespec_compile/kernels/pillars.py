@@ -48,14 +48,18 @@ def pillar_scores(q: torch.Tensor, k_cache: torch.Tensor, *, query_start_loc: to
     return pillar_scores_triton(q, k_cache, out=out, **kw)
 
 
-def select_pillars(scores: torch.Tensor, ctx_lens: torch.Tensor, budget: torch.Tensor, recent: int, max_budget: int,
-                   impl: str = "triton") -> tuple[torch.Tensor, torch.Tensor]:
+def select_pillars(scores: torch.Tensor, ctx_lens: torch.Tensor, budget: torch.Tensor, recent: int | torch.Tensor,
+                   max_budget: int, impl: str = "triton", sinks: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``b`` positions per (row, KV head), ``b = min(budget[j], ctx_lens[j])``, the ``min(recent, b)`` newest
     positions ``< ctx_lens[j]`` always among them; ties go to the lower position.
 
     ``scores: [Rv, Hkv, N]`` (from :func:`pillar_scores`), ``ctx_lens, budget: [Rv]`` ints, ``budget <=
     max_budget``. Returns ``indices: [Rv, Hkv, max_budget]`` int32 sorted ascending (0 past ``lengths``) and
     ``lengths: [Rv]`` int32 — the layout :func:`unified_attention` reads as ``pillar_indices`` / ``pillar_lengths``.
+
+    The hybrid draft's split (kernels/hybrid.py): ``recent`` and ``sinks`` as ``[Rv, Hkv]`` int tensors, the first
+    ``min(sinks, b)`` positions and the ``min(recent, b - sinks)`` newest forced per (row, head), the rest by score.
     """
     check_tensor("scores", scores, ndim=3, dtypes=(torch.float32, torch.float16, torch.bfloat16))
     Rv = scores.shape[0]
@@ -63,11 +67,20 @@ def select_pillars(scores: torch.Tensor, ctx_lens: torch.Tensor, budget: torch.T
         check_tensor(name, t, ndim=1, dtypes=(torch.int32, torch.int64), device=scores.device)
         if t.shape[0] != Rv:
             raise ValueError(f"{name} must have Rv = {Rv} entries, got {t.shape[0]}")
-    if max_budget < 1 or recent < 0:
+    split = isinstance(recent, torch.Tensor)
+    if split:
+        for name, t in (("recent", recent), ("sinks", sinks)):
+            check_tensor(name, t, ndim=2, dtypes=(torch.int32, torch.int64), device=scores.device)
+            if t.shape != scores.shape[:2]:
+                raise ValueError(f"{name} must be [Rv, Hkv] = {tuple(scores.shape[:2])}, got {tuple(t.shape)}")
+    elif sinks is not None:
+        raise ValueError("sinks needs recent as a [Rv, Hkv] tensor too (the hybrid split)")
+    if max_budget < 1 or (not split and recent < 0):
         raise ValueError(f"need max_budget >= 1 and recent >= 0, got {max_budget} and {recent}")
     check_impl(impl, scores)
+    recent = recent if split else int(recent)
     if impl == "reference":
-        return select_pillars_reference(scores, ctx_lens, budget, int(recent), int(max_budget))
+        return select_pillars_reference(scores, ctx_lens, budget, recent, int(max_budget), sinks=sinks)
     from .pillars_triton import select_pillars_triton
 
-    return select_pillars_triton(scores, ctx_lens, budget, int(recent), int(max_budget))
+    return select_pillars_triton(scores, ctx_lens, budget, recent, int(max_budget), sinks=sinks)

@@ -152,12 +152,13 @@ def pillar_scores_triton(q, k_cache, *, query_start_loc, seq_lens, block_tables,
 
 
 @triton.jit
-def _key(scores_row, pos, ctx, n_recent):
-    """int32 ranking key: invalid -1 < valid score bits (non-negative floats order like ints) < forced newest."""
+def _key(scores_row, pos, ctx, n_recent, n_sinks):
+    """int32 ranking key: invalid -1 < valid score bits (non-negative floats order like ints) < forced (the newest
+    ``n_recent`` and the first ``n_sinks`` positions: the hybrid draft's window and sinks; pillar: no sinks)."""
     s = tl.load(scores_row + pos, mask=pos < ctx, other=0.0).to(tl.float32)
     bits = tl.minimum(s.to(tl.int32, bitcast=True), 0x7F7FFFFF)  # +inf ranks as the largest finite; nan and <= 0 as 0
     key = tl.where(s > 0, bits, 0)
-    key = tl.where(pos >= ctx - n_recent, 0x7F800000, key)
+    key = tl.where((pos >= ctx - n_recent) | (pos < n_sinks), 0x7F800000, key)
     return tl.where(pos < ctx, key, -1)
 
 
@@ -167,16 +168,24 @@ def _key(scores_row, pos, ctx, n_recent):
 # the prefix. Four passes fix the threshold exactly; a fifth reads the row again to write the winners. There is one
 # program per (row, KV head, layer); the time is the chain of dependent passes over the row, so five passes replace
 # the 10-18 of a 4/16-way search (0.44 ms per B 256 step in the H200 profile) — see bench/RESULTS.md.
+#
+# The hybrid draft (kernels/hybrid.py) reuses this select with forced sinks and a per-(row, head) window:
+# ``HEAD_SPLIT`` reads ``n_recent`` / ``n_sinks`` from [Rv, H] tensors instead of the scalar ``recent`` (sinks 0).
 @triton.jit(do_not_specialize=["recent", "N"])
 def _select_kernel(indices, scores, ctx_lens, budget, recent, N, stride_sj, stride_sh, stride_ij, stride_ih,
-                   BLOCK: tl.constexpr):
+                   head_recent, head_sinks, BLOCK: tl.constexpr, HEAD_SPLIT: tl.constexpr):
     j = tl.program_id(0)
     h = tl.program_id(1)
     ctx = tl.minimum(tl.load(ctx_lens + j).to(tl.int32), N)
     b = tl.minimum(tl.load(budget + j).to(tl.int32), ctx)
     if b <= 0:
         return
-    n_recent = tl.minimum(b, recent)
+    if HEAD_SPLIT:
+        n_sinks = tl.minimum(tl.load(head_sinks + j * tl.num_programs(1) + h).to(tl.int32), b)
+        n_recent = tl.minimum(tl.load(head_recent + j * tl.num_programs(1) + h).to(tl.int32), b - n_sinks)
+    else:
+        n_sinks = b * 0
+        n_recent = tl.minimum(b, recent)
     row = scores + j.to(tl.int64) * stride_sj + h * stride_sh
     offs = tl.arange(0, BLOCK)
     bins = tl.arange(0, 256)
@@ -188,7 +197,7 @@ def _select_kernel(indices, scores, ctx_lens, budget, recent, N, stride_sj, stri
         hist = tl.zeros([256], dtype=tl.int32)
         for s0 in range(0, ctx, BLOCK):
             pos = s0 + offs
-            k1 = _key(row, pos, ctx, n_recent) + 1
+            k1 = _key(row, pos, ctx, n_recent, n_sinks) + 1
             use = pos < ctx
             if shift < 24:
                 use = use & ((k1 >> (shift + 8)) == (prefix >> (shift + 8)))
@@ -203,7 +212,7 @@ def _select_kernel(indices, scores, ctx_lens, budget, recent, N, stride_sj, stri
     n_eq = b * 0
     for s0 in range(0, ctx, BLOCK):
         pos = s0 + offs
-        key = _key(row, pos, ctx, n_recent)
+        key = _key(row, pos, ctx, n_recent, n_sinks)
         eq = (key == thr).to(tl.int32)
         eq_rank = n_eq + tl.cumsum(eq, 0) - eq
         sel = (key > thr) | ((eq == 1) & (eq_rank < need))
@@ -214,15 +223,20 @@ def _select_kernel(indices, scores, ctx_lens, budget, recent, N, stride_sj, stri
         n_eq += tl.sum(eq, 0)
 
 
-def select_pillars_triton(scores, ctx_lens, budget, recent, max_budget, block: int | None = None):
+def select_pillars_triton(scores, ctx_lens, budget, recent, max_budget, block: int | None = None, sinks=None):
+    """``recent``: an int (every row and head), or with ``sinks`` two [Rv, Hkv] int32 tensors (the hybrid split)."""
     scores = scores if scores.stride(-1) == 1 else scores.contiguous()
+    head_split = isinstance(recent, torch.Tensor)
     Rv, Hkv, N = scores.shape
     indices = torch.zeros(Rv, Hkv, max_budget, dtype=torch.int32, device=scores.device)
     lengths = torch.minimum(budget.to(torch.int32), ctx_lens.to(torch.int32).clamp(max=N)).clamp(min=0)
     if Rv == 0 or N == 0:
         return indices, lengths
     blk = block or (64 if interpreting() else min(2048, max(256, triton.next_power_of_2(N))))
-    _select_kernel[(Rv, Hkv)](indices, scores, ctx_lens, budget, int(recent), N, scores.stride(0), scores.stride(1),
-                              indices.stride(0), indices.stride(1), BLOCK=blk,
+    head_recent = recent.to(torch.int32).contiguous() if head_split else lengths  # dummies when not HEAD_SPLIT
+    head_sinks = sinks.to(torch.int32).contiguous() if head_split else lengths
+    _select_kernel[(Rv, Hkv)](indices, scores, ctx_lens, budget, 0 if head_split else int(recent), N,
+                              scores.stride(0), scores.stride(1), indices.stride(0), indices.stride(1),
+                              head_recent, head_sinks, BLOCK=blk, HEAD_SPLIT=head_split,
                               num_warps=1 if interpreting() else (8 if blk >= 2048 else 4))
     return indices, lengths

@@ -119,19 +119,25 @@ def pillar_scores_reference(q, k_cache, *, query_start_loc, seq_lens, block_tabl
     return scores
 
 
-def select_pillars_reference(scores, ctx_lens, budget, recent, max_budget):
+def select_pillars_reference(scores, ctx_lens, budget, recent, max_budget, sinks=None):
     """(indices [Rv, Hkv, max_budget] int32 sorted ascending, 0 beyond lengths; lengths [Rv] int32).
 
     Per (row, head): the ``b = min(budget, ctx_len)`` best positions < ctx_len, the ``min(recent, b)`` newest
-    always among them. Ties are broken towards the lower position."""
+    always among them. Ties are broken towards the lower position. With ``sinks`` (the hybrid draft), ``recent`` and
+    ``sinks`` are [Rv, Hkv] tensors: the first ``min(sinks, b)`` and the ``min(recent, b - sinks)`` newest forced."""
     Rv, Hkv, N = scores.shape
     dev = scores.device
     pos = torch.arange(N, device=dev)
     ctx = ctx_lens.long().clamp(max=N)[:, None, None]
     b = torch.minimum(budget.long(), ctx_lens.long().clamp(max=N))  # [Rv]
-    n_recent = b.clamp(max=recent)[:, None, None]
+    if isinstance(recent, torch.Tensor):
+        n_sinks = torch.minimum(sinks.long(), b[:, None])
+        n_recent = torch.minimum(recent.long(), b[:, None] - n_sinks)[..., None]
+        n_sinks = n_sinks[..., None]
+    else:
+        n_recent, n_sinks = b.clamp(max=recent)[:, None, None], 0
     valid = pos < ctx
-    forced = valid & (pos >= ctx - n_recent)
+    forced = valid & ((pos >= ctx - n_recent) | (pos < n_sinks))
     # key: forced > any valid score > invalid; stable sort keeps lower positions first among ties. Scores are mean
     # probabilities (>= 0); like the kernel, +inf ranks as the largest finite value (below the forced newest) and
     # NaN or a score <= 0 as 0.
