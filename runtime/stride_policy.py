@@ -34,6 +34,7 @@ PROBE_DRAFTS = 2
 PROBE_FIRST, PROBE_MAX = 16, 256
 # Cycles whose score is within this share of the best may be shortened for phase balance (cycle_planner.py).
 BALANCE_TOLERANCE = 0.03
+RECHECK = 8  # a plain-decoding request's choice is re-priced every RECHECK cycles (its context and prices drift)
 OPTIMISTIC_PRIOR = 0.8  # conditional acceptance assumed before any request has verified anything
 TAIL = 2  # dense-tail keys of a draft row beyond its own drafts (the last verify chunk's accepted tokens, typically)
 
@@ -111,6 +112,11 @@ class AdaptiveStride:
     def options(self, r: Request, j_max: int, num_decoding: int) -> list[int]:
         """The ``j`` this cycle may use, best first: the best, then those within ``BALANCE_TOLERANCE`` of it."""
         if j_max <= 0:
+            return [0]
+        if r.probe_interval and 0 < r.plain_cycles < r.probe_interval and r.plain_cycles % RECHECK:
+            # between probes a plain request's acceptance does not change (it judges no drafts): re-price it every
+            # RECHECK cycles, not every step (256 requests re-priced every step cost ~11 ms of host time a step)
+            r.plain_cycles += 1
             return [0]
         s = self.scores(r, j_max, num_decoding)
         best = _argmax(s)
