@@ -12,7 +12,7 @@ from collections import Counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparsespec_compile import LLM, SamplingParams, SparseSpecConfig
-from sparsespec_compile.runtime.engine import Engine
+from sparsespec_compile.runtime.step_sampler import StepSampler
 from sparsespec_compile.testing.checks import smallest_llama
 
 
@@ -40,19 +40,19 @@ def main() -> None:
                                       page_size=4, max_num_batched_tokens=2048, stride=args.stride, min_budget=16,
                                       recent=4, max_num_seqs=args.batch, cuda_graphs="pad"))
     count, steps = _Count(), [0]
-    inner = Engine._sample_and_verify
+    inner = StepSampler.run
 
     def counted(self, *a, **kw):
         steps[0] += 1
         with count:
             return inner(self, *a, **kw)
 
-    Engine._sample_and_verify = counted
+    StepSampler.run = counted
     try:
         llm.generate(prompts, SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=args.temperature,
                                              top_p=args.top_p if args.temperature > 0 else 1.0), use_tqdm=False)
     finally:
-        Engine._sample_and_verify = inner
+        StepSampler.run = inner
     n = steps[0]
     print(f"temperature {args.temperature}, B {args.batch}, k {args.stride}: "
           f"{sum(count.ops.values()) / n:.1f} aten ops per step outside the model ({n} steps)")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sparsespec_compile import LLM, SamplingParams, SparseSpecConfig
-from sparsespec_compile.runtime import engine as eng
+from sparsespec_compile.runtime.step_sampler import StepSampler
 from sparsespec_compile.runtime.step_cost import FixedStepCost
 from sparsespec_compile.runtime.step_plan import StepKind
 from sparsespec_compile.runtime.stride_policy import PROBE_DRAFTS
@@ -30,7 +30,7 @@ def model():
 def test_planted_bad_draft_falls_to_plain_decoding_others_keep_speculating(model, monkeypatch, overlap):
     ref = [hf_greedy(model, p, MAX_NEW) for p in PROMPTS]
     vocab = model.config.vocab_size
-    real = eng.Engine._sample_and_verify
+    real = StepSampler.run
 
     def sample_and_verify(self, plan, *args):  # the first prompt's drafts are always wrong, on the device
         res = real(self, plan, *args)
@@ -40,7 +40,7 @@ def test_planted_bad_draft_falls_to_plain_decoding_others_keep_speculating(model
                 res.sampled[j] = (res.sampled[j] + 1) % vocab
         return res
 
-    monkeypatch.setattr(eng.Engine, "_sample_and_verify", sample_and_verify)
+    monkeypatch.setattr(StepSampler, "run", sample_and_verify)
     torch._dynamo.reset()
     # budget >= every context: drafts equal full attention, so every draft of the others is accepted
     llm = LLM(model, SparseSpecConfig(compiler="eager", stride=4, num_pages=128, page_size=4, min_budget=96,
