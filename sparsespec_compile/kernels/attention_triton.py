@@ -4,9 +4,9 @@ the rows that were cut.
 Program ``(item, kv_head)`` of the attention kernel reads one item of the step's :class:`AttentionPlan`: ``BLOCK_Q``
 query tokens of one request times the ``GROUP`` query heads of one KV head, packed densely into the first
 ``BLOCK_Q * GROUP`` of the ``BLOCK_M`` rows of one ``tl.dot`` (every K/V tile is loaded once for the whole GQA
-group), over one slice of the request's *virtual key range*: for a full row the positions ``lo .. last``; for a sparse (PillarAttn) row the pillar
-list followed by ``draft_start .. last``. Each key's page comes from the block table, so full and sparse rows share
-one loop and one launch. An item that covers its whole unit writes the output itself; the slices of a cut unit write
+group), over one slice of the request's *virtual key range*: for a full row the positions ``lo .. last``; for a
+sparse (PillarAttn) row the pillar list followed by ``draft_start .. last``. Each key's page comes from the block
+table, so full and sparse rows share one loop and one launch. An item that covers its whole unit writes the output itself; the slices of a cut unit write
 fp32 partials (acc, max, sum) that the merge kernel combines.
 """
 
