@@ -119,6 +119,28 @@ def test_plain_decoding_request_probes_with_backoff():
     assert [i for i, f in enumerate(refresh) if f] == sorted(probes + [p - 1 for p in probes])
 
 
+def test_plain_request_is_repriced_every_few_cycles_not_every_step():
+    """Between probes a plain-decoding request's acceptance cannot change, so it is priced once per RECHECK cycles
+    (at B 256 pricing every request every step cost ~11 ms of host time a step)."""
+    from sparsespec_compile.runtime.stride_policy import RECHECK
+
+    policy = AdaptiveStride(8, KV_BOUND, lambda ctx: 16)
+    calls = [0]
+    real = policy.scores
+
+    def counted(*a, **kw):
+        calls[0] += 1
+        return real(*a, **kw)
+
+    policy.scores = counted
+    r = _decoding()
+    for _ in range(4):
+        r.acceptance.record(8, 0)
+    chosen = [policy.options(r, 8, 8)[0] for _ in range(PROBE_FIRST)]
+    assert chosen == [0] * PROBE_FIRST  # the same choices as pricing every cycle (the probe test checks the rest)
+    assert calls[0] <= PROBE_FIRST // RECHECK + 2
+
+
 def _run(sched, bad_ids, truth, eos_at, max_steps=5000):
     """Accept every draft except those of ``bad_ids``, whose drafts are always wrong (a planted bad draft)."""
     rng = random.Random(0)
