@@ -38,7 +38,7 @@
 #           shape (random bf16 weights saved once to /root/q8b) at B 32, 4k prompts, stride 0: 2 ranks (graphs on
 #           when the check captured them, and padded steps without graphs) vs 1 GPU
 set -euo pipefail
-phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile|context_profile|tp|streaming|carry|kstep|kstep2|s14_qwen|s14_smol|prof14|s14b|s14c1|s14c2|g3carry|hybrid_smol|hybrid_gemma}
+phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile|context_profile|tp|streaming|carry|kstep|kstep2|s14_qwen|s14_smol|prof14|s14b|s14c1|s14c2|g3carry|hybrid_smol|hybrid_gemma|s19a|s19b}
 R=$PWD
 GG=/root/gg
 mkdir -p "$GG"
@@ -216,6 +216,32 @@ PY
       --temperature "${TEMP:-0}" --top-p 0.95 --hybrid-split "${SPLIT:-request}" --fuse-projections \
       --time-budget-s "${SMOL_BUDGET:-500}" --out "$OUT/$phase" 2>&1 | grep -v -i warn | grep -v '^{' | tail -16 \
       || echo "($phase rc $?: what ran is in the JSON)" ;;
+  s19a)  # issues 19 + 14, first of a pair (carry .carry/gguf.part_aa): the host cost of a B 256 step (fixed vs
+          # adaptive, this host's CPU), then the Qwen3-8B shape end to end (random weights, B 32 x 12,288-token
+          # prompts, 256 outputs): stride 0, the adaptive default, PillarAttn k = 8, with the progress log
+    for a in "" "--adaptive"; do
+      timeout 60 python3 "$R/bench/host_step_cost.py" --batch 256 --context 2000 --steps 100 $a --prices seed \
+        --accept 0.6 2>&1 | tail -6 || echo "(host_step_cost rc $?)"
+    done
+    timeout "${QWEN_TIMEOUT:-420}" python3 -m sparsespec_compile.benchmark --model qwen3-8b-random \
+      --methods ${METHODS:-stride0 sparsespec pillar} --batch-sizes 32 --prompt-len 12288 --output-lens 256 \
+      --temperature 0 --fuse-projections --log-stats-s 10 --time-budget-s "$(( ${QWEN_TIMEOUT:-420} - 20 ))" \
+      --out "$OUT/qwen" > "$OUT/qwen.log" 2>&1 || echo "(qwen rc $?)"
+    echo "graphs captured: $(grep -c 'captured a CUDA graph' "$OUT/qwen.log")"
+    grep -v -i warn "$OUT/qwen.log" | grep -v '^{\|captured a CUDA graph' | cut -c1-400 | tail -40 ;;
+  s19b)  # second of the pair (carry .carry/gguf.part_ab, .carry/whl, .carry/prompts512.jsonl): SmolLM2 real weights,
+          # B 256, 512 GSM8K requests, 4,096 outputs, T 0 — the adaptive default alone with the progress log
+          # (SPEC_TIMEOUT), then stride 0 and PillarAttn k = 8 (SMOL_TIMEOUT)
+    [ -f "$R/.carry/prompts512.jsonl" ] && cp "$R/.carry/prompts512.jsonl" "$GG/"
+    smol() { local name=$1 t=$2; shift 2; timeout "$t" python3 -m sparsespec_compile.benchmark --model smollm2 \
+      --gguf "$GG/smollm2.gguf" --prompts "$GG/prompts512.jsonl" --batch-sizes 256 --output-lens 4096 \
+      --requests-per-slot 2 --temperature 0 --fuse-projections --log-stats-s 10 --time-budget-s "$(( t - 30 ))" \
+      --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1 || echo "(smol $name rc $?)"
+      echo "graphs captured: $(grep -c 'captured a CUDA graph' "$OUT/$name.log")"
+      grep -v -i warn "$OUT/$name.log" | grep -v '^{\|captured a CUDA graph' | cut -c1-420 | tail -"${TAIL:-30}"; }
+    [ -n "${SPEC_TIMEOUT-200}" ] && smol spec "${SPEC_TIMEOUT:-200}" --methods ${SPEC_METHODS:-sparsespec}
+    [ -n "${SMOL_TIMEOUT-300}" ] && smol smol "${SMOL_TIMEOUT:-300}" --methods ${METHODS:-stride0 pillar}
+    true ;;
   profile)
     cp "$R/bench/gpu_graph_check.py" .
     timeout 300 python3 gpu_graph_check.py --profile --out "$OUT" --runs "s0_fuse 0 pad inductor 64 2048 256 fuse" \

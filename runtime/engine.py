@@ -65,6 +65,12 @@ class EngineStats:
     # draft recall (kernels/hybrid.py draft_recall) summed per layer over the scored verifications, and their count
     recall_sum: list[float] = dataclasses.field(default_factory=list)
     recall_verifies: int = 0
+    # Host time of the step loop by stage (in ``seconds``): scheduling, launching (packing, the forward's and the
+    # sampler's launches), resolving (reading results, the scheduler's update). Where a host-bound step goes.
+    schedule_seconds: float = 0.0
+    launch_seconds: float = 0.0
+    resolve_seconds: float = 0.0  # includes wait_seconds
+    wait_seconds: float = 0.0  # blocked on the device for a step's results (host ahead of the GPU: time well spent)
 
 
 def sliding_windows_from_config(config, num_layers: int) -> list[int]:
@@ -197,7 +203,9 @@ class Engine:
         self._apply_swaps(plan)
         self.sampler.forget(plan.finished + plan.preempted)  # a preempted request restarts its cycle: drop its q_i
         graph_steps_before = self.stats.graph_steps
+        t1 = time.perf_counter()
         launched = self._launch(plan) if plan.entries else None
+        t2 = time.perf_counter()
         capture = self._captured() - captured_before
         if launched is not None and capture:
             launched.start_event = None  # a step that captured a graph: its device time includes the warm-up
@@ -207,9 +215,13 @@ class Engine:
             ready = launched
         if ready is not None:  # with overlap the device is running `launched` meanwhile: this host work overlaps it
             self._resolve(ready)
+        t3 = time.perf_counter()
         # A step that captured a graph counts without its capture time (one-off, reported as capture_seconds).
-        wall = time.perf_counter() - t0 - capture
+        wall = t3 - t0 - capture
         self.stats.seconds += wall
+        self.stats.schedule_seconds += t1 - t0
+        self.stats.launch_seconds += t2 - t1 - capture
+        self.stats.resolve_seconds += t3 - t2
         self.stats.capture_seconds += capture
         if launched is not None and self.stats.graph_steps > graph_steps_before:
             self.stats.graph_seconds += wall  # (with overlap: this launch and the previous step's bookkeeping)
@@ -293,7 +305,9 @@ class Engine:
         """Read a step's results (waits for its copies): fill its draft placeholders, confirm its plain decodes,
         apply the held updates. Feeds the step's measured time to the step-cost model."""
         try:
+            t0 = time.perf_counter()
             local = res.lists()
+            self.stats.wait_seconds += time.perf_counter() - t0
             busy = res.device_seconds()
             # The step's measured time prices the adaptive stride: device time on CUDA (events), the CPU's own time
             # for the forward and sampling elsewhere. Rank 0's, with its tokens: every rank must choose the same k.

@@ -21,6 +21,7 @@ from .prompts import chat_ids, encode, split_prompts
 from .stop_strings import StopStrings
 from .streaming import StreamEvent, TextDelta
 from .servable import check_model
+from .stats_log import StatsLog
 
 log = logging.getLogger("sparsespec.runtime")
 
@@ -120,6 +121,10 @@ class LLM:
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         self.engine = Engine(compiled, model, self.config, eos_token_ids=eos_ids)
         self._compile = _CompileTime()
+        interval = self.config.log_stats_interval
+        sched = self.engine.scheduler
+        self._stats_log = StatsLog(interval, self._stats, lambda: (len(sched.running), len(sched.waiting))) \
+            if interval else None
 
     def generate(
         self,
@@ -246,6 +251,8 @@ class LLM:
             self._compile.seconds += stats.seconds - seconds
             self._compile.tokens += stats.output_tokens - tokens
             self._compile.steps += 1
+        if self._stats_log is not None:
+            self._stats_log.maybe_log()
         return finished
 
     def abort(self, request: Request) -> None:
@@ -318,6 +325,9 @@ class LLM:
             "steps": s.steps,
             "output_tokens": s.output_tokens,
             "forward_tokens": s.forward_tokens,
+            "request_steps": s.request_steps,
+            # the adaptive stride's step costs (c0 s, s/token, s/full key, s/sparse key; step_cost.py), None if fixed
+            "step_cost": list(self.engine.step_cost.coefficients()) if self.config.adaptive and k else None,
             "mean_requests_per_step": s.request_steps / s.steps if s.steps else 0.0,
             "seconds": seconds,
             "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
@@ -330,6 +340,11 @@ class LLM:
             "idle_fraction": 1.0 - s.gpu_busy_seconds / s.seconds if s.seconds and s.gpu_busy_seconds else 0.0,
             "kv_tokens_read": s.kv_tokens_read,
             "capture_seconds": s.capture_seconds,
+            # the step loop's host time by stage (wait: blocked on the device's results, inside resolve)
+            "schedule_seconds": s.schedule_seconds,
+            "launch_seconds": s.launch_seconds,
+            "resolve_seconds": s.resolve_seconds,
+            "wait_seconds": s.wait_seconds,
             "graph_seconds": s.graph_seconds,
             "graph_kv_tokens_read": s.graph_kv_tokens_read,
             # draft recall: share of the verify queries' attention inside the next draft's keys, per layer (mean

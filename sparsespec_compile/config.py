@@ -22,8 +22,9 @@ _TYPES = {  # what each field must be (bool is an int to Python: refused for the
     "page_size": _INT, "kv_memory_fraction": _NUM, "num_pages": _INT, "max_num_seqs": _INT,
     "max_num_batched_tokens": _INT, "compiler": (str,), "attention_impl": (str,), "offload": (bool,),
     "host_kv_pages": _INT, "offload_chunk_pages": _INT, "kv_oversubscription": _NUM, "cuda_graphs": (str,), "hybrid_split": (str, int, float),
+    "log_stats_interval": _NUM,
 }
-_OPTIONAL = {"recent", "num_pages", "host_kv_pages", "kv_oversubscription"}
+_OPTIONAL = {"recent", "num_pages", "host_kv_pages", "kv_oversubscription", "log_stats_interval"}
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,9 @@ class SparseSpecConfig:
     kv_oversubscription: admit a request only while the running requests' worst-case KV (prompt + max_tokens)
         stays within this multiple of the device pool (1.0 = guaranteed capacity, never offloads); None: admit as
         soon as the prompt fits in the free pages (aggressive, the default: output lengths are unknown).
+    log_stats_interval: seconds between one-line progress logs of the step loop (logger ``sparsespec.runtime``,
+        INFO: tokens/s, queue, the k chosen, GPU busy share, host time per stage, graphs captured; stats_log.py);
+        None (default): no log.
     """
 
     stride: int = 8
@@ -98,6 +102,7 @@ class SparseSpecConfig:
     offload_chunk_pages: int = 64
     kv_oversubscription: float | None = None
     cuda_graphs: str = "auto"
+    log_stats_interval: float | None = None
 
     def __post_init__(self) -> None:
         def fail(name: str, why: str) -> None:
@@ -156,6 +161,8 @@ class SparseSpecConfig:
             fail("offload_chunk_pages", "must be an int >= 1")
         if self.kv_oversubscription is not None and not self.kv_oversubscription > 0:
             fail("kv_oversubscription", "must be > 0 (1.0 = guaranteed capacity) or None (admit aggressively)")
+        if self.log_stats_interval is not None and not self.log_stats_interval > 0:
+            fail("log_stats_interval", "must be > 0 seconds, or None (no progress log)")
 
     def budget(self, context_len: int) -> int:
         """Pillar count B for a verified context of ``context_len`` tokens (never more than the context)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import math
 import platform
 import shlex
@@ -87,6 +88,7 @@ def runtime_config(method: str, args, batch: int, prompts: list[list[int]], outp
         **({"cuda_graphs": args.cuda_graphs} if args.cuda_graphs else {}),  # else the config's default
         overlap={"auto": None, "on": True, "off": False}[args.overlap],
         fuse_projections=args.fuse_projections, hybrid_split=args.hybrid_split,
+        log_stats_interval=args.log_stats_s,
     )
 
 
@@ -298,6 +300,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--output-lens", nargs="+", type=int, default=[1024],
                     help="tokens generated per request (the context-length axis)")
     ap.add_argument("--prompt-len", type=int, default=512, help="random-token prompt length (no prompt file)")
+    ap.add_argument("--log-stats-s", type=float, default=None, metavar="S",
+                    help="log the step loop's progress every S seconds to stderr (tokens/s, the k chosen, GPU busy "
+                         "share, host time per stage, graphs captured): what shows why a long run is slow")
     ap.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS,
                     help="JSONL of questions, used with a tokenizer (SmolLM2); else random-token prompts")
     ap.add_argument("--temperature", nargs="+", type=float, default=[0.0, 0.6])
@@ -352,6 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.log_stats_s:  # the progress lines (and the runtime's other INFO lines: graphs captured) on stderr
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        runtime_log = logging.getLogger("sparsespec.runtime")
+        runtime_log.addHandler(handler)
+        runtime_log.setLevel(logging.INFO)
     rank, world, device = join_torchrun(args.device)
     lead = rank == 0  # the rank that prints and writes
     if world > 1 and not Path(args.model).is_dir():
