@@ -30,6 +30,7 @@ from .parallel import drop_backward_hooks, from_rank0, local_kv_heads, tp_world_
 from .request import Request
 from .scheduler import Scheduler
 from .servable import probe_compiled
+from .speculation_gate import SpeculationGate
 from .step_cost import StepCostModel, step_work
 from .step_plan import Refresh, StepKind, StepPlan
 from .stride_policy import AdaptiveStride, FixedStride
@@ -140,9 +141,11 @@ class Engine:
                              "on the host every step): use overlap=False")
         # The adaptive stride's prices: fitted to this engine's own step times (step_cost.py); tests inject theirs.
         self.step_cost = StepCostModel()
+        # ... and whether the batch speculates at all: by its measured goodput against plain decoding
+        self.gate = SpeculationGate() if config.adaptive and config.stride > 0 else None
         if config.adaptive and config.stride > 0:
             policy = AdaptiveStride(config.stride, self.step_cost, config.budget, sparse_drafts=self.pillars is not None,
-                                    delayed_verify=self.overlap, passes=self.query_passes)
+                                    delayed_verify=self.overlap, passes=self.query_passes, gate=self.gate)
         else:
             policy = FixedStride(config.stride)
         self.scheduler = Scheduler(
@@ -176,11 +179,13 @@ class Engine:
 
     def use_step_cost(self, cost) -> None:
         """Price the adaptive stride with ``cost`` (``coefficients()``, ``observe()``; e.g. ``FixedStepCost`` in tests,
-        where CPU step times say nothing about a GPU's) instead of the fit to this engine's own steps."""
+        where CPU step times say nothing about a GPU's) instead of the fit to this engine's own steps. The given
+        prices then decide alone: the speculation gate, which measures this engine's goodput, is removed."""
         self.step_cost = cost
+        self.gate = None
         policy = self.scheduler.planner.policy
         if isinstance(policy, AdaptiveStride):
-            policy.cost = cost
+            policy.cost, policy.gate = cost, None
 
     # ---- requests -------------------------------------------------------------------------------------------
     def add_request(self, req: Request) -> bool:
@@ -199,6 +204,7 @@ class Engine:
         it is the previous step's, read while the device runs this one."""
         t0 = time.perf_counter()  # the step's wall time includes scheduling: host time the GPU may idle through
         captured_before = self._captured()
+        tokens_before = self.stats.output_tokens
         plan = self.scheduler.schedule()
         self._apply_swaps(plan)
         self.sampler.forget(plan.finished + plan.preempted)  # a preempted request restarts its cycle: drop its q_i
@@ -222,6 +228,8 @@ class Engine:
         self.stats.schedule_seconds += t1 - t0
         self.stats.launch_seconds += t2 - t1 - capture
         self.stats.resolve_seconds += t3 - t2
+        if self.gate is not None and plan.entries:  # wall time: what the user waits for, host-bound steps included
+            self.gate.observe(self.stats.output_tokens - tokens_before, 0.0 if capture else wall, len(plan.entries))
         self.stats.capture_seconds += capture
         if launched is not None and self.stats.graph_steps > graph_steps_before:
             self.stats.graph_seconds += wall  # (with overlap: this launch and the previous step's bookkeeping)

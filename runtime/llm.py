@@ -86,6 +86,12 @@ class _CompileTime:
     steps: int = 0
 
 
+def _gate_stats(gate) -> dict | None:
+    if gate is None:
+        return None
+    return {"mode": gate.mode, "winner": gate.winner, "rounds": gate.rounds, "goodput": dict(gate.goodput)}
+
+
 def _graphs_compiled() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
@@ -328,6 +334,8 @@ class LLM:
             "request_steps": s.request_steps,
             # the adaptive stride's step costs (c0 s, s/token, s/full key, s/sparse key; step_cost.py), None if fixed
             "step_cost": list(self.engine.step_cost.coefficients()) if self.config.adaptive and k else None,
+            # the batch-level switch (speculation_gate.py): its mode now, the last round's winner and goodputs
+            "speculation_gate": _gate_stats(self.engine.gate),
             "mean_requests_per_step": s.request_steps / s.steps if s.steps else 0.0,
             "seconds": seconds,
             "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,

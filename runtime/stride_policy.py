@@ -28,6 +28,7 @@ from typing import Callable, Protocol
 
 from .acceptance import AcceptanceStats
 from .request import Request
+from .speculation_gate import SpeculationGate
 from .step_cost import one_pass
 
 PROBE_DRAFTS = 2
@@ -76,14 +77,18 @@ class AdaptiveStride:
     ``budget(context)``: pillar count of a context (SparseSpecConfig.budget); ``sparse_drafts``: drafts read pillars
     (False for draft="full"); ``delayed_verify``: a speculative cycle sits out one step after its verify;
     ``passes(n)``: how many times a row of ``n`` queries reads its keys (step_cost.step_work's, kernels.query_passes).
+    ``gate``: the batch-level switch (speculation_gate.py); while it says plain, every cycle is a plain decode with no
+    probe and no pillar refresh — a stride-0 step. None: the prices alone decide.
     """
 
     adaptive = True
 
     def __init__(self, stride: int, cost: CostModel, budget: Callable[[int], int], *, sparse_drafts: bool = True,
-                 delayed_verify: bool = False, passes: Callable[[int], int] = one_pass) -> None:
+                 delayed_verify: bool = False, passes: Callable[[int], int] = one_pass,
+                 gate: SpeculationGate | None = None) -> None:
         self.stride, self.cost, self.budget, self.passes = stride, cost, budget, passes
         self.sparse_drafts, self.delayed_verify = sparse_drafts, delayed_verify
+        self.gate = gate
         self.population = AcceptanceStats(decay=0.99)  # every request's cycles: the prior of a request's own
 
     # ---- the choice ---------------------------------------------------------------------------------------------
@@ -113,6 +118,9 @@ class AdaptiveStride:
         """The ``j`` this cycle may use, best first: the best, then those within ``BALANCE_TOLERANCE`` of it."""
         if j_max <= 0:
             return [0]
+        if self.gate is not None and not self.gate.speculating:
+            r.wants_pillars = False
+            return [0]
         if r.probe_interval and 0 < r.plain_cycles < r.probe_interval and r.plain_cycles % RECHECK:
             # between probes a plain request's acceptance does not change (it judges no drafts): re-price it every
             # RECHECK cycles, not every step (256 requests re-priced every step cost ~11 ms of host time a step)
@@ -141,7 +149,9 @@ class AdaptiveStride:
 
     def refresh_after(self, r: Request, j: int) -> bool:
         """A speculative cycle's verify refreshes the pillars; a plain one only when a probe comes next (so the probe
-        drafts sparsely, as speculation would)."""
+        drafts sparsely, as speculation would). None while the gate says plain: nothing will draft from them."""
+        if j == 0 and self.gate is not None and not self.gate.speculating:
+            return False
         return j > 0 or r.wants_pillars or (r.probe_interval > 0 and r.plain_cycles + 1 > r.probe_interval)
 
     def record(self, r: Request, drafted: int, accepted: int) -> None:
