@@ -99,7 +99,7 @@ class StepCostModel:
     """
 
     def __init__(self, seed: tuple[float, float, float, float] = SEED, forget: float = 0.98,
-                 ridge: float = 1e-4) -> None:
+                 ridge: float = 1e-3) -> None:
         if len(seed) != 4 or min(seed) < 0:
             raise ValueError(f"StepCostModel.seed must be 4 costs >= 0, got {seed}")
         if not 0.0 < forget <= 1.0:
@@ -128,20 +128,40 @@ class StepCostModel:
         return self._theta
 
     def _solve(self) -> tuple[float, float, float, float]:
-        # (A + D) theta = b + D seed, D = ridge * diag(A) + 1e-30: scale-free ridge (features span 1 .. 1e7)
+        # min over theta >= 0 of theta^T (A + D) theta - 2 (b + D seed)^T theta, D = ridge * diag(A) + 1e-30:
+        # a scale-free ridge (features span 1 .. 1e7). Costs cannot be negative, and clipping an unconstrained
+        # solution is not the constrained optimum: in steady state the fixed cost and the per-key cost are nearly
+        # collinear (every step reads about as many keys), and the H200 fit went to c0 = -0.19 s with c_full =
+        # 1.2 us a key (clipped: c0 = 0, prices ~150x the seed). So: exact non-negative least squares, by
+        # enumerating the supports (at most 15 for 4 coefficients), each an unconstrained solve on its free coefficients.
+        n = 4
         m = [row[:] for row in self._a]
         rhs = self._b[:]
-        for i in range(4):
+        for i in range(n):
             d = self.ridge * self._a[i][i] + 1e-30
             m[i][i] += d
             rhs[i] += d * self.seed[i]
-        theta = _solve4(m, rhs)
-        # Costs cannot be negative; collinear features (every row the same kind so far) can make the fit say so.
-        return tuple(max(0.0, t) for t in theta)  # type: ignore[return-value]
+        # A feature no step has exercised (all zeros so far: no sparse row yet) keeps its seed: it has no cross
+        # terms, and its zero and its seed would tie in the objective
+        excited = [i for i in range(n) if self._a[i][i] > 0]
+        best, best_obj = tuple(self.seed), None
+        for mask in range(1, 1 << len(excited)):
+            free = [i for k, i in enumerate(excited) if mask >> k & 1]
+            sub = _solve4([[m[i][j] for j in free] for i in free], [rhs[i] for i in free])
+            if any(x < 0 or x != x for x in sub):
+                continue
+            theta = [0.0 if i in excited else self.seed[i] for i in range(n)]
+            for i, x in zip(free, sub):
+                theta[i] = x
+            obj = sum(theta[i] * m[i][j] * theta[j] for i in range(n) for j in range(n)) \
+                - 2 * sum(t * r for t, r in zip(theta, rhs))
+            if best_obj is None or obj < best_obj:
+                best, best_obj = tuple(theta), obj
+        return best  # type: ignore[return-value]
 
 
 def _solve4(m: list[list[float]], rhs: list[float]) -> list[float]:
-    """Gaussian elimination with partial pivoting (4x4: ~100 flops, no numpy on the scheduler's side)."""
+    """Gaussian elimination with partial pivoting (n <= 4: ~100 flops, no numpy on the scheduler's side)."""
     n = len(rhs)
     for c in range(n):
         p = max(range(c, n), key=lambda r: abs(m[r][c]))

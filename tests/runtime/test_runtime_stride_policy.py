@@ -45,9 +45,11 @@ def test_step_cost_fit_recovers_the_coefficients_and_keeps_the_seed_where_unmeas
     for _ in range(200):  # no sparse rows: that coefficient is never excited
         w = StepWork(tokens=rng.randint(1, 300), full_keys=rng.randint(1000, 10 ** 6))
         m.observe(w, true[0] + true[1] * w.tokens + true[2] * w.full_keys)
+    # close: the ridge pulls towards the seed (half / 3x / 5x the truth here), most where the data say least —
+    # keys are ~1% of these steps' time
     c = m.coefficients()
-    assert c[0] == pytest.approx(true[0], rel=0.01) and c[1] == pytest.approx(true[1], rel=0.05)
-    assert c[2] == pytest.approx(true[2], rel=0.01) and c[3] == pytest.approx(7e-11)
+    assert c[0] == pytest.approx(true[0], rel=0.01) and c[1] == pytest.approx(true[1], rel=0.1)
+    assert c[2] == pytest.approx(true[2], rel=0.3) and c[3] == pytest.approx(7e-11)
     m.observe(StepWork(tokens=1), 0.0)  # no measurement: ignored
     assert m.observed == 200
 
@@ -181,3 +183,24 @@ def test_a_request_whose_drafts_never_match_falls_to_plain_decoding(delayed):
         assert d[0] == 0 and set(d[1:-1]) == {4}, d
     for r in reqs:  # lossless: every output equals plain greedy decoding's
         assert r.all_token_ids == truth[r.request_id] and r.finish_reason == "length"
+
+
+def test_step_cost_fit_stays_sane_on_collinear_steady_state_steps():
+    """Every step about the same size (a full batch, slowly growing contexts) with 3% timing noise: the fixed cost
+    and the per-key cost are nearly collinear. The fit must stay non-negative, keep the fixed cost near its seed's
+    share instead of trading it for a huge per-key cost (what clipping an unconstrained solve did on the H200),
+    and predict the steps it saw."""
+    true = (1.2e-3, 8e-7, 7e-9, 2e-8)
+    m = StepCostModel(seed=(0.8e-3, 1e-6, 9e-9, 2e-8))
+    rng = random.Random(1)
+    works = []
+    for i in range(400):
+        w = StepWork(tokens=256 + rng.randint(-2, 2), full_keys=int(150_000 * (1 + 0.002 * i) * (1 + 0.01 * rng.gauss(0, 1))))
+        works.append(w)
+        m.observe(w, (true[0] + true[1] * w.tokens + true[2] * w.full_keys) * (1 + 0.03 * rng.gauss(0, 1)))
+    c = m.coefficients()
+    assert min(c) >= 0
+    assert 0.4e-3 < c[0] < 2.4e-3 and 3e-9 < c[2] < 1.5e-8
+    w = works[-1]
+    predicted = c[0] + c[1] * w.tokens + c[2] * w.full_keys
+    assert predicted == pytest.approx(true[0] + true[1] * w.tokens + true[2] * w.full_keys, rel=0.05)
