@@ -3,6 +3,11 @@ and the branches taken on the host depend only on the ``SamplingParams``, never 
 
 Shapes: ``N`` rows (requests), ``k`` draft slots (rows with fewer drafts pass ``num_drafts``), ``V`` vocabulary.
 
+A sampled row's distribution is a threshold on its scaled logits (kernels/sampling_reference.py): no sort finds it,
+and a row is carried by ``stats = (m, tau, z, p(token), u)`` instead of a [V] probability vector. On CUDA the Triton
+kernels (kernels/sampling_triton.py) do the work, elsewhere their torch reference; both draw the same noise, a hash
+of (row seed, token index), so a row's token depends on its seed and logits alone.
+
 Speculative rejection sampling (Leviathan et al. 2023, Chen et al. 2023), per row, with ``p_i``/``q_i`` the
 target/draft distributions at draft slot ``i`` after the *same* temperature/top-k/top-p transform:
 
@@ -23,177 +28,162 @@ from typing import Sequence
 
 import torch
 
+from sparsespec_compile.kernels import sampling_reference as ref
+
 from .host_copy import to_device
 from .sampling_params import SamplingParams
 
+_SEED_MAX = 1 << 62
+
+
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
-    """A request's own generator: its samples do not depend on what else shares the batch."""
+    """A generator for the noise seeds of unseeded rows (tests pass one to be deterministic)."""
     return torch.Generator(device=device).manual_seed(seed)
 
 
 @dataclass(frozen=True)
 class PositionSeed:
     """The noise of a seeded request's row: output position ``position`` (``+ s`` for verify slot ``s``) always gets
-    the same draws, from a generator seeded with (seed, position).
+    the same draws, from the noise seed of (seed, position).
 
-    A seeded request's generator stream cannot make it reproducible under speculation: how many draws a step takes
-    (drafts per cycle, the phase a request is staggered to) and the draft distributions (pillars refreshed at each
-    verify) depend on what else is batched. So seeded rows use noise keyed by position, and verify by Gumbel-max
-    coupling (``rejection_sample``): the token emitted at a position is argmax(p / E) for that position's noise E,
-    whatever the drafts were. Exact: E is fresh Exp(1) noise for each position, independent of the prefix.
+    A seeded request's draws cannot come from a stream and stay reproducible under speculation: how many draws a step
+    takes (drafts per cycle, the phase a request is staggered to) and the draft distributions (pillars refreshed at
+    each verify) depend on what else is batched. So seeded rows use noise keyed by position, and verify by Gumbel-max
+    coupling (``rejection_sample``): the token emitted at a position is the race winner of p under that position's
+    noise, whatever the drafts were. Exact: the noise is fresh for each position, independent of the prefix.
     """
 
     seed: int
     position: int
 
+    def noise_seed(self, slot: int = 0) -> int:
+        # splitmix64 of (seed, position): nearby positions and seeds get unrelated streams
+        m = (1 << 64) - 1
+        z = (self.seed * 0x9E3779B97F4A7C15 + self.position + slot + 1) & m
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+        return (z ^ (z >> 31)) % _SEED_MAX
 
-_MASK64 = (1 << 64) - 1
-_SEEDED: dict[torch.device, torch.Generator] = {}  # one reseeded generator per device
 
-
-def _position_generator(seed: int, position: int, device: torch.device) -> torch.Generator:
-    # splitmix64 of (seed, position): nearby positions and seeds get unrelated streams
-    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    g = _SEEDED.get(device)
-    if g is None:
-        g = _SEEDED[device] = torch.Generator(device=device)
-    return g.manual_seed((z ^ (z >> 31)) >> 1)
+def noise_seeds(n: int, slots: int | None, seeds, device, generator: torch.Generator | None = None):
+    """Noise seeds [n] (``slots`` None) or [n, slots] int64 on ``device``, and the mask [n] of PositionSeed rows (None
+    when there are none). ``seeds``: None, one PositionSeed-or-None per row, or a prebuilt int64 tensor. Unseeded rows
+    draw theirs on the device (``generator`` or the default one): nothing is read on the host."""
+    shape = (n,) if slots is None else (n, slots)
+    if isinstance(seeds, torch.Tensor):
+        return seeds.to(device), None
+    out = torch.randint(0, _SEED_MAX, shape, generator=generator, device=device)
+    if seeds is None or not any(isinstance(s, PositionSeed) for s in seeds):
+        return out, None
+    if len(seeds) != n:
+        raise ValueError(f"got {len(seeds)} seeds for {n} rows")
+    coupled = [isinstance(s, PositionSeed) for s in seeds]
+    fixed = [[s.noise_seed(j) if isinstance(s, PositionSeed) else 0 for j in range(slots or 1)] for s in seeds]
+    mask = to_device(coupled, device, torch.bool)
+    fixed_t = to_device(fixed, device).view(shape)
+    return torch.where(mask.view(-1, *([1] * (len(shape) - 1))), fixed_t, out), mask
 
 
 @dataclass(frozen=True)
 class SamplingTensors:
-    """Per-row sampling parameters on the device, plus host flags that pick the code path without a sync."""
+    """Per-row sampling parameters on the device (the kernels' inputs), plus host flags that pick the code path."""
 
-    # Device tensors; None when every row is greedy (the argmax path reads none of them: no H2D copy per step).
-    temperature: torch.Tensor | None  # [N] float32 (greedy rows hold 1.0: never divided by 0)
-    top_k: torch.Tensor | None  # [N] int64, V where off
-    top_p: torch.Tensor | None  # [N] float32
-    greedy: torch.Tensor | None  # [N] bool
+    # Device tensors [N]; None when every row is greedy (the argmax path reads none of them: no H2D copy per step).
+    inv_temp: torch.Tensor | None  # float32, 1 / temperature (greedy rows hold 1.0)
+    top_k: torch.Tensor | None  # int64, V where off
+    top_p: torch.Tensor | None  # float32, 1.0 where off
+    greedy: torch.Tensor | None  # bool
     any_greedy: bool
     all_greedy: bool
-    use_top_k: bool
-    use_top_p: bool
-    max_top_k: int  # > 0 when every sampled row has a top-k: filter within torch.topk(max_top_k), no full sort
 
     @classmethod
     def build(cls, params: SamplingParams | Sequence[SamplingParams], n: int, vocab: int,
-              device: torch.device | str) -> "SamplingTensors":
+              device: torch.device | str, repeat: int = 1) -> "SamplingTensors":
+        """``repeat``: each row's parameters ``repeat`` times in a row (a verify row's k + 1 slots)."""
         if isinstance(params, SamplingParams):  # one set for every row: no per-row Python work
             rows = [params]
-            f = lambda xs, dt: torch.full((n,), xs[0], dtype=dt, device=device)  # noqa: E731
+            f = lambda xs, dt: torch.full((n * repeat,), xs[0], dtype=dt, device=device)  # noqa: E731
         else:
             rows = list(params)
-            f = lambda xs, dt: to_device(xs, device, dt)  # noqa: E731
+            f = lambda xs, dt: to_device(xs, device, dt).repeat_interleave(repeat)  # noqa: E731
             if len(rows) != n:
                 raise ValueError(f"got {len(rows)} SamplingParams for {n} rows")
         greedy = [p.greedy for p in rows]
         if all(greedy):
-            return cls(None, None, None, None, any_greedy=True, all_greedy=True, use_top_k=False, use_top_p=False,
-                       max_top_k=0)
+            return cls(None, None, None, None, any_greedy=True, all_greedy=True)
         return cls(
-            temperature=f([1.0 if g else p.temperature for p, g in zip(rows, greedy)], torch.float32),
+            inv_temp=f([1.0 if g else 1.0 / p.temperature for p, g in zip(rows, greedy)], torch.float32),
             top_k=f([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in rows], torch.int64),
             top_p=f([p.top_p for p in rows], torch.float32),
             greedy=f(greedy, torch.bool),
-            any_greedy=any(greedy), all_greedy=all(greedy),
-            use_top_k=any(0 < p.top_k < vocab and not g for p, g in zip(rows, greedy)),
-            use_top_p=any(p.top_p < 1.0 and not g for p, g in zip(rows, greedy)),
-            max_top_k=max((p.top_k for p, g in zip(rows, greedy) if not g), default=0)
-            if all(0 < p.top_k < vocab for p, g in zip(rows, greedy) if not g) else 0,
+            any_greedy=any(greedy), all_greedy=False,
         )
 
 
+def _impl(logits: torch.Tensor, impl: str) -> str:
+    if impl == "auto":
+        return "triton" if logits.is_cuda else "reference"
+    if impl not in ("triton", "reference"):
+        raise ValueError(f"impl must be 'auto', 'triton' or 'reference', got {impl!r}")
+    return impl
+
+
+def sample_rows(logits: torch.Tensor, rows: torch.Tensor | None, st: SamplingTensors, seeds: torch.Tensor,
+                impl: str = "auto", need_stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [Rows, V], rows [R] (None: every row) -> (tokens [R] int64, stats [R, 5]). Sampled rows only
+    (``st`` not all-greedy). ``need_stats`` [R] bool (None: all): rows whose stats are read later; the kernel may
+    leave the others' NaN (sampling_triton.sample_rows)."""
+    if _impl(logits, impl) == "triton":
+        from sparsespec_compile.kernels.sampling_triton import sample_rows as kernel
+
+        if rows is None:
+            rows = torch.arange(logits.shape[0], device=logits.device)
+        return kernel(logits, rows, st.inv_temp, st.top_k, st.top_p, st.greedy, seeds, need_stats)
+    x = logits if rows is None else logits[rows]
+    return ref.sample_rows_reference(x, st.inv_temp, st.top_k, st.top_p, st.greedy, seeds)
+
+
+def sample(logits: torch.Tensor, params, seeds=None, generator: torch.Generator | None = None,
+           rows: torch.Tensor | None = None, impl: str = "auto",
+           need_stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits [N, V] (or the rows ``rows`` [N] of a bigger [*, V]) -> (tokens [N] int64, stats [N, 5] float32 or None
+    when every row is greedy). Used for non-speculative steps and for drafting: keep a sampled draft's stats (and its
+    logits row) for ``rejection_sample``. ``params``: one ``SamplingParams``, one per row, or ``SamplingTensors``;
+    ``seeds``: see ``noise_seeds``; ``need_stats``: see ``sample_rows``."""
+    n = logits.shape[0] if rows is None else rows.shape[0]
+    st = _as_tensors(params, n, logits.shape[-1], logits.device)
+    if st.all_greedy:
+        return (logits if rows is None else logits[rows]).argmax(-1), None
+    s, _ = noise_seeds(n, None, seeds, logits.device, generator)
+    return sample_rows(logits, rows, st, s, impl, need_stats)
+
+
 def probs_from_logits(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
-    """logits: [N, V] or [N, S, V] -> float32 probabilities after temperature, top-k, top-p (HF's order).
-
-    Greedy rows become one-hot at the argmax (first index on ties), which makes verification exact for them.
-    """
+    """logits [N, V] or [N, S, V] -> float32 probabilities after temperature, top-k, top-p (the distribution the
+    samplers draw from; dense, for tests and checks). Greedy rows become one-hot at the argmax (first on ties)."""
     x = logits.float()
-    extra = (1,) * (x.dim() - 1)  # broadcast [N] over [N, (S,) V]
+    onehot = torch.zeros_like(x).scatter_(-1, x.argmax(-1, keepdim=True), 1.0)
     if st.all_greedy:
-        return torch.zeros_like(x).scatter_(-1, x.argmax(-1, keepdim=True), 1.0)
-    x = x / st.temperature.view(-1, *extra)
-    if st.use_top_k or st.use_top_p:
-        # One sort serves both filters. When every row has a top-k, only the max_top_k best can survive: topk is
-        # far cheaper than sorting the vocabulary (H200, 64 rows x 9 x 152k: a full sort costs ~19 ms).
-        # (On exact float ties at the cut, topk may drop a token HF would keep: measure-zero for real logits.)
-        sx, si = x.topk(st.max_top_k, -1) if st.max_top_k else x.sort(-1, descending=True)
-        if st.use_top_k:
-            # Keep every token whose logit ties the k-th largest, as HF's TopKLogitsWarper does.
-            kth = sx.gather(-1, (st.top_k.view(-1, *extra) - 1).expand(*sx.shape[:-1], 1))
-            sx = sx.masked_fill(sx < kth, float("-inf"))
-        if st.use_top_p:
-            # Drop a token when the tokens ranked above it already reach top_p (HF: ascending cumsum
-            # <= 1 - top_p, the same set); the top token always survives since its prefix sum is 0 < top_p.
-            sp = sx.softmax(-1)
-            before = sp.cumsum(-1) - sp
-            sx = sx.masked_fill(before >= st.top_p.view(-1, *extra), float("-inf"))
-        x = (torch.full_like(x, float("-inf")) if st.max_top_k else torch.empty_like(x)).scatter_(-1, si, sx)
-    probs = x.softmax(-1)
-    if st.any_greedy:
-        onehot = torch.zeros_like(probs).scatter_(-1, logits.float().argmax(-1, keepdim=True), 1.0)
-        probs = torch.where(st.greedy.view(-1, *extra), onehot, probs)
-    return probs
-
-
-def _noise(kind: str, shape: tuple[int, ...], generators, device) -> torch.Tensor:
-    """Uniform [0, 1) or Exp(1) noise [N, ...]; row ``i`` drawn from ``generators[i]`` when it has one.
-
-    One call for all rows without their own generator (or for all rows when a single generator is given), then
-    one call per row with a generator, and per slot of a ``PositionSeed`` row (its noise at each position is fixed
-    by the seed and the position alone).
-    """
-    out = torch.empty(shape, device=device)
-    draw = (lambda t, g: t.uniform_(generator=g)) if kind == "uniform" else (lambda t, g: t.exponential_(generator=g))
-    if generators is None or isinstance(generators, torch.Generator):
-        return draw(out, generators)
-    draw(out, None)
-    dev = torch.device(device)
-    for i, g in enumerate(generators):
-        if isinstance(g, PositionSeed):
-            if kind == "uniform":  # coupled rows read no uniforms (rejection_sample)
-                continue
-            rows = out[i] if out.dim() == 2 else out[i].unbind(0)  # [V], or [S, V]: slot s is position + s
-            for s, row in enumerate([rows] if out.dim() == 2 else rows):
-                draw(row, _position_generator(g.seed, g.position + s, dev))
-        elif g is not None:
-            draw(out[i], g)
-    return out
-
-
-def _race(weights: torch.Tensor, generators) -> torch.Tensor:
-    """Sample index ~ weights (unnormalised, >= 0) along the last dim: argmax(w / E), E ~ Exp(1) i.i.d.
-
-    The exponential race is exact (min_x E_x / w_x is attained at x with probability w_x / Σw) and, unlike
-    ``torch.multinomial``, needs no host sync (gpt-fast's ``multinomial_sample_one_no_sync``).
-    """
-    return (weights / _noise("exp", tuple(weights.shape), generators, weights.device)).argmax(-1)
-
-
-def sample(logits: torch.Tensor, params, generators=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits: [N, V] -> (tokens [N] int64, probs [N, V] float32: the distribution sampled from).
-
-    Used for non-speculative steps and for drafting; keep ``probs`` of drafts for ``rejection_sample``.
-    ``params``: one ``SamplingParams`` for all rows, one per row, or a prebuilt ``SamplingTensors``.
-    """
-    st = _as_tensors(params, logits)
-    probs = probs_from_logits(logits, st)  # [N, V]
-    if st.all_greedy:
-        return probs.argmax(-1), probs
-    return _race(probs, generators), probs  # greedy rows: one-hot probs, so the race returns the argmax
+        return onehot
+    shape = x.shape
+    flat = x.reshape(-1, shape[-1])  # [R, V]; per-request params repeat over a row's slots
+    rep = lambda t: t if t.shape[0] == flat.shape[0] else t.repeat_interleave(flat.shape[0] // t.shape[0])  # noqa: E731
+    l, m, tau, z = ref.thresholds(flat, rep(st.inv_temp), rep(st.top_k), rep(st.top_p), rep(st.greedy))
+    probs = ref.row_probs(l, torch.stack([m, tau, z], -1)).view(shape)
+    return torch.where(rep(st.greedy).view(*shape[:-1], 1), onehot, probs)
 
 
 def greedy_verify(draft_tokens: torch.Tensor, target_logits: torch.Tensor,
                   num_drafts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """draft_tokens [N, k], target_logits [N, k+1, V] -> (accepted [N] int64, tokens [N, k+1] int64).
+    """draft_tokens [N, k], target_logits [N, k+1, V] -> (accepted [N] int64, tokens [N, k+1] int64)."""
+    return greedy_accept(draft_tokens, target_logits.argmax(-1), num_drafts)
 
-    ``tokens[r, :accepted[r]]`` are the accepted drafts (== the target's argmaxes), ``tokens[r, accepted[r]]`` the
-    target's argmax at the first mismatch (or the bonus token), later slots ``-1``.
-    """
+
+def greedy_accept(draft_tokens: torch.Tensor, t: torch.Tensor,
+                  num_drafts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` [N, k+1]: the target's token after each verify input. ``tokens[r, :accepted[r]]`` are the accepted drafts,
+    ``tokens[r, accepted[r]]`` the target's token at the first mismatch (or the bonus token), later slots ``-1``."""
     n, k = draft_tokens.shape
-    t = target_logits.argmax(-1)  # [N, k+1] the target's greedy token after each verify input
     match = draft_tokens == t[:, :k]  # [N, k]
     if num_drafts is not None:
         match &= torch.arange(k, device=t.device) < num_drafts.view(-1, 1)
@@ -202,69 +192,94 @@ def greedy_verify(draft_tokens: torch.Tensor, target_logits: torch.Tensor,
     return accepted, tokens
 
 
-def _residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """p, q: [N, V] -> unnormalised max(p - q, 0). Falls back to p where the residual is all zero (p == q up to
-    rounding: then rejection had probability ~0 anyway)."""
-    r = (p - q).clamp_min(0.0)
-    return torch.where(r.sum(-1, keepdim=True) > 0, r, p)
+def _prob_at(l: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """Scaled logits [...] of chosen tokens and their rows' stats [..., 5] -> the tokens' probabilities [...]."""
+    return torch.where(l >= stats[..., 1], (l - stats[..., 0]).exp() / stats[..., 2], 0.0)
 
 
-def rejection_sample(draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None, target_logits: torch.Tensor,
-                     params, generators=None,
-                     num_drafts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """draft_tokens [N, k] (sampled from draft_probs), draft_probs [N, k, V] (from ``sample``), target_logits
-    [N, k+1, V] -> (accepted [N] int64, tokens [N, k+1] int64) laid out as in ``greedy_verify``.
+@dataclass
+class Drafts:
+    """What verification needs of the sampled drafts: their logits rows [Nd, V] (as the model produced them), stats
+    [Nd, 5] from ``sample``, and where each request's slot finds its row, ``index`` [N, k] (-1: none)."""
 
-    Rows with fewer drafts pass ``num_drafts [N]``; their padded slots are never accepted and their draft
-    probabilities are ignored, so the emitted token there is the bonus ``~ p_{j+1}``. ``draft_probs`` may be None
-    when every row is greedy (then this is ``greedy_verify``).
+    logits: torch.Tensor
+    stats: torch.Tensor
+    index: torch.Tensor
+
+    @classmethod
+    def dense(cls, logits: torch.Tensor, stats: torch.Tensor) -> "Drafts":
+        """From [N, k, V] logits and [N, k, 5] stats."""
+        n, k, v = logits.shape
+        return cls(logits.reshape(n * k, v), stats.reshape(n * k, -1),
+                   torch.arange(n * k, device=logits.device).view(n, k))
+
+
+def rejection_sample(draft_tokens: torch.Tensor, drafts: Drafts | None, target_logits: torch.Tensor, params,
+                     seeds=None, generator: torch.Generator | None = None, num_drafts: torch.Tensor | None = None,
+                     target_index: torch.Tensor | None = None, impl: str = "auto"):
+    """draft_tokens [N, k], their ``Drafts``, target_logits [N, k+1, V] (or rows [*, V] with ``target_index`` [N, k+1]
+    naming slot s's row) -> (accepted [N] int64, tokens [N, k+1] int64) laid out as in ``greedy_verify``.
+
+    Rows with fewer drafts pass ``num_drafts [N]``; their padded slots are never accepted, so the emitted token
+    there is the bonus ``~ p_{j+1}``. ``drafts`` may be None when every row is greedy. ``seeds``: per row (one
+    PositionSeed-or-None each: a PositionSeed row's slot s is its position + s; or an int64 tensor [N, k+1]).
     """
     n, k = draft_tokens.shape
-    st = _as_tensors(params, target_logits)
-    if st.all_greedy:
-        return greedy_verify(draft_tokens, target_logits, num_drafts)
-    if draft_probs is None:
-        raise ValueError("rejection_sample needs draft_probs (from sample()) when any row has temperature > 0")
     dev = target_logits.device
-    valid = torch.ones(n, k, dtype=torch.bool, device=dev)  # [N, k]
-    if num_drafts is not None:
-        valid = torch.arange(k, device=dev) < num_drafts.view(-1, 1)
-    p = probs_from_logits(target_logits, st)  # [N, k+1, V]
-    q = draft_probs.float() * valid.unsqueeze(-1)  # [N, k, V], zero on padded slots
-    d = draft_tokens.long().unsqueeze(-1)  # [N, k, 1]
-    p_d = p[:, :k].gather(-1, d).squeeze(-1)  # [N, k] p_i(d_i)
-    q_d = q.gather(-1, d).squeeze(-1)  # [N, k] q_i(d_i) > 0 on valid slots: d_i was drawn from q_i
-    u = _noise("uniform", (n, k), generators, dev)  # [N, k]
-    accept = (u * q_d < p_d) & valid  # u < p/q without dividing: accept with prob min(1, p/q)
-    accepted = accept.long().cumprod(1).sum(1)  # [N] drafts kept before the first rejection
-    # Slot a = accepted: residual max(p_a - q_a, 0); for a == j the padded q_a is 0, so it is p_{j+1} (the bonus).
-    rows = torch.arange(n, device=dev)
-    q_pad = torch.cat([q, q.new_zeros(n, 1, q.shape[-1])], 1)  # [N, k+1, V]
-    coupled = _coupled_rows(generators)
-    plain = generators if coupled is None else [None if c else g for c, g in zip(coupled, generators)]
-    x = _race(_residual(p[rows, accepted], q_pad[rows, accepted]), plain)  # [N]
+    if target_index is None:
+        target_index = torch.arange(n * (k + 1), device=dev).view(n, k + 1)
+        target_logits = target_logits.reshape(n * (k + 1), -1)
+    st = _as_tensors(params, n, target_logits.shape[-1], dev, repeat=k + 1)
+    if st.all_greedy:
+        return greedy_accept(draft_tokens, target_logits.argmax(-1)[target_index], num_drafts)
+    if drafts is None:
+        raise ValueError("rejection_sample needs the drafts' logits and stats (from sample()) when any row has "
+                         "temperature > 0")
+    s, coupled = noise_seeds(n, k + 1, seeds, dev, generator)  # [N, k+1]
+    # every slot's target sample (greedy rows: the argmax), and the stats of its distribution
+    # (seeded rows read only the winners: their kernel rows may stop before finding the threshold)
+    need = None if coupled is None else (~coupled).repeat_interleave(k + 1)
+    x, tstats = sample_rows(target_logits, target_index.flatten(), st, s.flatten(), impl, need)
+    x, tstats = x.view(n, k + 1), tstats.view(n, k + 1, -1)
+    d = draft_tokens.long()
+    if num_drafts is None:
+        num_drafts = torch.full((n,), k, device=dev)
+    valid = torch.arange(k, device=dev) < num_drafts.view(-1, 1)  # [N, k]
+    # p_i(d_i) and q_i(d_i) from the logit at d_i and the row's stats (> 0 for q on valid sampled slots: d_i was drawn
+    # from q_i)
+    it = st.inv_temp.view(n, k + 1)[:, :k]
+    di = drafts.index.clamp_min(0)
+    p_d = _prob_at(target_logits[target_index[:, :k], d].float() * it, tstats[:, :k])  # [N, k]
+    q_d = _prob_at(drafts.logits[di, d].float() * it, drafts.stats[di])
+    u = tstats[:, :k, 4]  # [N, k] each slot's own uniform (its noise's counter V: independent of its race)
+    by_match = st.greedy.view(n, k + 1)[:, 0]  # greedy rows: accept iff d_i == argmax p_i
     if coupled is not None:
-        # Gumbel-max coupling (seeded rows, PositionSeed): x_i = argmax(p_i / E_i) with the position's own noise,
-        # which also drew the draft (d_i = argmax(q_i / E_i)); accept d_i iff d_i == x_i, emit x at the first
-        # mismatch or the bonus slot. The emitted token is x_i whatever the drafts were: a function of the seed,
-        # the position and p alone.
-        x_all = (p / _noise("exp", tuple(p.shape), generators, dev)).argmax(-1)  # [N, k+1]
-        accepted_c = ((draft_tokens.long() == x_all[:, :k]) & valid).long().cumprod(1).sum(1)
-        mask = to_device(coupled, dev, torch.bool)
-        accepted = torch.where(mask, accepted_c, accepted)
-        x = torch.where(mask, x_all[rows, accepted], x)
-    tokens = torch.cat([draft_tokens.long(), draft_tokens.new_zeros(n, 1, dtype=torch.long)], 1)  # [N, k+1]
-    tokens[rows, accepted] = x
+        # Gumbel-max coupling (seeded rows): d_i was drawn with the position's own noise, x_i is the target's winner
+        # under it; accept d_i iff d_i == x_i, emit x at the first mismatch or the bonus slot. The emitted token is
+        # x_i whatever the drafts were: a function of the seed, the position and p alone.
+        by_match = by_match | coupled
+    accept = torch.where(by_match.view(-1, 1), d == x[:, :k], u * q_d < p_d) & valid  # u < p/q without dividing
+    accepted = accept.long().cumprod(1).sum(1)  # [N] drafts kept before the first rejection
+    rows = torch.arange(n, device=dev)
+    out = x[rows, accepted]  # the bonus (all accepted), or the match rows' own sample at the first mismatch
+    # a rejected sampled draft: the residual max(p_a - q_a, 0) of its slot, with the slot's race noise (independent of
+    # the uniform that rejected it, and of the draft's own noise)
+    need = ~by_match & (accepted < num_drafts)
+    a = accepted.clamp_max(k - 1)
+    t_rows, d_rows = target_index[rows, accepted], di[rows, a]
+    t_st, d_st, seed_a = tstats[rows, accepted], drafts.stats[d_rows], s[rows, accepted]
+    it_a = st.inv_temp.view(n, k + 1)[:, 0]
+    if _impl(target_logits, impl) == "triton":
+        from sparsespec_compile.kernels.sampling_triton import residual
+
+        out = residual(target_logits, t_rows, t_st, drafts.logits, d_rows, d_st, it_a, seed_a, need, out)
+    else:
+        r = ref.residual_reference(target_logits[t_rows], t_st, drafts.logits[d_rows], d_st, it_a, seed_a)
+        out = torch.where(need, r, out)
+    tokens = torch.cat([d, d.new_zeros(n, 1)], 1)  # [N, k+1]
+    tokens[rows, accepted] = out
     tokens = tokens.masked_fill(torch.arange(k + 1, device=dev) > accepted.view(-1, 1), -1)
     return accepted, tokens
-
-
-def _coupled_rows(generators) -> list[bool] | None:
-    """Per row: verified by Gumbel-max coupling (a PositionSeed row); None when no row is."""
-    if generators is None or isinstance(generators, torch.Generator):
-        return None
-    rows = [isinstance(g, PositionSeed) for g in generators]
-    return rows if any(rows) else None
 
 
 # Built tensors of a single SamplingParams, by (temperature, top_k, top_p, rows, vocab, device): each build is four
@@ -274,16 +289,15 @@ _BUILT: OrderedDict[tuple, SamplingTensors] = OrderedDict()
 _BUILT_MAX = 64
 
 
-def _as_tensors(params, logits: torch.Tensor) -> SamplingTensors:
+def _as_tensors(params, n: int, vocab: int, device, repeat: int = 1) -> SamplingTensors:
     if isinstance(params, SamplingTensors):
         return params
-    n, vocab, device = logits.shape[0], logits.shape[-1], logits.device
     if not isinstance(params, SamplingParams):
-        return SamplingTensors.build(params, n, vocab, device)
-    key = (params.temperature, params.top_k, params.top_p, n, vocab, device)
+        return SamplingTensors.build(params, n, vocab, device, repeat)
+    key = (params.temperature, params.top_k, params.top_p, n * repeat, vocab, device)
     st = _BUILT.get(key)
     if st is None:
-        st = _BUILT[key] = SamplingTensors.build(params, n, vocab, device)
+        st = _BUILT[key] = SamplingTensors.build(params, n * repeat, vocab, device)
         if len(_BUILT) > _BUILT_MAX:
             _BUILT.popitem(last=False)
     else:

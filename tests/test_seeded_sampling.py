@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from sparsespec_compile import LLM, SamplingParams, SparseSpecConfig
-from sparsespec_compile.runtime.verify import PositionSeed, rejection_sample, sample
+from sparsespec_compile.runtime.verify import Drafts, PositionSeed, rejection_sample, sample
 from sparsespec_compile.testing import FAMILIES, tiny_model
 
 
@@ -34,12 +34,13 @@ def test_coupled_verification_emits_the_targets_own_sample():
     draft_logits = target[:, :k] + 0.5 * torch.randn(n, k, vocab, generator=gen)  # a close, imperfect draft
     params = SamplingParams(temperature=0.9, top_p=0.95, seed=1)
     seeds = [PositionSeed(seed, 5) for seed in range(n)]
-    drafts, probs = [], []
+    drafts, stats = [], []
     for s in range(k):  # draft slot s samples output position 5 + s
         d, q = sample(draft_logits[:, s], params, [PositionSeed(x.seed, x.position + s) for x in seeds])
         drafts.append(d)
-        probs.append(q)
-    accepted, tokens = rejection_sample(torch.stack(drafts, 1), torch.stack(probs, 1), target, params, seeds)
+        stats.append(q)
+    kept = Drafts.dense(draft_logits, torch.stack(stats, 1))
+    accepted, tokens = rejection_sample(torch.stack(drafts, 1), kept, target, params, seeds)
     own = torch.stack([sample(target[:, s], params, [PositionSeed(x.seed, x.position + s) for x in seeds])[0]
                        for s in range(k + 1)], 1)  # [N, k+1] the target's samples, no drafts involved
     rows = torch.arange(n)
@@ -51,7 +52,7 @@ def test_coupled_verification_emits_the_targets_own_sample():
 
 
 def test_position_seed_samples_follow_the_distribution():
-    """argmax(p / E) over many seeds is distributed as p (chi-square, 6 degrees of freedom)."""
+    """The race winner over many seeds is distributed as p (chi-square, 6 degrees of freedom)."""
     probs = torch.tensor([0.3, 0.25, 0.2, 0.1, 0.08, 0.05, 0.02])
     n = 4000
     logits = probs.log().expand(n, -1)

@@ -21,6 +21,7 @@ import torch
 from hypothesis import Phase, given, settings
 
 from sparsespec_compile.cli import main
+from sparsespec_compile.kernels import sampling_reference as ref
 from sparsespec_compile.runtime import scheduler as sched
 from sparsespec_compile.runtime import verify
 from sparsespec_compile.runtime.scheduler import StepKind
@@ -60,17 +61,17 @@ def test_prompts_from_inputs_strips_left_padding():
         prompts_from_inputs([[5], []])
 
 
-def _accept_every_draft(drafts, target_logits, num_drafts=None):
+def _accept_every_draft(drafts, target_tokens, num_drafts=None):
     n, k = drafts.shape
     nd = torch.full((n,), k) if num_drafts is None else num_drafts
     rows = torch.arange(n)
     tokens = torch.cat([drafts, drafts.new_zeros(n, 1)], 1)
-    tokens[rows, nd] = target_logits.argmax(-1)[rows, nd]  # the bonus after the (wrongly) accepted drafts
+    tokens[rows, nd] = target_tokens[rows, nd]  # the bonus after the (wrongly) accepted drafts
     return nd.clone(), tokens.masked_fill(torch.arange(k + 1) > nd.view(-1, 1), -1)
 
 
 def test_biased_greedy_acceptance_is_caught(model, monkeypatch):
-    monkeypatch.setattr(verify, "greedy_verify", _accept_every_draft)  # rejection_sample's greedy path calls it
+    monkeypatch.setattr(verify, "greedy_accept", _accept_every_draft)  # rejection_sample's greedy path calls it
     with pytest.raises(AssertionError, match=r"request \d+ \(stride=4, budget=8.*diverges from HF greedy generate at "
                                              r"output position \d+ .*speculative token \d+ vs HF token \d+"):
         check_lossless(model, stride=4, budget=8)
@@ -128,7 +129,11 @@ def test_check_sampling_passes(model):
 
 
 def test_biased_residual_is_caught_by_check_sampling(model, monkeypatch):
-    monkeypatch.setattr(verify, "_residual", lambda p, q: p)  # sample the rejected slot from p, not max(p - q, 0)
+    def from_p(t, ts, d, ds, it, seeds):  # sample the rejected slot from p, not max(p - q, 0)
+        p = ref.row_probs(t.float() * it.unsqueeze(-1), ts)
+        return (p / -ref.uniform(seeds, torch.arange(p.shape[-1]).expand_as(p)).log()).argmax(-1)
+
+    monkeypatch.setattr(ref, "residual_reference", from_p)
     with pytest.raises(AssertionError, match=r"sampler slot 0: emitted tokens do not fit the target p_0: chi-square "
                                              r"p-value \S+ \(bound 1e-06\)"):
         check_sampling(model, num_cycles=20_000, num_requests=0)
@@ -154,7 +159,7 @@ def test_cli_check_passes_on_a_healthy_tiny_config(config_dir, capsys):
 
 
 def test_cli_check_fails_on_a_planted_fault(config_dir, capsys, monkeypatch):
-    monkeypatch.setattr(verify, "greedy_verify", _accept_every_draft)  # rejection_sample's greedy path calls it
+    monkeypatch.setattr(verify, "greedy_accept", _accept_every_draft)  # rejection_sample's greedy path calls it
     assert main(["check", str(config_dir), *CLI_FAST]) == 1
     out = capsys.readouterr().out
     assert "greedy lossless (sparse drafts)  FAIL" in out and "diverges from HF greedy generate" in out

@@ -151,9 +151,11 @@ def _sampler_stage(model, prompt, params, k, n, max_vocab, seed, alpha, max_tv) 
         target, draft = target[:, keep], draft[:, keep]
     v = target.shape[-1]
     gen = verify.make_generator(seed, "cpu")
-    d, q = verify.sample(draft.repeat(n, 1), params, gen)  # [n*k], [n*k, V']
-    d, q = d.view(n, k), q.view(n, k, v)
-    accepted, out = verify.rejection_sample(d, q, target.expand(n, k + 1, v), params, gen)  # [n], [n, k+1]
+    d, q = verify.sample(draft.repeat(n, 1), params, generator=gen)  # [n*k], stats [n*k, 5]
+    # every cycle reads the same k draft rows and k + 1 target rows: indices, not n copies
+    drafts = verify.Drafts(draft, q.view(n, k, -1)[0], torch.arange(k).expand(n, k))
+    accepted, out = verify.rejection_sample(d.view(n, k), drafts, target, params, generator=gen,
+                                            target_index=torch.arange(k + 1).expand(n, k + 1))  # [n], [n, k+1]
     st = verify.SamplingTensors.build(params, 1, v, "cpu")
     p = verify.probs_from_logits(target[None], st)[0]  # [k+1, V']
     q1 = verify.probs_from_logits(draft[None], st)[0, 0]  # [V']

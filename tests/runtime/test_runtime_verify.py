@@ -8,8 +8,9 @@ import torch
 
 from sparsespec_compile.runtime import verify
 from sparsespec_compile.runtime.sampling_params import SamplingParams
-from sparsespec_compile.runtime.verify import (SamplingTensors, greedy_verify, make_generator, probs_from_logits,
-                                               rejection_sample, sample)
+from sparsespec_compile.kernels import sampling_reference as ref
+from sparsespec_compile.runtime.verify import (Drafts, PositionSeed, SamplingTensors, greedy_verify, make_generator,
+                                               probs_from_logits, rejection_sample, sample)
 
 
 def onehot_logits(tokens, V=10):
@@ -46,8 +47,9 @@ def test_rejection_sample_greedy_rows_equal_greedy_verify():
     draft_logits = target[:, :k] + torch.randn(N, k, V) * 2
     params = [SamplingParams(temperature=0.0) if i % 2 else SamplingParams(temperature=0.7) for i in range(N)]
     d, q = sample(draft_logits.reshape(N * k, V), [p for p in params for _ in range(k)])
-    d, q = d.view(N, k), q.view(N, k, V)
-    a, o = rejection_sample(d, q, target, params, make_generator(1, "cpu"))
+    a, o = rejection_sample(d.view(N, k), Drafts.dense(draft_logits, q.view(N, k, -1)), target, params,
+                            generator=make_generator(1, "cpu"))
+    d = d.view(N, k)
     ga, go = greedy_verify(d, target)
     g = torch.arange(N) % 2 == 1
     assert torch.equal(a[g], ga[g]) and torch.equal(o[g], go[g])
@@ -124,15 +126,18 @@ def test_chi2_sf_known_values():
 N_SAMPLES = 200_000
 
 
-def run_speculative(params: SamplingParams, seed=0, k=3, V=8, num_drafts=None):
+def run_speculative(params: SamplingParams, seed=0, k=3, V=8, num_drafts=None, target=None, draft=None):
     """One fixed target (per slot) and a deliberately different draft; N_SAMPLES independent cycles."""
     g = torch.Generator().manual_seed(1234)
-    target = torch.randn(k + 1, V, generator=g) * 1.5  # [k+1, V]; independent of the prefix: p_i fixed per slot
-    draft = target[:k] + torch.randn(k, V, generator=g) * 1.5  # [k, V] q far from p: ~half the drafts rejected
+    if target is None:
+        target = torch.randn(k + 1, V, generator=g) * 1.5  # [k+1, V]; independent of the prefix: p_i fixed per slot
+        draft = target[:k] + torch.randn(k, V, generator=g) * 1.5  # [k, V] q far from p: ~half the drafts rejected
+    k, V = draft.shape
     gen = make_generator(seed, "cpu")
-    d, q = sample(draft.repeat(N_SAMPLES, 1), params, gen)  # [N*k], [N*k, V]
-    d, q = d.view(N_SAMPLES, k), q.view(N_SAMPLES, k, V)
-    a, out = rejection_sample(d, q, target.expand(N_SAMPLES, k + 1, V), params, gen, num_drafts)
+    d, q = sample(draft.repeat(N_SAMPLES, 1), params, generator=gen)  # [N*k], stats [N*k, 5]
+    drafts = Drafts(draft, q.view(N_SAMPLES, k, -1)[0], torch.arange(k).expand(N_SAMPLES, k))  # rows by index
+    a, out = rejection_sample(d.view(N_SAMPLES, k), drafts, target, params, generator=gen, num_drafts=num_drafts,
+                              target_index=torch.arange(k + 1).expand(N_SAMPLES, k + 1))
     st = SamplingTensors.build(params, 1, V, "cpu")
     return a, out, probs_from_logits(target[None], st)[0], probs_from_logits(draft[None], st)[0]
 
@@ -153,7 +158,11 @@ def test_rejection_sampling_reproduces_target_distribution(params):
 def test_biased_rule_fails_the_same_test(monkeypatch):
     """Resampling a rejected slot from p instead of max(p - q, 0) (a classic bug) over-weights tokens the draft
     already likes: the goodness-of-fit test above must catch it by a wide margin."""
-    monkeypatch.setattr(verify, "_residual", lambda p, q: p)
+    def from_p(t, ts, d, ds, it, seeds):  # the race over p, ignoring q
+        p = ref.row_probs(t.float() * it.unsqueeze(-1), ts)
+        return (p / -ref.uniform(seeds, torch.arange(p.shape[-1]).expand_as(p)).log()).argmax(-1)
+
+    monkeypatch.setattr(ref, "residual_reference", from_p)
     a, out, p, q = run_speculative(SamplingParams(temperature=1.0))
     pval, tv = goodness_of_fit(out[:, 0], p[0])
     assert pval < 1e-30 and tv > 0.02, (pval, tv)
@@ -175,21 +184,20 @@ def test_sample_matches_filtered_distribution_and_is_seeded_per_row():
     V = 8
     logits = torch.randn(V, generator=torch.Generator().manual_seed(5))
     params = SamplingParams(temperature=0.7, top_k=6, top_p=0.9)
-    toks, probs = sample(logits.expand(N_SAMPLES, V), params, make_generator(0, "cpu"))
+    toks, stats = sample(logits.expand(N_SAMPLES, V), params, generator=make_generator(0, "cpu"))
     want = reference_probs(logits, 0.7, 6, 0.9)
     assert 3 <= int((want > 0).sum()) < V  # the filters bite, and enough tokens remain to test
-    torch.testing.assert_close(probs[0], want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(stats[0, 3], want[toks[0]], atol=1e-6, rtol=1e-5)  # p(token) of the drawn token
     pval, tv = goodness_of_fit(toks, want)
     assert pval > 1e-6 and tv < 0.01
-    # a seeded row's draws depend only on its own generator, not on its neighbours
+    # a seeded row's draws depend only on its own seed and logits, not on its neighbours
     ps = [SamplingParams(temperature=1.0, seed=7), SamplingParams(temperature=1.0)]
     runs = []
     for other in (0, 1):
         x = torch.randn(2, 50, generator=torch.Generator().manual_seed(other))  # row 1 differs between runs
         x[0] = torch.linspace(-1, 1, 50)
-        gens = [make_generator(7, "cpu"), None]
-        runs.append([sample(x, ps, gens)[0][0].item() for _ in range(4)])
-    assert runs[0] == runs[1]
+        runs.append([sample(x, ps, [PositionSeed(7, pos), None])[0][0].item() for pos in range(4)])
+    assert runs[0] == runs[1] and len(set(runs[0])) > 1  # fixed per position, different across positions
 
 
 def test_params_count_mismatch_is_a_clear_error():
@@ -202,9 +210,8 @@ def test_sampling_tensors_of_one_params_are_built_once_per_shape():
     time before the cache. Same values and shape -> the same (read-only) tensors; anything else -> its own."""
     from sparsespec_compile.runtime.verify import _as_tensors
 
-    logits = torch.zeros(5, 11)
-    a = _as_tensors(SamplingParams(temperature=0.6, top_p=0.9), logits)
-    assert _as_tensors(SamplingParams(temperature=0.6, top_p=0.9, seed=3), logits) is a  # the seed is not in them
-    assert _as_tensors(SamplingParams(temperature=0.7, top_p=0.9), logits) is not a
-    assert _as_tensors(SamplingParams(temperature=0.6, top_p=0.9), torch.zeros(4, 11)) is not a
-    assert torch.equal(a.temperature, torch.full((5,), 0.6)) and torch.equal(a.top_p, torch.full((5,), 0.9))
+    a = _as_tensors(SamplingParams(temperature=0.6, top_p=0.9), 5, 11, "cpu")
+    assert _as_tensors(SamplingParams(temperature=0.6, top_p=0.9, seed=3), 5, 11, "cpu") is a  # no seed in them
+    assert _as_tensors(SamplingParams(temperature=0.7, top_p=0.9), 5, 11, "cpu") is not a
+    assert _as_tensors(SamplingParams(temperature=0.6, top_p=0.9), 4, 11, "cpu") is not a
+    assert torch.equal(a.inv_temp, torch.full((5,), 1 / 0.6)) and torch.equal(a.top_p, torch.full((5,), 0.9))
