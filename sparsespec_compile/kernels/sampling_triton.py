@@ -1,22 +1,4 @@
-"""Triton kernels of sampling at temperature with top-k / top-p, without sorting the vocabulary.
-
-One program per row. A sort is what a nucleus is usually found with; here the kept set's threshold (see
-sampling_reference.py for the definition both share) is *searched*: each pass over the row evaluates, at NPIV pivot
-values at once, the count (top-k) or the probability mass (top-p) of the tokens at or above each pivot and the
-nearest present value below it, and narrows the interval ``[A, H]`` that holds the threshold. Half the pivots are
-spread evenly in value (few passes on real, peaked logits), half evenly in the float's bit order: a proven bound,
-each pass cuts the interval's 2**32 bit patterns by 9, so a phase ends within 12 passes. The search ends on a present
-value, so the kept set is exact, ties and -inf included. Top-k and top-p are two phases (the top-p target is a share
-of the top-k set's mass).
-
-Pass 1 also runs the Gumbel race over the whole row (and finds max, argmax, min and the sum of exponentials); when
-its winner lies in the kept set it is the kept set's winner too, and no race pass follows (for top-p 0.95, ~95% of
-rows). A row whose stats nobody reads (a plain decode, not a draft) stops the search as soon as its winner is proven
-kept. Greedy rows make one lean argmax pass. Noise is regenerated from (row seed, token index) in every pass, never
-stored: bit-identical to the reference's ``uniform``.
-
-``residual`` samples max(p - q, 0) for speculative verification in one pass over the target and draft rows.
-"""
+"""DOCSTRING"""
 
 from __future__ import annotations
 
@@ -24,9 +6,28 @@ import torch
 import triton
 import triton.language as tl
 
-NPIV = 16  # pivots per search pass: 8 in value, 8 in bit order
-BLOCK = 1024  # tokens per step of pass 1 and of the race passes
-BLOCK_S = 128  # tokens per step of a search pass ([BLOCK_S, NPIV] compares)
+CHUNK = 4096  # tokens of one row per program of a sweep: fixed (never by batch), so a row's sums never depend on its batch
+BLOCK = 1024  # tokens per step inside a chunk
+CAP = 1024  # a top-p row's candidates: its CAP largest logits (a top-k row's: its k largest)
+CAPB = 2048  # candidate slots per row (ties at the bound may need more than CAP; more than CAPB: the full-row path)
+FIX = 2.0 ** 40  # fixed point of the mass histograms (integer atomics: the sums do not depend on the programs' order)
+MAX_V = 1 << 23  # counts exact in float32, fixed-point masses below 2**63
+
+# per-row state: fs [R, 16] float32, st [R, 32] int64
+F_M = tl.constexpr(0)  # max l
+F_Z = tl.constexpr(1)  # sum exp(l - m) over the row, from the first sweep's chunks
+F_MN = tl.constexpr(2)  # min valid l
+F_NV = tl.constexpr(3)  # valid tokens
+F_TAU = tl.constexpr(4)  # full-row rows: tau (mode 3) or the top-k bound top-p searches above (mode 4)
+F_TAU_FINAL = tl.constexpr(5)  # full-row rows: the kept set's threshold, for the last kernel
+S_MODE = tl.constexpr(0)  # 0 greedy, 1 no filter (race of the first sweep), 2 candidates, 3 full-row race, 4 mass search
+S_K = tl.constexpr(1)  # the count the count radix searches (k, or CAP for top-p alone)
+S_CNT = tl.constexpr(2)  # count radix, level l: (prefix, need) at 2 + 2l, 3 + 2l, l = 0..4
+S_MASS = tl.constexpr(12)  # mass radix, level l: (prefix, mass above) at 12 + 2l, 13 + 2l, l = 0..8
+S_TARGET = tl.constexpr(30)  # mass radix target (fixed point)
+NF = tl.constexpr(16)
+NS = tl.constexpr(32)
+NP = tl.constexpr(8)  # values per (row, chunk) of the sweeps' partials
 
 
 @triton.jit
@@ -79,153 +80,456 @@ def _load_row(base, idx, V, it, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _sample_kernel(logits, stride_l, rows, inv_temp, top_k, top_p, greedy, seeds, need_stats, tokens, stats, V,
-                   BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, NPIV: tl.constexpr, UPCAST: tl.constexpr):
+def _ukey(l):
+    """float32 -> int64 in [0, 2**32) ordered like the float, -0.0 merged with +0.0 (they compare equal)."""
+    l = tl.where(l == 0.0, 0.0, l)
+    return _float_key(l).to(tl.int64) + 2147483648
+
+
+@triton.jit
+def _ukey_float(u):
+    return _key_float((u - 2147483648).to(tl.int32))
+
+
+@triton.jit
+def _count_digit(h, prefix, need, shift):
+    """Count radix step: h [256] counts of the next 8-bit digit among keys matching ``prefix``; ``need`` of them are
+    still to be taken from the top -> the digit of the need-th largest key, in the prefix, and what remains."""
+    bins = tl.arange(0, 256)
+    h = h.to(tl.int64)
+    above = tl.sum(h, 0) - tl.cumsum(h, 0)  # keys with a larger digit
+    d = tl.max(tl.where(above + h >= need, bins, -1), 0)
+    need = need - tl.sum(tl.where(bins == d, above, 0), 0)
+    return prefix | (d.to(tl.int64) << shift), need
+
+
+@triton.jit
+def _mass_digit(h, prefix, above, target, shift):
+    """Mass radix step: h [16] masses (fixed point) of the next 4-bit digit among keys matching ``prefix``, ``above``
+    the mass of all larger keys -> the digit of the largest key whose upper set reaches ``target``. ``above`` -1: no
+    key reaches it (only through rounding: top_p within ~1e-7 of 1), carried to the end."""
+    b = tl.arange(0, 16)
+    gt = tl.sum(h, 0) - tl.cumsum(h, 0)  # mass of larger digits
+    d = tl.max(tl.where(above + gt + h >= target, b, -1), 0)
+    new_above = tl.where((d >= 0) & (above >= 0), above + tl.sum(tl.where(b == d, gt, 0), 0), -1)
+    return tl.where(d >= 0, prefix | (d.to(tl.int64) << shift), prefix), new_above
+
+
+@triton.jit
+def _sweep_kernel(logits, stride_l, rows, inv_temp, top_k, top_p, greedy, seeds, parts, hist, mhist, counter, V, C,
+                  CHUNK: tl.constexpr, BLOCK: tl.constexpr, UPCAST: tl.constexpr):
+    """Sweep 1, program (row, chunk): max and first argmax, sum exp(l - chunk max), min, count; for rows without a
+    filter the Gumbel race too. Zeroes the row's histograms and candidate counter (chunk 0)."""
     r = tl.program_id(0)
+    c = tl.program_id(1)
+    r64 = r.to(tl.int64)
     base = logits + tl.load(rows + r).to(tl.int64) * stride_l
     it = tl.load(inv_temp + r)
-    kk = tl.load(top_k + r)
-    pp = tl.load(top_p + r)
     g = tl.load(greedy + r) != 0
+    race_on = (~g) & (tl.load(top_k + r) >= V) & (tl.load(top_p + r) >= 1.0)
     key = _row_key(tl.load(seeds + r))
     offs = tl.arange(0, BLOCK)
     ninf = float("-inf")
-
-    # pass 1: max / first argmax, min of the valid, sum exp(l - max) (online), count, the race over all tokens
+    c0 = c * CHUNK
     m = tl.full((), ninf, tl.float32)
-    zsum = tl.full((), 0.0, tl.float32)
-    mn = tl.full((), float("inf"), tl.float32)
-    nvalid = tl.full((), 0, tl.int32)
     am = tl.full((), 0, tl.int32)
+    s = tl.full((), 0.0, tl.float32)
+    mn = tl.full((), float("inf"), tl.float32)
+    nv = tl.full((), 0, tl.int32)
     rk = tl.full((), ninf, tl.float32)
     ri = tl.full((), 0, tl.int32)
     rl = tl.full((), ninf, tl.float32)
-    if g:  # a greedy row: the argmax alone, one lean pass (it pays nothing for the sampled rows beside it)
-        for start in range(0, V, BLOCK):
-            l = _load_row(base, start + offs, V, it, UPCAST)
+    if g:  # a greedy row: the argmax alone
+        for start in range(0, CHUNK, BLOCK):
+            l = _load_row(base, c0 + start + offs, V, it, UPCAST)
             bm = tl.max(l, 0)
-            am = tl.where(bm > m, tl.argmax(l, 0) + start, am)  # strictly greater: the first index on ties
+            am = tl.where(bm > m, tl.argmax(l, 0) + c0 + start, am)  # strictly greater: the first index on ties
             m = tl.maximum(m, bm)
     else:
-        for start in range(0, V, BLOCK):
-            idx = start + offs
+        for start in range(0, CHUNK, BLOCK):
+            idx = c0 + start + offs
             l = _load_row(base, idx, V, it, UPCAST)
             valid = l > ninf
             bm = tl.max(l, 0)
-            am = tl.where(bm > m, tl.argmax(l, 0) + start, am)  # strictly greater: the first index on ties
+            am = tl.where(bm > m, tl.argmax(l, 0) + c0 + start, am)
             new_m = tl.maximum(m, bm)
             scale = tl.where(new_m == ninf, 0.0, tl.exp(m - new_m))
-            zsum = zsum * scale + tl.sum(tl.where(valid, tl.exp(l - new_m), 0.0), 0)
+            s = s * scale + tl.sum(tl.where(valid, tl.exp(l - new_m), 0.0), 0)
             m = new_m
             mn = tl.minimum(mn, tl.min(tl.where(valid, l, float("inf")), 0))
-            nvalid += tl.sum(valid.to(tl.int32), 0)
-            race = tl.where(valid, l - tl.log(_exp_noise(key, idx)), ninf)
-            bk = tl.max(race, 0)
-            bi = tl.argmax(race, 0)
-            upd = bk > rk
-            rl = tl.where(upd, tl.max(tl.where(offs == bi, l, ninf), 0), rl)
-            ri = tl.where(upd, bi + start, ri)
-            rk = tl.maximum(rk, bk)
+            nv += tl.sum(valid.to(tl.int32), 0)
+            if race_on:
+                race = tl.where(valid, l - tl.log(_exp_noise(key, idx)), ninf)
+                bk = tl.max(race, 0)
+                bi = tl.argmax(race, 0)
+                upd = bk > rk
+                rl = tl.where(upd, tl.max(tl.where(offs == bi, l, ninf), 0), rl)
+                ri = tl.where(upd, bi + c0 + start, ri)
+                rk = tl.maximum(rk, bk)
+    p = parts + (r64 * C + c) * NP
+    tl.store(p + 0, m)
+    tl.store(p + 1, s)
+    tl.store(p + 2, mn)
+    tl.store(p + 3, nv.to(tl.float32))  # (counts and indices below 2**23: exact in float32)
+    tl.store(p + 4, am.to(tl.float32))
+    tl.store(p + 5, rk)
+    tl.store(p + 6, ri.to(tl.float32))
+    tl.store(p + 7, rl)
+    if c == 0:
+        tl.store(hist + r64 * 1024 + tl.arange(0, 1024), tl.zeros((1024,), tl.int32))
+        tl.store(mhist + r64 * 128 + tl.arange(0, 128), tl.zeros((128,), tl.int64))
+        tl.store(counter + r, 0)
 
-    # Threshold search: phase 0 top-k (F = count >= k), phase 1 top-p (F = mass >= top_p * top-k mass), 2 done.
-    # Invariant: F(A) >= target (A is at or below the answer), H is a present value at or above it. Each pass
-    # evaluates F at pivots in [A, H], H among them: if F(H) >= target the answer is H; else A rises to the largest
-    # good pivot and H falls to the largest present value below the smallest bad one.
-    use_k = (kk < nvalid) & (~g)
-    use_p = (pp < 1.0) & (~g)
-    phase = tl.where(use_k, 0, tl.where(use_p, 1, 2))
-    phase = tl.where((mn >= m) | (nvalid == 0), 2, phase)  # one distinct value (or none): everything is kept
-    need = tl.load(need_stats + r) != 0
-    early = tl.full((), 0, tl.int1)  # the race winner was proven kept without finding the threshold
-    done = tl.full((), 2, tl.int32)  # (loop-carried values keep one type: a tensor, never a Python int)
-    A = mn
-    H = m
-    tau = mn
-    FLm = zsum  # mass at or above tau
-    target = tl.where(phase == 0, kk.to(tl.float32), pp * zsum)  # counts as float32: exact below 2**24 tokens
-    j = tl.arange(0, NPIV)
-    half: tl.constexpr = NPIV // 2
-    last = j == half - 1  # the pivot that is H
-    offs_s = tl.arange(0, BLOCK_S)
-    passes = tl.full((), 0, tl.int32)
-    while phase < 2:
-        tv = tl.minimum(A + (H - A) * ((j + 1).to(tl.float32) / half), H)
-        ka = _float_key(A).to(tl.int64)
-        kh = _float_key(H).to(tl.int64)
-        tk = _key_float((ka + (kh - ka) * (j - half + 1) // (half + 1)).to(tl.int32))
-        piv = tl.where(last, H, tl.where(j < half, tv, tl.minimum(tl.maximum(tk, A), H)))
-        f = tl.zeros((NPIV,), tl.float32)
-        maxlt = tl.full((NPIV,), ninf, tl.float32)
-        c_h = tl.full((), 0.0, tl.float32)  # count and mass at or above H
-        m_h = tl.full((), 0.0, tl.float32)
-        c_gt = tl.full((), 0.0, tl.float32)  # count and mass above the race winner's value
-        m_gt = tl.full((), 0.0, tl.float32)
-        for start in range(0, V, BLOCK_S):
-            l = _load_row(base, start + offs_s, V, it, UPCAST)
-            valid = l > ninf
-            e = tl.where(valid, tl.exp(l - m), 0.0)
-            w = tl.where(phase == 0, valid.to(tl.float32), e)
-            ge = l[:, None] >= piv[None, :]
-            f += tl.sum(tl.where(ge, w[:, None], 0.0), 0)
-            maxlt = tl.maximum(maxlt, tl.max(tl.where(ge, ninf, l[:, None]), 0))  # (-inf rows add nothing)
-            at_h = valid & (l >= H)
-            c_h += tl.sum(at_h.to(tl.float32), 0)
-            m_h += tl.sum(tl.where(at_h, e, 0.0), 0)
-            gt = valid & (l > rl)
-            c_gt += tl.sum(gt.to(tl.float32), 0)
-            m_gt += tl.sum(tl.where(gt, e, 0.0), 0)
-        passes += 1
-        # A row that needs no stats stops once its race winner is proven kept: within the top-k alone
-        # (count above it < k), or within the top-p of the top-k set already found (mass above it < target).
-        kept = tl.where(phase == 0, (~use_p) & (c_gt < target), (rl >= A) & (m_gt < target))
-        if (~need) & kept:
-            early = tl.full((), 1, tl.int1)
-            phase = done
+
+@triton.jit
+def _setup_kernel(parts, top_k, top_p, greedy, seeds, fs, st, tokens, stats, V, C, CAP, CP: tl.constexpr):
+    """Program (row): the row's stats from sweep 1's chunks and its mode; greedy and unfiltered rows are done here."""
+    r = tl.program_id(0)
+    r64 = r.to(tl.int64)
+    ninf = float("-inf")
+    cs = tl.arange(0, CP)
+    cm = cs < C
+    p = parts + (r64 * C + cs) * NP
+    m_c = tl.load(p + 0, mask=cm, other=ninf)
+    s_c = tl.load(p + 1, mask=cm, other=0.0)
+    mn_c = tl.load(p + 2, mask=cm, other=float("inf"))
+    n_c = tl.load(p + 3, mask=cm, other=0.0)
+    am_c = tl.load(p + 4, mask=cm, other=0.0)
+    rk_c = tl.load(p + 5, mask=cm, other=ninf)
+    ri_c = tl.load(p + 6, mask=cm, other=0.0)
+    rl_c = tl.load(p + 7, mask=cm, other=ninf)
+    m = tl.max(m_c, 0)
+    first = tl.min(tl.where(m_c == m, cs, CP), 0)  # the first chunk holding the max: the first argmax
+    am = tl.sum(tl.where(cs == first, am_c, 0.0), 0).to(tl.int64)
+    z = tl.sum(tl.where(n_c > 0, s_c * tl.exp(m_c - m), 0.0), 0)
+    mn = tl.min(mn_c, 0)
+    nv = tl.sum(n_c, 0)
+    rk = tl.max(rk_c, 0)
+    rf = tl.min(tl.where(rk_c == rk, cs, CP), 0)
+    ri = tl.sum(tl.where(cs == rf, ri_c, 0.0), 0).to(tl.int64)
+    rl = tl.max(tl.where(cs == rf, rl_c, ninf), 0)
+    kk = tl.load(top_k + r)
+    pp = tl.load(top_p + r)
+    g = tl.load(greedy + r) != 0
+    nvi = nv.to(tl.int64)
+    race_on = (~g) & (kk >= V) & (pp >= 1.0)
+    use_k = kk < nvi
+    use_p = pp < 1.0
+    flat = (nvi == 0) | (mn >= m)  # one distinct value (or none): everything is kept
+    mode = tl.where(g, 0, tl.where(race_on, 1, tl.where(flat | ((~use_k) & (~use_p)), 3, 2)))
+    kstar = tl.where(use_k, tl.maximum(kk, 1), tl.minimum(nvi, CAP))
+    tau_all = tl.where(nvi > 0, mn, ninf)
+    f = fs + r64 * NF
+    tl.store(f + F_M, m)
+    tl.store(f + F_Z, z)
+    tl.store(f + F_MN, mn)
+    tl.store(f + F_NV, nv)
+    tl.store(f + F_TAU, tau_all)
+    s = st + r64 * NS
+    tl.store(s + S_MODE, mode.to(tl.int64))
+    tl.store(s + S_K, kstar)
+    tl.store(s + S_CNT, kstar * 0)
+    tl.store(s + S_CNT + 1, kstar)
+    if mode <= 1:
+        u = _uniform(_row_key(tl.load(seeds + r)), tl.full((), 0, tl.int32) + V)
+        tl.store(tokens + r, tl.where(g, am, ri))
+        o = stats + r64 * 5
+        tl.store(o + 0, m)
+        tl.store(o + 1, tl.where(g, m, tau_all))
+        tl.store(o + 2, tl.where(g, 1.0, z))
+        tl.store(o + 3, tl.where(g, 1.0, tl.exp(rl - m) / tl.where(z > 0, z, 1.0)))
+        tl.store(o + 4, u)
+
+
+@triton.jit
+def _count_kernel(logits, stride_l, rows, inv_temp, st, hist, V, LEVEL: tl.constexpr, CHUNK: tl.constexpr,
+                  BLOCK: tl.constexpr, UPCAST: tl.constexpr):
+    """Count radix pass LEVEL (0..3), program (row, chunk): the histogram of the key's 8-bit digit LEVEL among the
+    keys matching the digits found so far (found here from the previous level's histogram, chunk 0 records them)."""
+    r = tl.program_id(0)
+    c = tl.program_id(1)
+    r64 = r.to(tl.int64)
+    s = st + r64 * NS
+    if tl.load(s + S_MODE) != 2:
+        return
+    bins = tl.arange(0, 256)
+    if LEVEL == 0:
+        prefix = tl.load(s + S_CNT)
+    else:
+        h = tl.load(hist + (r64 * 4 + LEVEL - 1) * 256 + bins)
+        prefix, need = _count_digit(h, tl.load(s + S_CNT + 2 * (LEVEL - 1)), tl.load(s + S_CNT + 2 * LEVEL - 1),
+                                    32 - 8 * LEVEL)
+        if c == 0:
+            tl.store(s + S_CNT + 2 * LEVEL, prefix)
+            tl.store(s + S_CNT + 2 * LEVEL + 1, need)
+    shift = 24 - 8 * LEVEL
+    base = logits + tl.load(rows + r).to(tl.int64) * stride_l
+    it = tl.load(inv_temp + r)
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros((256,), tl.int32)
+    for start in range(0, CHUNK, BLOCK):
+        l = _load_row(base, c * CHUNK + start + offs, V, it, UPCAST)
+        u = _ukey(l)
+        use = l > float("-inf")
+        if LEVEL > 0:
+            use = use & ((u >> (shift + 8)) == (prefix >> (shift + 8)))
+        acc += tl.histogram(((u >> shift) & 255).to(tl.int32), 256, mask=use)
+    tl.atomic_add(hist + (r64 * 4 + LEVEL) * 256 + bins, acc, mask=acc > 0)
+
+
+@triton.jit
+def _gather_kernel(logits, stride_l, rows, inv_temp, fs, st, hist, parts, counter, cand_v, cand_i, V, C,
+                   CHUNK: tl.constexpr, BLOCK: tl.constexpr, CAPB: tl.constexpr, UPCAST: tl.constexpr):
+    """Program (row, chunk) of a candidate row: the count radix's last digit gives the bound ``c`` (the K-th largest
+    key); the chunk's tokens at or above it go to the row's candidate slots (a counter hands out the slots; past
+    CAPB they are counted, not written), and the chunk's mass at or above it and in all."""
+    r = tl.program_id(0)
+    c = tl.program_id(1)
+    r64 = r.to(tl.int64)
+    s = st + r64 * NS
+    if tl.load(s + S_MODE) != 2:
+        return
+    h = tl.load(hist + (r64 * 4 + 3) * 256 + tl.arange(0, 256))
+    bound, need = _count_digit(h, tl.load(s + S_CNT + 6), tl.load(s + S_CNT + 7), 0)
+    if c == 0:
+        tl.store(s + S_CNT + 8, bound)
+        tl.store(s + S_CNT + 9, need)
+    m = tl.load(fs + r64 * NF + F_M)
+    base = logits + tl.load(rows + r).to(tl.int64) * stride_l
+    it = tl.load(inv_temp + r)
+    offs = tl.arange(0, BLOCK)
+    mass_c = tl.full((), 0.0, tl.float32)
+    mass_all = tl.full((), 0.0, tl.float32)
+    for start in range(0, CHUNK, BLOCK):
+        idx = c * CHUNK + start + offs
+        l = _load_row(base, idx, V, it, UPCAST)
+        valid = l > float("-inf")
+        sel = valid & (_ukey(l) >= bound)
+        e = tl.where(valid, tl.exp(l - m), 0.0)
+        mass_c += tl.sum(tl.where(sel, e, 0.0), 0)
+        mass_all += tl.sum(e, 0)
+        si = sel.to(tl.int32)
+        n = tl.sum(si, 0)
+        if n > 0:
+            slot = tl.atomic_add(counter + r, n) + tl.cumsum(si, 0) - si
+            ok = sel & (slot < CAPB)
+            tl.store(cand_v + r64 * CAPB + slot, l, mask=ok)
+            tl.store(cand_i + r64 * CAPB + slot, idx, mask=ok)
+    p = parts + (r64 * C + c) * NP
+    tl.store(p + 0, mass_c)
+    tl.store(p + 1, mass_all)
+
+
+@triton.jit
+def _final_kernel(fs, st, parts, counter, cand_v, cand_i, top_k, top_p, seeds, tokens, stats, V, C, FIX,
+                  CP: tl.constexpr, CAPB: tl.constexpr):
+    """Program (row) of a candidate row: the top-p cut among its candidates (<= CAPB values, in registers) by a
+    mass radix (fixed-point sums: the slots' order does not matter), the race over the kept ones. A row whose nucleus is not among them, or whose
+    candidates overflowed, is handed to the full-row path (mode 3: threshold known; mode 4: mass search first)."""
+    r = tl.program_id(0)
+    r64 = r.to(tl.int64)
+    s = st + r64 * NS
+    if tl.load(s + S_MODE) != 2:
+        return
+    ninf = float("-inf")
+    f = fs + r64 * NF
+    m = tl.load(f + F_M)
+    mn = tl.load(f + F_MN)
+    nvi = tl.load(f + F_NV).to(tl.int64)
+    kk = tl.load(top_k + r)
+    pp = tl.load(top_p + r)
+    use_k = kk < nvi
+    use_p = pp < 1.0
+    bound = _ukey_float(tl.load(s + S_CNT + 8))
+    cs = tl.arange(0, CP)
+    pc = parts + (r64 * C + cs) * NP
+    mass_c = tl.sum(tl.load(pc + 0, mask=cs < C, other=0.0), 0)
+    mass_all = tl.sum(tl.load(pc + 1, mask=cs < C, other=0.0), 0)
+    cnt = tl.load(counter + r)
+    key = _row_key(tl.load(seeds + r))
+    tau_k = tl.where(use_k, bound, mn)
+    if cnt <= CAPB:
+        j = tl.arange(0, CAPB)
+        jm = j < cnt
+        v = tl.load(cand_v + r64 * CAPB + j, mask=jm, other=ninf)
+        ix = tl.load(cand_i + r64 * CAPB + j, mask=jm, other=0)
+        u = _ukey(v)
+        ef = tl.where(jm, tl.exp(v - m) * FIX + 0.5, 0.0).to(tl.int64)  # fixed point: sums independent of slot order
+        zk = tl.where(use_k, tl.sum(ef, 0).to(tl.float32), mass_all * FIX)  # top-k rows: candidates = top-k set
+        target = tl.maximum((pp * zk).to(tl.int64), 1)  # (>= 1: a top-p of 0 keeps the top value, as the reference)
+        # the mass radix over the candidates, in registers: 8 levels of 4 bits
+        b = tl.arange(0, 16)
+        prefix = tl.full((), 0, tl.int64)
+        above = tl.full((), 0, tl.int64)
+        for lev in tl.static_range(8):
+            shift = 28 - 4 * lev
+            match = jm
+            if lev > 0:
+                match = match & ((u >> (shift + 4)) == (prefix >> (shift + 4)))
+            d = ((u >> shift) & 15).to(tl.int32)
+            h = tl.sum(tl.where(match[:, None] & (d[:, None] == b[None, :]), ef[:, None], 0), 0)
+            prefix, above = _mass_digit(h, prefix, above, target, shift)
+        reached = use_p & (above >= 0)
+        tau = tl.where(reached, _ukey_float(prefix), tau_k)
+        # (not reached with every token searched a candidate: only through rounding, top_p within ~1e-7 of 1: keep
+        # the top-k set, as the reference)
+        full = use_p & (~reached) & (~use_k) & (tl.load(s + S_K) < nvi)
+        if full:  # the nucleus holds more than the CAP largest tokens: the mass search over the whole row
+            tl.store(s + S_MODE, tl.full((), 4, tl.int64))
+            tl.store(s + S_TARGET, tl.maximum((pp * mass_all * FIX).to(tl.int64), 1))
+            tl.store(s + S_MASS, tl.full((), 0, tl.int64))
+            tl.store(s + S_MASS + 1, tl.full((), 0, tl.int64))
+            tl.store(f + F_TAU, mn)
         else:
-            good = f >= target
-            if tl.where(phase == 0, c_h, m_h) >= target:  # the answer is H
-                tau = H
-                FLm = m_h
-                if phase == 0:  # the top-k set found: top-p searches inside it, from its threshold up
-                    phase = tl.where(use_p, 1, 2)
-                    target = pp * m_h
-                    A = H
-                    H = m
-                    phase = tl.where(A >= H, 2, phase)
-                else:
-                    phase = done
-            else:
-                A = tl.maximum(A, tl.max(tl.where(good & (~last), piv, ninf), 0))
-                H_new = tl.min(tl.where(good & (~last), float("inf"), maxlt), 0)  # H itself counts as bad
-                # (below A only through rounding, top_p within ~1e-7 of 1: keep H, one present value above)
-                if (H_new < A) | (passes >= 64):  # 64: unreachable, each phase ends within 12 passes
-                    tau = H
-                    FLm = m_h
-                    phase = done
-                H = H_new
+            z = tl.sum(tl.where(v >= tau, ef, 0), 0).to(tl.float32) / FIX
+            race = tl.where(jm & (v >= tau), v - tl.log(_exp_noise(key, ix)), ninf)
+            best = tl.max(race, 0)
+            win = tl.min(tl.where(jm & (race == best), ix, V), 0)  # the first index on equal keys (argmax's)
+            lt = tl.max(tl.where(jm & (ix == win), v, ninf), 0)
+            tl.store(tokens + r, win.to(tl.int64))
+            o = stats + r64 * 5
+            tl.store(o + 0, m)
+            tl.store(o + 1, tau)
+            tl.store(o + 2, z)
+            tl.store(o + 3, tl.exp(lt - m) / tl.where(z > 0, z, 1.0))
+            tl.store(o + 4, _uniform(key, tl.full((), 0, tl.int32) + V))
+    else:  # more candidates than slots (ties at the bound, or a top-k beyond CAPB)
+        goal = pp * tl.where(use_k, mass_c, mass_all)
+        if use_p & (goal > 1.0):  # mass search above the top-k bound
+            tl.store(s + S_MODE, tl.full((), 4, tl.int64))
+            tl.store(s + S_TARGET, tl.maximum((goal * FIX).to(tl.int64), 1))
+            tl.store(s + S_MASS, tl.full((), 0, tl.int64))
+            tl.store(s + S_MASS + 1, tl.full((), 0, tl.int64))
+            tl.store(f + F_TAU, tau_k)
+        else:  # the threshold is known: the bound (top-k alone), or the max (a top-p the top token reaches)
+            tl.store(s + S_MODE, tl.full((), 3, tl.int64))
+            tl.store(f + F_TAU, tl.where(use_p, m, bound))
 
-    tok = ri
-    tl_tok = rl
-    if (rl < tau) & (~g) & (~early):  # the race winner was cut: race again over the kept set only
-        rk = tl.full((), ninf, tl.float32)
-        for start in range(0, V, BLOCK):
-            idx = start + offs
-            l = _load_row(base, idx, V, it, UPCAST)
-            race = tl.where(l >= tau, l - tl.log(_exp_noise(key, idx)), ninf)
-            bk = tl.max(race, 0)
-            bi = tl.argmax(race, 0)
-            upd = bk > rk
-            tl_tok = tl.where(upd, tl.max(tl.where(offs == bi, l, ninf), 0), tl_tok)
-            tok = tl.where(upd, bi + start, tok)
-            rk = tl.maximum(rk, bk)
-    tok = tl.where(g, am, tok)
-    tl.store(tokens + r, tok.to(tl.int64))
-    tl.store(stats + r * 5 + 0, m)
-    nan = float("nan")  # a row that stopped early has no kept set: NaN, never a wrong number
-    tl.store(stats + r * 5 + 1, tl.where(g, m, tl.where(early, nan, tau)))
-    tl.store(stats + r * 5 + 2, tl.where(g, 1.0, tl.where(early, nan, FLm)))
-    tl.store(stats + r * 5 + 3, tl.where(g, 1.0, tl.where(early, nan, tl.exp(tl_tok - m) / tl.where(FLm > 0, FLm, 1.0))))
-    tl.store(stats + r * 5 + 4, _uniform(key, tl.full((), 0, tl.int32) + V))  # counter V: the acceptance uniform
+
+@triton.jit
+def _mass_kernel(logits, stride_l, rows, inv_temp, fs, st, mhist, V, FIX, LEVEL: tl.constexpr, CHUNK: tl.constexpr,
+                 BLOCK: tl.constexpr, UPCAST: tl.constexpr):
+    """Mass radix pass LEVEL (0..7), program (row, chunk) of a mode-4 row: the mass exp(l - m) (fixed point) per
+    4-bit digit LEVEL of the keys at or above the top-k bound that match the digits found so far."""
+    r = tl.program_id(0)
+    c = tl.program_id(1)
+    r64 = r.to(tl.int64)
+    s = st + r64 * NS
+    if tl.load(s + S_MODE) != 4:
+        return
+    b = tl.arange(0, 16)
+    if LEVEL == 0:
+        prefix = tl.load(s + S_MASS)
+        above = tl.load(s + S_MASS + 1)
+    else:
+        h = tl.load(mhist + (r64 * 8 + LEVEL - 1) * 16 + b)
+        prefix, above = _mass_digit(h, tl.load(s + S_MASS + 2 * (LEVEL - 1)), tl.load(s + S_MASS + 2 * LEVEL - 1),
+                                    tl.load(s + S_TARGET), 32 - 4 * LEVEL)
+        if c == 0:
+            tl.store(s + S_MASS + 2 * LEVEL, prefix)
+            tl.store(s + S_MASS + 2 * LEVEL + 1, above)
+    if above >= 0:
+        shift = 28 - 4 * LEVEL
+        f = fs + r64 * NF
+        m = tl.load(f + F_M)
+        lo = tl.load(f + F_TAU)
+        base = logits + tl.load(rows + r).to(tl.int64) * stride_l
+        it = tl.load(inv_temp + r)
+        offs = tl.arange(0, BLOCK)
+        acc = tl.zeros((16,), tl.int64)
+        for start in range(0, CHUNK, BLOCK):
+            l = _load_row(base, c * CHUNK + start + offs, V, it, UPCAST)
+            u = _ukey(l)
+            use = (l > float("-inf")) & (l >= lo)
+            if LEVEL > 0:
+                use = use & ((u >> (shift + 4)) == (prefix >> (shift + 4)))
+            w = tl.where(use, tl.exp(l - m) * FIX + 0.5, 0.0).to(tl.int64)
+            d = ((u >> shift) & 15).to(tl.int32)
+            acc += tl.sum(tl.where(d[:, None] == b[None, :], w[:, None], 0), 0)
+        tl.atomic_add(mhist + (r64 * 8 + LEVEL) * 16 + b, acc, mask=acc > 0)
+
+
+@triton.jit
+def _race_kernel(logits, stride_l, rows, inv_temp, seeds, fs, st, mhist, parts, V, C, CHUNK: tl.constexpr,
+                 BLOCK: tl.constexpr, UPCAST: tl.constexpr):
+    """Program (row, chunk) of a full-row row (mode 3, 4): the threshold (mode 4: the mass radix's last digit), then
+    the chunk's race over the kept tokens and their mass."""
+    r = tl.program_id(0)
+    c = tl.program_id(1)
+    r64 = r.to(tl.int64)
+    s = st + r64 * NS
+    mode = tl.load(s + S_MODE)
+    if (mode != 3) & (mode != 4):
+        return
+    f = fs + r64 * NF
+    m = tl.load(f + F_M)
+    tau = tl.load(f + F_TAU)
+    if mode == 4:
+        h = tl.load(mhist + (r64 * 8 + 7) * 16 + tl.arange(0, 16))
+        prefix, above = _mass_digit(h, tl.load(s + S_MASS + 14), tl.load(s + S_MASS + 15), tl.load(s + S_TARGET), 0)
+        # (no key reaching the target, only through rounding: keep everything above the top-k bound)
+        tau = tl.where(above >= 0, tl.maximum(_ukey_float(prefix), tau), tau)
+    if c == 0:
+        tl.store(f + F_TAU_FINAL, tau)
+    base = logits + tl.load(rows + r).to(tl.int64) * stride_l
+    it = tl.load(inv_temp + r)
+    key = _row_key(tl.load(seeds + r))
+    offs = tl.arange(0, BLOCK)
+    ninf = float("-inf")
+    rk = tl.full((), ninf, tl.float32)
+    ri = tl.full((), 0, tl.int32)
+    rl = tl.full((), ninf, tl.float32)
+    z = tl.full((), 0.0, tl.float32)
+    c0 = c * CHUNK
+    for start in range(0, CHUNK, BLOCK):
+        idx = c0 + start + offs
+        l = _load_row(base, idx, V, it, UPCAST)
+        kept = (l > ninf) & (l >= tau)
+        z += tl.sum(tl.where(kept, tl.exp(l - m), 0.0), 0)
+        race = tl.where(kept, l - tl.log(_exp_noise(key, idx)), ninf)
+        bk = tl.max(race, 0)
+        bi = tl.argmax(race, 0)
+        upd = bk > rk
+        rl = tl.where(upd, tl.max(tl.where(offs == bi, l, ninf), 0), rl)
+        ri = tl.where(upd, bi + c0 + start, ri)
+        rk = tl.maximum(rk, bk)
+    p = parts + (r64 * C + c) * NP
+    tl.store(p + 0, rk)
+    tl.store(p + 1, ri.to(tl.float32))
+    tl.store(p + 2, rl)
+    tl.store(p + 3, z)
+
+
+@triton.jit
+def _race_final_kernel(fs, st, parts, seeds, tokens, stats, V, C, CP: tl.constexpr):
+    """Program (row) of a full-row row: the race winner of its chunks (the first chunk on equal keys), its stats."""
+    r = tl.program_id(0)
+    r64 = r.to(tl.int64)
+    s = st + r64 * NS
+    mode = tl.load(s + S_MODE)
+    if (mode != 3) & (mode != 4):
+        return
+    ninf = float("-inf")
+    cs = tl.arange(0, CP)
+    cm = cs < C
+    p = parts + (r64 * C + cs) * NP
+    rk_c = tl.load(p + 0, mask=cm, other=ninf)
+    ri_c = tl.load(p + 1, mask=cm, other=0.0)
+    rl_c = tl.load(p + 2, mask=cm, other=ninf)
+    z = tl.sum(tl.load(p + 3, mask=cm, other=0.0), 0)
+    rk = tl.max(rk_c, 0)
+    rf = tl.min(tl.where(rk_c == rk, cs, CP), 0)
+    ri = tl.sum(tl.where(cs == rf, ri_c, 0.0), 0).to(tl.int64)
+    rl = tl.max(tl.where(cs == rf, rl_c, ninf), 0)
+    f = fs + r64 * NF
+    m = tl.load(f + F_M)
+    tl.store(tokens + r, ri)
+    o = stats + r64 * 5
+    tl.store(o + 0, m)
+    tl.store(o + 1, tl.load(f + F_TAU_FINAL))
+    tl.store(o + 2, z)
+    tl.store(o + 3, tl.exp(rl - m) / tl.where(z > 0, z, 1.0))
+    tl.store(o + 4, _uniform(_row_key(tl.load(seeds + r)), tl.full((), 0, tl.int32) + V))
 
 
 @triton.jit
@@ -284,26 +588,68 @@ def _per_row(n: int, *vectors: torch.Tensor) -> list[torch.Tensor]:
 
 def sample_rows(logits: torch.Tensor, rows: torch.Tensor, inv_temp: torch.Tensor, top_k: torch.Tensor,
                 top_p: torch.Tensor, greedy: torch.Tensor, seeds: torch.Tensor,
-                need_stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                need_stats: torch.Tensor | None = None, *, chunk: int | None = None, cap: int | None = None,
+                capb: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [Rows, V] (any float dtype), rows [R] int64 (which logits row each output row reads), inv_temp [R] f32,
     top_k [R] int64 (>= V: off), top_p [R] f32 (1: off), greedy [R] bool, seeds [R] int64 ->
     (tokens [R] int64, stats [R, 5] f32 = (max l, tau, kept mass z, p(token), u)). No host sync: graph-capturable.
     ``u``: the row's uniform at counter V (verification's acceptance test reads it: no noise kernel of its own).
 
-    ``need_stats`` [R] bool (None: all): a row without it may stop as soon as its race winner is proven kept (top-p
-    alone, ~1 pass after the first for top-p 0.95), its tau / z / p(token) then NaN; the token is the same."""
+    ``need_stats`` is accepted for the callers' sake and ignored: every row's stats cost nothing extra now.
+    ``chunk`` / ``cap`` / ``capb``: the tokens per program of a sweep, the candidate bound of top-p and the candidate
+    slots per row (defaults CHUNK, CAP, CAPB; tests shrink them to reach every path on small rows)."""
     _check_logits(logits)
     n, v = rows.shape[0], logits.shape[1]
-    if need_stats is None:
-        need_stats = torch.ones(n, dtype=torch.bool, device=logits.device)
-    rows, inv_temp, top_k, top_p, greedy, seeds, need_stats = _per_row(n, rows, inv_temp, top_k, top_p, greedy, seeds,
-                                                                      need_stats)
-    tokens = torch.empty(n, dtype=torch.int64, device=logits.device)
-    stats = torch.empty(n, 5, dtype=torch.float32, device=logits.device)
-    if n:
-        _sample_kernel[(n,)](logits, logits.stride(0), rows, inv_temp, top_k, top_p, greedy, seeds, need_stats, tokens,
-                             stats, v, BLOCK=BLOCK, BLOCK_S=BLOCK_S, NPIV=NPIV, UPCAST=logits.dtype != torch.float32)
+    chunk, cap, capb = chunk or CHUNK, cap or CAP, capb or CAPB
+    _check_shape(v, chunk, cap, capb)
+    rows, inv_temp, top_k, top_p, greedy, seeds = _per_row(n, rows, inv_temp, top_k, top_p, greedy, seeds)
+    dev = logits.device
+    tokens = torch.empty(n, dtype=torch.int64, device=dev)
+    stats = torch.empty(n, 5, dtype=torch.float32, device=dev)
+    if n == 0:
+        return tokens, stats
+    # (never more than the row needs: the same for every batch of one vocabulary)
+    chunk = min(chunk, max(16, triton.next_power_of_2(v)))
+    capb = min(capb, max(16, triton.next_power_of_2(v)))
+    cap = min(cap, capb)
+    block = min(BLOCK, chunk)
+    c = triton.cdiv(v, chunk)
+    cp = triton.next_power_of_2(c)
+    up = logits.dtype != torch.float32
+    parts = torch.empty(n, c, 8, dtype=torch.float32, device=dev)
+    fs = torch.empty(n, 16, dtype=torch.float32, device=dev)
+    st = torch.empty(n, 32, dtype=torch.int64, device=dev)
+    hist = torch.empty(n, 4, 256, dtype=torch.int32, device=dev)  # zeroed by the first sweep
+    mhist = torch.empty(n, 8, 16, dtype=torch.int64, device=dev)
+    counter = torch.empty(n, dtype=torch.int32, device=dev)
+    cand_v = torch.empty(n, capb, dtype=torch.float32, device=dev)
+    cand_i = torch.empty(n, capb, dtype=torch.int32, device=dev)
+    row = (logits, logits.stride(0), rows, inv_temp)
+    sweep = dict(CHUNK=chunk, BLOCK=block, UPCAST=up, num_warps=4)
+    grid = (n, c)
+    _sweep_kernel[grid](*row, top_k, top_p, greedy, seeds, parts, hist, mhist, counter, v, c, **sweep)
+    _setup_kernel[(n,)](parts, top_k, top_p, greedy, seeds, fs, st, tokens, stats, v, c, cap, CP=cp, num_warps=1)
+    for level in range(4):
+        _count_kernel[grid](*row, st, hist, v, LEVEL=level, **sweep)
+    _gather_kernel[grid](*row, fs, st, hist, parts, counter, cand_v, cand_i, v, c, CAPB=capb, **sweep)
+    _final_kernel[(n,)](fs, st, parts, counter, cand_v, cand_i, top_k, top_p, seeds, tokens, stats, v, c, FIX, CP=cp,
+                        CAPB=capb, num_warps=8 if capb >= 2048 else 4)
+    for level in range(8):
+        _mass_kernel[grid](*row, fs, st, mhist, v, FIX, LEVEL=level, **sweep)
+    _race_kernel[grid](*row, seeds, fs, st, mhist, parts, v, c, **sweep)
+    _race_final_kernel[(n,)](fs, st, parts, seeds, tokens, stats, v, c, CP=cp, num_warps=1)
     return tokens, stats
+
+
+def _check_shape(v: int, chunk: int, cap: int, capb: int) -> None:
+    """Every configuration the launcher accepts indexes only inside its buffers (the bench's tune section included)."""
+    pow2 = lambda x: x > 0 and x & (x - 1) == 0  # noqa: E731
+    if not (pow2(chunk) and chunk >= 16):
+        raise ValueError(f"chunk must be a power of two >= 16, got {chunk}")
+    if not (pow2(capb) and capb >= 16 and 1 <= cap <= capb):
+        raise ValueError(f"need 1 <= cap <= capb, capb a power of two >= 16; got cap {cap}, capb {capb}")
+    if not 1 <= v < MAX_V:
+        raise ValueError(f"vocabulary {v} outside [1, {MAX_V})")
 
 
 def residual(target_logits: torch.Tensor, target_rows: torch.Tensor, target_stats: torch.Tensor,

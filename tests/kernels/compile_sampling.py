@@ -15,11 +15,34 @@ def compile_one(fn, sig: dict, const: dict) -> None:
     triton.compile(ASTSource(fn, {**sig, **{k: "constexpr" for k in const}}, constexprs=dict(const)), target=TARGET)
 
 
+ROW = dict(stride_l="i64", rows="*i64", inv_temp="*fp32")
+SWEEP = dict(CHUNK=S.CHUNK, BLOCK=S.BLOCK)
 for dt, upcast in (("bf16", True),):  # the models' dtype (fp32 differs only by the UPCAST constexpr)
-    compile_one(S._sample_kernel, dict(
-        logits=f"*{dt}", stride_l="i64", rows="*i64", inv_temp="*fp32", top_k="*i64", top_p="*fp32", greedy="*i1",
-        seeds="*i64", need_stats="*i1", tokens="*i64", stats="*fp32", V="i32"),
-        dict(BLOCK=S.BLOCK, BLOCK_S=S.BLOCK_S, NPIV=S.NPIV, UPCAST=upcast))
+    compile_one(S._sweep_kernel, dict(
+        logits=f"*{dt}", **ROW, top_k="*i64", top_p="*fp32", greedy="*i1", seeds="*i64", parts="*fp32",
+        hist="*i32", mhist="*i64", counter="*i32", V="i32", C="i32"), dict(**SWEEP, UPCAST=upcast))
+    compile_one(S._setup_kernel, dict(
+        parts="*fp32", top_k="*i64", top_p="*fp32", greedy="*i1", seeds="*i64", fs="*fp32", st="*i64",
+        tokens="*i64", stats="*fp32", V="i32", C="i32", CAP="i32"), dict(CP=64))
+    for level in range(4):
+        compile_one(S._count_kernel, dict(logits=f"*{dt}", **ROW, st="*i64", hist="*i32", V="i32"),
+                    dict(LEVEL=level, **SWEEP, UPCAST=upcast))
+    compile_one(S._gather_kernel, dict(
+        logits=f"*{dt}", **ROW, fs="*fp32", st="*i64", hist="*i32", parts="*fp32", counter="*i32", cand_v="*fp32",
+        cand_i="*i32", V="i32", C="i32"), dict(**SWEEP, CAPB=S.CAPB, UPCAST=upcast))
+    compile_one(S._final_kernel, dict(
+        fs="*fp32", st="*i64", parts="*fp32", counter="*i32", cand_v="*fp32", cand_i="*i32", top_k="*i64",
+        top_p="*fp32", seeds="*i64", tokens="*i64", stats="*fp32", V="i32", C="i32", FIX="fp32"),
+        dict(CP=64, CAPB=S.CAPB))
+    for level in range(8):
+        compile_one(S._mass_kernel, dict(logits=f"*{dt}", **ROW, fs="*fp32", st="*i64", mhist="*i64", V="i32",
+                                         FIX="fp32"), dict(LEVEL=level, **SWEEP, UPCAST=upcast))
+    compile_one(S._race_kernel, dict(
+        logits=f"*{dt}", **ROW, seeds="*i64", fs="*fp32", st="*i64", mhist="*i64", parts="*fp32", V="i32", C="i32"),
+        dict(**SWEEP, UPCAST=upcast))
+    compile_one(S._race_final_kernel, dict(
+        fs="*fp32", st="*i64", parts="*fp32", seeds="*i64", tokens="*i64", stats="*fp32", V="i32", C="i32"),
+        dict(CP=64))
     compile_one(S._residual_kernel, dict(
         t_logits=f"*{dt}", stride_t="i64", t_rows="*i64", t_stats="*fp32", d_logits=f"*{dt}", stride_d="i64",
         d_rows="*i64", d_stats="*fp32", inv_temp="*fp32", seeds="*i64", need="*i1", tokens="*i64", V="i32"),
