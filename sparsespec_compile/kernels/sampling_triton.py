@@ -12,6 +12,7 @@ CAP = 1024  # a top-p row's candidates: its CAP largest logits (a top-k row's: i
 CAPB = 2048  # candidate slots per row (ties at the bound may need more than CAP; more than CAPB: the full-row path)
 FIX = 2.0 ** 40  # fixed point of the mass histograms (integer atomics: the sums do not depend on the programs' order)
 MAX_V = 1 << 23  # counts exact in float32, fixed-point masses below 2**63
+MODE_NAMES = ("greedy", "no filter", "candidates", "full-row race", "mass search")  # a row's path, by mode
 
 # per-row state: fs [R, 16] float32, st [R, 32] int64
 F_M = tl.constexpr(0)  # max l
@@ -589,7 +590,7 @@ def _per_row(n: int, *vectors: torch.Tensor) -> list[torch.Tensor]:
 def sample_rows(logits: torch.Tensor, rows: torch.Tensor, inv_temp: torch.Tensor, top_k: torch.Tensor,
                 top_p: torch.Tensor, greedy: torch.Tensor, seeds: torch.Tensor,
                 need_stats: torch.Tensor | None = None, *, chunk: int | None = None, cap: int | None = None,
-                capb: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                capb: int | None = None, _modes: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [Rows, V] (any float dtype), rows [R] int64 (which logits row each output row reads), inv_temp [R] f32,
     top_k [R] int64 (>= V: off), top_p [R] f32 (1: off), greedy [R] bool, seeds [R] int64 ->
     (tokens [R] int64, stats [R, 5] f32 = (max l, tau, kept mass z, p(token), u)). No host sync: graph-capturable.
@@ -638,6 +639,8 @@ def sample_rows(logits: torch.Tensor, rows: torch.Tensor, inv_temp: torch.Tensor
         _mass_kernel[grid](*row, fs, st, mhist, v, FIX, LEVEL=level, **sweep)
     _race_kernel[grid](*row, seeds, fs, st, mhist, parts, v, c, **sweep)
     _race_final_kernel[(n,)](fs, st, parts, seeds, tokens, stats, v, c, CP=cp, num_warps=1)
+    if _modes is not None:  # (tests: which path each row took, MODE_NAMES)
+        _modes.append(st[:, 0].clone())
     return tokens, stats
 
 
