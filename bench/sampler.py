@@ -5,22 +5,25 @@
     python3 bench/sampler.py --smoke --out /tmp/s                   # CPU interpreter, tiny sizes (checks the script)
 
 For B rows x V (49,152: SmolLM2; 151,936: Qwen3) bf16 logits it times, per configuration (temperature only, top-p
-0.95, top-k 50, top-k 50 + top-p 0.95; all at T 0.6):
-  * ``new``: kernels/sampling_triton.sample_rows, the noise seeds drawn on the device in the same graph (as a step
-    does), rows that find their kept set (drafts, verify rows); ``new_plain``: rows that need only their token (a
-    plain decode: it stops once the token is proven kept);
+0.95, top-k 50, top-k 50 + top-p 0.95, top-k 1000 + top-p 0.95; all at T 0.6):
+  * ``new``: kernels/sampling_triton.sample_rows (the split search: first sweep, 4 count-radix sweeps, the gather
+    sweep, candidates cut in registers; rows whose nucleus exceeds the candidates add 8 mass-radix sweeps and a race
+    sweep), the noise seeds drawn on the device in the same graph (as a step does);
   * ``old``: the sampler before issue 18 (runtime/verify.py at 715fc9e, copied below): a full-vocabulary sort for
     top-p (torch.topk when every row has a top-k), two softmaxes, a scatter, an exponential race over [B, V];
   * ``argmax``: greedy decoding's cost, the same bytes read once.
 Each time is the median of CUDA-graph replays (triton.testing.do_bench_cudagraph). ``floor_us`` = the logits' bytes
-/ 4.2 TB/s (H200 HBM, read once); ``x_floor`` = time / floor. Two kinds of logits: ``zipf`` (a few likely tokens and a
-long tail, like a language model's: the nucleus of top-p 0.95 at T 0.6 is tens to hundreds of tokens) and ``randn``
-(N(0, 1): a nearly flat row whose nucleus is most of the vocabulary, the search's hard case).
+/ 4.2 TB/s (H200 HBM, read once); ``x_floor`` = time / floor; ``paths``: how many rows took each path of the search
+(kernels/sampling_triton.MODE_NAMES). Two kinds of logits: ``zipf`` (a few likely tokens and a long tail, like a
+language model's: the nucleus of top-p 0.95 at T 0.6 is tens to hundreds of tokens) and ``randn`` (N(0, 1): a nearly
+flat row whose nucleus is most of the vocabulary: the mass search's case).
 
 A ``check`` section first compares the kernel's tokens and kept-set statistics with the torch reference on bf16
-logits on the device (the same noise: the tokens must be equal), and a ``verify`` section times one speculative
-verification (N requests x k + 1 = 9 target rows, the residual) new vs old, when the package imports. ``tune``
-times the search's shape (pivots per pass, tokens per step) at B 256.
+logits on the device (the same noise: the tokens must be equal), at both vocabularies, with the default shapes and
+with a small candidate bound that sends most rows through the mass search; a ``verify`` section times one
+speculative verification (N requests x k + 1 = 9 target rows, the residual) new vs old. ``tune`` times the shapes
+the launcher accepts (tokens per sweep program x candidate bound / slots) at B 256; the launcher refuses any shape
+that could index outside its buffers (sampling_triton._check_shape), so every tune config is in bounds.
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ import time
 ap = argparse.ArgumentParser()
 ap.add_argument("--out", default="bench_out")
 ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny sizes: checks the script, no real times")
-ap.add_argument("--batch", type=int, nargs="*", default=[1, 8, 32, 64, 128, 256, 512])
+ap.add_argument("--batch", type=int, nargs="*", default=[1, 64, 256, 512])
 ap.add_argument("--vocab", type=int, nargs="*", default=[49_152, 151_936])
 ap.add_argument("--hbm-tbps", type=float, default=4.2)
+ap.add_argument("--sections", default="check,sampler,tune,verify")
 args = ap.parse_args()
 if args.smoke:
     os.environ["TRITON_INTERPRET"] = "1"
@@ -51,7 +55,8 @@ from sparsespec_compile.kernels.sampling_triton import sample_rows  # noqa: E402
 
 DEV = "cpu" if args.smoke else "cuda"
 T = 0.6
-CONFIGS = {"temperature": (0, 1.0), "top_p_0.95": (0, 0.95), "top_k_50": (50, 1.0), "top_k_50_top_p_0.95": (50, 0.95)}
+CONFIGS = {"temperature": (0, 1.0), "top_p_0.95": (0, 0.95), "top_k_50": (50, 1.0), "top_k_50_top_p_0.95": (50, 0.95),
+           "top_k_1000_top_p_0.95": (1000, 0.95)}
 
 
 def logits_of(kind: str, b: int, v: int) -> torch.Tensor:
@@ -67,6 +72,7 @@ def logits_of(kind: str, b: int, v: int) -> torch.Tensor:
 def old_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """The pre-issue-18 sampler (probs_from_logits + _race of runtime/verify.py at 715fc9e), one config per batch."""
     x = logits.float() / temperature.view(-1, 1)
+    top_k = min(top_k, x.shape[-1])
     if top_k or top_p < 1:
         sx, si = x.topk(top_k, -1) if top_k else x.sort(-1, descending=True)
         if top_k:
@@ -101,27 +107,38 @@ def rows_inputs(b: int, v: int, top_k: int, top_p: float):
 
 
 def check(records: list) -> None:
-    b, v = (2, 300) if args.smoke else (64, 49_152)
-    for kind in ("zipf", "randn"):
-        x = logits_of(kind, b, v)
-        for name, (k, p) in CONFIGS.items():
-            rows, it, tk, tp, gr = rows_inputs(b, v, k, p)
-            seeds = torch.randint(0, 1 << 62, (b,), device=DEV)
-            tok, st = sample_rows(x, rows, it, tk, tp, gr, seeds)
-            tok_r, st_r = ref.sample_rows_reference(x, it, tk, tp, gr, seeds)
-            kept = ((x.float() * it.view(-1, 1)) >= st[:, 1:2]).sum(-1).float()
-            rec = dict(section="check", logits=kind, V=v, B=b, config=name,
-                       tokens_equal=float((tok == tok_r).float().mean()),
-                       tau_equal=float((st[:, 1] == st_r[:, 1]).float().mean()),
-                       z_max_rel_err=float(((st[:, 2] - st_r[:, 2]).abs() / st_r[:, 2]).max()),
-                       kept_tokens_median=float(kept.median()))
-            records.append(rec)
-            print(f"check {kind:5s} {name:22s} tokens equal {rec['tokens_equal']:.3f}  tau equal "
-                  f"{rec['tau_equal']:.3f}  z rel err {rec['z_max_rel_err']:.1e}  kept {rec['kept_tokens_median']:.0f}",
-                  flush=True)
+    from sparsespec_compile.kernels.sampling_triton import MODE_NAMES
+
+    b = 2 if args.smoke else 64
+    shapes = {"default": {}, "small_cap": dict(cap=16, capb=32)}  # small_cap: most top-p rows take the mass search
+    for v in args.vocab:
+        for kind in ("zipf", "randn"):
+            x = logits_of(kind, b, v)
+            for shape, kw in shapes.items():
+                for name, (k, p) in CONFIGS.items():
+                    rows, it, tk, tp, gr = rows_inputs(b, v, k, p)
+                    gr[::4] = True  # a mixed batch: every 4th row greedy
+                    seeds = torch.randint(0, 1 << 62, (b,), device=DEV)
+                    modes: list = []
+                    tok, st = sample_rows(x, rows, it, tk, tp, gr, seeds, _modes=modes, **kw)
+                    tok_r, st_r = ref.sample_rows_reference(x, it, tk, tp, gr, seeds)
+                    kept = ((x.float() * it.view(-1, 1)) >= st[:, 1:2]).sum(-1).float()
+                    paths = {MODE_NAMES[i]: int((modes[0] == i).sum()) for i in range(len(MODE_NAMES))}
+                    rec = dict(section="check", logits=kind, V=v, B=b, config=name, shape=shape,
+                               tokens_equal=float((tok == tok_r).float().mean()),
+                               tau_equal=float((st[:, 1] == st_r[:, 1]).float().mean()),
+                               z_max_rel_err=float(((st[:, 2] - st_r[:, 2]).abs() / st_r[:, 2]).max()),
+                               p_max_rel_err=float(((st[:, 3] - st_r[:, 3]).abs() / st_r[:, 3]).max()),
+                               kept_tokens_median=float(kept.median()), paths=paths)
+                    records.append(rec)
+                    print(f"check V {v} {kind:5s} {shape:9s} {name:22s} tokens equal {rec['tokens_equal']:.3f}  tau "
+                          f"equal {rec['tau_equal']:.3f}  z rel err {rec['z_max_rel_err']:.1e}  kept "
+                          f"{rec['kept_tokens_median']:.0f}  paths {paths}", flush=True)
 
 
 def sampler(records: list) -> None:
+    from sparsespec_compile.kernels.sampling_triton import MODE_NAMES
+
     for v in args.vocab:
         for kind in ("zipf",) if args.smoke else ("zipf", "randn"):
             for b in args.batch:
@@ -133,45 +150,45 @@ def sampler(records: list) -> None:
                 line = [f"V {v:6d} {kind:5s} B {b:3d}  floor {floor:7.1f} us  argmax {ms * 1e3:7.1f}"]
                 for name, (k, p) in CONFIGS.items():
                     rows, it, tk, tp, gr = rows_inputs(b, v, k, p)
-                    stats = torch.ones(b, dtype=torch.bool, device=DEV)
+                    modes: list = []
+                    sample_rows(x, rows, it, tk, tp, gr, torch.zeros(b, dtype=torch.int64, device=DEV), _modes=modes)
+                    paths = {MODE_NAMES[i]: int((modes[0] == i).sum()) for i in range(len(MODE_NAMES))}
                     new = timed(lambda: sample_rows(x, rows, it, tk, tp, gr,
-                                                    torch.randint(0, 1 << 62, (b,), device=DEV), stats))
-                    plain = timed(lambda: sample_rows(x, rows, it, tk, tp, gr,
-                                                      torch.randint(0, 1 << 62, (b,), device=DEV), ~stats))
+                                                    torch.randint(0, 1 << 62, (b,), device=DEV)))
                     temp = torch.full((b,), T, device=DEV)
                     old = timed(lambda: old_sample(x, temp, k, p))
-                    # new: a draft's row (its kept set found: verification reads it); new_plain: a decode's row (may
-                    # stop once its token is proven kept)
-                    for impl, t in (("new", new), ("new_plain", plain), ("old", old)):
+                    for impl, t in (("new", new), ("old", old)):
                         records.append(dict(section="sampler", logits=kind, V=v, B=b, config=name, impl=impl, ms=t,
-                                            floor_us=floor, x_floor=t * 1e3 / floor))
-                    line.append(f"{name} {new * 1e3:.1f}/{plain * 1e3:.1f} (old {old * 1e3:.1f})")
+                                            floor_us=floor, x_floor=t * 1e3 / floor,
+                                            **(dict(paths=paths) if impl == "new" else {})))
+                    line.append(f"{name} {new * 1e3:.1f} (old {old * 1e3:.1f})")
                 print(" | ".join(line), flush=True)
 
 
-def tune(records: list) -> None:
-    """The search's shape at B 256 (and the smallest batch on the CPU smoke run): pivots per pass x tokens per step of a
-    pass, for the filters that search. The defaults are kernels/sampling_triton.NPIV / BLOCK_S."""
-    from sparsespec_compile.kernels import sampling_triton as S
+TUNE_SHAPES = [  # (tokens per sweep program, candidate bound, candidate slots); the launcher checks each
+    (2048, 1024, 2048), (4096, 1024, 2048), (8192, 1024, 2048), (4096, 256, 512), (4096, 2048, 4096),
+]
 
-    default = (S.NPIV, S.BLOCK_S)
+
+def tune(records: list) -> None:
+    """The split search's shapes at B 256 (the smallest batch on the CPU smoke run), for the filters that search. The
+    defaults are kernels/sampling_triton.CHUNK / CAP / CAPB. Shapes are arguments of sample_rows, never module
+    globals patched under a running graph; sampling_triton._check_shape refuses any that could index out of bounds."""
     b = args.batch[-1] if args.smoke else 256
-    try:
-        for v in args.vocab:
-            x = logits_of("zipf", b, v)
-            for name in ("top_p_0.95", "top_k_50"):
+    shapes = [(64, 8, 16)] if args.smoke else TUNE_SHAPES
+    for v in args.vocab:
+        for kind in ("zipf",) if args.smoke else ("zipf", "randn"):
+            x = logits_of(kind, b, v)
+            for name in ("top_p_0.95", "top_k_50", "top_k_50_top_p_0.95"):
                 k, p = CONFIGS[name]
                 rows, it, tk, tp, gr = rows_inputs(b, v, k, p)
-                stats = torch.ones(b, dtype=torch.bool, device=DEV)
-                for npiv, block_s in ((8, 128), (16, 64), (16, 128), (32, 64)):
-                    S.NPIV, S.BLOCK_S = npiv, block_s
+                for chunk, cap, capb in shapes:
+                    kw = dict(chunk=chunk, cap=cap, capb=capb)
                     t = timed(lambda: sample_rows(x, rows, it, tk, tp, gr, torch.randint(0, 1 << 62, (b,), device=DEV),
-                                                  stats))
-                    records.append(dict(section="tune", logits="zipf", V=v, B=b, config=name, npiv=npiv,
-                                        block_s=block_s, ms=t))
-                    print(f"tune V {v} B {b} {name:12s} NPIV {npiv:2d} BLOCK_S {block_s:3d}: {t * 1e3:8.1f} us", flush=True)
-    finally:
-        S.NPIV, S.BLOCK_S = default
+                                                  **kw))
+                    records.append(dict(section="tune", logits=kind, V=v, B=b, config=name, **kw, ms=t))
+                    print(f"tune V {v} {kind:5s} B {b} {name:20s} chunk {chunk:5d} cap {cap:4d} capb {capb:4d}: "
+                          f"{t * 1e3:8.1f} us", flush=True)
 
 
 def verify_section(records: list) -> None:
@@ -205,6 +222,7 @@ def old_verify(d, draft, target, temp, top_k, top_p, n, k):
     """The old verification's device work: target probabilities [N, k+1, V] by the old sampler's transform, the draft
     probabilities it kept [N, k, V] (fp32), the accept test and the residual race."""
     x = target.float() / temp.view(-1, 1)
+    top_k = min(top_k, x.shape[-1])
     if top_k or top_p < 1:
         sx, si = x.topk(top_k, -1) if top_k else x.sort(-1, descending=True)
         if top_k:
@@ -238,8 +256,9 @@ def main() -> None:
         with open(path, "w") as f:
             json.dump(dict(meta=meta, records=records), f, indent=1)
 
-    for section in (check, sampler, tune, verify_section):
-        section(records)
+    sections = dict(check=check, sampler=sampler, tune=tune, verify=verify_section)
+    for name in args.sections.split(","):
+        sections[name](records)
         save()
     print("wrote", path)
 

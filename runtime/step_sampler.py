@@ -71,7 +71,7 @@ class StepSampler:
         entries = [plan.entries[i] for i in sample_rows]
         idx = to_device(sample_logit_rows, logits.device)
         # Drafts verified by rejection sampling keep their row for it; seeded requests verify by coupling (verify.py),
-        # which reads only the drafted tokens. The other rows' kept sets are never read: they may stop early.
+        # which reads only the drafted tokens. The other rows' kept sets are never read (need_stats: a hint).
         keep = [j for j, e in enumerate(entries)
                 if e.kind is StepKind.DRAFT and not e.request.params.greedy and e.request.params.seed is None]
         mine = set(keep)

@@ -131,8 +131,8 @@ def _impl(logits: torch.Tensor, impl: str) -> str:
 def sample_rows(logits: torch.Tensor, rows: torch.Tensor | None, st: SamplingTensors, seeds: torch.Tensor,
                 impl: str = "auto", need_stats: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [Rows, V], rows [R] (None: every row) -> (tokens [R] int64, stats [R, 5]). Sampled rows only
-    (``st`` not all-greedy). ``need_stats`` [R] bool (None: all): rows whose stats are read later; the kernel may
-    leave the others' NaN (sampling_triton.sample_rows)."""
+    (``st`` not all-greedy). ``need_stats`` [R] bool (None: all): rows whose stats are read later (a hint; the
+    split-search kernel computes every row's stats at no extra cost, sampling_triton.sample_rows)."""
     if _impl(logits, impl) == "triton":
         from sparsespec_compile.kernels.sampling_triton import sample_rows as kernel
 

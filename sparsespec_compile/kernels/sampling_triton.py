@@ -1,4 +1,40 @@
-"""DOCSTRING"""
+"""Triton kernels of sampling at temperature with top-k / top-p, without sorting the vocabulary.
+
+The kept set of a row is a threshold on its scaled logits (sampling_reference.py defines it: ties at the cut kept,
+-inf never). It is found by radix selection on the float's order-preserving 32-bit key (-0.0 merged with +0.0), and
+every pass over the vocabulary is split across a 2-D grid (rows x chunks of CHUNK = 4096 tokens), so a pass is a
+bandwidth-bound sweep of the logits, not one program per row looping over it. Per call, in launch order:
+
+  1. sweep (rows x chunks): max / first argmax, sum exp(l - max), min, valid count; the Gumbel race for rows without
+     a filter. 1 read of the logits.
+  2. setup (rows): the row's stats and path; greedy and unfiltered rows are finished here (token and stats).
+  3. count radix, 4 sweeps: the histogram (tl.histogram, int32 atomics: exact) of one 8-bit digit of the keys that
+     match the digits found so far -> the K-th largest key, K = k (top-k) or CAP = 1024 (top-p alone). 4 reads.
+  4. gather sweep: the tokens at or above it -> the row's candidate slots (CAPB = 2048), the mass above it and in all.
+     1 read.
+  5. final (rows): the candidates in registers; the top-p cut among them by an 8-level, 4-bit mass radix (fixed point
+     int64, so sums do not depend on the slots' order); the race over the kept candidates; token and stats.
+  6. only for rows whose nucleus holds more than the CAP largest tokens (flat rows), or whose candidates overflow the
+     slots (tie groups, top-k > CAPB): a mass radix over the whole row, 8 sweeps of a 4-bit digit (16-bin fixed-point
+     histograms, int64 atomics), then a race sweep and a combine. 9 reads. Other rows' programs return at once.
+Greedy rows read their logits once (sweep 1) and return at once from every later kernel: they pay nothing for the
+sampled rows beside them. Noise is a hash of (row seed, token index), regenerated where needed: bit-identical to the
+reference's ``uniform``; every sum has a fixed order (chunk partials combined in chunk order, integer atomics), and
+CHUNK does not depend on the batch: a row's token and stats depend on its logits, parameters and seed alone.
+
+Bytes and expected H200 time (4.2 TB/s; bf16 logits, B 256 x 49,152 = 25.2 MB, one read 6.0 us; at 151,936 x3):
+  * temperature only: 1 read (+ the race's hashing) ~ 10-20 us + ~16 near-empty launches (~2 us each in a graph)
+    ~ 40-50 us; the sort-based path measured 0.208 ms, the one-program-per-row kernel 0.097 ms.
+  * top-k 50, top-p 0.95 with nucleus <= 1024 (language-model rows), both: 6 reads (36 us) + histogram work + the
+    in-register cut + launches ~ 70-110 us; measured for the sort: 0.49 (top-k), 1.61 (top-p), 0.51 (both) ms.
+  * flat rows (randn top-p: nucleus ~ half the vocabulary): 15 reads (90 us) + the 16-bin histograms' compute
+    (~16 compare-adds per token per pass) ~ 0.2-0.3 ms; the sort measured 1.61 ms (49k) and 4.59 ms (152k).
+Scratch per row: CAPB x 8 bytes of candidates, 4 KB of count histograms, 1 KB of mass histograms. These are
+estimates from the bytes and launch counts, not measurements (bench/sampler.py measures them).
+
+``residual`` samples max(p - q, 0) for speculative verification in one pass over the target and draft rows (one
+program per row: only the rejected verify rows, a few per request).
+"""
 
 from __future__ import annotations
 
