@@ -12,7 +12,7 @@ bandwidth-bound sweep of the logits, not one program per row looping over it. Pe
      match the digits found so far -> the K-th largest key, K = k (top-k) or CAP = 1024 (top-p alone). 4 reads.
   4. gather sweep: the tokens at or above it -> the row's candidate slots (CAPB = 2048), the mass above it and in all.
      1 read.
-  5. final (rows): the candidates in registers; the top-p cut among them by an 8-level, 4-bit mass radix (fixed point
+  5. final (rows): the candidates, read back in blocks of 256 (L2-resident slots); the top-p cut among them by an 8-level, 4-bit mass radix (fixed point
      int64, so sums do not depend on the slots' order); the race over the kept candidates; token and stats.
   6. only for rows whose nucleus holds more than the CAP largest tokens (flat rows), or whose candidates overflow the
      slots (tie groups, top-k > CAPB): a mass radix over the whole row, 8 sweeps of a 4-bit digit (16-bin fixed-point
@@ -359,8 +359,8 @@ def _gather_kernel(logits, stride_l, rows, inv_temp, fs, st, hist, parts, counte
 
 @triton.jit
 def _final_kernel(fs, st, parts, counter, cand_v, cand_i, top_k, top_p, seeds, tokens, stats, V, C, FIX,
-                  CP: tl.constexpr, CAPB: tl.constexpr):
-    """Program (row) of a candidate row: the top-p cut among its candidates (<= CAPB values, in registers) by a
+                  CP: tl.constexpr, CAPB: tl.constexpr, FB: tl.constexpr):
+    """Program (row) of a candidate row: the top-p cut among its candidates (<= CAPB values, in blocks of FB) by a
     mass radix (fixed-point sums: the slots' order does not matter), the race over the kept ones. A row whose nucleus is not among them, or whose
     candidates overflowed, is handed to the full-row path (mode 3: threshold known; mode 4: mass search first)."""
     r = tl.program_id(0)
@@ -386,26 +386,33 @@ def _final_kernel(fs, st, parts, counter, cand_v, cand_i, top_k, top_p, seeds, t
     key = _row_key(tl.load(seeds + r))
     tau_k = tl.where(use_k, bound, mn)
     if cnt <= CAPB:
-        j = tl.arange(0, CAPB)
-        jm = j < cnt
-        v = tl.load(cand_v + r64 * CAPB + j, mask=jm, other=ninf)
-        ix = tl.load(cand_i + r64 * CAPB + j, mask=jm, other=0)
-        u = _ukey(v)
-        ef = tl.where(jm, tl.exp(v - m) * FIX + 0.5, 0.0).to(tl.int64)  # fixed point: sums independent of slot order
-        zk = tl.where(use_k, tl.sum(ef, 0).to(tl.float32), mass_all * FIX)  # top-k rows: candidates = top-k set
+        jb = tl.arange(0, FB)
+        cv = cand_v + r64 * CAPB
+        ci = cand_i + r64 * CAPB
+        zsum = tl.full((), 0, tl.int64)  # candidates' mass, fixed point: sums independent of the slots' order
+        for j0 in range(0, cnt, FB):
+            v = tl.load(cv + j0 + jb, mask=j0 + jb < cnt, other=ninf)
+            zsum += tl.sum(tl.where(v > ninf, tl.exp(v - m) * FIX + 0.5, 0.0).to(tl.int64), 0)
+        zk = tl.where(use_k, zsum.to(tl.float32), mass_all * FIX)  # top-k rows: the candidates are the top-k set
         target = tl.maximum((pp * zk).to(tl.int64), 1)  # (>= 1: a top-p of 0 keeps the top value, as the reference)
-        # the mass radix over the candidates, in registers: 8 levels of 4 bits
-        b = tl.arange(0, 16)
         prefix = tl.full((), 0, tl.int64)
-        above = tl.full((), 0, tl.int64)
-        for lev in tl.static_range(8):
-            shift = 28 - 4 * lev
-            match = jm
-            if lev > 0:
-                match = match & ((u >> (shift + 4)) == (prefix >> (shift + 4)))
-            d = ((u >> shift) & 15).to(tl.int32)
-            h = tl.sum(tl.where(match[:, None] & (d[:, None] == b[None, :]), ef[:, None], 0), 0)
-            prefix, above = _mass_digit(h, prefix, above, target, shift)
+        above = tl.full((), -1, tl.int64)
+        if use_p:  # the mass radix over the candidates (8 levels of 4 bits, one pass over the slots each)
+            b = tl.arange(0, 16)
+            above = tl.full((), 0, tl.int64)
+            for lev in tl.static_range(8):
+                shift = 28 - 4 * lev
+                h = tl.zeros((16,), tl.int64)
+                for j0 in range(0, cnt, FB):
+                    v = tl.load(cv + j0 + jb, mask=j0 + jb < cnt, other=ninf)
+                    u = _ukey(v)
+                    ef = tl.where(v > ninf, tl.exp(v - m) * FIX + 0.5, 0.0).to(tl.int64)
+                    match = v > ninf
+                    if lev > 0:
+                        match = match & ((u >> (shift + 4)) == (prefix >> (shift + 4)))
+                    d = ((u >> shift) & 15).to(tl.int32)
+                    h += tl.sum(tl.where(match[:, None] & (d[:, None] == b[None, :]), ef[:, None], 0), 0)
+                prefix, above = _mass_digit(h, prefix, above, target, shift)
         reached = use_p & (above >= 0)
         tau = tl.where(reached, _ukey_float(prefix), tau_k)
         # (not reached with every token searched a candidate: only through rounding, top_p within ~1e-7 of 1: keep
@@ -418,11 +425,25 @@ def _final_kernel(fs, st, parts, counter, cand_v, cand_i, top_k, top_p, seeds, t
             tl.store(s + S_MASS + 1, tl.full((), 0, tl.int64))
             tl.store(f + F_TAU, mn)
         else:
-            z = tl.sum(tl.where(v >= tau, ef, 0), 0).to(tl.float32) / FIX
-            race = tl.where(jm & (v >= tau), v - tl.log(_exp_noise(key, ix)), ninf)
-            best = tl.max(race, 0)
-            win = tl.min(tl.where(jm & (race == best), ix, V), 0)  # the first index on equal keys (argmax's)
-            lt = tl.max(tl.where(jm & (ix == win), v, ninf), 0)
+            zf = tl.full((), 0, tl.int64)
+            best = tl.full((), ninf, tl.float32)
+            win = tl.full((), 0, tl.int32) + V
+            lt = tl.full((), ninf, tl.float32)
+            for j0 in range(0, cnt, FB):
+                jm = j0 + jb < cnt
+                v = tl.load(cv + j0 + jb, mask=jm, other=ninf)
+                ix = tl.load(ci + j0 + jb, mask=jm, other=0)
+                kept = jm & (v > ninf) & (v >= tau)
+                zf += tl.sum(tl.where(kept, tl.exp(v - m) * FIX + 0.5, 0.0).to(tl.int64), 0)
+                race = tl.where(kept, v - tl.log(_exp_noise(key, ix)), ninf)
+                bb = tl.max(race, 0)
+                bw = tl.min(tl.where(kept & (race == bb), ix, V), 0)  # the first index on equal keys (argmax's)
+                bl = tl.max(tl.where(kept & (ix == bw), v, ninf), 0)
+                upd = (bb > best) | ((bb == best) & (bw < win))
+                best = tl.where(upd, bb, best)
+                win = tl.where(upd, bw, win)
+                lt = tl.where(upd, bl, lt)
+            z = zf.to(tl.float32) / FIX
             tl.store(tokens + r, win.to(tl.int64))
             o = stats + r64 * 5
             tl.store(o + 0, m)
@@ -670,7 +691,7 @@ def sample_rows(logits: torch.Tensor, rows: torch.Tensor, inv_temp: torch.Tensor
         _count_kernel[grid](*row, st, hist, v, LEVEL=level, **sweep)
     _gather_kernel[grid](*row, fs, st, hist, parts, counter, cand_v, cand_i, v, c, CAPB=capb, **sweep)
     _final_kernel[(n,)](fs, st, parts, counter, cand_v, cand_i, top_k, top_p, seeds, tokens, stats, v, c, FIX, CP=cp,
-                        CAPB=capb, num_warps=8 if capb >= 2048 else 4)
+                        CAPB=capb, FB=min(256, capb), num_warps=4)
     for level in range(8):
         _mass_kernel[grid](*row, fs, st, mhist, v, FIX, LEVEL=level, **sweep)
     _race_kernel[grid](*row, seeds, fs, st, mhist, parts, v, c, **sweep)

@@ -33,7 +33,7 @@ for dt, upcast in (("bf16", True),):  # the models' dtype (fp32 differs only by 
     compile_one(S._final_kernel, dict(
         fs="*fp32", st="*i64", parts="*fp32", counter="*i32", cand_v="*fp32", cand_i="*i32", top_k="*i64",
         top_p="*fp32", seeds="*i64", tokens="*i64", stats="*fp32", V="i32", C="i32", FIX="fp32"),
-        dict(CP=64, CAPB=S.CAPB))
+        dict(CP=64, CAPB=S.CAPB, FB=256))
     for level in range(8):
         compile_one(S._mass_kernel, dict(logits=f"*{dt}", **ROW, fs="*fp32", st="*i64", mhist="*i64", V="i32",
                                          FIX="fp32"), dict(LEVEL=level, **SWEEP, UPCAST=upcast))
