@@ -73,8 +73,8 @@ class SpeculationGate:
     # ---- one step's outcome ----------------------------------------------------------------------------------
     def observe(self, tokens: int, seconds: float, requests: int) -> None:
         """A step's output tokens, its time (wall or device: the same clock for every step) and its request
-        count. Steps without a measurement (``seconds <= 0``: a step that captured a CUDA graph) still advance
-        the schedule but are not counted."""
+        count. Steps not measured (``seconds <= 0``: a step that captured a CUDA graph, or held a prefill chunk)
+        still advance the schedule but are not counted."""
         self._left -= 1
         if self._measuring is not None and self._left < self.window and seconds > 0:
             self._measuring.add(tokens, seconds, requests)
