@@ -70,6 +70,11 @@ class SpeculationGate:
     def speculating(self) -> bool:
         return self.mode == SPECULATE
 
+    @property
+    def round_steps(self) -> int:
+        """Steps of one measuring round (both modes): a warm-up that should meet speculative steps runs this long."""
+        return 2 * (self.warm + self.window)
+
     # ---- one step's outcome ----------------------------------------------------------------------------------
     def observe(self, tokens: int, seconds: float, requests: int) -> None:
         """A step's output tokens, its time (wall or device: the same clock for every step) and its request

@@ -103,6 +103,9 @@ def run_runtime(model, prompts, method: str, batch: int, output_len: int, temper
         # Warm-up on the whole batch: compiles the graph and captures the short-context step shapes; a longer
         # context's sequence-length bucket is captured when first met (its time is reported, not counted).
         warm = min(output_len, args.warmup_tokens)
+        gate = llm.engine.gate
+        if gate is not None:  # the adaptive default decodes plainly for its first round: warm up through it, so the
+            warm = min(output_len, max(warm, gate.round_steps))  # speculative steps' kernels and graphs are ready
         llm.generate(prompts, SamplingParams(max_tokens=warm, **sampling), use_tqdm=False)
         sync(device)
         warmup = time.perf_counter() - t
