@@ -178,15 +178,23 @@ class Engine:
         self.stats = EngineStats()
         self.scheduler.planner.stats = CycleStats.empty(self.config.stride)
 
+    def use_gate(self, gate: SpeculationGate | None) -> None:
+        """Switch speculation on and off for the whole batch with ``gate`` (speculation_gate.py; None: the prices
+        alone decide)."""
+        self.gate = gate
+        policy = self.scheduler.planner.policy
+        if isinstance(policy, AdaptiveStride):
+            policy.gate = gate
+
     def use_step_cost(self, cost) -> None:
         """Price the adaptive stride with ``cost`` (``coefficients()``, ``observe()``; e.g. ``FixedStepCost`` in tests,
         where CPU step times say nothing about a GPU's) instead of the fit to this engine's own steps. The given
         prices then decide alone: the speculation gate, which measures this engine's goodput, is removed."""
         self.step_cost = cost
-        self.gate = None
         policy = self.scheduler.planner.policy
         if isinstance(policy, AdaptiveStride):
-            policy.cost, policy.gate = cost, None
+            policy.cost = cost
+        self.use_gate(None)
 
     # ---- requests -------------------------------------------------------------------------------------------
     def add_request(self, req: Request) -> bool:
