@@ -19,7 +19,7 @@ import triton.language as tl
 from ._validate import interpreting
 from .attention_plan import AttentionPlan
 from .attention_plan_triton import plan_attention_triton
-from .tuning import launch_tuned
+from .tuning import autotune_cache_kwargs, launch_tuned
 
 # Kernels write log2(e) = 1.4426950408889634 and ln(2) = 0.6931471805599453 as literals: a plain global is
 # not visible inside @triton.jit, and a tl.constexpr global breaks the interpreter (triton 3.7).
@@ -225,6 +225,7 @@ _attn_kernel_tuned = triton.autotune(
     # every other key, and a config tuned on the first was 1.17x slower on the second (H200, Qwen3-8B shape)
     key=["HEAD_DIM", "GROUP", "BLOCK_M", "HAS_SPARSE", "seq_bucket", "work_bucket", "PAGE_SIZE"],
     do_bench=_quick_bench,
+    **autotune_cache_kwargs(),
 )(_attn_kernel)
 
 _NUM_SMS: dict[int, int] = {}

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ._validate import interpreting
-from .tuning import launch_tuned
+from .tuning import autotune_cache_kwargs, launch_tuned
 
 
 
@@ -117,6 +117,7 @@ _scores_kernel_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": bn, "TILES": t}, num_warps=w, num_stages=2) for bn, t, w in _SCORE_SHAPES],
     key=["HEAD_DIM", "BLOCK_M", "seq_bucket", "work_bucket", "PAGE_SIZE"],
     do_bench=lambda fn, quantiles=None: triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles),
+    **autotune_cache_kwargs(),
 )(_scores_kernel)
 
 

@@ -9,7 +9,8 @@ sparse and scored rows, cost 482 ms each against stride 0's 54 ms — 14 s of a 
 So the runtime runs those steps under :func:`frozen_tuning`: a key the autotuner has already measured is launched
 with its own config, and a new key with the config measured for the nearest key of the same kernel variant (the
 same constexprs: nothing new is compiled). A variant never tuned before (the first prefill of its kind) is tuned
-once, as its compile is paid once.
+once, as its compile is paid once. The autotuners keep their choices on disk where Triton can
+(:func:`autotune_cache_kwargs`), so a later process benchmarks none of the keys an earlier one measured.
 """
 
 from __future__ import annotations
@@ -36,6 +37,16 @@ def frozen_tuning() -> Iterator[None]:
 
 def tuning_frozen() -> bool:
     return _frozen > 0
+
+
+def autotune_cache_kwargs() -> dict:
+    """``triton.autotune`` keywords that keep its choices on disk (Triton's cache directory) where this Triton
+    supports it (``cache_results``): a key measured by an earlier process is not benchmarked again."""
+    import inspect
+
+    import triton
+
+    return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
 def _distance(a: tuple[int, ...], b: tuple[int, ...]) -> float:
