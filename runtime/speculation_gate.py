@@ -75,6 +75,13 @@ class SpeculationGate:
         """Steps of one measuring round (both modes): a warm-up that should meet speculative steps runs this long."""
         return 2 * (self.warm + self.window)
 
+    def hold(self, mode: str) -> None:
+        """Stay in ``mode`` with no measuring round until a new gate replaces this one (a benchmark's warm-up that
+        must compile the speculative steps' kernels and graphs)."""
+        if mode not in (PLAIN, SPECULATE):
+            raise ValueError(f"SpeculationGate.hold: mode must be {PLAIN!r} or {SPECULATE!r}, got {mode!r}")
+        self._begin(mode, 1 << 62, None)
+
     # ---- one step's outcome ----------------------------------------------------------------------------------
     def observe(self, tokens: int, seconds: float, requests: int) -> None:
         """A step's output tokens, its time (wall or device: the same clock for every step) and its request
