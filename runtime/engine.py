@@ -31,7 +31,7 @@ from .parallel import drop_backward_hooks, from_rank0, local_kv_heads, tp_world_
 from .request import Request
 from .scheduler import Scheduler
 from .servable import probe_compiled
-from .speculation_gate import SpeculationGate
+from .speculation_gate import SpeculationGate, default_gate
 from .step_cost import StepCostModel, step_work
 from .step_plan import Refresh, StepKind, StepPlan
 from .stride_policy import AdaptiveStride, FixedStride
@@ -143,7 +143,7 @@ class Engine:
         # The adaptive stride's prices: fitted to this engine's own step times (step_cost.py); tests inject theirs.
         self.step_cost = StepCostModel()
         # ... and whether the batch speculates at all: by its measured goodput against plain decoding
-        self.gate = SpeculationGate() if config.adaptive and config.stride > 0 else None
+        self.gate = default_gate(config.adaptive, config.stride, self.tp_world)
         if config.adaptive and config.stride > 0:
             policy = AdaptiveStride(config.stride, self.step_cost, config.budget, sparse_drafts=self.pillars is not None,
                                     delayed_verify=self.overlap, passes=self.query_passes, gate=self.gate)

@@ -122,3 +122,10 @@ class SpeculationGate:
         else:
             self.winner, self.exploit = winner, self.exploit_first
         self._begin(winner, self.exploit, None)
+
+
+def default_gate(adaptive: bool, stride: int, tp_world: int) -> SpeculationGate | None:
+    """The engine's gate: one for an adaptive speculative config on one device. None under tensor parallelism (each
+    rank would judge its own wall clock, and every rank must make the same plan: the rank-0 prices decide there)
+    and for a fixed stride."""
+    return SpeculationGate() if adaptive and stride > 0 and tp_world == 1 else None

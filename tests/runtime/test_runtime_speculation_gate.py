@@ -91,3 +91,11 @@ def test_hold_keeps_a_mode_without_rounds():
     assert g.speculating and g.rounds == 0
     with pytest.raises(ValueError, match="mode"):
         g.hold("fast")
+
+
+def test_the_engine_gates_only_adaptive_single_device_speculation():
+    from sparsespec_compile.runtime.speculation_gate import default_gate
+
+    assert isinstance(default_gate(True, 8, 1), SpeculationGate)
+    assert default_gate(True, 8, 2) is None  # tensor parallel: ranks must agree, the rank-0 prices decide
+    assert default_gate(False, 8, 1) is None and default_gate(True, 0, 1) is None
