@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import logging
 import math
 import platform
 import shlex
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .common import log_runtime_to_stderr
 from .common import (COUNTERS, DEFAULT_PROMPTS, DRAFT_OF, HF_METHODS, LIST_COUNTERS, METHODS, PNG_NAME, SPEC_METHODS,
                      clear, graph_count, sync)
 from .floor import (floor_seconds, kv_bytes_per_token, measure_copy_bandwidth, plain_kv_tokens_read,
@@ -366,12 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.log_stats_s:  # the progress lines (and the runtime's other INFO lines: graphs captured) on stderr
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        runtime_log = logging.getLogger("sparsespec.runtime")
-        runtime_log.addHandler(handler)
-        runtime_log.setLevel(logging.INFO)
+    if args.log_stats_s:
+        log_runtime_to_stderr()
     rank, world, device = join_torchrun(args.device)
     lead = rank == 0  # the rank that prints and writes
     if world > 1 and not Path(args.model).is_dir():
