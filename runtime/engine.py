@@ -17,6 +17,7 @@ import torch
 
 from sparsespec_compile import kernels
 from sparsespec_compile.config import SparseSpecConfig
+from sparsespec_compile.kernels.tuning import frozen_tuning
 
 from .block_allocator import BlockAllocator
 from .cycle_planner import CycleStats
@@ -30,7 +31,7 @@ from .parallel import drop_backward_hooks, from_rank0, local_kv_heads, tp_world_
 from .request import Request
 from .scheduler import Scheduler
 from .servable import probe_compiled
-from .speculation_gate import SpeculationGate
+from .speculation_gate import SpeculationGate, default_gate
 from .step_cost import StepCostModel, step_work
 from .step_plan import Refresh, StepKind, StepPlan
 from .stride_policy import AdaptiveStride, FixedStride
@@ -142,7 +143,7 @@ class Engine:
         # The adaptive stride's prices: fitted to this engine's own step times (step_cost.py); tests inject theirs.
         self.step_cost = StepCostModel()
         # ... and whether the batch speculates at all: by its measured goodput against plain decoding
-        self.gate = SpeculationGate() if config.adaptive and config.stride > 0 else None
+        self.gate = default_gate(config.adaptive, config.stride, self.tp_world)
         if config.adaptive and config.stride > 0:
             policy = AdaptiveStride(config.stride, self.step_cost, config.budget, sparse_drafts=self.pillars is not None,
                                     delayed_verify=self.overlap, passes=self.query_passes, gate=self.gate)
@@ -177,15 +178,23 @@ class Engine:
         self.stats = EngineStats()
         self.scheduler.planner.stats = CycleStats.empty(self.config.stride)
 
+    def use_gate(self, gate: SpeculationGate | None) -> None:
+        """Switch speculation on and off for the whole batch with ``gate`` (speculation_gate.py; None: the prices
+        alone decide)."""
+        self.gate = gate
+        policy = self.scheduler.planner.policy
+        if isinstance(policy, AdaptiveStride):
+            policy.gate = gate
+
     def use_step_cost(self, cost) -> None:
         """Price the adaptive stride with ``cost`` (``coefficients()``, ``observe()``; e.g. ``FixedStepCost`` in tests,
         where CPU step times say nothing about a GPU's) instead of the fit to this engine's own steps. The given
         prices then decide alone: the speculation gate, which measures this engine's goodput, is removed."""
         self.step_cost = cost
-        self.gate = None
         policy = self.scheduler.planner.policy
         if isinstance(policy, AdaptiveStride):
-            policy.cost, policy.gate = cost, None
+            policy.cost = cost
+        self.use_gate(None)
 
     # ---- requests -------------------------------------------------------------------------------------------
     def add_request(self, req: Request) -> bool:
@@ -228,8 +237,11 @@ class Engine:
         self.stats.schedule_seconds += t1 - t0
         self.stats.launch_seconds += t2 - t1 - capture
         self.stats.resolve_seconds += t3 - t2
-        if self.gate is not None and plan.entries:  # wall time: what the user waits for, host-bound steps included
-            self.gate.observe(self.stats.output_tokens - tokens_before, 0.0 if capture else wall, len(plan.entries))
+        if self.gate is not None and plan.entries:
+            # wall time (what the user waits for, host-bound steps included) of decode steps only: a prefill chunk
+            # costs the same in either mode, and one 50-500 ms prefill step in a 192-step window decided a round
+            decode = not capture and all(e.kind is not StepKind.PREFILL for e in plan.entries)
+            self.gate.observe(self.stats.output_tokens - tokens_before, wall if decode else 0.0, len(plan.entries))
         self.stats.capture_seconds += capture
         if launched is not None and self.stats.graph_steps > graph_steps_before:
             self.stats.graph_seconds += wall  # (with overlap: this launch and the previous step's bookkeeping)
@@ -380,9 +392,12 @@ class Engine:
         host = pack_step(plan, shape, self.config, self.kv.page_size, scratch_slot=0)  # (exact: no padding rows)
         packed = to_device(torch.from_numpy(host), self.device)
         apply_patch(packed, patch)  # placeholders sit in the first T entries: the input ids
-        logits = run_packed(self.compiled, packed, shape, kv=self.kv, pillars=self.pillars, recent=self.config.recent,
-                            sliding_windows=self.sliding_windows, impl=self.impl, num_layers=self.num_layers,
-                            split=draft_split(self.config))
+        # an exact shape runs once: its kernels reuse configs already tuned (kernels/tuning.py; a new autotuning key
+        # here benchmarked every config inside the step: 482 ms prefill steps on the H200)
+        with frozen_tuning():
+            logits = run_packed(self.compiled, packed, shape, kv=self.kv, pillars=self.pillars,
+                                recent=self.config.recent, sliding_windows=self.sliding_windows, impl=self.impl,
+                                num_layers=self.num_layers, split=draft_split(self.config))
         return logits[: sum(e.num_logits for e in plan.entries)], packed[: shape.tokens]
 
     def _step_recall(self, plan: StepPlan) -> tuple[list[int], torch.Tensor | None]:

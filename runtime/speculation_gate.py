@@ -70,11 +70,23 @@ class SpeculationGate:
     def speculating(self) -> bool:
         return self.mode == SPECULATE
 
+    @property
+    def round_steps(self) -> int:
+        """Steps of one measuring round (both modes): a warm-up that should meet speculative steps runs this long."""
+        return 2 * (self.warm + self.window)
+
+    def hold(self, mode: str) -> None:
+        """Stay in ``mode`` with no measuring round until a new gate replaces this one (a benchmark's warm-up that
+        must compile the speculative steps' kernels and graphs)."""
+        if mode not in (PLAIN, SPECULATE):
+            raise ValueError(f"SpeculationGate.hold: mode must be {PLAIN!r} or {SPECULATE!r}, got {mode!r}")
+        self._begin(mode, 1 << 62, None)
+
     # ---- one step's outcome ----------------------------------------------------------------------------------
     def observe(self, tokens: int, seconds: float, requests: int) -> None:
         """A step's output tokens, its time (wall or device: the same clock for every step) and its request
-        count. Steps without a measurement (``seconds <= 0``: a step that captured a CUDA graph) still advance
-        the schedule but are not counted."""
+        count. Steps not measured (``seconds <= 0``: a step that captured a CUDA graph, or held a prefill chunk)
+        still advance the schedule but are not counted."""
         self._left -= 1
         if self._measuring is not None and self._left < self.window and seconds > 0:
             self._measuring.add(tokens, seconds, requests)
@@ -110,3 +122,10 @@ class SpeculationGate:
         else:
             self.winner, self.exploit = winner, self.exploit_first
         self._begin(winner, self.exploit, None)
+
+
+def default_gate(adaptive: bool, stride: int, tp_world: int) -> SpeculationGate | None:
+    """The engine's gate: one for an adaptive speculative config on one device. None under tensor parallelism (each
+    rank would judge its own wall clock, and every rank must make the same plan: the rank-0 prices decide there)
+    and for a fixed stride."""
+    return SpeculationGate() if adaptive and stride > 0 and tp_world == 1 else None

@@ -58,3 +58,39 @@ def test_planted_bad_draft_falls_to_plain_decoding_others_keep_speculating(model
     stats = llm.stats()
     assert stats["adaptive"] and stats["cycles_by_k"][0] > 0 and stats["cycles_by_k"][4] > 0
     assert 0 < stats["mean_k"] < 4 and stats["tokens_per_step"] > 0
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_gate_alternates_plain_and_speculative_rounds_losslessly(model, monkeypatch, overlap):
+    """The default config's speculation gate on a real engine: plain rounds make stride-0 steps (no draft, no
+    scored row), speculative rounds draft, a round's goodputs are measured, and outputs equal HF greedy."""
+    from sparsespec_compile.runtime.speculation_gate import SpeculationGate
+    from sparsespec_compile.runtime.step_plan import Refresh
+
+    ref = [hf_greedy(model, p, MAX_NEW) for p in PROMPTS]
+    torch._dynamo.reset()
+    llm = LLM(model, SparseSpecConfig(compiler="eager", stride=4, num_pages=128, page_size=4, min_budget=96,
+                                      recent=1, max_num_batched_tokens=64, overlap=overlap))
+    assert llm.engine.gate is not None  # the default: adaptive with the gate
+    # plain always wins (a margin no measurement beats): the schedule, and so the test, does not depend on timings
+    gate = SpeculationGate(warm=2, window=6, exploit_first=8, exploit_max=8, margin=1e9)
+    llm.engine.use_step_cost(FixedStepCost(0.0, 0.0, 1.0, 0.1))  # prices that speculate (CPU times would not)...
+    llm.engine.use_gate(gate)  # ... with the gate back on top (use_step_cost removes it)
+    modes = []
+    real = StepSampler.run
+
+    def record(self, plan, *args):
+        kinds = {e.kind for e in plan.entries}
+        scored = any(e.refresh is Refresh.SCORE for e in plan.entries)
+        modes.append((gate.mode, StepKind.DRAFT in kinds, scored, StepKind.PREFILL in kinds))
+        return real(self, plan, *args)
+
+    monkeypatch.setattr(StepSampler, "run", record)
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_NEW, ignore_eos=True), use_tqdm=False)
+    assert [o.token_ids for o in outs] == ref  # lossless in both modes and across the switches
+    assert gate.rounds >= 1 and set(gate.goodput) == {"plain", "speculate"} and gate.winner == "plain"
+    # plain steps well inside a plain span (past the cycles a switch leaves in flight) are stride-0 steps
+    runs = [i for i in range(8, len(modes)) if all(m[0] == "plain" for m in modes[i - 8:i + 1])]
+    assert runs and not any(modes[i][1] or modes[i][2] for i in runs if not modes[i][3])
+    assert any(m[0] == "speculate" and m[1] for m in modes)  # speculative rounds do draft
+    assert llm.stats()["speculation_gate"]["rounds"] == gate.rounds

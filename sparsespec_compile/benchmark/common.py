@@ -23,6 +23,18 @@ COUNTERS = ("steps", "cycles", "output_tokens", "forward_tokens", "seconds", "gp
 LIST_COUNTERS = ("cycles_by_k", "position_drafted", "position_accepted", "recall_sum_by_layer")  # element by element
 
 
+def log_runtime_to_stderr() -> None:
+    """The runtime's INFO lines (the progress log, graphs captured) on stderr, timestamped."""
+    import logging
+    import sys
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    runtime_log = logging.getLogger("sparsespec.runtime")
+    runtime_log.addHandler(handler)
+    runtime_log.setLevel(logging.INFO)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

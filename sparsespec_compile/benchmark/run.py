@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import logging
 import math
 import platform
 import shlex
@@ -18,11 +17,13 @@ from typing import Any
 
 import torch
 
+from .common import log_runtime_to_stderr
 from .common import (COUNTERS, DEFAULT_PROMPTS, DRAFT_OF, HF_METHODS, LIST_COUNTERS, METHODS, PNG_NAME, SPEC_METHODS,
                      clear, graph_count, sync)
 from .floor import (floor_seconds, kv_bytes_per_token, measure_copy_bandwidth, plain_kv_tokens_read,
                     spec_kv_tokens_read, weight_bytes)
 from ..runtime.parallel import from_rank0, join_torchrun
+from ..runtime.speculation_gate import SpeculationGate
 from .agreement import add_comparisons
 from .hf import run_hf
 from .models import MODEL_NAMES, build_model, load_prompts, max_positions
@@ -103,7 +104,15 @@ def run_runtime(model, prompts, method: str, batch: int, output_len: int, temper
         # Warm-up on the whole batch: compiles the graph and captures the short-context step shapes; a longer
         # context's sequence-length bucket is captured when first met (its time is reported, not counted).
         warm = min(output_len, args.warmup_tokens)
+        gate = llm.engine.gate
+        if gate is not None:  # the adaptive default: warm up speculating (its first round would decode plainly),
+            warm_gate = SpeculationGate()  # so the speculative steps' kernels and graphs are ready; then time it
+            warm_gate.hold("speculate")  # with a fresh gate, as a new server would start
+            llm.engine.use_gate(warm_gate)
+            warm = min(output_len, max(warm, gate.round_steps))
         llm.generate(prompts, SamplingParams(max_tokens=warm, **sampling), use_tqdm=False)
+        if gate is not None:
+            llm.engine.use_gate(SpeculationGate())
         sync(device)
         warmup = time.perf_counter() - t
         before = llm.stats()
@@ -357,12 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.log_stats_s:  # the progress lines (and the runtime's other INFO lines: graphs captured) on stderr
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        runtime_log = logging.getLogger("sparsespec.runtime")
-        runtime_log.addHandler(handler)
-        runtime_log.setLevel(logging.INFO)
+    if args.log_stats_s:
+        log_runtime_to_stderr()
     rank, world, device = join_torchrun(args.device)
     lead = rank == 0  # the rank that prints and writes
     if world > 1 and not Path(args.model).is_dir():

@@ -19,6 +19,7 @@ import triton.language as tl
 from ._validate import interpreting
 from .attention_plan import AttentionPlan
 from .attention_plan_triton import plan_attention_triton
+from .tuning import autotune_cache_kwargs, launch_tuned
 
 # Kernels write log2(e) = 1.4426950408889634 and ln(2) = 0.6931471805599453 as literals: a plain global is
 # not visible inside @triton.jit, and a tl.constexpr global breaks the interpreter (triton 3.7).
@@ -224,6 +225,7 @@ _attn_kernel_tuned = triton.autotune(
     # every other key, and a config tuned on the first was 1.17x slower on the second (H200, Qwen3-8B shape)
     key=["HEAD_DIM", "GROUP", "BLOCK_M", "HAS_SPARSE", "seq_bucket", "work_bucket", "PAGE_SIZE"],
     do_bench=_quick_bench,
+    **autotune_cache_kwargs(),
 )(_attn_kernel)
 
 _NUM_SMS: dict[int, int] = {}
@@ -327,11 +329,11 @@ def unified_attention_triton(q, k_cache, v_cache, *, query_start_loc, seq_lens, 
     part_m = torch.empty(W, Hkv, bm, dtype=torch.float32, device=q.device)
     part_l = torch.empty(W, Hkv, bm, dtype=torch.float32, device=q.device)
     upcast = interpreting()
+    seq_bucket, work_bucket = triton.next_power_of_2(max(max_seq_len, 1)), triton.next_power_of_2(W)
     args = (out, lse, part_acc, part_m, part_l, plan.items, q, k_cache, v_cache, query_start_loc, seq_lens,
             block_tables, is_sparse, draft_start, pillar_indices, pillar_lengths, pillar_rows,
             pillar_indices.shape[2], float(scale), float(softcap) if softcap > 0 else 1.0, int(sliding_window),
-            triton.next_power_of_2(max(max_seq_len, 1)), triton.next_power_of_2(W),
-            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            seq_bucket, work_bucket, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
             pillar_indices.stride(0), pillar_indices.stride(1))
     meta = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), GROUP=gp, BLOCK_Q=bq,
@@ -342,7 +344,8 @@ def unified_attention_triton(q, k_cache, v_cache, *, query_start_loc, seq_lens, 
     if upcast or block_n is not None:
         _attn_kernel[grid](*args, BLOCK_N=block_n or 16, num_warps=num_warps, num_stages=num_stages, **meta)
     else:
-        _attn_kernel_tuned[grid](*args, **meta)
+        variant = (str(q.dtype), str(k_cache.dtype)) + tuple(sorted(meta.items()))
+        launch_tuned("attention", _attn_kernel_tuned, variant, (seq_bucket, work_bucket), grid, args, meta)
     _merge_kernel[(U + triton.cdiv(T, bq), Hkv)](
         out, lse, part_acc, part_m, part_l, plan.units, query_start_loc, R, U, T, out.stride(0), out.stride(1),
         HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], GROUP=gp, BLOCK_Q=bq, BLOCK_M=bm,

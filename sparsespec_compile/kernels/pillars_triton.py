@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ._validate import interpreting
+from .tuning import autotune_cache_kwargs, launch_tuned
 
 
 
@@ -116,6 +117,7 @@ _scores_kernel_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": bn, "TILES": t}, num_warps=w, num_stages=2) for bn, t, w in _SCORE_SHAPES],
     key=["HEAD_DIM", "BLOCK_M", "seq_bucket", "work_bucket", "PAGE_SIZE"],
     do_bench=lambda fn, quantiles=None: triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles),
+    **autotune_cache_kwargs(),
 )(_scores_kernel)
 
 
@@ -132,9 +134,10 @@ def pillar_scores_triton(q, k_cache, *, query_start_loc, seq_lens, block_tables,
         return scores
     gp = triton.next_power_of_2(Hq // Hkv)
     bq = max(1, 16 // gp, min(16, 128 // gp))
+    seq_bucket, work_bucket = triton.next_power_of_2(max_ctx), triton.next_power_of_2(Rv * Hkv)
     args = (scores, q, k_cache, lse.contiguous(), query_start_loc, seq_lens, block_tables, rows, max_ctx,
             float(scale), float(softcap) if softcap > 0 else 1.0, int(sliding_window),
-            triton.next_power_of_2(max_ctx), triton.next_power_of_2(Rv * Hkv), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+            seq_bucket, work_bucket, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
             k_cache.stride(2), block_tables.stride(0), scores.stride(0), scores.stride(1))
     meta = dict(HQ=Hq, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), GROUP=Hq // Hkv, GROUP_PAD=gp,
                 BLOCK_Q=bq, BLOCK_M=bq * gp, PAGE_SIZE=P, USE_SOFTCAP=softcap > 0,
@@ -147,7 +150,8 @@ def pillar_scores_triton(q, k_cache, *, query_start_loc, seq_lens, block_tables,
                                                                      **meta)
     else:
         grid = lambda m: (Rv, Hkv, triton.cdiv(max_ctx, m["BLOCK_N"] * m["TILES"]))  # noqa: E731
-        _scores_kernel_tuned[grid](*args, **meta)
+        variant = (str(q.dtype), str(k_cache.dtype)) + tuple(sorted(meta.items()))
+        launch_tuned("pillar_scores", _scores_kernel_tuned, variant, (seq_bucket, work_bucket), grid, args, meta)
     return scores
 
 
