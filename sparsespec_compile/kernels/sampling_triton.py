@@ -631,17 +631,32 @@ def _residual_kernel(t_logits, stride_t, t_rows, t_stats, d_logits, stride_d, d_
 
 def _check_logits(*logits: torch.Tensor) -> None:
     for x in logits:
-        if x.dim() != 2 or x.stride(-1) != 1:
-            raise ValueError(f"logits must be [rows, V] with unit stride along V, got {tuple(x.shape)} "
-                             f"strides {x.stride()}")
+        if x.dim() != 2 or x.stride(-1) != 1 or not x.dtype.is_floating_point:
+            raise ValueError(f"logits must be float [rows, V] with unit stride along V, got {x.dtype} "
+                             f"{tuple(x.shape)} strides {x.stride()}")
 
 
-def _per_row(n: int, *vectors: torch.Tensor) -> list[torch.Tensor]:
-    """Per-row inputs as contiguous [n] (a strided view of a few hundred elements costs one tiny copy)."""
-    for v in vectors:
-        if v.shape[0] != n:
-            raise ValueError(f"per-row tensors must have {n} rows, got {tuple(v.shape)}")
-    return [v.contiguous() for v in vectors]
+def _per_row(n: int, **vectors: tuple[torch.Tensor, tuple[torch.dtype, ...]]) -> list[torch.Tensor]:
+    """Per-row inputs as contiguous [n] of the dtypes the kernels read them as (a pointer's dtype is the kernel's
+    element type: an int32 seed would hash differently from the reference's int64, a float64 inverse temperature
+    would promote every logit). A strided view of a few hundred elements costs one tiny copy."""
+    out = []
+    for name, (v, dtypes) in vectors.items():
+        if v.dim() != 1 or v.shape[0] != n or v.dtype not in dtypes:
+            raise ValueError(f"{name} must be a [{n}] tensor of {' or '.join(map(str, dtypes))}, got {v.dtype} "
+                             f"{tuple(v.shape)}")
+        out.append(v.contiguous())
+    return out
+
+
+_INDEX = (torch.int64, torch.int32)
+
+
+def _check_stats(name: str, stats: torch.Tensor, n: int) -> torch.Tensor:
+    if stats.shape != (n, 5) or stats.dtype != torch.float32:
+        raise ValueError(f"{name} must be float32 [{n}, 5] (sample_rows' stats of each row), got {stats.dtype} "
+                         f"{tuple(stats.shape)}")
+    return stats.contiguous()
 
 
 def sample_rows(logits: torch.Tensor, rows: torch.Tensor, inv_temp: torch.Tensor, top_k: torch.Tensor,
@@ -660,7 +675,9 @@ def sample_rows(logits: torch.Tensor, rows: torch.Tensor, inv_temp: torch.Tensor
     n, v = rows.shape[0], logits.shape[1]
     chunk, cap, capb = chunk or CHUNK, cap or CAP, capb or CAPB
     _check_shape(v, chunk, cap, capb)
-    rows, inv_temp, top_k, top_p, greedy, seeds = _per_row(n, rows, inv_temp, top_k, top_p, greedy, seeds)
+    rows, inv_temp, top_k, top_p, greedy, seeds = _per_row(
+        n, rows=(rows, _INDEX), inv_temp=(inv_temp, (torch.float32,)), top_k=(top_k, _INDEX),
+        top_p=(top_p, (torch.float32,)), greedy=(greedy, (torch.bool,)), seeds=(seeds, (torch.int64,)))
     dev = logits.device
     tokens = torch.empty(n, dtype=torch.int64, device=dev)
     stats = torch.empty(n, 5, dtype=torch.float32, device=dev)
@@ -719,16 +736,22 @@ def residual(target_logits: torch.Tensor, target_rows: torch.Tensor, target_stat
     [R, 5] from ``sample_rows``) where ``need[r]``; other rows of ``out`` are left as they are."""
     _check_logits(target_logits, draft_logits)
     n = target_rows.shape[0]
-    if not out.is_contiguous() or out.shape != (n,):
-        raise ValueError(f"out must be a contiguous [{n}] tensor, got {tuple(out.shape)}")
-    target_rows, draft_rows, inv_temp, seeds, need = _per_row(n, target_rows, draft_rows, inv_temp, seeds, need)
+    if not out.is_contiguous() or out.shape != (n,) or out.dtype != torch.int64:
+        raise ValueError(f"out must be a contiguous int64 [{n}] tensor, got {out.dtype} {tuple(out.shape)}")
+    target_rows, draft_rows, inv_temp, seeds, need = _per_row(
+        n, target_rows=(target_rows, _INDEX), draft_rows=(draft_rows, _INDEX), inv_temp=(inv_temp, (torch.float32,)),
+        seeds=(seeds, (torch.int64,)), need=(need, (torch.bool,)))
+    target_stats, draft_stats = _check_stats("target_stats", target_stats, n), _check_stats("draft_stats",
+                                                                                             draft_stats, n)
     if target_logits.shape[1] != draft_logits.shape[1] or target_logits.dtype != draft_logits.dtype:
-        raise ValueError("target and draft logits must share V and dtype")
+        raise ValueError(f"target and draft logits must share V and dtype, got {target_logits.dtype} "
+                         f"{tuple(target_logits.shape)} and {draft_logits.dtype} {tuple(draft_logits.shape)}")
+    if not 1 <= target_logits.shape[1] < MAX_V:
+        raise ValueError(f"vocabulary {target_logits.shape[1]} outside [1, {MAX_V})")
     if n:
-        _residual_kernel[(n,)](target_logits, target_logits.stride(0), target_rows, target_stats.contiguous(),
-                               draft_logits, draft_logits.stride(0), draft_rows, draft_stats.contiguous(), inv_temp,
-                               seeds, need, out, target_logits.shape[1], BLOCK=BLOCK,
-                               UPCAST=target_logits.dtype != torch.float32)
+        _residual_kernel[(n,)](target_logits, target_logits.stride(0), target_rows, target_stats, draft_logits,
+                               draft_logits.stride(0), draft_rows, draft_stats, inv_temp, seeds, need, out,
+                               target_logits.shape[1], BLOCK=BLOCK, UPCAST=target_logits.dtype != torch.float32)
     return out
 
 

@@ -4,13 +4,21 @@ tests/runtime/test_sampler_distribution.py."""
 
 import pytest
 import torch
+from interpreter_bounds import checked
 
 from sparsespec_compile.kernels import sampling_reference as ref
-from sparsespec_compile.kernels.sampling_triton import residual, sample_rows
+from sparsespec_compile.kernels.sampling_triton import BLOCK, CHUNK, residual, sample_rows
 from sparsespec_compile.runtime.sampling_params import SamplingParams
 from sparsespec_compile.runtime.verify import Drafts, rejection_sample, sample
 
 V = 203  # odd: the last block is partial
+
+
+@pytest.fixture(autouse=True)
+def bounds_checked():
+    """Every launch of these tests indexes only inside its tensor arguments (interpreter_bounds)."""
+    with checked():
+        yield
 
 
 def hard_rows(g: torch.Generator) -> torch.Tensor:
@@ -194,3 +202,38 @@ def test_need_stats_changes_nothing():
     tok2, st2 = sample_rows(x, r, it, tk, tp, gr, seeds)
     assert torch.equal(tok, tok2) and torch.equal(st, st2)
     assert_same((tok, st), ref.sample_rows_reference(x[r], it, tk, tp, gr, seeds))
+
+
+def test_verify_path_at_a_vocabulary_of_many_chunks_and_a_partial_last_block():
+    """The shape of the verify launches that met an illegal memory access on the H200 (V 151,936 = 37 chunks of
+    4096 + 384, N 32 x (k + 1) target and N x k draft rows), scaled down: two chunks, the last one and the
+    residual's last block partial, bounds-checked, equal to the reference (unfiltered and top-p rows)."""
+    g = torch.Generator().manual_seed(11)
+    n, k, v = 2, 2, CHUNK + 3 * BLOCK // 8
+    target = torch.randn(n, k + 1, v, generator=g).to(torch.bfloat16)
+    draft = (target[:, :k].float() + torch.randn(n, k, v, generator=g)).to(torch.bfloat16)
+    for params in (SamplingParams(temperature=0.6), SamplingParams(temperature=0.6, top_p=0.95)):
+        out = []
+        for impl in ("triton", "reference"):
+            sg = torch.Generator().manual_seed(5)
+            d, q = sample(draft.reshape(n * k, v), params, generator=sg, impl=impl)
+            out.append((d, rejection_sample(d.view(n, k), Drafts.dense(draft, q.view(n, k, -1)), target, params,
+                                            generator=sg, impl=impl)))
+        (d, (a, t)), (d_r, (a_r, t_r)) = out
+        assert torch.equal(d, d_r) and torch.equal(a, a_r) and torch.equal(t, t_r), params
+        assert bool((a < k).any()), "no rejection: the residual kernel did not run"
+
+
+def test_residual_launcher_refuses_inconsistent_buffers():
+    t = torch.zeros(4, V)
+    rows, st, it, seeds, need = torch.arange(2), torch.ones(2, 5), torch.ones(2), torch.arange(2), torch.ones(
+        2, dtype=torch.bool)
+    ok = (t, rows, st, t, rows, st, it, seeds, need, torch.zeros(2, dtype=torch.int64))
+    residual(*ok)
+    bad = {1: rows.float(), 2: torch.ones(2, 4), 5: torch.ones(3, 5), 3: torch.zeros(4, V + 1), 8: need.int(),
+           9: torch.zeros(2, dtype=torch.int32), 6: it.double()}
+    for i, x in bad.items():
+        args = list(ok)
+        args[i] = x
+        with pytest.raises(ValueError):
+            residual(*args)
