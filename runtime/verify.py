@@ -95,6 +95,8 @@ class SamplingTensors:
     greedy: torch.Tensor | None  # bool
     any_greedy: bool
     all_greedy: bool
+    any_filter: bool = True  # some sampled row has a top-k below V or a top-p below 1 (False: the kernel skips the
+    # search, sampling_triton.sample_rows with top_k / top_p None)
 
     @classmethod
     def build(cls, params: SamplingParams | Sequence[SamplingParams], n: int, vocab: int,
@@ -110,13 +112,14 @@ class SamplingTensors:
                 raise ValueError(f"got {len(rows)} SamplingParams for {n} rows")
         greedy = [p.greedy for p in rows]
         if all(greedy):
-            return cls(None, None, None, None, any_greedy=True, all_greedy=True)
+            return cls(None, None, None, None, any_greedy=True, all_greedy=True, any_filter=False)
         return cls(
             inv_temp=f([1.0 if g else 1.0 / p.temperature for p, g in zip(rows, greedy)], torch.float32),
             top_k=f([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in rows], torch.int64),
             top_p=f([p.top_p for p in rows], torch.float32),
             greedy=f(greedy, torch.bool),
             any_greedy=any(greedy), all_greedy=False,
+            any_filter=any(not g and (0 < p.top_k < vocab or p.top_p < 1.0) for p, g in zip(rows, greedy)),
         )
 
 
@@ -138,7 +141,8 @@ def sample_rows(logits: torch.Tensor, rows: torch.Tensor | None, st: SamplingTen
 
         if rows is None:
             rows = torch.arange(logits.shape[0], device=logits.device)
-        return kernel(logits, rows, st.inv_temp, st.top_k, st.top_p, st.greedy, seeds, need_stats)
+        filters = (st.top_k, st.top_p) if st.any_filter else (None, None)
+        return kernel(logits, rows, st.inv_temp, *filters, st.greedy, seeds, need_stats)
     x = logits if rows is None else logits[rows]
     return ref.sample_rows_reference(x, st.inv_temp, st.top_k, st.top_p, st.greedy, seeds)
 

@@ -18,12 +18,15 @@ def compile_one(fn, sig: dict, const: dict) -> None:
 ROW = dict(stride_l="i64", rows="*i64", inv_temp="*fp32")
 SWEEP = dict(CHUNK=S.CHUNK, BLOCK=S.BLOCK)
 for dt, upcast in (("bf16", True),):  # the models' dtype (fp32 differs only by the UPCAST constexpr)
-    compile_one(S._sweep_kernel, dict(
-        logits=f"*{dt}", **ROW, top_k="*i64", top_p="*fp32", greedy="*i1", seeds="*i64", parts="*fp32",
-        hist="*i32", mhist="*i64", counter="*i32", V="i32", C="i32"), dict(**SWEEP, UPCAST=upcast))
-    compile_one(S._setup_kernel, dict(
-        parts="*fp32", top_k="*i64", top_p="*fp32", greedy="*i1", seeds="*i64", fs="*fp32", st="*i64",
-        tokens="*i64", stats="*fp32", V="i32", C="i32", CAP="i32"), dict(CP=64))
+    for filters in (True, False):  # False: top_k / top_p None (no row filters)
+        fsig = dict(top_k="*i64", top_p="*fp32") if filters else {}
+        fconst = dict(FILTERS=filters) if filters else dict(FILTERS=False, top_k=None, top_p=None)
+        compile_one(S._sweep_kernel, dict(
+            logits=f"*{dt}", **ROW, **fsig, greedy="*i1", seeds="*i64", parts="*fp32", hist="*i32", mhist="*i64",
+            counter="*i32", V="i32", C="i32"), dict(**SWEEP, UPCAST=upcast, **fconst))
+        compile_one(S._setup_kernel, dict(
+            parts="*fp32", **fsig, greedy="*i1", seeds="*i64", fs="*fp32", st="*i64", tokens="*i64",
+            stats="*fp32", V="i32", C="i32", CAP="i32"), dict(CP=64, **fconst))
     for level in range(4):
         compile_one(S._count_kernel, dict(logits=f"*{dt}", **ROW, st="*i64", hist="*i32", V="i32"),
                     dict(LEVEL=level, **SWEEP, UPCAST=upcast))

@@ -237,3 +237,20 @@ def test_residual_launcher_refuses_inconsistent_buffers():
         args[i] = x
         with pytest.raises(ValueError):
             residual(*args)
+
+
+def test_rows_without_filters_skip_the_search_and_match_the_reference():
+    """top_k / top_p None (no row filters, known on the host): the sweep and the setup alone, the same tokens and
+    stats as the full launch sequence and the reference; one of the two None is refused."""
+    x = hard_rows(torch.Generator().manual_seed(9))
+    n = x.shape[0]
+    it = torch.rand(n, generator=torch.Generator().manual_seed(1)) + 0.5
+    gr = torch.arange(n) % 3 == 0
+    seeds = torch.randint(0, 1 << 62, (n,), generator=torch.Generator().manual_seed(2))
+    modes = []
+    got = sample_rows(x, torch.arange(n), it, None, None, gr, seeds, _modes=modes, chunk=64)
+    full = sample_rows(x, torch.arange(n), it, torch.full((n,), V), torch.ones(n), gr, seeds, chunk=64)
+    assert torch.equal(got[0], full[0]) and torch.equal(got[1], full[1]) and modes[0].max().item() <= 1
+    assert_same(got, ref.sample_rows_reference(x, it, torch.full((n,), V), torch.ones(n), gr, seeds))
+    with pytest.raises(ValueError):
+        sample_rows(x, torch.arange(n), it, None, torch.ones(n), gr, seeds)
