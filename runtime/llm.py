@@ -89,7 +89,8 @@ class _CompileTime:
 def _gate_stats(gate) -> dict | None:
     if gate is None:
         return None
-    return {"mode": gate.mode, "winner": gate.winner, "rounds": gate.rounds, "goodput": dict(gate.goodput)}
+    return {"mode": gate.mode, "winner": gate.winner, "rounds": gate.rounds, "early_stops": gate.early_stops,
+            "skipped": gate.skipped, "goodput": dict(gate.goodput)}
 
 
 def _graphs_compiled() -> int:
