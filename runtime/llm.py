@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from sparsespec_compile.passes.fuse_projections import refresh_fused_weights
 from .engine import Engine
 from .request import Request
 from .sampling_params import SamplingParams
+from .stride_policy import FixedStride
 from .prompts import chat_ids, encode, split_prompts
 from .stop_strings import StopStrings
 from .streaming import StreamEvent, TextDelta
@@ -289,6 +291,27 @@ class LLM:
         logprobs = list(r.output_logprobs) if r.params.logprobs is not None else None
         return RequestOutput(r.request_id, r.prompt_token_ids, list(r.output_token_ids), text, r.finish_reason or "",
                              metrics, stop_reason, logprobs)
+
+    @contextlib.contextmanager
+    def warming_up(self) -> Iterator[None]:
+        """Requests run inside draft the full stride every cycle, whatever the adaptive stride and its speculation
+        gate would choose, so a warm-up compiles and captures the speculative steps' kernels and graphs too: the gate
+        measures plain decoding first and the prices keep short contexts plain, so a short warm-up would meet none
+        of them and the first speculative round of the real run would pay them (7 s of captures and 0.5-1.7 s
+        compile stalls on the H200). Afterwards the adaptive stride is back with a fresh gate, as a new engine's."""
+        engine = self.engine
+        planner, gate = engine.scheduler.planner, engine.gate
+        policy = planner.policy
+        if not policy.adaptive:
+            yield
+            return
+        planner.policy = FixedStride(policy.stride)
+        engine.use_gate(None)
+        try:
+            yield
+        finally:
+            planner.policy = policy
+            engine.use_gate(gate.fresh() if gate is not None else None)
 
     def stats(self, reset: bool = False) -> dict:
         """Mean accepted length and per-position acceptance over full cycles, the k chosen per cycle and acceptance by

@@ -94,6 +94,11 @@ class SpeculationGate:
         """Steps of one measuring round (both modes): a warm-up that should meet speculative steps runs this long."""
         return 2 * (self.warm + self.window)
 
+    def fresh(self) -> "SpeculationGate":
+        """A new gate with this one's schedule, in its first round (what an engine starts with)."""
+        return SpeculationGate(self.warm, self.window, self.exploit_first, self.exploit_max, self.margin,
+                               self.max_batch_change, self.early_steps, self.early_loss)
+
     def hold(self, mode: str) -> None:
         """Stay in ``mode`` with no measuring round until a new gate replaces this one (a benchmark's warm-up that
         must compile the speculative steps' kernels and graphs)."""

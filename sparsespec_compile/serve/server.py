@@ -11,12 +11,14 @@ log = logging.getLogger("sparsespec.serve")
 
 
 def warm_up(llm: LLM, tokens: int | None = None) -> None:
-    """Run two short requests through every kind of step (prefill, drafts, verifies) so Dynamo's compiles and the
-    CUDA-graph captures happen before the first client waits on them; then zero the statistics."""
+    """Run two short requests through every kind of step (prefill, drafts, verifies: speculating, whatever the
+    speculation gate would choose) so Dynamo's compiles and the CUDA-graph captures happen before the first client
+    waits on them; then zero the statistics."""
     k = llm.config.stride
     n = tokens or 2 * (k + 2) + 2
     prompt = [[1 + i % 7 for i in range(13)], [2 + i % 5 for i in range(29)]]
-    llm.generate(prompt, SamplingParams(max_tokens=n, ignore_eos=True), use_tqdm=False)
+    with llm.warming_up():
+        llm.generate(prompt, SamplingParams(max_tokens=n, ignore_eos=True), use_tqdm=False)
     llm.stats(reset=True)
 
 
