@@ -4,8 +4,10 @@ API) against ``LLM.generate`` offline on the same requests (issue 17's target: s
 1. starts ``sparsespec serve [MODEL_DIR] SERVE_FLAGS`` as a subprocess (its own process: the load generator's event
    loop does not share the server's interpreter) and waits for ``/health``;
 2. sends ``--num-requests`` chat requests (GSM8K questions from ``--prompts``, ``max_tokens`` each, EOS ignored so
-   every request is the same length), at most ``--concurrency`` in flight, all streamed; records per request the time
-   to first token, the gaps between chunks (ITL) and the time per output token after the first (TPOT);
+   every request is the same length), at most ``--concurrency`` in flight, all streamed, from ``--client-procs``
+   processes; records per request the time to first token, the gaps between chunks (ITL) and the time per output
+   token after the first (TPOT); and, to tell which side is the limit, each client process's CPU time and the
+   server's own counters over the load (its engine's steps/s and time per step, the HTTP side's CPU per chunk);
 3. stops the server, builds the same ``LLM`` in this process (``cli.load_served`` with the same flags), warms it up as
    the server did, and times ``LLM.generate`` on the same prompts and parameters.
 
@@ -162,25 +164,32 @@ def run_load(base: str, prompts: list[str], args) -> dict:
     procs = max(1, min(args.client_procs, args.concurrency, len(prompts)))
     part = {k: getattr(args, k) for k in ("max_tokens", "temperature", "request_timeout")}
     workers = []
-    for i in range(procs):
-        conc = args.concurrency // procs + (i < args.concurrency % procs)
-        w = subprocess.Popen([sys.executable, __file__, "--client-worker"], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
-        w.stdin.write(json.dumps({"base": base, "prompts": prompts[i::procs], "concurrency": conc, "args": part}) + "\n")
-        w.stdin.flush()
-        workers.append(w)
-    for w in workers:
-        if w.stdout.readline().strip() != "ready":
-            raise SystemExit(f"serve_load: a client process failed to start (exit {w.wait()})")
-    for w in workers:
-        w.stdin.write("go\n")
-        w.stdin.flush()
-    done = []
-    for w in workers:
-        line = w.stdout.readline()
-        if w.wait() != 0 or not line:
-            raise SystemExit(f"serve_load: a client process failed (exit {w.returncode})")
-        done.append(json.loads(line))
+    try:
+        for i in range(procs):
+            w = subprocess.Popen([sys.executable, __file__, "--client-worker"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+            workers.append(w)
+            conc = args.concurrency // procs + (i < args.concurrency % procs)
+            w.stdin.write(json.dumps({"base": base, "prompts": prompts[i::procs], "concurrency": conc,
+                                      "args": part}) + "\n")
+            w.stdin.flush()
+        for w in workers:
+            if w.stdout.readline().strip() != "ready":
+                raise SystemExit(f"serve_load: a client process failed to start (exit {w.wait()})")
+        for w in workers:
+            w.stdin.write("go\n")
+            w.stdin.flush()
+        done = []
+        for w in workers:
+            line = w.stdout.readline()
+            if w.wait() != 0 or not line:
+                raise SystemExit(f"serve_load: a client process failed (exit {w.returncode})")
+            done.append(json.loads(line))
+    finally:
+        for w in workers:  # the others, when one failed
+            if w.poll() is None:
+                w.kill()
+                w.wait()
     wall = max(d["end"] for d in done) - min(d["start"] for d in done)
     results = [r for d in done for r in d["results"]]
     ok = [r for r in results if isinstance(r, dict) and r["chunks"]]
