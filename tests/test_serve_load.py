@@ -51,6 +51,7 @@ def test_load_generator_reports_server_and_offline(tmp_path):
     # the clients came from two processes (3 in flight: 2 + 1); the server's window counts the steps it ran for them
     c, w = s["client"], s["window"]
     assert c["procs"] == 2 and c["chunks"] >= 5 and c["cpu_us_per_chunk"] > 0 and c["cpu_per_wall_max"] > 0
+    assert c["bound"] in ("client", "server")
     assert w["engine_steps"] > 0 and w["engine_step_ms"] > 0 and 0 < w["engine_step_busy"] <= 1
     assert w["tokens_per_s"] > 0 and w["process_cpu_per_wall"] > 0 and r["engine_step_slowdown"] > 0
     assert r["offline"]["output_tokens"] == 30 and r["offline"]["failed"] == 0 and r["server_over_offline"] > 0
