@@ -322,6 +322,9 @@ def test_metrics_are_prometheus_text(served):
     value = {s.name: s.value for f in fams.values() for s in f.samples if not s.labels.keys() - {"model_name"}}
     assert value["sparsespec_kv_pages_total"] == 120 and value["sparsespec_stride"] == 4
     assert value["sparsespec_generation_tokens_total"] >= 12
+    # what bench/serve_load.py reads to tell a server-bound load from a client-bound one
+    assert value["sparsespec_engine_steps_run_total"] > 0 and value["sparsespec_engine_step_seconds_total"] > 0
+    assert 0 < value["sparsespec_engine_thread_cpu_seconds"] <= value["process_cpu_seconds_total"]
     positions = {s.labels["position"] for s in fams["sparsespec_acceptance_rate"].samples}
     assert positions == {"1", "2", "3", "4"}
 

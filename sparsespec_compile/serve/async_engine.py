@@ -165,7 +165,10 @@ class AsyncEngine:
                 if self._stopping:
                     break
                 if self.llm.engine.has_unfinished():
+                    t0 = time.perf_counter()
                     finished = self.llm.step()
+                    if self.metrics is not None:
+                        self.metrics.step_done(time.perf_counter() - t0)
                     self._publish(finished)
                     if self.metrics is not None:  # sampled now and then; at once when the engine goes idle
                         self.metrics.observe_engine(self.llm, force=not self.llm.engine.has_unfinished())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -57,6 +57,15 @@ class ServerMetrics:
         self.mean_k = gauge("stride_mean_chosen", "Mean draft tokens chosen per cycle (adaptive stride)")
         self.cycles_by_k = gauge("cycles_by_k", "Draft/verify cycles that drafted k tokens", ["k"])
         self.steps = gauge("engine_steps", "Engine steps run")
+        # Where the server's time goes, for bench/serve_load.py to tell a server-bound run from a client-bound one
+        # over its load window: the step loop's own wall time in steps (a step slowed by the event loop holding the
+        # interpreter lock shows here) and CPU time, next to the whole process's CPU (process_cpu_seconds_total).
+        self.steps_run = Counter("sparsespec_engine_steps_run", "Engine steps run by the step loop", ["model_name"],
+                                 registry=r).labels(**lab)
+        self.step_seconds = Counter("sparsespec_engine_step_seconds", "Wall time of the step loop inside steps",
+                                    ["model_name"], registry=r).labels(**lab)
+        self.engine_cpu = gauge("engine_thread_cpu_seconds", "CPU time of the step loop's thread")
+        ProcessCollector(registry=r)
         self._last_refresh = 0.0
         self._tokens = 0  # generation_tokens' value, kept here to avoid the client library's internals
         self._recent: deque[tuple[float, int]] = deque()  # (time, output tokens so far)
@@ -64,6 +73,12 @@ class ServerMetrics:
     def add_generation_tokens(self, n: int) -> None:
         self._tokens += n
         self.generation_tokens.inc(n)
+
+    def step_done(self, seconds: float) -> None:
+        """One step of the step loop took ``seconds`` (engine thread)."""
+        self.steps_run.inc()
+        self.step_seconds.inc(seconds)
+        self.engine_cpu.set(time.thread_time())
 
     def finished(self, reason: str) -> None:
         self._finished.labels(finish_reason="error" if reason.startswith("error") else reason, **self._lab).inc()
