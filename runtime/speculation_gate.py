@@ -21,14 +21,14 @@ round whose two windows ran very different batches (admission, a draining batch:
 ``max_batch_change`` apart) says nothing and is run again. Plain mode is measured first: the first steps of an
 engine are never slower than plain decoding because of the gate.
 
-Two rules bound what a losing round costs (H200, SmolLM2, bench/RESULTS.md: speculation measured 0.31-0.93x plain's
+Two rules bound what a losing round costs (H200, SmolLM2, bench/RESULTS.md: speculation measured 0.32-0.93x plain's
 goodput in every cell of the never-slower grid, and its rounds cost the default 3-6% of the run):
 
 * **early stop**: once ``early_steps`` (48) of speculation's window are measured, a goodput below ``1 - early_loss`` (0.85) of
   plain's ends the round there (plain wins): at B 1 speculation measured 0.32x, and a full 192-step window of it
   cost ~5% of an 8,000-token run;
 * **nothing to win**: the speculative half is not started when the batch has fewer than ``2 * (warm + window)``
-  decode steps left (``remaining``, the engine's count of the running requests' tokens to go): a winner found then
+  decode steps left (``remaining``: the most tokens a running or waiting request may still emit, from the engine): a winner found then
   could not run long enough to repay the round (256-token outputs: the round would be most of the run).
 """
 
@@ -80,7 +80,7 @@ class SpeculationGate:
         self.early_stops = 0  # rounds that speculation lost before its window was full
         self.skipped = 0  # speculative halves not started: too few steps left to repay them
         self.goodput: dict[str, float] = {}  # the last round's measured tokens/s per mode
-        # decode steps the batch has left (the engine sets it: its running requests' tokens to go); None: unknown
+        # decode steps the batch has left at least (the engine sets it: Engine._steps_left); None: unknown
         self.remaining: Callable[[], int] | None = None
         self._start_round()
 
@@ -91,20 +91,13 @@ class SpeculationGate:
 
     @property
     def round_steps(self) -> int:
-        """Steps of one measuring round (both modes): a warm-up that should meet speculative steps runs this long."""
+        """Steps of one measuring round (both modes)."""
         return 2 * (self.warm + self.window)
 
     def fresh(self) -> "SpeculationGate":
         """A new gate with this one's schedule, in its first round (what an engine starts with)."""
         return SpeculationGate(self.warm, self.window, self.exploit_first, self.exploit_max, self.margin,
                                self.max_batch_change, self.early_steps, self.early_loss)
-
-    def hold(self, mode: str) -> None:
-        """Stay in ``mode`` with no measuring round until a new gate replaces this one (a benchmark's warm-up that
-        must compile the speculative steps' kernels and graphs)."""
-        if mode not in (PLAIN, SPECULATE):
-            raise ValueError(f"SpeculationGate.hold: mode must be {PLAIN!r} or {SPECULATE!r}, got {mode!r}")
-        self._begin(mode, 1 << 62, None)
 
     # ---- one step's outcome ----------------------------------------------------------------------------------
     def observe(self, tokens: int, seconds: float, requests: int) -> None:

@@ -104,7 +104,8 @@ def run_runtime(model, prompts, method: str, batch: int, output_len: int, temper
         # context's sequence-length bucket is captured when first met (its time is reported, not counted).
         warm = min(output_len, args.warmup_tokens)
         gate = llm.engine.gate
-        if gate is not None:  # the adaptive default warms up speculating (LLM.warming_up), at least a round long
+        if gate is not None:  # warm-ups draft the full stride (LLM.warming_up); a round long, so the speculative
+            # shapes of the contexts a first round reaches are compiled and captured too
             warm = min(output_len, max(warm, gate.round_steps))
         with llm.warming_up():
             llm.generate(prompts, SamplingParams(max_tokens=warm, **sampling), use_tqdm=False)

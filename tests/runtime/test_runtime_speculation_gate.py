@@ -84,15 +84,6 @@ def test_plain_mode_makes_the_policy_decode_plainly_without_refresh():
     assert policy.options(r, 8, 64)[0] == 8 and policy.refresh_after(r, 8)
 
 
-def test_hold_keeps_a_mode_without_rounds():
-    g = SpeculationGate(warm=0, window=1, exploit_first=1)
-    g.hold(SPECULATE)
-    run(g, 50, {PLAIN: 100, SPECULATE: 1})
-    assert g.speculating and g.rounds == 0
-    with pytest.raises(ValueError, match="mode"):
-        g.hold("fast")
-
-
 def test_the_engine_gates_only_adaptive_single_device_speculation():
     from sparsespec_compile.runtime.speculation_gate import default_gate
 
