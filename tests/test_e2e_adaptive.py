@@ -115,3 +115,26 @@ def test_warming_up_speculates_whatever_the_gate_would_choose(model):
     after = llm.engine.gate
     assert after is not before and after.mode == PLAIN and after.rounds == 0
     assert (after.warm, after.window) == (3, 5) and after.remaining is not None
+
+
+def test_serve_warm_up_meets_a_prefill_beside_drafting_rows(model):
+    """``sparsespec serve``'s warm-up runs drafts, verifies and a prefill chunk in the same step as drafting rows
+    (that eager mix compiles kernel variants of its own), then leaves the adaptive default and zeroed stats."""
+    from sparsespec_compile.serve import warm_up
+
+    torch._dynamo.reset()
+    llm = LLM(model, SparseSpecConfig(compiler="eager", stride=4, num_pages=128, page_size=4, min_budget=96,
+                                      recent=1, max_num_batched_tokens=64, overlap=False))
+    kinds = []
+    schedule = llm.engine.scheduler.schedule
+
+    def recording():
+        plan = schedule()
+        kinds.append({e.kind for e in plan.entries})
+        return plan
+
+    llm.engine.scheduler.schedule = recording
+    warm_up(llm)
+    assert any({StepKind.PREFILL, StepKind.DRAFT} <= k for k in kinds), kinds
+    assert any(StepKind.VERIFY in k for k in kinds)
+    assert llm.stats()["steps"] == 0 and llm.engine.scheduler.planner.policy.adaptive
