@@ -62,10 +62,7 @@ class ProcessEngine(EngineBase):
     def stop(self, timeout: float = 30.0) -> None:
         """End the child (live requests fail: the server is shutting down)."""
         self._stopping = True
-        try:
-            self._send(("stop", None))
-        except OSError:
-            pass  # already gone
+        self._send(("stop", None))
         self.process.join(timeout)
         if self.process.is_alive():
             log.warning("the engine process did not stop in %.0f s: terminated", timeout)
@@ -82,8 +79,11 @@ class ProcessEngine(EngineBase):
         kind, what = message
         if kind == "add":  # the ids and params, not the Request: its stop-string matcher holds the tokenizer
             message = (kind, (what.prompt_token_ids, what.params, what.request_id))
-        with self._send_lock:
-            self._conn.send(message)
+        try:
+            with self._send_lock:
+                self._conn.send(message)
+        except OSError:  # the child is gone: the reader, at the pipe's end of file, fails every live request
+            pass
 
     def _read(self) -> None:
         try:
