@@ -237,11 +237,13 @@ def server_window(before: dict, after: dict, wall: float, chunks: int) -> dict:
 
     steps, step_s = d("sparsespec_engine_steps_run_total"), d("sparsespec_engine_step_seconds_total")
     engine_cpu, cpu = d("sparsespec_engine_thread_cpu_seconds"), d("process_cpu_seconds_total")
+    # process_cpu_seconds_total is the server process's: the step loop's CPU is in it only when it is a thread there
+    http_cpu = cpu - engine_cpu * after.get("sparsespec_engine_in_server_process", 1.0)
     return {"tokens_per_s": d("sparsespec_generation_tokens_total") / wall, "engine_steps": steps,
             "engine_steps_per_s": steps / wall, "engine_step_ms": step_s / steps * 1e3 if steps else 0.0,
             "engine_step_busy": step_s / wall, "engine_cpu_per_wall": engine_cpu / wall,
             "process_cpu_per_wall": cpu / wall,
-            "http_cpu_us_per_chunk": (cpu - engine_cpu) / chunks * 1e6 if chunks else 0.0}
+            "http_cpu_us_per_chunk": http_cpu / chunks * 1e6 if chunks else 0.0}
 
 
 def run_offline(args, serve_args: list[str], prompts: list[str]) -> dict:

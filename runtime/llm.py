@@ -41,6 +41,22 @@ class RequestOutput:
     logprobs: list[dict[int, float]] | None = None
 
 
+def check_request(prompt, params: SamplingParams | None, tokenizer, vocab_size: int,
+                  use_chat_template: bool = False) -> Request:
+    """``LLM.make_request`` without the model: what a server process that holds only the tokenizer and the
+    vocabulary size checks before handing the prompt to the process that runs the engine (which builds the same
+    ``Request`` again from the ids)."""
+    params = params or SamplingParams()
+    ids = encode(prompt, tokenizer, use_chat_template)
+    req = Request(ids, params)
+    bad = [t for t in ids if t >= vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {vocab_size})")
+    if params.stop:
+        req.stop_check = StopStrings(tokenizer, params.stop)
+    return req
+
+
 def load_model_dir(path: str | os.PathLike):
     """(model, tokenizer or None) from a Hugging Face model directory: the checkpoint's dtype on CUDA (then the
     model goes to the GPU), float32 on a CPU; the tokenizer when the directory has one."""
@@ -240,15 +256,7 @@ class LLM:
     def make_request(self, prompt, params: SamplingParams | None = None, use_chat_template: bool = False) -> Request:
         """A ``Request`` for one prompt, checked (``ValueError`` naming the problem) but not queued: hand it to
         ``self.engine.add_request``. Reads no engine state that steps change, so another thread may call it."""
-        params = params or SamplingParams()
-        ids = encode(prompt, self.tokenizer, use_chat_template)
-        req = Request(ids, params)
-        bad = [t for t in ids if t >= self.engine.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {self.engine.vocab_size})")
-        if params.stop:
-            req.stop_check = StopStrings(self.tokenizer, params.stop)
-        return req
+        return check_request(prompt, params, self.tokenizer, self.engine.vocab_size, use_chat_template)
 
     def step(self) -> list[Request]:
         """One engine step; returns the requests finished (each once). A step during which Dynamo compiled a graph

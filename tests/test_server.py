@@ -60,7 +60,7 @@ def _aclient(base):
 
 
 def _pages_free(server) -> bool:
-    alloc = server.llm.engine.scheduler.allocator
+    alloc = server.engine.llm.engine.scheduler.allocator
     return alloc.num_free == alloc.num_blocks
 
 
@@ -203,7 +203,7 @@ def _finished_count(base, reason) -> float:
 def test_more_requests_than_the_pool_holds_queue_and_finish(served):
     base, server, refs = served
     need = sum(-(-(len(o.prompt_token_ids) + LONG) // 4) for o in refs["overflow"])
-    assert need > server.llm.engine.scheduler.allocator.num_blocks  # 12 requests, more pages than the pool has
+    assert need > server.engine.llm.engine.scheduler.allocator.num_blocks  # 12 requests, more pages than the pool has
 
     async def one(client, p):
         out = await client.completions.create(model=MODEL, prompt=p, max_tokens=LONG, temperature=0,

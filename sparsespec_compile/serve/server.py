@@ -1,13 +1,9 @@
-"""Start-up: warm the engine, then serve it with uvicorn (loopback unless told otherwise)."""
+"""Start-up: the warm-up (run where the step loop runs), and uvicorn (loopback unless told otherwise)."""
 
 from __future__ import annotations
 
-import logging
-
 from sparsespec_compile.runtime.llm import LLM
 from sparsespec_compile.runtime.sampling_params import SamplingParams
-
-log = logging.getLogger("sparsespec.serve")
 
 
 def warm_up(llm: LLM, tokens: int | None = None) -> None:
@@ -36,17 +32,15 @@ def warm_up(llm: LLM, tokens: int | None = None) -> None:
     llm.stats(reset=True)
 
 
-def serve(llm: LLM, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          warmup: bool = True, stream_interval: int = 1, log_level: str = "info") -> None:
-    """Serve ``llm`` until interrupted (Ctrl-C / SIGTERM: uvicorn finishes, the engine thread aborts what is left)."""
+def serve(engine, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          log_level: str = "info") -> None:
+    """Serve ``engine`` (engine_base.py; started, warmed up) until interrupted (Ctrl-C / SIGTERM: uvicorn finishes,
+    the engine aborts what is left)."""
     import uvicorn
 
-    from .app import create_app
+    from .app import engine_app
 
-    if warmup:
-        log.info("warming up (compiles the step graphs)")
-        warm_up(llm)
-    app = create_app(llm, model_name=model_name, api_key=api_key, stream_interval=stream_interval)
+    app = engine_app(engine, model_name=model_name, api_key=api_key)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 
 
