@@ -11,6 +11,14 @@ import time
 import httpx
 
 
+def wait_until(cond, timeout: float = 10.0, poll: float = 0.02) -> None:
+    """Poll ``cond()`` until it holds; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(poll)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

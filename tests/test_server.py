@@ -14,7 +14,7 @@ import pytest
 from sparsespec_compile import LLM, SamplingParams, SparseSpecConfig
 from sparsespec_compile.testing import FAMILIES, hf_greedy, tiny_model
 
-from server_fixture import running_server
+from server_fixture import running_server, wait_until
 
 KEY = "sekret"
 MODEL = "tiny-llama"
@@ -64,12 +64,6 @@ def _pages_free(server) -> bool:
     return alloc.num_free == alloc.num_blocks
 
 
-def _wait(cond, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
 
 def test_completions_whole_and_streamed_equal_generate(served):
     base, _, refs = served
@@ -115,7 +109,7 @@ def test_32_concurrent_streams_get_what_they_get_alone(served):
         return await asyncio.gather(*(one(client, p) for p in PROMPTS))
 
     assert asyncio.run(main()) == refs["alone"]  # 32 clients, 8 sequences: 24 queue
-    _wait(lambda: _pages_free(server))
+    wait_until(lambda: _pages_free(server))
 
 
 def test_a_request_joins_the_running_batch(served):
@@ -176,8 +170,8 @@ def test_a_client_that_disconnects_frees_its_pages(served):
     aborted_before = _finished_count(base, "abort")
     texts = asyncio.run(main())
     assert texts == [o.text for o in refs["overflow"][:3]]  # the others finish, untouched
-    _wait(lambda: _finished_count(base, "abort") == aborted_before + 1)
-    _wait(lambda: _pages_free(server) and not engine._live)
+    wait_until(lambda: _finished_count(base, "abort") == aborted_before + 1)
+    wait_until(lambda: _pages_free(server) and not engine._live)
 
 
 def test_a_client_that_gives_up_on_a_whole_response_frees_its_pages(served):
@@ -186,8 +180,8 @@ def test_a_client_that_gives_up_on_a_whole_response_frees_its_pages(served):
     body = {"model": MODEL, "prompt": PROMPTS[6], "max_tokens": CONTEXT - 16, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):  # the client closes the connection while the server generates
         httpx.post(f"{base}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5)
-    _wait(lambda: _finished_count(base, "abort") == aborted_before + 1)
-    _wait(lambda: _pages_free(server) and not server.engine._live)
+    wait_until(lambda: _finished_count(base, "abort") == aborted_before + 1)
+    wait_until(lambda: _pages_free(server) and not server.engine._live)
 
 
 def _finished_count(base, reason) -> float:
@@ -215,7 +209,7 @@ def test_more_requests_than_the_pool_holds_queue_and_finish(served):
         return await asyncio.gather(*(one(client, p) for p in PROMPTS[:12]))
 
     assert asyncio.run(main()) == [(o.text, "length") for o in refs["overflow"]]
-    _wait(lambda: _pages_free(server))
+    wait_until(lambda: _pages_free(server))
 
 
 def test_stop_strings_end_the_output_there(served):

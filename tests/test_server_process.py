@@ -9,12 +9,11 @@ import asyncio
 import functools
 import os
 import signal
-import time
 
 import httpx
 import openai
 import pytest
-from server_fixture import serving
+from server_fixture import serving, wait_until
 
 from sparsespec_compile import LLM, SamplingParams, SparseSpecConfig
 from sparsespec_compile.serve.app import engine_app
@@ -51,12 +50,6 @@ def _metric(base, name, **labels) -> float:
     return total
 
 
-def _wait(cond, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
 
 def test_greedy_whole_and_streamed_equal_generate(served):
     base, _, want = served
@@ -90,8 +83,8 @@ def test_a_disconnect_aborts_the_request_in_the_child(served):
     base, server, _ = served
     aborted = _metric(base, "sparsespec_request_finished_total", finish_reason="abort")
     _stream_lines(base, PROMPTS[1], 200, lambda lines: len(lines) == 3)  # then the connection closes
-    _wait(lambda: _metric(base, "sparsespec_request_finished_total", finish_reason="abort") == aborted + 1)
-    _wait(lambda: not server.engine._live and _metric(base, "sparsespec_kv_pages_used") == 0)
+    wait_until(lambda: _metric(base, "sparsespec_request_finished_total", finish_reason="abort") == aborted + 1, 20.0)
+    wait_until(lambda: not server.engine._live and _metric(base, "sparsespec_kv_pages_used") == 0, 20.0)
 
 
 def test_a_killed_engine_process_fails_live_requests_and_health(served):
