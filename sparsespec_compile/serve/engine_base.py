@@ -10,6 +10,7 @@ fail at once, so no accepted request is left waiting forever.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import threading
 import time
@@ -75,7 +76,7 @@ class RequestStream:
         raise AssertionError("stream ended without an output")
 
 
-class EngineBase:
+class EngineBase(abc.ABC):
     """The HTTP side's half of an engine. Subclasses send ``("add", request)`` / ``("abort", request id)`` to their
     step loop (``_send``) and say whether it runs (``_running``)."""
 
@@ -172,12 +173,14 @@ class EngineBase:
         except RuntimeError:  # the event loop is closed: nobody is reading any more
             pass
 
-    # ---- subclasses ---------------------------------------------------------------------------------------------
+    # ---- what each engine provides --------------------------------------------------------------------------------
+    @abc.abstractmethod
     def _send(self, message: tuple) -> None:
-        raise NotImplementedError
+        """Hand ``message`` to the step loop (a queue for the thread engine, the pipe for the process engine)."""
 
+    @abc.abstractmethod
     def _running(self) -> bool:
-        raise NotImplementedError
+        """Whether the step loop still runs."""
 
 
 __all__ = ["EngineBase", "EngineDead", "RequestStream"]

@@ -117,8 +117,8 @@ class StepOutputs:
             del self.live[key]
             sent = self._sent.pop(key)
             o = self.llm.output(r)
-            out.append((key, Delta(o.token_ids[sent:], o.logprobs[sent:] if o.logprobs is not None else None,
-                                            o)))
+            lps = o.logprobs[sent:] if o.logprobs is not None else None
+            out.append((key, Delta(o.token_ids[sent:], lps, o)))
         for key, r in self.live.items():
             if r.is_finished:
                 continue  # its last tokens come with its output (a stop string may cut them)
