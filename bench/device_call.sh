@@ -38,7 +38,7 @@
 #           shape (random bf16 weights saved once to /root/q8b) at B 32, 4k prompts, stride 0: 2 ranks (graphs on
 #           when the check captured them, and padded steps without graphs) vs 1 GPU
 set -euo pipefail
-phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile|context_profile|tp|streaming|carry|kstep|kstep2|s14_qwen|s14_smol|prof14|s14b|s14c1|s14c2|g3carry|hybrid_smol|hybrid_gemma|s19a|s19b}
+phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile|context_profile|tp|streaming|carry|kstep|kstep2|s14_qwen|s14_smol|prof14|prof14long|s14b|s14c1|s14c2|g3carry|hybrid_smol|hybrid_gemma|s19a|s19b}
 R=$PWD
 GG=/root/gg
 mkdir -p "$GG"
@@ -172,6 +172,13 @@ PY
       2>&1 | grep -v -i warn | cut -c1-200 | head -150 || echo "(profile rc $?)"
     timeout 170 python3 gpu_graph_check.py --out "$OUT" --runs "s0_b256 0 on inductor 256 512 256 on fuse" \
       "k8_b256 8 on inductor 256 512 256 on fuse" 2>&1 | grep -v -i warn | cut -c1-1500 | tail -6 || echo "(timed rc $?)" ;;
+  prof14long)  # issue 14: prof14 at 4,096-token prompts (B 256, random SmolLM2-shaped weights), where the KV is most
+               # of a stride-0 step and the speculative step should cost ~0.4 of it: per-kernel profiles, then timed
+    cp "$R/bench/gpu_graph_check.py" .
+    timeout 330 python3 gpu_graph_check.py --profile --out "$OUT" --runs "s0_b256_p4k 0 pad inductor 256 4096 64 fuse" \
+      "k8_b256_p4k 8 pad inductor 256 4096 64 fuse" 2>&1 | grep -v -i warn | cut -c1-200 | head -150 || echo "(profile rc $?)"
+    timeout 200 python3 gpu_graph_check.py --out "$OUT" --runs "s0_b256_p4k 0 on inductor 256 4096 256 on fuse" \
+      "k8_b256_p4k 8 on inductor 256 4096 256 on fuse" 2>&1 | grep -v -i warn | cut -c1-1500 | tail -6 || echo "(timed rc $?)" ;;
   s14b)  # issue 14, no GGUF: the step section (checks, breakdown with the scoring shape the autotuner chose), then
          # the Qwen3-8B shape end to end, stride 0 vs PillarAttn (B 32 x 12,288-token prompts; QWEN_TIMEOUT)
     mkdir -p /tmp/old_kernels && cp "$R"/.carry/old_kernels/*.py /tmp/old_kernels/ 2>/dev/null || true
@@ -232,9 +239,12 @@ PY
   s19b)  # second of the pair (carry .carry/gguf.part_ab, .carry/whl, .carry/prompts512.jsonl): SmolLM2 real weights,
           # B 256, 512 GSM8K requests, 4,096 outputs, T 0 — the adaptive default alone with the progress log
           # (SPEC_TIMEOUT), then stride 0 and PillarAttn k = 8 (SMOL_TIMEOUT; METHODS, BATCHES, OUTS, RPS, TEMPS
-          # override). Issue 19's never-slower grid, in two calls after the part_aa carry:
-          #   SPEC_TIMEOUT= METHODS="stride0 sparsespec" BATCHES="1 16 64" OUTS="256 2048 8000" RPS=1 SMOL_TIMEOUT=560
-          #   SPEC_TIMEOUT= METHODS="stride0 sparsespec" BATCHES=256 OUTS="256 2048 8000" SMOL_TIMEOUT=560
+          # override). Issue 19's never-slower grid after the part_aa carry (each cell builds its LLM afresh: ~25-30 s
+          # of start-up a cell besides its run, so 2026-12-01's two calls of 560 s and 480 s left 3 cells out):
+          #   SPEC_TIMEOUT= METHODS="stride0 sparsespec" BATCHES="1 16 64" OUTS="256 2048" RPS=1 SMOL_TIMEOUT=400
+          #   SPEC_TIMEOUT= METHODS="stride0 sparsespec" BATCHES="1 16 64" OUTS=8000 RPS=1 SMOL_TIMEOUT=400
+          #   SPEC_TIMEOUT= METHODS="stride0 sparsespec" BATCHES=256 OUTS="256 2048" SMOL_TIMEOUT=400
+          #   SPEC_TIMEOUT= METHODS="stride0 sparsespec" BATCHES=256 OUTS=8000 SMOL_TIMEOUT=560
     [ -f "$R/.carry/prompts512.jsonl" ] && cp "$R/.carry/prompts512.jsonl" "$GG/"
     smol() { local name=$1 t=$2; shift 2; timeout "$t" python3 -m sparsespec_compile.benchmark --model smollm2 \
       --gguf "$GG/smollm2.gguf" --prompts "$GG/prompts512.jsonl" --batch-sizes ${BATCHES:-256} --output-lens ${OUTS:-4096} \

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import math
 import time
@@ -162,6 +163,7 @@ class Engine:
             draft=config.draft,
             policy=policy,
         )
+        self.use_gate(self.gate)  # (the gate asks the scheduler how many steps are left: attached once it exists)
         self.stats = EngineStats()  # steps and time; acceptance is counted by the cycle planner (CycleStats)
         graphs = config.cuda_graphs
         if graphs == "auto":
@@ -182,6 +184,8 @@ class Engine:
         """Switch speculation on and off for the whole batch with ``gate`` (speculation_gate.py; None: the prices
         alone decide)."""
         self.gate = gate
+        if gate is not None:
+            gate.remaining = self._steps_left
         policy = self.scheduler.planner.policy
         if isinstance(policy, AdaptiveStride):
             policy.gate = gate
@@ -195,6 +199,13 @@ class Engine:
         if isinstance(policy, AdaptiveStride):
             policy.cost = cost
         self.use_gate(None)
+
+    def _steps_left(self) -> int:
+        """Decode steps the batch has left at least: the most tokens a running or waiting request may still emit
+        (an EOS can end it sooner)."""
+        s = self.scheduler
+        return max((min(r.params.max_tokens - len(r.output_token_ids), self.max_model_len - r.num_tokens)
+                    for r in itertools.chain(s.running, s.waiting)), default=0)
 
     # ---- requests -------------------------------------------------------------------------------------------
     def add_request(self, req: Request) -> bool:
@@ -337,7 +348,10 @@ class Engine:
             return
         if busy is not None:
             self.stats.gpu_busy_seconds += busy
-        self.step_cost.observe(res.work, seconds)
+        if busy is not None or self.device.type != "cuda":
+            # (on CUDA a step without device time captured a graph: its host time, up to 14 s on the H200, is no
+            # price of its work; fed in, it made c_tok 700 us a token)
+            self.step_cost.observe(res.work, seconds)
         for i, per_layer in res.recall_lists():
             res.plan.entries[i].request.metrics.add_recall(per_layer)
             s = self.stats

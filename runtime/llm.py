@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from sparsespec_compile.passes.fuse_projections import refresh_fused_weights
 from .engine import Engine
 from .request import Request
 from .sampling_params import SamplingParams
+from .stride_policy import FixedStride
 from .prompts import chat_ids, encode, split_prompts
 from .stop_strings import StopStrings
 from .streaming import StreamEvent, TextDelta
@@ -37,6 +39,22 @@ class RequestOutput:
     stop_reason: str | int | None = None  # the stop string matched, or the stop id / EOS that ended it
     # SamplingParams.logprobs: per token, {token id: log-prob} of the token itself and its top alternatives
     logprobs: list[dict[int, float]] | None = None
+
+
+def check_request(prompt, params: SamplingParams | None, tokenizer, vocab_size: int,
+                  use_chat_template: bool = False) -> Request:
+    """``LLM.make_request`` without the model: what a server process that holds only the tokenizer and the
+    vocabulary size checks before handing the prompt to the process that runs the engine (which builds the same
+    ``Request`` again from the ids)."""
+    params = params or SamplingParams()
+    ids = encode(prompt, tokenizer, use_chat_template)
+    req = Request(ids, params)
+    bad = [t for t in ids if t >= vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {vocab_size})")
+    if params.stop:
+        req.stop_check = StopStrings(tokenizer, params.stop)
+    return req
 
 
 def load_model_dir(path: str | os.PathLike):
@@ -89,7 +107,8 @@ class _CompileTime:
 def _gate_stats(gate) -> dict | None:
     if gate is None:
         return None
-    return {"mode": gate.mode, "winner": gate.winner, "rounds": gate.rounds, "goodput": dict(gate.goodput)}
+    return {"mode": gate.mode, "winner": gate.winner, "rounds": gate.rounds, "early_stops": gate.early_stops,
+            "skipped": gate.skipped, "goodput": dict(gate.goodput)}
 
 
 def _graphs_compiled() -> int:
@@ -237,15 +256,7 @@ class LLM:
     def make_request(self, prompt, params: SamplingParams | None = None, use_chat_template: bool = False) -> Request:
         """A ``Request`` for one prompt, checked (``ValueError`` naming the problem) but not queued: hand it to
         ``self.engine.add_request``. Reads no engine state that steps change, so another thread may call it."""
-        params = params or SamplingParams()
-        ids = encode(prompt, self.tokenizer, use_chat_template)
-        req = Request(ids, params)
-        bad = [t for t in ids if t >= self.engine.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {self.engine.vocab_size})")
-        if params.stop:
-            req.stop_check = StopStrings(self.tokenizer, params.stop)
-        return req
+        return check_request(prompt, params, self.tokenizer, self.engine.vocab_size, use_chat_template)
 
     def step(self) -> list[Request]:
         """One engine step; returns the requests finished (each once). A step during which Dynamo compiled a graph
@@ -288,6 +299,27 @@ class LLM:
         logprobs = list(r.output_logprobs) if r.params.logprobs is not None else None
         return RequestOutput(r.request_id, r.prompt_token_ids, list(r.output_token_ids), text, r.finish_reason or "",
                              metrics, stop_reason, logprobs)
+
+    @contextlib.contextmanager
+    def warming_up(self) -> Iterator[None]:
+        """Requests run inside draft the full stride every cycle, whatever the adaptive stride and its speculation
+        gate would choose, so a warm-up compiles and captures the speculative steps' kernels and graphs too: the gate
+        measures plain decoding first and the prices keep short contexts plain, so a short warm-up would meet none
+        of them and the first speculative round of the real run would pay them (7 s of captures and 0.5-1.7 s
+        compile stalls on the H200). Afterwards the adaptive stride is back with a fresh gate, as a new engine's."""
+        engine = self.engine
+        planner, gate = engine.scheduler.planner, engine.gate
+        policy = planner.policy
+        if not policy.adaptive:
+            yield
+            return
+        planner.policy = FixedStride(policy.stride)
+        engine.use_gate(None)
+        try:
+            yield
+        finally:
+            planner.policy = policy
+            engine.use_gate(gate.fresh() if gate is not None else None)
 
     def stats(self, reset: bool = False) -> dict:
         """Mean accepted length and per-position acceptance over full cycles, the k chosen per cycle and acceptance by

@@ -20,11 +20,22 @@ never pays for speculation spends about one window in ``exploit_first``, then in
 round whose two windows ran very different batches (admission, a draining batch: mean requests per step more than
 ``max_batch_change`` apart) says nothing and is run again. Plain mode is measured first: the first steps of an
 engine are never slower than plain decoding because of the gate.
+
+Two rules bound what a losing round costs (H200, SmolLM2, bench/RESULTS.md: speculation measured 0.32-0.93x plain's
+goodput in every cell of the never-slower grid, and its rounds cost the default 3-6% of the run):
+
+* **early stop**: once ``early_steps`` (48) of speculation's window are measured, a goodput below ``1 - early_loss`` (0.85) of
+  plain's ends the round there (plain wins): at B 1 speculation measured 0.32x, and a full 192-step window of it
+  cost ~5% of an 8,000-token run;
+* **nothing to win**: the speculative half is not started when the batch has fewer than ``2 * (warm + window)``
+  decode steps left (``remaining``: the most tokens a running or waiting request may still emit, from the engine): a winner found then
+  could not run long enough to repay the round (256-token outputs: the round would be most of the run).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 PLAIN, SPECULATE = "plain", "speculate"
 
@@ -53,16 +64,24 @@ class _Window:
 
 class SpeculationGate:
     def __init__(self, warm: int = 32, window: int = 192, exploit_first: int = 2048, exploit_max: int = 32768,
-                 margin: float = 0.02, max_batch_change: float = 0.25) -> None:
-        if min(warm, window, exploit_first) < 0 or window == 0 or exploit_max < exploit_first:
+                 margin: float = 0.02, max_batch_change: float = 0.25, early_steps: int = 48,
+                 early_loss: float = 0.15) -> None:
+        if min(warm, window, exploit_first, early_steps) < 0 or window == 0 or exploit_max < exploit_first:
             raise ValueError(f"SpeculationGate: bad schedule warm={warm} window={window} "
-                             f"exploit_first={exploit_first} exploit_max={exploit_max}")
+                             f"exploit_first={exploit_first} exploit_max={exploit_max} early_steps={early_steps}")
+        if not 0.0 < early_loss <= 1.0:
+            raise ValueError(f"SpeculationGate.early_loss must be in (0, 1], got {early_loss}")
         self.warm, self.window, self.margin, self.max_batch_change = warm, window, margin, max_batch_change
         self.exploit_first, self.exploit_max = exploit_first, exploit_max
+        self.early_steps, self.early_loss = early_steps, early_loss
         self.exploit = exploit_first
         self.winner: str | None = None
         self.rounds = 0  # measuring rounds completed (decided or not)
+        self.early_stops = 0  # rounds that speculation lost before its window was full
+        self.skipped = 0  # speculative halves not started: too few steps left to repay them
         self.goodput: dict[str, float] = {}  # the last round's measured tokens/s per mode
+        # decode steps the batch has left at least (the engine sets it: Engine._steps_left); None: unknown
+        self.remaining: Callable[[], int] | None = None
         self._start_round()
 
     # ---- what the stride policy asks -------------------------------------------------------------------------
@@ -72,15 +91,13 @@ class SpeculationGate:
 
     @property
     def round_steps(self) -> int:
-        """Steps of one measuring round (both modes): a warm-up that should meet speculative steps runs this long."""
+        """Steps of one measuring round (both modes)."""
         return 2 * (self.warm + self.window)
 
-    def hold(self, mode: str) -> None:
-        """Stay in ``mode`` with no measuring round until a new gate replaces this one (a benchmark's warm-up that
-        must compile the speculative steps' kernels and graphs)."""
-        if mode not in (PLAIN, SPECULATE):
-            raise ValueError(f"SpeculationGate.hold: mode must be {PLAIN!r} or {SPECULATE!r}, got {mode!r}")
-        self._begin(mode, 1 << 62, None)
+    def fresh(self) -> "SpeculationGate":
+        """A new gate with this one's schedule, in its first round (what an engine starts with)."""
+        return SpeculationGate(self.warm, self.window, self.exploit_first, self.exploit_max, self.margin,
+                               self.max_batch_change, self.early_steps, self.early_loss)
 
     # ---- one step's outcome ----------------------------------------------------------------------------------
     def observe(self, tokens: int, seconds: float, requests: int) -> None:
@@ -90,15 +107,28 @@ class SpeculationGate:
         self._left -= 1
         if self._measuring is not None and self._left < self.window and seconds > 0:
             self._measuring.add(tokens, seconds, requests)
+            if self.mode == SPECULATE and self._losing_early():
+                self.early_stops += 1
+                self._decide()
+                return
         if self._left > 0:
             return
         if self._measuring is None:  # an exploit span ended
             self._start_round()
         elif self.mode == PLAIN:
             self._plain = self._measuring
-            self._begin(SPECULATE, self.warm + self.window, _Window())
+            if self.remaining is not None and self.remaining() < self.round_steps:
+                self.skipped += 1  # nothing to win: plain on, and a new round once this span is over
+                self._begin(PLAIN, self.warm + self.window, None)
+            else:
+                self._begin(SPECULATE, self.warm + self.window, _Window())
         else:
             self._decide()
+
+    def _losing_early(self) -> bool:
+        spec, plain = self._measuring, self._plain
+        return (spec is not None and plain is not None and spec.steps >= self.early_steps and plain.steps > 0
+                and spec.goodput < (1.0 - self.early_loss) * plain.goodput)
 
     def _start_round(self) -> None:
         self._plain: _Window | None = None

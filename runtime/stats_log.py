@@ -72,7 +72,8 @@ def format_line(prev: dict, cur: dict, wall: float, running: int, waiting: int) 
     parts.append(f"compiles {cur.get('compile_steps', 0)} (+{d['compile_seconds']:.1f} s)")
     gate = cur.get("speculation_gate")
     if gate:
-        parts.append(f"gate {gate['mode']} (won by {gate['winner'] or '-'}, {gate['rounds']} rounds)")
+        parts.append(f"gate {gate['mode']} (won by {gate['winner'] or '-'}, {gate['rounds']} rounds, "
+                     f"{gate.get('early_stops', 0)} stopped early, {gate.get('skipped', 0)} skipped)")
     prices = cur.get("step_cost")
     if prices:  # the adaptive stride's fitted step costs (step_cost.py): c0, per token, per full key, per sparse key
         parts.append("prices {:.2f} ms + {:.2f} us/tok + {:.1f} ns/key + {:.1f} ns/sparse key".format(

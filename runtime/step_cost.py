@@ -99,7 +99,7 @@ class StepCostModel:
     """
 
     def __init__(self, seed: tuple[float, float, float, float] = SEED, forget: float = 0.98,
-                 ridge: float = 1e-3) -> None:
+                 ridge: float = 1e-3, outlier: float = 8.0) -> None:
         if len(seed) != 4 or min(seed) < 0:
             raise ValueError(f"StepCostModel.seed must be 4 costs >= 0, got {seed}")
         if not 0.0 < forget <= 1.0:
@@ -109,11 +109,24 @@ class StepCostModel:
         self._b = [0.0] * 4  # sum of w f y
         self._theta: tuple[float, float, float, float] | None = tuple(self.seed)
         self.observed = 0
+        self.outlier = outlier
+        self.rejected = 0  # observations left out as stalls
+        self._stalls = 0  # consecutive ones
 
     def observe(self, work: StepWork, seconds: float) -> None:
         if not seconds > 0:
             return  # no measurement (a step that captured a graph, or a timer that did not run)
         f, g = work.features(), self.forget
+        # A step that compiled a kernel variant on its way (a first eager mix of prefill and speculative rows: 0.5-1.7
+        # s on the H200 against ~5 ms) prices nothing: once the fit has a few dozen steps, one more than ``outlier``
+        # times its prediction is left out; three such in a row are a new regime, and count.
+        if self.observed >= 16 and seconds > self.outlier * sum(a * b for a, b in zip(self.coefficients(), f)):
+            self._stalls += 1
+            if self._stalls < 3:
+                self.rejected += 1
+                return
+        else:
+            self._stalls = 0
         for i in range(4):
             self._b[i] = g * self._b[i] + f[i] * seconds
             row = self._a[i]

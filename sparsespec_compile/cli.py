@@ -220,16 +220,27 @@ def load_served(args: argparse.Namespace, config):
         from .models import load_smollm2
 
         model, tok = load_smollm2(dtype=torch.bfloat16 if cuda else torch.float32, device="cuda" if cuda else "cpu")
-        llm, name = LLM(model, config, tokenizer=tok), "SmolLM2-135M-Instruct"
+        llm = LLM(model, config, tokenizer=tok)
     else:
-        llm, name = LLM(str(_check_serve_dir(args.model_dir)), config), args.model_dir
+        llm = LLM(str(_check_serve_dir(args.model_dir)), config)
     if llm.tokenizer is None:
         raise SystemExit(f"sparsespec serve: {args.model_dir} has no tokenizer (tokenizer.json / tokenizer_config.json)")
-    return llm, args.served_model_name or name
+    return llm, served_name(args)
+
+
+def served_llm(args: argparse.Namespace, config):
+    """``load_served``'s LLM: what ``sparsespec serve``'s engine process builds (a picklable builder with
+    ``functools.partial``)."""
+    return load_served(args, config)[0]
+
+
+def served_name(args: argparse.Namespace) -> str:
+    return args.served_model_name or (args.model_dir if args.model_dir is not None else "SmolLM2-135M-Instruct")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """``sparsespec serve [MODEL_DIR]``: every flag checked, the model loaded and compiled, a warm-up, then uvicorn."""
+    """``sparsespec serve [MODEL_DIR]``: every flag checked, the model loaded, compiled and warmed up in the engine
+    process, then uvicorn here."""
     import os
 
     try:
@@ -247,14 +258,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.model_dir is not None:
         _check_serve_dir(args.model_dir)
     api_key = args.api_key or os.environ.get("SPARSESPEC_API_KEY") or None
-    from .serve import serve
+    import functools
 
-    llm, name = load_served(args, config)
+    from .serve import serve, warm_up
+    from .serve.async_engine import AsyncEngine
+    from .serve.engine_base import EngineDead
+    from .serve.process_engine import ProcessEngine
+
+    if args.engine == "process":  # the child builds the LLM; the HTTP side here holds the tokenizer and lengths
+        try:
+            engine = ProcessEngine(functools.partial(served_llm, args, config), stream_interval=args.stream_interval,
+                                   warmup=not args.no_warmup)
+        except EngineDead as exc:
+            raise SystemExit(f"sparsespec serve: {exc}") from None
+    else:
+        llm = served_llm(args, config)
+        if not args.no_warmup:
+            warm_up(llm)
+        engine = AsyncEngine(llm, stream_interval=args.stream_interval)
+    name = served_name(args)
     print(f"sparsespec serve: {name} on http://{args.host}:{args.port}/v1 (stride {config.stride}, "
-          f"{llm.engine.kv.num_pages} KV pages of {config.page_size} tokens, {config.max_num_seqs} sequences, "
+          f"{engine.info.num_pages} KV pages of {config.page_size} tokens, {config.max_num_seqs} sequences, "
           f"offload {'on' if config.offload else 'off'})", flush=True)
-    serve(llm, model_name=name, host=args.host, port=args.port, api_key=api_key, warmup=not args.no_warmup,
-          stream_interval=args.stream_interval, log_level=args.log_level)
+    serve(engine, model_name=name, host=args.host, port=args.port, api_key=api_key, log_level=args.log_level)
     return 0
 
 
@@ -285,6 +311,9 @@ def add_serve_parser(sub) -> None:
                    help="any other SparseSpecConfig field, e.g. --option cuda_graphs=off --option fuse_projections=true")
     p.add_argument("--stream-interval", type=int, default=1,
                    help="tokens per streamed chunk, at least (the first goes at once): fewer chunks under heavy load")
+    p.add_argument("--engine", default="process", choices=["process", "thread"],
+                   help="run the step loop in a child process (default) or in a thread of the server's process, "
+                        "sharing its interpreter lock with HTTP (0.20x offline tokens/s on an H200 at 256 clients)")
     p.add_argument("--no-warmup", action="store_true", help="serve at once (the first requests then pay the compiles)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level")

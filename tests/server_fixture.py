@@ -1,5 +1,5 @@
 """A live ``sparsespec serve`` app for tests: uvicorn on 127.0.0.1 (a free port) in a thread of this process, so a
-test can also look at the engine (pages in use, live requests) behind the HTTP API."""
+test can also look at the engine (pages in use, live requests, its child process) behind the HTTP API."""
 
 from __future__ import annotations
 
@@ -11,6 +11,14 @@ import time
 import httpx
 
 
+def wait_until(cond, timeout: float = 10.0, poll: float = 0.02) -> None:
+    """Poll ``cond()`` until it holds; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(poll)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -19,14 +27,21 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(llm, *, model_name: str = "tiny", api_key: str | None = None, warmup: bool = True):
-    """Yield ``(base_url, server)`` (``server``: the app's ``Server``) while uvicorn serves ``llm``."""
-    import uvicorn
-
+    """Yield ``(base_url, server)`` (``server``: the app's ``Server``) while uvicorn serves ``llm`` (the step loop
+    in a thread of this process)."""
     from sparsespec_compile.serve import create_app, warm_up
 
     if warmup:
         warm_up(llm)
-    app = create_app(llm, model_name=model_name, api_key=api_key)
+    with serving(create_app(llm, model_name=model_name, api_key=api_key)) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def serving(app):
+    """Yield ``(base_url, server)`` while uvicorn serves ``app`` in a thread of this process."""
+    import uvicorn
+
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)

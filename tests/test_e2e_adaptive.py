@@ -94,3 +94,47 @@ def test_gate_alternates_plain_and_speculative_rounds_losslessly(model, monkeypa
     assert runs and not any(modes[i][1] or modes[i][2] for i in runs if not modes[i][3])
     assert any(m[0] == "speculate" and m[1] for m in modes)  # speculative rounds do draft
     assert llm.stats()["speculation_gate"]["rounds"] == gate.rounds
+
+
+def test_warming_up_speculates_whatever_the_gate_would_choose(model):
+    """A warm-up meets the speculative steps at the full stride (the gate alone would decode plainly first) and
+    leaves the adaptive stride with a fresh gate of the same schedule: the serve and benchmark warm-ups compile the
+    speculative kernels and graphs."""
+    from sparsespec_compile.runtime.speculation_gate import PLAIN, SpeculationGate
+
+    torch._dynamo.reset()
+    llm = LLM(model, SparseSpecConfig(compiler="eager", stride=4, num_pages=128, page_size=4, min_budget=96,
+                                      recent=1, max_num_batched_tokens=64, overlap=False))
+    llm.engine.use_gate(SpeculationGate(warm=3, window=5))
+    before = llm.engine.gate
+    with llm.warming_up():
+        llm.generate(PROMPTS[:2], SamplingParams(max_tokens=12, ignore_eos=True), use_tqdm=False)
+    # the full stride (the prices alone would keep these short contexts plain: [22, 0, 0, 0, 0] cycles by k)
+    assert llm.stats()["cycles_by_k"][4] > 0, llm.stats()["cycles_by_k"]
+    assert llm.engine.scheduler.planner.policy.adaptive
+    after = llm.engine.gate
+    assert after is not before and after.mode == PLAIN and after.rounds == 0
+    assert (after.warm, after.window) == (3, 5) and after.remaining is not None
+
+
+def test_serve_warm_up_meets_a_prefill_beside_drafting_rows(model):
+    """``sparsespec serve``'s warm-up runs drafts, verifies and a prefill chunk in the same step as drafting rows
+    (that eager mix compiles kernel variants of its own), then leaves the adaptive default and zeroed stats."""
+    from sparsespec_compile.serve import warm_up
+
+    torch._dynamo.reset()
+    llm = LLM(model, SparseSpecConfig(compiler="eager", stride=4, num_pages=128, page_size=4, min_budget=96,
+                                      recent=1, max_num_batched_tokens=64, overlap=False))
+    kinds = []
+    schedule = llm.engine.scheduler.schedule
+
+    def recording():
+        plan = schedule()
+        kinds.append({e.kind for e in plan.entries})
+        return plan
+
+    llm.engine.scheduler.schedule = recording
+    warm_up(llm)
+    assert any({StepKind.PREFILL, StepKind.DRAFT} <= k for k in kinds), kinds
+    assert any(StepKind.VERIFY in k for k in kinds)
+    assert llm.stats()["steps"] == 0 and llm.engine.scheduler.planner.policy.adaptive

@@ -41,13 +41,19 @@ def test_load_generator_reports_server_and_offline(tmp_path):
     with running_server(llm, model_name="bench", warmup=False) as (base, _):
         rc = _script().main(["--server-url", base, "--model-dir", str(model_dir), "--prompts", str(prompts),
                              "--num-requests", "5", "--concurrency", "3", "--max-tokens", "6", "--out", str(out),
-                             "--", *SERVE_ARGS])
+                             "--client-procs", "2", "--", *SERVE_ARGS])
     assert rc == 0
     r = json.loads((out / "serve_load.json").read_text())
     s = r["server"]
     assert (s["completed"], s["output_tokens"], s["num_errors"]) == (5, 30, 0) and s["finish_reasons"] == ["length"]
     assert s["tokens_per_s"] > 0 and s["ttft_ms"]["n"] == 5 and s["itl_ms"]["p50"] >= 0 and s["tpot_ms"]["p99"] > 0
     assert s["metrics"]["sparsespec_generation_tokens_total"] == 30
+    # the clients came from two processes (3 in flight: 2 + 1); the server's window counts the steps it ran for them
+    c, w = s["client"], s["window"]
+    assert c["procs"] == 2 and c["chunks"] >= 5 and c["cpu_us_per_chunk"] > 0 and c["cpu_per_wall_max"] > 0
+    assert c["bound"] in ("client", "server")
+    assert w["engine_steps"] > 0 and w["engine_step_ms"] > 0 and 0 < w["engine_step_busy"] <= 1
+    assert w["tokens_per_s"] > 0 and w["process_cpu_per_wall"] > 0 and r["engine_step_slowdown"] > 0
     assert r["offline"]["output_tokens"] == 30 and r["offline"]["failed"] == 0 and r["server_over_offline"] > 0
 
 

@@ -14,7 +14,7 @@ import pytest
 from sparsespec_compile import LLM, SamplingParams, SparseSpecConfig
 from sparsespec_compile.testing import FAMILIES, hf_greedy, tiny_model
 
-from server_fixture import running_server
+from server_fixture import running_server, wait_until
 
 KEY = "sekret"
 MODEL = "tiny-llama"
@@ -60,15 +60,9 @@ def _aclient(base):
 
 
 def _pages_free(server) -> bool:
-    alloc = server.llm.engine.scheduler.allocator
+    alloc = server.engine.llm.engine.scheduler.allocator
     return alloc.num_free == alloc.num_blocks
 
-
-def _wait(cond, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def test_completions_whole_and_streamed_equal_generate(served):
@@ -115,7 +109,7 @@ def test_32_concurrent_streams_get_what_they_get_alone(served):
         return await asyncio.gather(*(one(client, p) for p in PROMPTS))
 
     assert asyncio.run(main()) == refs["alone"]  # 32 clients, 8 sequences: 24 queue
-    _wait(lambda: _pages_free(server))
+    wait_until(lambda: _pages_free(server))
 
 
 def test_a_request_joins_the_running_batch(served):
@@ -176,8 +170,8 @@ def test_a_client_that_disconnects_frees_its_pages(served):
     aborted_before = _finished_count(base, "abort")
     texts = asyncio.run(main())
     assert texts == [o.text for o in refs["overflow"][:3]]  # the others finish, untouched
-    _wait(lambda: _finished_count(base, "abort") == aborted_before + 1)
-    _wait(lambda: _pages_free(server) and not engine._live)
+    wait_until(lambda: _finished_count(base, "abort") == aborted_before + 1)
+    wait_until(lambda: _pages_free(server) and not engine._live)
 
 
 def test_a_client_that_gives_up_on_a_whole_response_frees_its_pages(served):
@@ -186,8 +180,8 @@ def test_a_client_that_gives_up_on_a_whole_response_frees_its_pages(served):
     body = {"model": MODEL, "prompt": PROMPTS[6], "max_tokens": CONTEXT - 16, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):  # the client closes the connection while the server generates
         httpx.post(f"{base}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5)
-    _wait(lambda: _finished_count(base, "abort") == aborted_before + 1)
-    _wait(lambda: _pages_free(server) and not server.engine._live)
+    wait_until(lambda: _finished_count(base, "abort") == aborted_before + 1)
+    wait_until(lambda: _pages_free(server) and not server.engine._live)
 
 
 def _finished_count(base, reason) -> float:
@@ -203,7 +197,7 @@ def _finished_count(base, reason) -> float:
 def test_more_requests_than_the_pool_holds_queue_and_finish(served):
     base, server, refs = served
     need = sum(-(-(len(o.prompt_token_ids) + LONG) // 4) for o in refs["overflow"])
-    assert need > server.llm.engine.scheduler.allocator.num_blocks  # 12 requests, more pages than the pool has
+    assert need > server.engine.llm.engine.scheduler.allocator.num_blocks  # 12 requests, more pages than the pool has
 
     async def one(client, p):
         out = await client.completions.create(model=MODEL, prompt=p, max_tokens=LONG, temperature=0,
@@ -215,7 +209,7 @@ def test_more_requests_than_the_pool_holds_queue_and_finish(served):
         return await asyncio.gather(*(one(client, p) for p in PROMPTS[:12]))
 
     assert asyncio.run(main()) == [(o.text, "length") for o in refs["overflow"]]
-    _wait(lambda: _pages_free(server))
+    wait_until(lambda: _pages_free(server))
 
 
 def test_stop_strings_end_the_output_there(served):
@@ -322,6 +316,9 @@ def test_metrics_are_prometheus_text(served):
     value = {s.name: s.value for f in fams.values() for s in f.samples if not s.labels.keys() - {"model_name"}}
     assert value["sparsespec_kv_pages_total"] == 120 and value["sparsespec_stride"] == 4
     assert value["sparsespec_generation_tokens_total"] >= 12
+    # what bench/serve_load.py reads to tell a server-bound load from a client-bound one
+    assert value["sparsespec_engine_steps_run_total"] > 0 and value["sparsespec_engine_step_seconds_total"] > 0
+    assert 0 < value["sparsespec_engine_thread_cpu_seconds"] <= value["process_cpu_seconds_total"]
     positions = {s.labels["position"] for s in fams["sparsespec_acceptance_rate"].samples}
     assert positions == {"1", "2", "3", "4"}
 

@@ -23,7 +23,6 @@ from .common import (COUNTERS, DEFAULT_PROMPTS, DRAFT_OF, HF_METHODS, LIST_COUNT
 from .floor import (floor_seconds, kv_bytes_per_token, measure_copy_bandwidth, plain_kv_tokens_read,
                     spec_kv_tokens_read, weight_bytes)
 from ..runtime.parallel import from_rank0, join_torchrun
-from ..runtime.speculation_gate import SpeculationGate
 from .agreement import add_comparisons
 from .hf import run_hf
 from .models import MODEL_NAMES, build_model, load_prompts, max_positions
@@ -105,14 +104,11 @@ def run_runtime(model, prompts, method: str, batch: int, output_len: int, temper
         # context's sequence-length bucket is captured when first met (its time is reported, not counted).
         warm = min(output_len, args.warmup_tokens)
         gate = llm.engine.gate
-        if gate is not None:  # the adaptive default: warm up speculating (its first round would decode plainly),
-            warm_gate = SpeculationGate()  # so the speculative steps' kernels and graphs are ready; then time it
-            warm_gate.hold("speculate")  # with a fresh gate, as a new server would start
-            llm.engine.use_gate(warm_gate)
+        if gate is not None:  # warm-ups draft the full stride (LLM.warming_up); a round long, so the speculative
+            # shapes of the contexts a first round reaches are compiled and captured too
             warm = min(output_len, max(warm, gate.round_steps))
-        llm.generate(prompts, SamplingParams(max_tokens=warm, **sampling), use_tqdm=False)
-        if gate is not None:
-            llm.engine.use_gate(SpeculationGate())
+        with llm.warming_up():
+            llm.generate(prompts, SamplingParams(max_tokens=warm, **sampling), use_tqdm=False)
         sync(device)
         warmup = time.perf_counter() - t
         before = llm.stats()

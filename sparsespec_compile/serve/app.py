@@ -2,7 +2,8 @@
 ``/v1/models``, ``/health``, ``/metrics``.
 
 A handler checks and tokenizes its request (a bad one is a 400 here, before the engine sees it), hands the
-``Request`` to the engine thread (async_engine.py) and reads its deltas; it never runs a step. A client that goes
+``Request`` to the engine (engine_base.py: a thread of this process, or a child process) and reads its deltas; it
+never runs a step. A client that goes
 away — mid-stream, or while waiting for a whole response — leaves its ``async with`` block, which aborts the request
 and frees its KV pages at the next step.
 """
@@ -22,7 +23,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sparsespec_compile.runtime.llm import LLM
 from sparsespec_compile.runtime.prompts import chat_ids
 
-from .async_engine import AsyncEngine, EngineDead, RequestStream
+from .async_engine import AsyncEngine
+from .engine_base import EngineBase, EngineDead, RequestStream
 from .detokenize import IncrementalText
 from .metrics import ServerMetrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, RequestError, check_length, parse,
@@ -43,18 +45,18 @@ def _param_of(exc: ValueError) -> str | None:
 
 
 class Server:
-    """What the routes share: the LLM, its engine thread, the metrics, the served name."""
+    """What the routes share: the engine, what it says about the model, the metrics, the served name."""
 
-    def __init__(self, llm: LLM, model_name: str, api_key: str | None, stream_interval: int = 1) -> None:
-        if llm.tokenizer is None:
+    def __init__(self, engine: EngineBase, model_name: str, api_key: str | None) -> None:
+        if engine.info.tokenizer is None:
             raise ValueError("serving needs the model's tokenizer (text in, text out): LLM(model, tokenizer=...)")
-        self.llm, self.model_name, self.api_key = llm, model_name, api_key
+        self.engine, self.info, self.model_name, self.api_key = engine, engine.info, model_name, api_key
+        self.tokenizer = engine.info.tokenizer
         self.metrics = ServerMetrics(model_name)
-        self.engine = AsyncEngine(llm, self.metrics, stream_interval=stream_interval)
-        e = llm.engine
-        self.context = e.max_model_len
-        # what one request may hold in the pool (worst case: prompt + output + one verify chunk past the end)
-        self.pool_tokens = e.kv.num_pages * e.config.page_size - e.config.stride
+        engine.metrics = self.metrics
+        self.metrics.engine_in_process.set(int(engine.in_process))
+        self.context = engine.info.max_model_len
+        self.pool_tokens = engine.info.pool_tokens
         self.created = int(time.time())
 
     # ---- request checks -------------------------------------------------------------------------------------------
@@ -65,7 +67,7 @@ class Server:
 
     def build(self, req, prompt, chat: bool):
         """The checked runtime ``Request`` for one prompt (token ids, text, or chat messages)."""
-        tok = self.llm.tokenizer
+        tok = self.tokenizer
         field = "messages" if chat else "prompt"
         try:
             if chat:
@@ -83,7 +85,7 @@ class Server:
                                   prompt_field=field)
         try:
             params = sampling_params(req, max_tokens)
-            return self.llm.make_request(ids, params)
+            return self.info.make_request(ids, params)
         except ValueError as exc:
             raise RequestError(str(exc), _param_of(exc) or field) from None
 
@@ -119,9 +121,15 @@ async def _until_disconnected(request: Request) -> None:
 
 
 def create_app(llm: LLM, *, model_name: str, api_key: str | None = None, stream_interval: int = 1) -> FastAPI:
-    """The app serving ``llm`` under ``model_name``; its engine thread runs while the app does (lifespan).
-    ``stream_interval``: tokens per streamed chunk (at least; the first token goes at once)."""
-    server = Server(llm, model_name, api_key, stream_interval)
+    """The app serving ``llm`` under ``model_name`` with its step loop in a thread of this process (async_engine.py),
+    running while the app does (lifespan). ``stream_interval``: tokens per streamed chunk (at least; the first token
+    goes at once)."""
+    return engine_app(AsyncEngine(llm, stream_interval=stream_interval), model_name=model_name, api_key=api_key)
+
+
+def engine_app(engine: EngineBase, *, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The app serving ``engine`` (started and stopped with the app)."""
+    server = Server(engine, model_name, api_key)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -190,7 +198,7 @@ def create_app(llm: LLM, *, model_name: str, api_key: str | None = None, stream_
 async def _respond(server: Server, http: Request, req, reqs: list, env: Envelope):
     streams = [server.engine.stream(r) for r in reqs]  # EngineDead (503) before anything is queued
     top = reqs[0].params.logprobs
-    fmt = [LogprobFormatter(server.llm.tokenizer, env.chat, top or 0) for _ in reqs]
+    fmt = [LogprobFormatter(server.tokenizer, env.chat, top or 0) for _ in reqs]
     if req.stream:
         return StreamingResponse(_stream(server, req, streams, env, fmt), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -247,7 +255,7 @@ async def _merge(streams: list[RequestStream]):
 async def _stream(server: Server, req, streams: list[RequestStream], env: Envelope, fmt: list[LogprobFormatter]):
     """Server-sent events: one chunk per delta with text or tokens, the finish reason on each choice's last, a usage
     chunk when ``stream_options.include_usage``, then ``[DONE]``."""
-    texts = [IncrementalText(server.llm.tokenizer, s.request.params.stop) for s in streams]
+    texts = [IncrementalText(server.tokenizer, s.request.params.stop) for s in streams]
     completion_tokens = 0
     async with contextlib.AsyncExitStack() as stack:
         for s in streams:
@@ -281,4 +289,4 @@ async def _stream(server: Server, req, streams: list[RequestStream], env: Envelo
     yield sse("[DONE]")
 
 
-__all__ = ["Server", "create_app"]
+__all__ = ["Server", "create_app", "engine_app"]

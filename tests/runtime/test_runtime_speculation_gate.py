@@ -84,18 +84,30 @@ def test_plain_mode_makes_the_policy_decode_plainly_without_refresh():
     assert policy.options(r, 8, 64)[0] == 8 and policy.refresh_after(r, 8)
 
 
-def test_hold_keeps_a_mode_without_rounds():
-    g = SpeculationGate(warm=0, window=1, exploit_first=1)
-    g.hold(SPECULATE)
-    run(g, 50, {PLAIN: 100, SPECULATE: 1})
-    assert g.speculating and g.rounds == 0
-    with pytest.raises(ValueError, match="mode"):
-        g.hold("fast")
-
-
 def test_the_engine_gates_only_adaptive_single_device_speculation():
     from sparsespec_compile.runtime.speculation_gate import default_gate
 
     assert isinstance(default_gate(True, 8, 1), SpeculationGate)
     assert default_gate(True, 8, 2) is None  # tensor parallel: ranks must agree, the rank-0 prices decide
     assert default_gate(False, 8, 1) is None and default_gate(True, 0, 1) is None
+
+
+def test_a_clearly_losing_speculative_window_stops_early():
+    g = SpeculationGate(warm=2, window=100, exploit_first=16, early_steps=8, early_loss=0.15)
+    modes = run(g, 102 + 2 + 8, {PLAIN: 60, SPECULATE: 20})  # plain's half, then speculation's warm + 8 steps
+    assert modes[:102] == [PLAIN] * 102 and modes[102:] == [SPECULATE] * 10
+    assert g.winner == PLAIN and g.mode == PLAIN and g.early_stops == 1 and g.rounds == 1
+    g = SpeculationGate(warm=2, window=100, exploit_first=16, early_steps=8, early_loss=0.15)
+    run(g, 102 + 2 + 8, {PLAIN: 60, SPECULATE: 55})  # 8% behind: within the early bound, the window goes on
+    assert g.speculating and g.early_stops == 0
+
+
+def test_no_speculative_half_when_too_few_steps_are_left():
+    g = SpeculationGate(warm=2, window=4, exploit_first=16)
+    left = [10]
+    g.remaining = lambda: left[0]  # fewer than a round's 12 steps
+    modes = run(g, 6 + 6, {PLAIN: 60, SPECULATE: 90})
+    assert modes == [PLAIN] * 12 and g.skipped == 1 and g.winner is None
+    left[0] = 1000  # a long request arrived: the next round measures speculation
+    modes = run(g, 6 + 6, {PLAIN: 60, SPECULATE: 90})
+    assert modes == [PLAIN] * 6 + [SPECULATE] * 6 and g.winner == SPECULATE

@@ -204,3 +204,24 @@ def test_step_cost_fit_stays_sane_on_collinear_steady_state_steps():
     w = works[-1]
     predicted = c[0] + c[1] * w.tokens + c[2] * w.full_keys
     assert predicted == pytest.approx(true[0] + true[1] * w.tokens + true[2] * w.full_keys, rel=0.05)
+
+
+def test_step_cost_fit_leaves_out_a_stall_but_follows_a_new_regime():
+    """A step that compiled a kernel on its way (100x its work's price) is left out; three in a row are the step's
+    new cost, and the fit follows them."""
+    true = (1e-3, 1e-6, 5e-9, 2e-8)
+    m = StepCostModel(seed=true)
+    w = StepWork(tokens=256, full_keys=100_000)
+    cost = true[0] + true[1] * w.tokens + true[2] * w.full_keys
+    for _ in range(32):
+        m.observe(w, cost)
+    before = m.coefficients()
+    m.observe(w, 100 * cost)  # a compile stall
+    assert m.rejected == 1 and m.coefficients() == before
+    for _ in range(3):  # the steps really got dearer
+        m.observe(w, 20 * cost)
+    assert m.rejected == 2  # the stall and the first dearer step are left out; from the third outlier in a row on, all count
+    for _ in range(200):
+        m.observe(w, 20 * cost)
+    c = m.coefficients()
+    assert c[0] + c[1] * w.tokens + c[2] * w.full_keys == pytest.approx(20 * cost, rel=0.05)
