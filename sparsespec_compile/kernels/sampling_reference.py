@@ -45,9 +45,16 @@ def row_key(seeds: torch.Tensor) -> torch.Tensor:
 
 
 def uniform(seeds: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """U(0, 1) noise (float32, 24 random bits, never 0 or 1) of each row seed [R] at counters ``index`` [R, C]."""
+    """U(0, 1) noise (float32) of each row seed [R] at counters ``index`` [R, C]: the midpoint (2j + 1) / 2**24 of one
+    of 2**23 equal bins, j the hash's top 23 bits. Every value is exact in float32 (an odd integer below 2**24 times a
+    power of two), so U lies in [2**-24, 1 - 2**-24] and E = -log U > 0 is finite: no race key is infinite.
+
+    (It was ``((h >> 8) + 0.5) * 2**-24``: 2**24 - 1 + 0.5 is not a float32 and rounds to 2**24, so one hash in 2**24
+    gave U = 1.0 exactly, E = -0.0 or +0.0 (as the compiler negates), and a race key +-inf or NaN: that token won
+    or lost whatever its probability, in ~0.9% of the rows of a 151,936-token vocabulary. The residual's key w / E
+    was -inf in torch and +inf in the kernel (``0 - log U``: +0.0), the H200 check's 1-in-64 residual mismatch.)"""
     h = mix32(mix32(index.long() & MASK32) ^ row_key(seeds).unsqueeze(-1))
-    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    return ((h >> 8) | 1).float() * (1.0 / (1 << 24))
 
 
 def thresholds(logits: torch.Tensor, inv_temp: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -103,7 +110,7 @@ def residual_reference(target_logits: torch.Tensor, target_stats: torch.Tensor, 
     w = (p - q).clamp_min(0.0)
     w = torch.where(w.sum(-1, keepdim=True) > 0, w, p)
     idx = torch.arange(p.shape[-1], device=p.device).expand_as(p)
-    return (w / -uniform(seeds, idx).log()).argmax(-1)
+    return torch.where(w > 0, w / -uniform(seeds, idx).log(), -1.0).argmax(-1)  # (the kernel's keys: -1 where w is 0)
 
 
 __all__ = ["mix32", "residual_reference", "row_key", "row_probs", "sample_rows_reference", "thresholds", "uniform"]

@@ -85,9 +85,10 @@ def _row_key(seed):
 
 @triton.jit
 def _uniform(key, idx):
-    """U(0, 1) at counter ``idx`` of the stream ``key``: the reference's ``uniform``."""
+    """U(0, 1) at counter ``idx`` of the stream ``key``: the reference's ``uniform``, (2j + 1) / 2**24 with j the
+    hash's top 23 bits (exact in float32: never 1.0, so -log U > 0 and no race key is infinite)."""
     h = _mix32(_mix32(idx.to(tl.uint32)) ^ key)
-    return ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    return ((h >> 8) | 1).to(tl.float32) * (1.0 / 16777216.0)
 
 
 @triton.jit

@@ -254,3 +254,55 @@ def test_rows_without_filters_skip_the_search_and_match_the_reference():
     assert_same(got, ref.sample_rows_reference(x, it, torch.full((n,), V), torch.ones(n), gr, seeds))
     with pytest.raises(ValueError):
         sample_rows(x, torch.arange(n), it, None, torch.ones(n), gr, seeds)
+
+
+# (seed, counter) whose hash has top 24 bits all ones: found by search (ref.mix32 over seeds 0..2**20, counters < 64)
+PLANTED_SEED, PLANTED_AT = 986295, 8
+
+
+def test_noise_at_the_top_hash_is_below_one():
+    """The hash 2**24 - 1 once gave U = ((2**24 - 1) + 0.5) / 2**24, which rounds to 1.0 in float32: E = -log U = 0 and
+    a race key of +inf (that token always won) or, in the residual, -inf in torch and +inf on the GPU (the kernel
+    computes 0 - log U = +0.0): the H200 check's 1-in-64 residual mismatch. Now U = (2j + 1) / 2**24 is exact."""
+    seeds, idx = torch.tensor([PLANTED_SEED]), torch.tensor([[PLANTED_AT]])
+    h = ref.mix32(ref.mix32(idx) ^ ref.row_key(seeds)[:, None])
+    assert int(h) >> 8 == (1 << 24) - 1  # the planted counter is the top hash
+    u = ref.uniform(seeds, idx)
+    assert u.item() == 1 - 2.0 ** -24 and (-u.log()).item() > 0
+    lo = ref.uniform(torch.arange(4096), torch.arange(64).expand(4096, 64))
+    assert bool(((lo > 0) & (lo < 1)).all()) and bool(((lo * (1 << 24)) % 2 == 1).all())  # odd multiples of 2**-24
+
+
+@pytest.mark.parametrize("path", ["no filter", "candidates", "full-row race"])
+def test_a_token_of_negligible_probability_never_wins_at_the_top_hash(path):
+    """Every race of the kernel (the first sweep's, the candidates', the full row's) at the planted counter: its
+    token has probability ~e-30 and must lose (with U = 1.0 it won every time, in the kernel and the reference)."""
+    v = 40
+    x = torch.zeros(1, v)
+    x[0, PLANTED_AT], x[0, 3] = -30.0, -40.0  # top-k 39 drops token 3 and keeps the planted one
+    tk, shape, mode = {"no filter": (v, {}, 1), "candidates": (39, {}, 2),  # 39 candidates, 39 > 16 slots:
+                       "full-row race": (39, dict(chunk=16, cap=8, capb=16), 3)}[path]
+    args = (torch.ones(1), torch.tensor([tk]), torch.ones(1), torch.tensor([False]), torch.tensor([PLANTED_SEED]))
+    modes = []
+    got = sample_rows(x, torch.tensor([0]), *args, _modes=modes, **shape)
+    assert got[0].item() != PLANTED_AT and modes[0].item() == mode
+    assert_same(got, ref.sample_rows_reference(x, *args))
+
+
+def test_residual_at_the_top_hash_matches_the_reference():
+    """The H200's mismatch, planted: the residual max(p - q, 0) is positive but negligible at the top-hash token."""
+    v = 16
+    t = torch.zeros(1, v)
+    d = torch.zeros(1, v)
+    t[0, PLANTED_AT], d[0, PLANTED_AT] = -40.0, -45.0  # w ~ e-18 there
+    d[0, 0] = 2.0  # the draft over-weights token 0: the residual's mass is spread over the others
+    one = lambda x, dt: torch.tensor([x], dtype=dt)  # noqa: E731
+    args = (one(1.0, torch.float32), one(v, torch.int64), one(1.0, torch.float32), one(False, torch.bool))
+    seeds = one(PLANTED_SEED, torch.int64)
+    _, ts = ref.sample_rows_reference(t, *args, seeds)
+    _, ds = ref.sample_rows_reference(d, *args, seeds + 1)
+    out = residual(t, torch.tensor([0]), ts, d, torch.tensor([0]), ds, args[0], seeds, torch.tensor([True]),
+                   torch.full((1,), -1))
+    want = ref.residual_reference(t, ts, d, ds, args[0], seeds)
+    assert out.item() == want.item() != PLANTED_AT
+
