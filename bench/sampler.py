@@ -89,6 +89,12 @@ def timed(fn) -> float:
     """Median ms per call: CUDA-graph replays on the GPU (a failed capture is a finding: NaN, the error printed), a
     plain call on the CPU interpreter."""
     if not args.smoke:
+        # do_bench_cudagraph runs fn on a fresh side stream with no wait on the default stream, where this script
+        # made fn's inputs a moment before: unsynchronized, its first call read them unwritten (a stale row index
+        # from the caching allocator: the H200's illegal memory access in the verify and tune sections, 2026-12-01,
+        # 2 of 2 runs at V 151,936 without this sync, 0 of 2 with it; under compute-sanitizer launches serialize,
+        # hence its 0 errors)
+        torch.cuda.synchronize()
         try:
             return triton.testing.do_bench_cudagraph(fn, rep=30)
         except Exception as e:  # noqa: BLE001
@@ -165,9 +171,8 @@ def sampler(records: list) -> None:
                 print(" | ".join(line), flush=True)
 
 
-TUNE_SHAPES = [  # (tokens per sweep program, candidate bound, candidate slots); the launcher checks each
-    (2048, 1024, 2048), (4096, 1024, 2048), (8192, 1024, 2048), (4096, 256, 512), (4096, 2048, 4096),
-]
+from sparsespec_compile.kernels.sampling_triton import TUNE_SHAPES  # noqa: E402  (chunk, cap, capb): bounds-checked
+# in the interpreter by tests/kernels/test_sampling_triton.py; the launcher checks each
 
 
 def tune(records: list) -> None:

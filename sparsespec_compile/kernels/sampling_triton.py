@@ -48,6 +48,10 @@ CAP = 1024  # a top-p row's candidates: its CAP largest logits (a top-k row's: i
 CAPB = 2048  # candidate slots per row (ties at the bound may need more than CAP; more than CAPB: the full-row path)
 FIX = 2.0 ** 40  # fixed point of the mass histograms (integer atomics: the sums do not depend on the programs' order)
 MAX_V = 1 << 23  # counts exact in float32, fixed-point masses below 2**63
+# (tokens per sweep program, candidate bound, candidate slots) that bench/sampler.py's tune section times; the
+# kernel tests run each bounds-checked in the interpreter (tests/kernels/test_sampling_triton.py)
+TUNE_SHAPES = ((2048, 1024, 2048), (4096, 1024, 2048), (8192, 1024, 2048), (4096, 256, 512),
+               (4096, 2048, 4096))
 MODE_NAMES = ("greedy", "no filter", "candidates", "full-row race", "mass search")  # a row's path, by mode
 
 # per-row state: fs [R, 16] float32, st [R, 32] int64

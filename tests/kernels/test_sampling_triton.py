@@ -7,7 +7,7 @@ import torch
 from interpreter_bounds import checked
 
 from sparsespec_compile.kernels import sampling_reference as ref
-from sparsespec_compile.kernels.sampling_triton import BLOCK, CHUNK, residual, sample_rows
+from sparsespec_compile.kernels.sampling_triton import BLOCK, CHUNK, TUNE_SHAPES, residual, sample_rows
 from sparsespec_compile.runtime.sampling_params import SamplingParams
 from sparsespec_compile.runtime.verify import Drafts, rejection_sample, sample
 
@@ -306,3 +306,24 @@ def test_residual_at_the_top_hash_matches_the_reference():
     want = ref.residual_reference(t, ts, d, ds, args[0], seeds)
     assert out.item() == want.item() != PLANTED_AT
 
+
+@pytest.mark.parametrize("shape", TUNE_SHAPES, ids=lambda s: "chunk%d_cap%d_capb%d" % s)
+def test_bench_tune_shapes_stay_inside_their_buffers(shape):
+    """bench/sampler.py's tune section met an illegal memory access on the H200 (with an earlier kernel). Each of
+    its shapes, bounds-checked, at a vocabulary of several chunks whose last chunk and block are partial: language-
+    model-like rows (candidates), a flat row (the mass search), a tie group wider than the slots, -inf; the filters
+    the tune section times, a greedy row beside them; tokens and stats equal to the reference."""
+    chunk, cap, capb = shape
+    v = 2 * 8192 + 1000 + 3  # 9 chunks of 2048 / 5 of 4096 / 3 of 8192, the last partial
+    g = torch.Generator().manual_seed(21)
+    rank = torch.rand(v, generator=g).argsort().float() + 1
+    x = torch.stack([-rank.log() + 0.05 * torch.randn(v, generator=g), torch.randn(v, generator=g),
+                     torch.zeros(v)])
+    x[2, capb + 7:] = -3.0  # a top tie group of capb + 7 tokens: overflows the slots
+    x[2, ::5] = float("-inf")
+    cfg = [(1 / 0.6, v, 0.95, False), (1 / 0.6, 50, 1.0, False), (1 / 0.6, 50, 0.95, False), (1.0, v, 1.0, True)]
+    modes = []
+    (tok, st), want = run_both(x, torch.float32, cfg, modes, chunk=chunk, cap=cap, capb=capb)
+    assert_same((tok, st), want)
+    assert bool(((tok >= 0) & (tok < v)).all())
+    assert {0, 2} <= set(modes[0].tolist()) and bool((modes[0] >= 3).any())  # greedy, candidates, a full-row path
