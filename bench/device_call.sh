@@ -239,7 +239,7 @@ PY
   s19b)  # second of the pair (carry .carry/gguf.part_ab, .carry/whl, .carry/prompts512.jsonl): SmolLM2 real weights,
           # B 256, 512 GSM8K requests, 4,096 outputs, T 0 — the adaptive default alone with the progress log
           # (SPEC_TIMEOUT), then stride 0 and PillarAttn k = 8 (SMOL_TIMEOUT; METHODS, BATCHES, OUTS, RPS, TEMPS
-          # override). Issue 19's never-slower grid after the part_aa carry (each cell builds its LLM afresh: ~25-30 s
+          # override; REPEATS timed generates per cell, the median reported). Issue 19's never-slower grid after the part_aa carry (each cell builds its LLM afresh: ~25-30 s
           # of start-up a cell besides its run, so 2026-12-01's two calls of 560 s and 480 s left 3 cells out):
           #   SPEC_TIMEOUT= METHODS="stride0 sparsespec" BATCHES="1 16 64" OUTS="256 2048" RPS=1 SMOL_TIMEOUT=400
           #   SPEC_TIMEOUT= METHODS="stride0 sparsespec" BATCHES="1 16 64" OUTS=8000 RPS=1 SMOL_TIMEOUT=400
@@ -248,7 +248,7 @@ PY
     [ -f "$R/.carry/prompts512.jsonl" ] && cp "$R/.carry/prompts512.jsonl" "$GG/"
     smol() { local name=$1 t=$2; shift 2; timeout "$t" python3 -m sparsespec_compile.benchmark --model smollm2 \
       --gguf "$GG/smollm2.gguf" --prompts "$GG/prompts512.jsonl" --batch-sizes ${BATCHES:-256} --output-lens ${OUTS:-4096} \
-      --requests-per-slot ${RPS:-2} --temperature ${TEMPS:-0} --fuse-projections --log-stats-s 10 --time-budget-s "$(( t - 30 ))" \
+      --requests-per-slot ${RPS:-2} --temperature ${TEMPS:-0} --fuse-projections --log-stats-s 10 --repeats ${REPEATS:-1} --time-budget-s "$(( t - 30 ))" \
       --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1 || echo "(smol $name rc $?)"
       echo "graphs captured: $(grep -c 'captured a CUDA graph' "$OUT/$name.log")"
       grep -v -i warn "$OUT/$name.log" | grep -v '^{\|captured a CUDA graph' | cut -c1-420 | tail -"${TAIL:-30}"; }

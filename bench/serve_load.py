@@ -243,7 +243,9 @@ def server_window(before: dict, after: dict, wall: float, chunks: int) -> dict:
             "engine_steps_per_s": steps / wall, "engine_step_ms": step_s / steps * 1e3 if steps else 0.0,
             "engine_step_busy": step_s / wall, "engine_cpu_per_wall": engine_cpu / wall,
             "process_cpu_per_wall": cpu / wall,
-            "http_cpu_us_per_chunk": http_cpu / chunks * 1e6 if chunks else 0.0}
+            "http_cpu_us_per_chunk": http_cpu / chunks * 1e6 if chunks else 0.0,
+            "engine_capture_s": d("sparsespec_engine_graph_capture_seconds"),
+            "engine_compile_s": d("sparsespec_engine_compile_seconds")}
 
 
 def run_offline(args, serve_args: list[str], prompts: list[str]) -> dict:
@@ -341,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{w['engine_steps_per_s']:.1f} steps/s, {w['engine_step_ms']:.2f} ms/step")
     if "offline" in result:
         line += f" (offline {result['offline']['step_ms']:.2f})"
-    print(line + f", in steps {w['engine_step_busy']:.2f} of the time, HTTP side {w['http_cpu_us_per_chunk']:.0f} us "
-                 f"CPU per chunk")
+    print(line + f", in steps {w['engine_step_busy']:.2f} of the time (graph captures {w['engine_capture_s']:.1f} s, "
+                 f"compiles {w['engine_compile_s']:.1f} s), HTTP side {w['http_cpu_us_per_chunk']:.0f} us CPU per chunk")
     print(f"serve_load: wrote {out / 'serve_load.json'}")
     return 0 if server["completed"] == server["requests"] else 1
 

@@ -301,19 +301,22 @@ class LLM:
                              metrics, stop_reason, logprobs)
 
     @contextlib.contextmanager
-    def warming_up(self) -> Iterator[None]:
-        """Requests run inside draft the full stride every cycle, whatever the adaptive stride and its speculation
-        gate would choose, so a warm-up compiles and captures the speculative steps' kernels and graphs too: the gate
-        measures plain decoding first and the prices keep short contexts plain, so a short warm-up would meet none
-        of them and the first speculative round of the real run would pay them (7 s of captures and 0.5-1.7 s
-        compile stalls on the H200). Afterwards the adaptive stride is back with a fresh gate, as a new engine's."""
+    def warming_up(self, stride: int | None = None) -> Iterator[None]:
+        """Requests run inside draft ``stride`` tokens every cycle (None: the full stride; 0: plain decoding),
+        whatever the adaptive stride and its speculation gate would choose, so a warm-up compiles and captures the
+        kernels and graphs of the steps it asks for: the gate measures plain decoding first and the prices keep
+        short contexts plain, so a short warm-up would meet no speculative step and the first speculative round of
+        the real run would pay them (7 s of captures and 0.5-1.7 s compile stalls on the H200). Afterwards the
+        adaptive stride is back with a fresh gate, as a new engine's. A fixed-stride LLM warms up at its stride."""
         engine = self.engine
         planner, gate = engine.scheduler.planner, engine.gate
         policy = planner.policy
         if not policy.adaptive:
             yield
             return
-        planner.policy = FixedStride(policy.stride)
+        if stride is not None and not 0 <= stride <= policy.stride:
+            raise ValueError(f"warming_up(stride={stride}): choose 0 .. the LLM's stride {policy.stride}")
+        planner.policy = FixedStride(policy.stride if stride is None else stride)
         engine.use_gate(None)
         try:
             yield

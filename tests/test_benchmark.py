@@ -183,3 +183,24 @@ def test_oversubscribed_kv_pool_finishes_every_request_losslessly(tmp_path):
         assert r["kv_pages"] <= -(-demand // 2)
         assert r["tokens"] == by["hf_eager"]["tokens"], m
     assert by["stride0"]["offloads"] + by["pillar"]["offloads"] > 0  # the pool really ran short
+
+
+def test_repeats_report_the_median_and_every_repeat(tmp_path):
+    """--repeats 3: three timed generates per cell in the same LLM; the record is the median one (its tokens/s lies
+    within the repeats'), every repeat's tokens/s is kept, the outputs are the same greedy tokens, and the table
+    shows the range."""
+    argv = ["--model", "tiny-random", "--device", "cpu", "--batch-sizes", "2", "--output-lens", "6", "--prompt-len",
+            "10", "--methods", "hf_eager", "stride0", "sparsespec", "--temperature", "0", "--compiler", "eager",
+            "--stride", "2", "--min-budget", "4", "--recent", "2", "--hf-max-tokens", "6", "--warmup-tokens", "2",
+            "--repeats", "3", "--save-tokens", "--out", str(tmp_path), "--results-md", str(tmp_path / "R.md")]
+    assert benchmark.main(argv) == 0
+    by = {r["method"]: r for r in json.loads((tmp_path / benchmark.JSON_NAME).read_text())["records"]}
+    assert by["hf_eager"]["repeat_tokens_per_s"] is None
+    for m in ("stride0", "sparsespec"):
+        reps = by[m]["repeat_tokens_per_s"]
+        assert len(reps) == 3 and all(x > 0 for x in reps)
+        assert sorted(reps)[1] == pytest.approx(by[m]["tokens_per_s"])
+        assert by[m]["tokens"] == by["hf_eager"]["tokens"]
+    md = (tmp_path / "R.md").read_text()
+    lo, hi = min(by["stride0"]["repeat_tokens_per_s"]), max(by["stride0"]["repeat_tokens_per_s"])
+    assert f"({lo:.0f}–{hi:.0f})" in md

@@ -138,3 +138,26 @@ def test_serve_warm_up_meets_a_prefill_beside_drafting_rows(model):
     assert any({StepKind.PREFILL, StepKind.DRAFT} <= k for k in kinds), kinds
     assert any(StepKind.VERIFY in k for k in kinds)
     assert llm.stats()["steps"] == 0 and llm.engine.scheduler.planner.policy.adaptive
+
+
+def test_serve_warm_up_runs_every_batch_size_before_the_first_client(model):
+    """After ``sparsespec serve``'s warm-up, a full batch of ``max_num_seqs`` short requests decodes in step shapes
+    the warm-up already ran: the walk down the batch sizes met every request bucket (padded steps stand in for CUDA
+    graphs on the CPU, one per shape as captured). The warm-up's three requests alone meet buckets 1, 2 and 4."""
+    from sparsespec_compile.serve import warm_up
+
+    torch._dynamo.reset()
+    llm = LLM(model, SparseSpecConfig(compiler="eager", stride=4, num_pages=512, page_size=4, max_num_seqs=12,
+                                      min_budget=96, recent=1, max_num_batched_tokens=64, overlap=False,
+                                      cuda_graphs="pad"))
+    warm_up(llm)
+    shapes = llm.engine.graphs.num_graphs
+    outs = llm.generate([[5 + i, 6, 7] for i in range(12)], SamplingParams(max_tokens=6, ignore_eos=True),
+                        use_tqdm=False)
+    assert all(len(o.token_ids) == 6 for o in outs)
+    assert llm.stats()["mean_k"] == 0  # plain, as the gate's first round and short requests are
+    assert llm.engine.graphs.num_graphs == shapes
+    with pytest.raises(ValueError, match="warming_up"):
+        with llm.warming_up(stride=5):
+            pass
+

@@ -319,6 +319,8 @@ def test_metrics_are_prometheus_text(served):
     # what bench/serve_load.py reads to tell a server-bound load from a client-bound one
     assert value["sparsespec_engine_steps_run_total"] > 0 and value["sparsespec_engine_step_seconds_total"] > 0
     assert 0 < value["sparsespec_engine_thread_cpu_seconds"] <= value["process_cpu_seconds_total"]
+    # one-offs inside served steps, after the warm-up's reset: no graphs on the CPU, no compile after warm-up
+    assert value["sparsespec_engine_graph_capture_seconds"] == 0 and value["sparsespec_engine_compile_seconds"] >= 0
     positions = {s.labels["position"] for s in fams["sparsespec_acceptance_rate"].samples}
     assert positions == {"1", "2", "3", "4"}
 

@@ -73,7 +73,7 @@ def markdown_table(result: dict) -> str:
         peak = None if r.get("peak_memory_bytes") is None else r["peak_memory_bytes"] / 2**30
         lines.append(
             f"| {r['method']} | {_batch(r)} | {r['prompt_len_mean']:.0f} | {tokens} | {r['temperature']} | "
-            f"{r['tokens_per_s']:.1f} | {_fmt(r.get('speedup_vs_stride0'))} | {_fmt(r.get('speedup_vs_hf_eager'))} | "
+            f"{r['tokens_per_s']:.1f}{_spread(r)} | {_fmt(r.get('speedup_vs_stride0'))} | {_fmt(r.get('speedup_vs_hf_eager'))} | "
             f"{_fmt(r['step_ms'], '.3f')} | {_fmt(r['floor_step_ms'], '.3f')} | {r['floor_fraction']:.3f} | "
             f"{_decode(r)} | {acc or '–'} | {_fmt(r.get('mean_k'))} | {_fmt(r.get('tokens_per_step'))} | "
             f"{_vs_stride0(r)} | {_fmt(r.get('idle_fraction'))} | {_fmt(peak)} | "
@@ -85,7 +85,8 @@ def markdown_table(result: dict) -> str:
         f"transformers {env['transformers']}, Python {env['python']}. Copy bandwidth (read + write bytes, best of "
         f"5): {bw / 1e12:.3f} TB/s. Prompts: {result['prompts']}.",
         "tokens/s = output tokens / wall time of one generate (prefill included) after a warm-up generate, less "
-        "the time of CUDA-graph captures made during it (a one-off per shape, shown in its column). HF runs "
+        "the time of CUDA-graph captures made during it (a one-off per shape, shown in its column); with --repeats, "
+        "the median of the timed generates, their range in parentheses. HF runs "
         "generate the tokens/request shown (fewer than the runtime's: their steps are slow); × columns compare "
         "tokens/s within the same batch, output length and temperature. Floor = (steps × weight bytes + KV tokens "
         "read × KV bytes/token) / copy bandwidth; KV reads are the runtime's count when it reports one, else "
@@ -237,3 +238,10 @@ def write_json(result: dict, out: Path, save_tokens: bool) -> Path:
     tmp.write_text(json.dumps(data, indent=1, default=str))
     tmp.replace(path)  # a run killed mid-write leaves the previous complete file
     return path
+
+
+def _spread(r: dict) -> str:
+    """' (min–max)' of the repeats' tokens/s when the cell was run more than once (--repeats)."""
+    reps = r.get("repeat_tokens_per_s") or []
+    return f" ({min(reps):.0f}–{max(reps):.0f})" if len(reps) > 1 else ""
+

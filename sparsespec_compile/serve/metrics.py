@@ -58,6 +58,9 @@ class ServerMetrics:
         self.mean_k = gauge("stride_mean_chosen", "Mean draft tokens chosen per cycle (adaptive stride)")
         self.cycles_by_k = gauge("cycles_by_k", "Draft/verify cycles that drafted k tokens", ["k"])
         self.steps = gauge("engine_steps", "Engine steps run")
+        # one-offs inside steps (a shape or a graph first met under load): what a warm-up should have absorbed
+        self.capture_seconds = gauge("engine_graph_capture_seconds", "Time the step loop spent capturing CUDA graphs")
+        self.compile_seconds = gauge("engine_compile_seconds", "Time the step loop spent in Dynamo compiles")
         # Where the server's time goes, for bench/serve_load.py to tell a server-bound run from a client-bound one
         # over its load window: the step loop's own wall time in steps (a step slowed by the event loop holding the
         # interpreter lock shows here) and CPU time, next to the whole process's CPU (process_cpu_seconds_total).
@@ -100,6 +103,8 @@ class ServerMetrics:
         t0, n0 = self._recent[0]
         self.tokens_per_s.set((tokens - n0) / (now - t0) if now > t0 else 0.0)
         self.steps.set(snap["steps"])
+        self.capture_seconds.set(snap["capture_seconds"])
+        self.compile_seconds.set(snap["compile_seconds"])
         self.stride.set(snap["stride"])
         self.mean_accepted.set(snap["mean_accepted"])
         self.mean_k.set(snap["mean_k"])

@@ -69,7 +69,7 @@ def engine_snapshot(llm: LLM) -> dict:
     return {"running": len(sched.running), "waiting": len(sched.waiting), "swapped": len(sched.swapped),
             "pages_total": alloc.num_blocks, "pages_used": alloc.num_blocks - alloc.num_free,
             **{k: s[k] for k in ("steps", "stride", "mean_accepted", "mean_k", "per_position_acceptance_all",
-                                 "cycles_by_k")}}
+                                 "cycles_by_k", "capture_seconds", "compile_seconds")}}
 
 
 class StepOutputs:
