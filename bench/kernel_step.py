@@ -19,9 +19,10 @@ split count for all rows, per-tile scoring programs, a 4/16-way search), loaded 
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import math
 import os
+import re
 import sys
 
 import torch
@@ -29,24 +30,23 @@ import triton
 
 
 def load_old_kernels(kernels_pkg):
-    """main's attention_triton.py / pillars_triton.py from $OLD_KERNELS_DIR (made with git show), importing
-    _validate from the current package; None when unset."""
+    """main's kernel modules from $OLD_KERNELS_DIR (made with ``git show main:sparsespec_compile/kernels/X.py``), at
+    least attention_triton.py and pillars_triton.py; None when unset. Each file X.py there is imported as ``old_X``;
+    a relative import of a module that is in the folder takes main's copy, any other (``_validate``, ``tuning``,
+    ``attention_plan*`` when not given) the current package's."""
     d = os.environ.get("OLD_KERNELS_DIR")
     if not d:
         return None
-    mods = {}
-    for name in ("attention_triton", "pillars_triton"):
-        src = open(os.path.join(d, f"{name}.py")).read().replace("from ._validate import",
-                                                                   "from sparsespec_compile.kernels._validate import")
-        path = os.path.join(d, f"old_{name}.py")
-        with open(path, "w") as f:
+    given = {f[:-3] for f in os.listdir(d) if f.endswith(".py") and not f.startswith("old_")}
+    for name in given:
+        src = open(os.path.join(d, f"{name}.py")).read()
+        src = re.sub(r"^from \.(\w+) import", lambda m: f"from {'old_' if m.group(1) in given else kernels_pkg.__name__ + '.'}"
+                     f"{m.group(1)} import", src, flags=re.M)
+        with open(os.path.join(d, f"old_{name}.py"), "w") as f:
             f.write(src)
-        spec = importlib.util.spec_from_file_location(f"old_{name}", path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[f"old_{name}"] = mod
-        spec.loader.exec_module(mod)
-        mods[name] = mod
-    return mods
+    if d not in sys.path:
+        sys.path.insert(0, d)
+    return {name: importlib.import_module(f"old_{name}") for name in ("attention_triton", "pillars_triton")}
 
 
 class StepCase:

@@ -26,31 +26,37 @@ verify_req = st.integers(0, 70).flatmap(lambda c: st.tuples(st.integers(1, 9), s
 @SETTINGS
 @given(reqs=st.lists(verify_req, min_size=1, max_size=4), group=st.sampled_from([1, 3, 4, 8]),
        d=st.sampled_from([16, 64]), page=st.sampled_from([4, 16]), dtype=st.sampled_from([torch.float32, torch.float16]),
-       window=st.sampled_from([-1, 9]), softcap=st.sampled_from([0.0, 5.0]), seed=st.integers(0, 2**16))
-def test_scores_triton_matches_reference(reqs, group, d, page, dtype, window, softcap, seed):
+       window=st.sampled_from([-1, 9]), softcap=st.sampled_from([0.0, 5.0]), seed=st.integers(0, 2**16),
+       bound=st.sampled_from([None, 0, 7]))
+def test_scores_triton_matches_reference(reqs, group, d, page, dtype, window, softcap, seed, bound):
+    """``bound``: no max_query_len (the kernel loops over blocks of queries), the exact one (one block: a verify
+    chunk's queries x group), or a looser one."""
     specs = [(n, n + c) for n, c in reqs]
     b, lse = _verify_batch(specs, group, d, page, dtype, seed, pad=1)
     rows = torch.tensor([r for r in range(len(specs)) if r != 1], dtype=torch.int64)
     kw = dict(**b.meta(), rows=rows, lse=lse, scale=b.scale, softcap=softcap, sliding_window=window)
     ref = kernels.pillar_scores(b.q, b.k_cache, **kw, impl="reference")
-    out = kernels.pillar_scores(b.q, b.k_cache, **kw, impl="triton")
+    mq = None if bound is None else max(n for n, _ in specs) + bound
+    out = kernels.pillar_scores(b.q, b.k_cache, **kw, max_query_len=mq, impl="triton")
     assert out.shape == ref.shape and ref.shape[-1] == max([max(c, 1) for _, c in (reqs[r] for r in rows.tolist())] + [1])
     assert torch.equal(torch.isinf(out), torch.isinf(ref))
     torch.testing.assert_close(out.nan_to_num(neginf=0), ref.nan_to_num(neginf=0), rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("tiles", [1, 4, 8])  # the autotuned launch shapes' tiles per program (chunks of 16-128 keys)
-def test_scores_any_launch_shape(tiles):
+@pytest.mark.parametrize("tiles,window,mq", [(1, -1, 9), (4, 30, 9), (8, -1, None), (2, 13, None)])
+def test_scores_any_launch_shape(tiles, window, mq):
     """Every launch shape the autotuner may pick gives the reference scores (keys are scored independently, so
-    the chunking changes only which program writes a key)."""
+    the chunking changes only which program writes a key), with chunks wholly below the window (written 0 without
+    a load) and wholly past a row's context (-inf), in one block of queries or several."""
     specs = [(9, 9 + 70), (1, 1 + 5), (4, 4 + 33)]
     b, lse = _verify_batch(specs, 3, 16, 4, torch.float32, seed=3)
-    kw = dict(**b.meta(), rows=torch.tensor([0, 1, 2]), lse=lse, scale=b.scale)
+    kw = dict(**b.meta(), rows=torch.tensor([0, 1, 2]), lse=lse, scale=b.scale, sliding_window=window)
     ref = kernels.pillar_scores(b.q, b.k_cache, **kw, impl="reference")
     from sparsespec_compile.kernels.pillars_triton import pillar_scores_triton
 
     kw.pop("impl", None)
-    out = pillar_scores_triton(b.q, b.k_cache, **kw, max_ctx=ref.shape[-1], block_n=16, tiles=tiles)
+    out = pillar_scores_triton(b.q, b.k_cache, **kw, max_ctx=ref.shape[-1], max_query_len=mq, block_n=16,
+                               tiles=tiles)
     assert torch.equal(torch.isinf(out), torch.isinf(ref))
     torch.testing.assert_close(out.nan_to_num(neginf=0), ref.nan_to_num(neginf=0), rtol=1e-4, atol=1e-7)
 
