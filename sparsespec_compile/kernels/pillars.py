@@ -88,6 +88,6 @@ def select_pillars(scores: torch.Tensor, ctx_lens: torch.Tensor, budget: torch.T
     recent = recent if split else int(recent)
     if impl == "reference":
         return select_pillars_reference(scores, ctx_lens, budget, recent, int(max_budget), sinks=sinks)
-    from .pillars_triton import select_pillars_triton
+    from .select_triton import select_pillars_triton
 
     return select_pillars_triton(scores, ctx_lens, budget, recent, int(max_budget), sinks=sinks)

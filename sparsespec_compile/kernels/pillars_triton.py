@@ -1,13 +1,12 @@
-"""Triton kernels of :func:`pillar_scores` and :func:`select_pillars`.
+"""Triton kernel of :func:`pillar_scores` (the selection is in select_triton.py).
 
 Scoring re-reads K of the verified context once per (request, KV head) and recomputes the verify queries'
 probabilities from the saved log-sum-exp: ``exp(logit - lse)`` needs the *final* lse, which the attention
-kernel only knows after its last key, so fusing it would mean keeping raw logits (Hq * q_len floats per key,
-more bytes than the K row itself) — the two-pass form moves fewer bytes.
-
-Selection is a per-(row, head) radix select on the float bits of the scores (non-negative floats order like their
-int32 bit patterns): four 8-bit histogram passes find the b-th largest key, one compaction pass writes the winners
-in ascending position order (ties to the lower position, like the reference).
+kernel only knows after its last key. Folding it into the attention pass would mean storing every verify row's
+per-key probabilities (relative to the running max) and a second pass to rescale them: q_len x group floats per
+key, written and read — fp32: 2 x 27 x 4 = 216 B a key for SmolLM2 (k = 8, group 3) against the 128 B of its K row
+re-read here, 288 B against 256 B for Qwen3-8B (group 4, d 128). Only fp16 storage would move fewer bytes (108 /
+144 B), and it would change the scores by more than fp32 rounding; so the two-pass form stays.
 """
 
 from __future__ import annotations
@@ -185,94 +184,3 @@ def pillar_scores_triton(q, k_cache, *, query_start_loc, seq_lens, block_tables,
         variant = (str(q.dtype), str(k_cache.dtype)) + tuple(sorted(meta.items()))
         launch_tuned("pillar_scores", _scores_kernel_tuned, variant, (seq_bucket, work_bucket), grid, args, meta)
     return scores
-
-
-@triton.jit
-def _key(scores_row, pos, ctx, n_recent, n_sinks):
-    """int32 ranking key: invalid -1 < valid score bits (non-negative floats order like ints) < forced (the newest
-    ``n_recent`` and the first ``n_sinks`` positions: the hybrid draft's window and sinks; pillar: no sinks)."""
-    s = tl.load(scores_row + pos, mask=pos < ctx, other=0.0).to(tl.float32)
-    bits = tl.minimum(s.to(tl.int32, bitcast=True), 0x7F7FFFFF)  # +inf ranks as the largest finite; nan and <= 0 as 0
-    key = tl.where(s > 0, bits, 0)
-    key = tl.where((pos >= ctx - n_recent) | (pos < n_sinks), 0x7F800000, key)
-    return tl.where(pos < ctx, key, -1)
-
-
-# The b-th largest key is found by a radix select, 8 bits per pass from the top (RAFT's, which the reference
-# implementation uses): pass p builds a 256-bin histogram of the p-th digit over the keys whose higher digits equal
-# the prefix found so far, and the digit at which the count from the top reaches the number still needed extends
-# the prefix. Four passes fix the threshold exactly; a fifth reads the row again to write the winners. There is one
-# program per (row, KV head, layer); the time is the chain of dependent passes over the row, so five passes replace
-# the 10-18 of a 4/16-way search (0.44 ms per B 256 step in the H200 profile) — see bench/RESULTS.md.
-#
-# The hybrid draft (kernels/hybrid.py) reuses this select with forced sinks and a per-(row, head) window:
-# ``HEAD_SPLIT`` reads ``n_recent`` / ``n_sinks`` from [Rv, H] tensors instead of the scalar ``recent`` (sinks 0).
-@triton.jit(do_not_specialize=["recent", "N"])
-def _select_kernel(indices, scores, ctx_lens, budget, recent, N, stride_sj, stride_sh, stride_ij, stride_ih,
-                   head_recent, head_sinks, BLOCK: tl.constexpr, HEAD_SPLIT: tl.constexpr):
-    j = tl.program_id(0)
-    h = tl.program_id(1)
-    ctx = tl.minimum(tl.load(ctx_lens + j).to(tl.int32), N)
-    b = tl.minimum(tl.load(budget + j).to(tl.int32), ctx)
-    if b <= 0:
-        return
-    if HEAD_SPLIT:
-        n_sinks = tl.minimum(tl.load(head_sinks + j * tl.num_programs(1) + h).to(tl.int32), b)
-        n_recent = tl.minimum(tl.load(head_recent + j * tl.num_programs(1) + h).to(tl.int32), b - n_sinks)
-    else:
-        n_sinks = b * 0
-        n_recent = tl.minimum(b, recent)
-    row = scores + j.to(tl.int64) * stride_sj + h * stride_sh
-    offs = tl.arange(0, BLOCK)
-    bins = tl.arange(0, 256)
-    # keys + 1 lie in [1, 0x7F800001] for valid positions: non-negative int32, four 8-bit digits
-    prefix = b * 0
-    need = b  # how many keys >= the final threshold are still to be taken among those matching the prefix
-    for p in tl.static_range(4):
-        shift = 24 - 8 * p
-        hist = tl.zeros([256], dtype=tl.int32)
-        for s0 in range(0, ctx, BLOCK):
-            pos = s0 + offs
-            k1 = _key(row, pos, ctx, n_recent, n_sinks) + 1
-            use = pos < ctx
-            if shift < 24:
-                use = use & ((k1 >> (shift + 8)) == (prefix >> (shift + 8)))
-            hist += tl.histogram((k1 >> shift) & 255, 256, mask=use)
-        above = tl.sum(hist, 0) - tl.cumsum(hist, 0)  # keys with a larger digit
-        d = tl.max(tl.where(above + hist >= need, bins, -1), 0)  # the largest digit reaching `need` from the top
-        need = need - tl.sum(tl.where(bins == d, above, 0), 0)
-        prefix = prefix | (d << shift)
-    thr = prefix - 1  # the b-th largest key; `need` of the keys equal to it are kept, the lowest positions
-    out = indices + j.to(tl.int64) * stride_ij + h * stride_ih
-    n_sel = b * 0
-    n_eq = b * 0
-    for s0 in range(0, ctx, BLOCK):
-        pos = s0 + offs
-        key = _key(row, pos, ctx, n_recent, n_sinks)
-        eq = (key == thr).to(tl.int32)
-        eq_rank = n_eq + tl.cumsum(eq, 0) - eq
-        sel = (key > thr) | ((eq == 1) & (eq_rank < need))
-        sel_i = sel.to(tl.int32)
-        dst = n_sel + tl.cumsum(sel_i, 0) - sel_i
-        tl.store(out + dst, pos, mask=sel)
-        n_sel += tl.sum(sel_i, 0)
-        n_eq += tl.sum(eq, 0)
-
-
-def select_pillars_triton(scores, ctx_lens, budget, recent, max_budget, block: int | None = None, sinks=None):
-    """``recent``: an int (every row and head), or with ``sinks`` two [Rv, Hkv] int32 tensors (the hybrid split)."""
-    scores = scores if scores.stride(-1) == 1 else scores.contiguous()
-    head_split = isinstance(recent, torch.Tensor)
-    Rv, Hkv, N = scores.shape
-    indices = torch.zeros(Rv, Hkv, max_budget, dtype=torch.int32, device=scores.device)
-    lengths = torch.minimum(budget.to(torch.int32), ctx_lens.to(torch.int32).clamp(max=N)).clamp(min=0)
-    if Rv == 0 or N == 0:
-        return indices, lengths
-    blk = block or (64 if interpreting() else min(2048, max(256, triton.next_power_of_2(N))))
-    head_recent = recent.to(torch.int32).contiguous() if head_split else lengths  # dummies when not HEAD_SPLIT
-    head_sinks = sinks.to(torch.int32).contiguous() if head_split else lengths
-    _select_kernel[(Rv, Hkv)](indices, scores, ctx_lens, budget, 0 if head_split else int(recent), N,
-                              scores.stride(0), scores.stride(1), indices.stride(0), indices.stride(1),
-                              head_recent, head_sinks, BLOCK=blk, HEAD_SPLIT=head_split,
-                              num_warps=1 if interpreting() else (8 if blk >= 2048 else 4))
-    return indices, lengths
