@@ -48,6 +48,10 @@ class AttentionPlan:
     units: torch.Tensor
     block_q: int
     chunk: torch.Tensor  # [] int64 keys per item the plan aimed at (telemetry, tests)
+    # [W, Hkv] int32 zeros: how many items of a cut unit (indexed by its first item) have written their partials,
+    # per KV head; the item that brings it to num_chunks merges the unit and sets it back to 0, so every layer of
+    # the step (and every CUDA-graph replay, which re-runs the plan) starts from zeros. None: the launcher makes them.
+    counters: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
