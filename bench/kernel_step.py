@@ -136,10 +136,11 @@ def run_step(case: StepCase, K, variant: str, old=None):
         if variant == "by_kind":
             K.pillar_scores(case.q_v, p.k, query_start_loc=case.qsl_v, seq_lens=case.seq[case.nd:],
                             block_tables=bt[case.nd:], rows=torch.arange(case.nv, device=bt.device), lse=lse_v,
-                            max_ctx=case.L, out=case.layer_scores[layer], **kw)
+                            max_ctx=case.L, max_query_len=case.k + 1, out=case.layer_scores[layer], **kw)
         elif variant.startswith("fused"):
             K.pillar_scores(case.q, p.k, query_start_loc=case.qsl, seq_lens=case.seq, block_tables=bt,
-                            rows=case.score_rows, lse=lse, max_ctx=case.L, out=case.layer_scores[layer], **kw)
+                            rows=case.score_rows, lse=lse, max_ctx=case.L, max_query_len=case.k + 1,
+                            out=case.layer_scores[layer], **kw)
         else:
             old["pillars_triton"].pillar_scores_triton(
                 case.q, p.k, query_start_loc=case.qsl, seq_lens=case.seq, block_tables=bt, rows=case.score_rows,
@@ -152,10 +153,12 @@ def run_step(case: StepCase, K, variant: str, old=None):
     return K.select_pillars(flat, ctx, budget, 16, case.max_budget)
 
 
-def breakdown(case: StepCase, K, bench_ms, bw: float) -> dict:
+def breakdown(case: StepCase, K, bench_ms, bw: float, old=None) -> dict:
     """The default (fused) step in parts, each timed alone: plan + attention of every layer, the scoring of every
     layer (from saved lse), the one selection; and the attention of the drafts alone and of the verify rows alone
-    (one plan and launch each), each against its own K/V bytes (``bw`` bytes/s), so a miss names its part."""
+    (one plan and launch each), each against its own K/V bytes (``bw`` bytes/s), so a miss names its part. With
+    main's kernels (``old``), its attention, scoring and selection are timed the same way (``*_main_ms``), and the
+    selection of every row by each of the two select kernels (resident bisection, radix)."""
     p = case.pool
     sp = dict(is_sparse=case.is_sparse, draft_start=case.draft_start, pillar_indices=case.pillars,
               pillar_lengths=case.pillar_len)
@@ -175,13 +178,25 @@ def breakdown(case: StepCase, K, bench_ms, bw: float) -> dict:
     def score():
         for layer in range(case.n_layers):
             K.pillar_scores(case.q, p.k, query_start_loc=case.qsl, seq_lens=case.seq, block_tables=case.tables[layer],
-                            rows=case.score_rows, lse=lses[layer], max_ctx=case.L, out=case.layer_scores[layer],
-                            scale=p.scale)
+                            rows=case.score_rows, lse=lses[layer], max_ctx=case.L, max_query_len=case.k + 1,
+                            out=case.layer_scores[layer], scale=p.scale)
 
-    def select():
+    def score_main():
+        for layer in range(case.n_layers):
+            old["pillars_triton"].pillar_scores_triton(
+                case.q, p.k, query_start_loc=case.qsl, seq_lens=case.seq, block_tables=case.tables[layer],
+                rows=case.score_rows, lse=lses[layer], max_ctx=case.L, out=case.layer_scores[layer], scale=p.scale)
+
+    def attend_main():
+        for layer in range(case.n_layers):
+            old["attention_triton"].unified_attention_triton(
+                case.q, p.k, p.v, query_start_loc=case.qsl, seq_lens=case.seq, block_tables=case.tables[layer],
+                max_query_len=case.k + 1, max_seq_len=case.L, scale=p.scale, **sp)
+
+    def select(fn=None, **kw):
         n = case.n_layers * case.nv
-        K.select_pillars(case.layer_scores.view(n, p.hkv, case.L), case.ctx.repeat(case.n_layers),
-                         case.budget.repeat(case.n_layers), 16, case.max_budget)
+        (fn or K.select_pillars)(case.layer_scores.view(n, p.hkv, case.L), case.ctx.repeat(case.n_layers),
+                                 case.budget.repeat(case.n_layers), 16, case.max_budget, **kw)
 
     def score_shape(bn, t):  # a fixed scoring launch shape: bn-key tiles, t per program (the library autotunes it)
         from sparsespec_compile.kernels.pillars_triton import pillar_scores_triton
@@ -189,7 +204,8 @@ def breakdown(case: StepCase, K, bench_ms, bw: float) -> dict:
         for layer in range(case.n_layers):
             pillar_scores_triton(case.q, p.k, query_start_loc=case.qsl, seq_lens=case.seq,
                                  block_tables=case.tables[layer], rows=case.score_rows, lse=lses[layer],
-                                 max_ctx=case.L, out=case.layer_scores[layer], scale=p.scale, block_n=bn, tiles=t)
+                                 max_ctx=case.L, max_query_len=case.k + 1, out=case.layer_scores[layer],
+                                 scale=p.scale, block_n=bn, tiles=t)
 
     def attend_kind(drafts: bool):
         n = slice(0, case.nd) if drafts else slice(case.nd, case.B)
@@ -203,8 +219,17 @@ def breakdown(case: StepCase, K, bench_ms, bw: float) -> dict:
                                 block_tables=case.tables[layer][n], max_query_len=mq, max_seq_len=case.L, plan=plan,
                                 scale=p.scale, **(dict(pillar_indices=case.pillars[n], **extra) if drafts else {}))
 
+    from sparsespec_compile.kernels.select_triton import RESIDENT_MAX, select_pillars_triton
+
     attend(keep=True)
     r = dict(attn_ms=bench_ms(attend), score_ms=bench_ms(score), select_ms=bench_ms(select))
+    r["select_radix_ms"] = bench_ms(lambda: select(select_pillars_triton, method="radix"))
+    if case.L <= RESIDENT_MAX:
+        r["select_resident_ms"] = bench_ms(lambda: select(select_pillars_triton, method="resident"))
+    if old is not None:
+        r["attn_main_ms"] = bench_ms(attend_main)
+        r["score_main_ms"] = bench_ms(score_main)
+        r["select_main_ms"] = bench_ms(lambda: select(old["pillars_triton"].select_pillars_triton))
     layers_ms = case.n_layers * 1e3 / bw
     r["attn_drafts_ms"] = bench_ms(lambda: attend_kind(True))
     r["attn_drafts_x_floor"] = r["attn_drafts_ms"] / (p.kv_bytes(case.nd * (case.bud + 5)) * layers_ms)
@@ -213,6 +238,8 @@ def breakdown(case: StepCase, K, bench_ms, bw: float) -> dict:
     ctx = case.L - case.k - 1
     score_bytes = case.nv * ctx * p.hkv * (p.d * p.k.element_size() + 2 * 4)  # K once, fp32 scores written + read
     r["score_x_floor"] = r["score_ms"] / (score_bytes * layers_ms)
+    if old is not None:
+        r["score_main_x_floor"] = r["score_main_ms"] / (score_bytes * layers_ms)
     from sparsespec_compile.kernels.pillars_triton import _scores_kernel_tuned
 
     best = getattr(_scores_kernel_tuned, "best_config", None)  # set once the autotuner ran (GPU)
@@ -251,7 +278,7 @@ def bench_steps(pool, K, bench_ms, bw, row, log, shapes, n_layers, old=None):
             r[f"{v}_ms"] = t
             r[f"{v}_x_floor"] = t / fl
         r["select_agree"] = agree
-        r.update(breakdown(case, K, bench_ms, bw))
+        r.update(breakdown(case, K, bench_ms, bw, old))
         row(**r)
         del case
 
