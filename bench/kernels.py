@@ -26,6 +26,8 @@ ap.add_argument("--smoke", action="store_true")
 ap.add_argument("--budget-s", type=float, default=120, help="seconds after which a model's sections are skipped")
 ap.add_argument("--sections", default="check,step,decode,draft,verify,score,mixed")
 ap.add_argument("--models", default=None, help="comma-separated subset of the model shapes (default: all)")
+ap.add_argument("--step-shapes", default=None,
+                help="the step section's (B, L) per model, in order, e.g. 'smollm2=256x4096,64x8192;qwen3-8b=32x16384'")
 # Parse the command line only when run as a script: transformers probes for a package named `kernels`, and a
 # script started from bench/ puts this file first on sys.path under that name.
 args = ap.parse_args() if __name__ == "__main__" else ap.parse_args([])
@@ -292,6 +294,10 @@ def main():
 
 STEP_SHAPES = {"smollm2": [(2, 160)] if args.smoke else [(64, 2048), (64, 8192), (256, 4096), (256, 16384)],
                "qwen3-8b": [(2, 160)] if args.smoke else [(32, 8192), (32, 16384), (32, 32768)]}
+if args.step_shapes:
+    for part in args.step_shapes.split(";"):
+        model, shapes = part.split("=")
+        STEP_SHAPES[model.strip()] = [tuple(int(x) for x in bl.split("x")) for bl in shapes.split(",")]
 STEP_LAYERS = 2 if args.smoke else 4
 FULL_CASES = {"smollm2": [("decode", 2, 160), ("prefill", 1, 64)] if args.smoke else
               [("decode", 64, 4096), ("decode", 256, 4096), ("prefill", 4, 2048)],

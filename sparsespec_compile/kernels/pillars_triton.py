@@ -134,7 +134,7 @@ _SCORE_SHAPES = ((64, 2, 4, 3), (64, 4, 4, 3), (64, 8, 4, 3), (128, 1, 4, 3), (1
 
 _scores_kernel_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": bn, "TILES": t}, num_warps=w, num_stages=st) for bn, t, w, st in _SCORE_SHAPES],
-    key=["HEAD_DIM", "BLOCK_M", "seq_bucket", "work_bucket", "PAGE_SIZE"],
+    key=["HEAD_DIM", "GROUP", "BLOCK_M", "ONE_BLOCK", "seq_bucket", "work_bucket", "PAGE_SIZE"],
     do_bench=lambda fn, quantiles=None: triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles),
     **autotune_cache_kwargs(),
 )(_scores_kernel)

@@ -85,9 +85,9 @@ def _select_resident_kernel(indices, scores, ctx_lens, budget, recent, N, stride
     key = _key(scores + j.to(tl.int64) * stride_sj + h * stride_sh, pos, ctx, n_recent, n_sinks)  # [BLOCK]
     n_forced = n_recent + n_sinks  # disjoint (n_sinks + n_recent <= b <= ctx), all kept
     free = tl.where(key == 0x7F800000, -1, key)  # the scored (not forced) keys; -1 elsewhere
-    # invariant: count(key >= lo) >= b > count(key >= hi); lo = 0 holds (ctx >= b keys are >= 0), hi = the
-    # largest scored key + 1 holds unless the forced alone fill b (then T is the forced key itself)
-    lo = b * 0
+    # invariant: count(key >= lo) >= b > count(key >= hi); lo = the smallest scored key holds (every valid key is
+    # >= it: ctx >= b), hi = the largest + 1 holds unless the forced alone fill b (then T is the forced key itself)
+    lo = tl.min(tl.where(free >= 0, free, 0x7F800000), 0)
     hi = tl.max(free, 0) + 1
     cnt_lo = ctx
     lo = tl.where(n_forced >= b, 0x7F800000, lo)
