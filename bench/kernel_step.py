@@ -40,8 +40,9 @@ def load_old_kernels(kernels_pkg):
     given = {f[:-3] for f in os.listdir(d) if f.endswith(".py") and not f.startswith("old_")}
     for name in given:
         src = open(os.path.join(d, f"{name}.py")).read()
-        src = re.sub(r"^from \.(\w+) import", lambda m: f"from {'old_' if m.group(1) in given else kernels_pkg.__name__ + '.'}"
-                     f"{m.group(1)} import", src, flags=re.M)
+        src = re.sub(r"^from \.(\w+) import",
+                     lambda m: f"from {'old_' if m.group(1) in given else kernels_pkg.__name__ + '.'}{m.group(1)} import",
+                     src, flags=re.M)
         with open(os.path.join(d, f"old_{name}.py"), "w") as f:
             f.write(src)
     if d not in sys.path:

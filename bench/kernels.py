@@ -363,7 +363,7 @@ def run_model(name, sections, bw, full_ms, t0):
                     rows = torch.arange(rv, device=DEV)
                     skw = {k: b[k] for k in ("query_start_loc", "seq_lens", "block_tables")}
                     sc = lambda: K.pillar_scores(b["q"], pool.k, **skw, rows=rows, lse=lse,  # noqa: E731
-                                                 scale=pool.scale, max_ctx=L)
+                                                 scale=pool.scale, max_ctx=L, max_query_len=9)
                     s_ms = bench_ms(sc)
                     scores = sc()
                     ctx = torch.full((rv,), L - 9, device=DEV, dtype=torch.int32)

@@ -42,7 +42,8 @@ import torch
 class AttentionPlan:
     """``items: [W, 4]`` int32 rows ``(row, q_block, chunk, num_chunks)``, ``(-1, 0, 0, 0)`` past the real items;
     ``units: [U, 4]`` int32 rows ``(row, q_block, first_item, num_chunks)``, ``(-1, 0, 0, 0)`` past the real units
-    (the merge reads these). ``block_q`` is the queries per unit the plan was cut for (the kernel's ``BLOCK_Q``)."""
+    (the plan's property tests read these; the kernel finds a unit's items from each item's own record).
+    ``block_q`` is the queries per unit the plan was cut for (the kernel's ``BLOCK_Q``)."""
 
     items: torch.Tensor
     units: torch.Tensor

@@ -17,8 +17,8 @@ from ._validate import interpreting
 from .attention_plan import AttentionPlan, item_capacity, unit_capacity
 
 
-@triton.jit(do_not_specialize=["R", "U", "W", "n_counters", "window", "max_pillars", "target", "min_chunk", "max_chunks",
-                               "forced_chunk", "compute_bound"])
+@triton.jit(do_not_specialize=["R", "U", "W", "n_counters", "window", "max_pillars", "target", "min_chunk",
+                               "max_chunks", "forced_chunk", "compute_bound"])
 def _plan_kernel(items, units, unit_keys, chunk_out, counters, query_start_loc, seq_lens, is_sparse, draft_start,
                  pillar_lengths, pillar_rows, R, U, W, n_counters, window, max_pillars, target, min_chunk, max_chunks,
                  forced_chunk, compute_bound, BLOCK_Q: tl.constexpr, HAS_SPARSE: tl.constexpr, USE_WINDOW: tl.constexpr,
@@ -129,7 +129,8 @@ def plan_attention_triton(query_start_loc, seq_lens, num_tokens: int, block_q: i
     _plan_kernel[(1,)](items, units, unit_keys, chunk, counters, query_start_loc, seq_lens,
                        is_sparse if has_sparse else dummy, draft_start if has_sparse else dummy,
                        pillar_lengths if has_sparse else dummy, pillar_rows if has_sparse else dummy,
-                       R, U, W, counters.numel(), int(sliding_window), int(max_pillars), int(target_items), int(min_chunk),
+                       R, U, W, counters.numel(), int(sliding_window), int(max_pillars), int(target_items),
+                       int(min_chunk),
                        int(max_chunks), int(chunk_keys or 0), int(compute_bound), BLOCK_Q=block_q,
                        HAS_SPARSE=has_sparse,
                        USE_WINDOW=sliding_window > 0, BLOCK=64 if interpreting() else 256,

@@ -27,7 +27,8 @@ from .tuning import autotune_cache_kwargs, launch_tuned
 
 
 # runtime ints that vary per step are not specialised (no recompiles when a count crosses 1 or a multiple of 16)
-@triton.jit(do_not_specialize=["max_pillars", "sliding_window", "seq_bucket", "work_bucket"])
+@triton.jit(do_not_specialize=["n_items", "R", "num_tokens", "max_pillars", "sliding_window", "seq_bucket",
+                            "work_bucket"])
 def _attn_kernel(
     out, lse, part_acc, part_m, part_l, items, counters,
     q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
