@@ -38,7 +38,7 @@
 #           shape (random bf16 weights saved once to /root/q8b) at B 32, 4k prompts, stride 0: 2 ranks (graphs on
 #           when the check captured them, and padded steps without graphs) vs 1 GPU
 set -euo pipefail
-phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile|context_profile|tp|streaming|carry|kstep|kstep2|s14_qwen|s14_smol|prof14|prof14long|s14b|s14c1|s14c2|g3carry|hybrid_smol|hybrid_gemma|s19a|s19b|s18}
+phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile|context_profile|tp|streaming|carry|kstep|kstep2|s14_qwen|s14_smol|prof14|prof14long|s14b|s14c1|s14c2|s14s|g3carry|hybrid_smol|hybrid_gemma|s19a|s19b|s18}
 R=$PWD
 GG=/root/gg
 mkdir -p "$GG"
@@ -188,6 +188,16 @@ PY
       --batch-sizes 32 --prompt-len 12288 --output-lens 256 --temperature 0 --fuse-projections \
       --time-budget-s "$(( ${QWEN_TIMEOUT:-400} - 20 ))" --out "$OUT/qwen" 2>&1 | grep -v -i warn | grep -v '^{' | tail -14 \
       || echo "(qwen rc $?)" ;;
+  s14s)  # issue 14, branch issue14s (one call, carry .carry/old_kernels made with `for f in attention_triton
+          # pillars_triton attention_plan attention_plan_triton; do git show main:sparsespec_compile/kernels/$f.py >
+          # .carry/old_kernels/$f.py; done`): checks (bf16; the folded merge under "cut 128", both select kernels),
+          # then the step section, the shapes the issue names first: SmolLM2 B 256 x 4k / 16k, B 64 x 8k, then Qwen3-8B
+          # B 32 x 16k / 32k / 8k; each row has main's attention / scoring / selection timed beside the branch's
+    mkdir -p /tmp/old_kernels && cp "$R"/.carry/old_kernels/*.py /tmp/old_kernels/
+    OLD_KERNELS_DIR=/tmp/old_kernels timeout "${KSTEP_TIMEOUT:-420}" python3 "$R/bench/kernels.py" \
+      --models smollm2,qwen3-8b --sections check,step --budget-s "${KSTEP_BUDGET:-200}" --out "$OUT" \
+      --step-shapes "${STEP_SHAPES:-smollm2=256x4096,256x16384,64x8192;qwen3-8b=32x16384,32x32768,32x8192}" 2>&1 | grep -v -i warn \
+      | grep "kind=\|check\|FAIL\|rror\|skipping" | cut -c1-1600 | tail -40 || echo "(kernels rc $?)" ;;
   s14c1)  # first of a pair (carry .carry/gguf.part_aa and .carry/old_kernels): the step section of both shapes,
           # then the sampler micro-benchmark (issue 18)
     mkdir -p /tmp/old_kernels && cp "$R"/.carry/old_kernels/*.py /tmp/old_kernels/ 2>/dev/null || true

@@ -19,9 +19,10 @@ split count for all rows, per-tile scoring programs, a 4/16-way search), loaded 
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import math
 import os
+import re
 import sys
 
 import torch
@@ -29,24 +30,24 @@ import triton
 
 
 def load_old_kernels(kernels_pkg):
-    """main's attention_triton.py / pillars_triton.py from $OLD_KERNELS_DIR (made with git show), importing
-    _validate from the current package; None when unset."""
+    """main's kernel modules from $OLD_KERNELS_DIR (made with ``git show main:sparsespec_compile/kernels/X.py``), at
+    least attention_triton.py and pillars_triton.py; None when unset. Each file X.py there is imported as ``old_X``;
+    a relative import of a module that is in the folder takes main's copy, any other (``_validate``, ``tuning``,
+    ``attention_plan*`` when not given) the current package's."""
     d = os.environ.get("OLD_KERNELS_DIR")
     if not d:
         return None
-    mods = {}
-    for name in ("attention_triton", "pillars_triton"):
-        src = open(os.path.join(d, f"{name}.py")).read().replace("from ._validate import",
-                                                                   "from sparsespec_compile.kernels._validate import")
-        path = os.path.join(d, f"old_{name}.py")
-        with open(path, "w") as f:
+    given = {f[:-3] for f in os.listdir(d) if f.endswith(".py") and not f.startswith("old_")}
+    for name in given:
+        src = open(os.path.join(d, f"{name}.py")).read()
+        src = re.sub(r"^from \.(\w+) import",
+                     lambda m: f"from {'old_' if m.group(1) in given else kernels_pkg.__name__ + '.'}{m.group(1)} import",
+                     src, flags=re.M)
+        with open(os.path.join(d, f"old_{name}.py"), "w") as f:
             f.write(src)
-        spec = importlib.util.spec_from_file_location(f"old_{name}", path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[f"old_{name}"] = mod
-        spec.loader.exec_module(mod)
-        mods[name] = mod
-    return mods
+    if d not in sys.path:
+        sys.path.insert(0, d)
+    return {name: importlib.import_module(f"old_{name}") for name in ("attention_triton", "pillars_triton")}
 
 
 class StepCase:
@@ -136,10 +137,11 @@ def run_step(case: StepCase, K, variant: str, old=None):
         if variant == "by_kind":
             K.pillar_scores(case.q_v, p.k, query_start_loc=case.qsl_v, seq_lens=case.seq[case.nd:],
                             block_tables=bt[case.nd:], rows=torch.arange(case.nv, device=bt.device), lse=lse_v,
-                            max_ctx=case.L, out=case.layer_scores[layer], **kw)
+                            max_ctx=case.L, max_query_len=case.k + 1, out=case.layer_scores[layer], **kw)
         elif variant.startswith("fused"):
             K.pillar_scores(case.q, p.k, query_start_loc=case.qsl, seq_lens=case.seq, block_tables=bt,
-                            rows=case.score_rows, lse=lse, max_ctx=case.L, out=case.layer_scores[layer], **kw)
+                            rows=case.score_rows, lse=lse, max_ctx=case.L, max_query_len=case.k + 1,
+                            out=case.layer_scores[layer], **kw)
         else:
             old["pillars_triton"].pillar_scores_triton(
                 case.q, p.k, query_start_loc=case.qsl, seq_lens=case.seq, block_tables=bt, rows=case.score_rows,
@@ -152,10 +154,12 @@ def run_step(case: StepCase, K, variant: str, old=None):
     return K.select_pillars(flat, ctx, budget, 16, case.max_budget)
 
 
-def breakdown(case: StepCase, K, bench_ms, bw: float) -> dict:
+def breakdown(case: StepCase, K, bench_ms, bw: float, old=None) -> dict:
     """The default (fused) step in parts, each timed alone: plan + attention of every layer, the scoring of every
     layer (from saved lse), the one selection; and the attention of the drafts alone and of the verify rows alone
-    (one plan and launch each), each against its own K/V bytes (``bw`` bytes/s), so a miss names its part."""
+    (one plan and launch each), each against its own K/V bytes (``bw`` bytes/s), so a miss names its part. With
+    main's kernels (``old``), its attention, scoring and selection are timed the same way (``*_main_ms``), and the
+    selection of every row by each of the two select kernels (resident bisection, radix)."""
     p = case.pool
     sp = dict(is_sparse=case.is_sparse, draft_start=case.draft_start, pillar_indices=case.pillars,
               pillar_lengths=case.pillar_len)
@@ -175,13 +179,25 @@ def breakdown(case: StepCase, K, bench_ms, bw: float) -> dict:
     def score():
         for layer in range(case.n_layers):
             K.pillar_scores(case.q, p.k, query_start_loc=case.qsl, seq_lens=case.seq, block_tables=case.tables[layer],
-                            rows=case.score_rows, lse=lses[layer], max_ctx=case.L, out=case.layer_scores[layer],
-                            scale=p.scale)
+                            rows=case.score_rows, lse=lses[layer], max_ctx=case.L, max_query_len=case.k + 1,
+                            out=case.layer_scores[layer], scale=p.scale)
 
-    def select():
+    def score_main():
+        for layer in range(case.n_layers):
+            old["pillars_triton"].pillar_scores_triton(
+                case.q, p.k, query_start_loc=case.qsl, seq_lens=case.seq, block_tables=case.tables[layer],
+                rows=case.score_rows, lse=lses[layer], max_ctx=case.L, out=case.layer_scores[layer], scale=p.scale)
+
+    def attend_main():
+        for layer in range(case.n_layers):
+            old["attention_triton"].unified_attention_triton(
+                case.q, p.k, p.v, query_start_loc=case.qsl, seq_lens=case.seq, block_tables=case.tables[layer],
+                max_query_len=case.k + 1, max_seq_len=case.L, scale=p.scale, **sp)
+
+    def select(fn=None, **kw):
         n = case.n_layers * case.nv
-        K.select_pillars(case.layer_scores.view(n, p.hkv, case.L), case.ctx.repeat(case.n_layers),
-                         case.budget.repeat(case.n_layers), 16, case.max_budget)
+        (fn or K.select_pillars)(case.layer_scores.view(n, p.hkv, case.L), case.ctx.repeat(case.n_layers),
+                                 case.budget.repeat(case.n_layers), 16, case.max_budget, **kw)
 
     def score_shape(bn, t):  # a fixed scoring launch shape: bn-key tiles, t per program (the library autotunes it)
         from sparsespec_compile.kernels.pillars_triton import pillar_scores_triton
@@ -189,7 +205,8 @@ def breakdown(case: StepCase, K, bench_ms, bw: float) -> dict:
         for layer in range(case.n_layers):
             pillar_scores_triton(case.q, p.k, query_start_loc=case.qsl, seq_lens=case.seq,
                                  block_tables=case.tables[layer], rows=case.score_rows, lse=lses[layer],
-                                 max_ctx=case.L, out=case.layer_scores[layer], scale=p.scale, block_n=bn, tiles=t)
+                                 max_ctx=case.L, max_query_len=case.k + 1, out=case.layer_scores[layer],
+                                 scale=p.scale, block_n=bn, tiles=t)
 
     def attend_kind(drafts: bool):
         n = slice(0, case.nd) if drafts else slice(case.nd, case.B)
@@ -203,8 +220,17 @@ def breakdown(case: StepCase, K, bench_ms, bw: float) -> dict:
                                 block_tables=case.tables[layer][n], max_query_len=mq, max_seq_len=case.L, plan=plan,
                                 scale=p.scale, **(dict(pillar_indices=case.pillars[n], **extra) if drafts else {}))
 
+    from sparsespec_compile.kernels.select_triton import RESIDENT_MAX, select_pillars_triton
+
     attend(keep=True)
     r = dict(attn_ms=bench_ms(attend), score_ms=bench_ms(score), select_ms=bench_ms(select))
+    r["select_radix_ms"] = bench_ms(lambda: select(select_pillars_triton, method="radix"))
+    if case.L <= RESIDENT_MAX:
+        r["select_resident_ms"] = bench_ms(lambda: select(select_pillars_triton, method="resident"))
+    if old is not None:
+        r["attn_main_ms"] = bench_ms(attend_main)
+        r["score_main_ms"] = bench_ms(score_main)
+        r["select_main_ms"] = bench_ms(lambda: select(old["pillars_triton"].select_pillars_triton))
     layers_ms = case.n_layers * 1e3 / bw
     r["attn_drafts_ms"] = bench_ms(lambda: attend_kind(True))
     r["attn_drafts_x_floor"] = r["attn_drafts_ms"] / (p.kv_bytes(case.nd * (case.bud + 5)) * layers_ms)
@@ -213,6 +239,8 @@ def breakdown(case: StepCase, K, bench_ms, bw: float) -> dict:
     ctx = case.L - case.k - 1
     score_bytes = case.nv * ctx * p.hkv * (p.d * p.k.element_size() + 2 * 4)  # K once, fp32 scores written + read
     r["score_x_floor"] = r["score_ms"] / (score_bytes * layers_ms)
+    if old is not None:
+        r["score_main_x_floor"] = r["score_main_ms"] / (score_bytes * layers_ms)
     from sparsespec_compile.kernels.pillars_triton import _scores_kernel_tuned
 
     best = getattr(_scores_kernel_tuned, "best_config", None)  # set once the autotuner ran (GPU)
@@ -251,7 +279,7 @@ def bench_steps(pool, K, bench_ms, bw, row, log, shapes, n_layers, old=None):
             r[f"{v}_ms"] = t
             r[f"{v}_x_floor"] = t / fl
         r["select_agree"] = agree
-        r.update(breakdown(case, K, bench_ms, bw))
+        r.update(breakdown(case, K, bench_ms, bw, old))
         row(**r)
         del case
 

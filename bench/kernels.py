@@ -26,6 +26,8 @@ ap.add_argument("--smoke", action="store_true")
 ap.add_argument("--budget-s", type=float, default=120, help="seconds after which a model's sections are skipped")
 ap.add_argument("--sections", default="check,step,decode,draft,verify,score,mixed")
 ap.add_argument("--models", default=None, help="comma-separated subset of the model shapes (default: all)")
+ap.add_argument("--step-shapes", default=None,
+                help="the step section's (B, L) per model, in order, e.g. 'smollm2=256x4096,64x8192;qwen3-8b=32x16384'")
 # Parse the command line only when run as a script: transformers probes for a package named `kernels`, and a
 # script started from bench/ puts this file first on sys.path under that name.
 args = ap.parse_args() if __name__ == "__main__" else ap.parse_args([])
@@ -216,14 +218,20 @@ def check(pool: Pool):
     rows = torch.tensor([2, 5][: max(1, B - 4)], device=DEV)
     skw = dict(query_start_loc=qsl, seq_lens=lens, block_tables=bt, rows=rows, lse=lse, scale=pool.scale,
                max_ctx=int(meta["max_seq_len"]))
-    s_t = pillar_scores_triton(q, pool.k, **skw, block_n=128)
     s_r = K.pillar_scores(q, pool.k, impl="reference", **skw)
-    e = rel(s_t.nan_to_num(neginf=0), s_r.nan_to_num(neginf=0))
+    e = 0.0
+    for mq in (None, 9):  # q-blocks looped over, and one block for the 9-token verify rows (what the runtime passes)
+        s_t = pillar_scores_triton(q, pool.k, **skw, block_n=128, max_query_len=mq)
+        e = max(e, rel(s_t.nan_to_num(neginf=0), s_r.nan_to_num(neginf=0)))
     ctx = (lens - torch.tensor(qlens, device=DEV))[rows]
     budget = torch.full_like(ctx, 300)
-    i_t, n_t = K.select_pillars(s_r, ctx, budget, 16, 512, impl="triton")
+    from sparsespec_compile.kernels.select_triton import select_pillars_triton
+
     i_r, n_r = K.select_pillars(s_r, ctx, budget, 16, 512, impl="reference")
-    same = bool(torch.equal(i_t, i_r) and torch.equal(n_t, n_r))
+    same = True
+    for method in ("resident", "radix"):
+        i_t, n_t = select_pillars_triton(s_r, ctx, budget, 16, 512, method=method)
+        same = same and bool(torch.equal(i_t, i_r) and torch.equal(n_t, n_r))
     kc, vc = pool.k[:64].clone(), pool.v[:64].clone()
     kr, vr = kc.clone(), vc.clone()
     kn = torch.randn(1, hkv, 40, d, device=DEV, dtype=DT).transpose(1, 2)[0]
@@ -286,6 +294,10 @@ def main():
 
 STEP_SHAPES = {"smollm2": [(2, 160)] if args.smoke else [(64, 2048), (64, 8192), (256, 4096), (256, 16384)],
                "qwen3-8b": [(2, 160)] if args.smoke else [(32, 8192), (32, 16384), (32, 32768)]}
+if args.step_shapes:
+    for part in args.step_shapes.split(";"):
+        model, shapes = part.split("=")
+        STEP_SHAPES[model.strip()] = [tuple(int(x) for x in bl.split("x")) for bl in shapes.split(",")]
 STEP_LAYERS = 2 if args.smoke else 4
 FULL_CASES = {"smollm2": [("decode", 2, 160), ("prefill", 1, 64)] if args.smoke else
               [("decode", 64, 4096), ("decode", 256, 4096), ("prefill", 4, 2048)],
@@ -351,7 +363,7 @@ def run_model(name, sections, bw, full_ms, t0):
                     rows = torch.arange(rv, device=DEV)
                     skw = {k: b[k] for k in ("query_start_loc", "seq_lens", "block_tables")}
                     sc = lambda: K.pillar_scores(b["q"], pool.k, **skw, rows=rows, lse=lse,  # noqa: E731
-                                                 scale=pool.scale, max_ctx=L)
+                                                 scale=pool.scale, max_ctx=L, max_query_len=9)
                     s_ms = bench_ms(sc)
                     scores = sc()
                     ctx = torch.full((rv,), L - 9, device=DEV, dtype=torch.int32)

@@ -268,9 +268,10 @@ def _refresh_pillars(ctx: ForwardContext, kernels, q_t, k_cache, lse, layer_idx,
     rows = ctx.score_rows
     if ctx.layer_scores is not None:  # deferred: select_step_pillars picks for all layers after the forward
         kernels.pillar_scores(q_t, k_cache, rows=rows, lse=lse, max_ctx=ctx.max_seq_len,
-                              out=ctx.layer_scores[layer_idx], **common)
+                              max_query_len=ctx.max_query_len, out=ctx.layer_scores[layer_idx], **common)
         return
-    scores = kernels.pillar_scores(q_t, k_cache, rows=rows, lse=lse, max_ctx=ctx.max_seq_len, **common)  # [Rv, Hkv, L]
+    scores = kernels.pillar_scores(q_t, k_cache, rows=rows, lse=lse, max_ctx=ctx.max_seq_len,
+                                   max_query_len=ctx.max_query_len, **common)  # [Rv, Hkv, L]
     # one layer at a time: a hybrid split per request would need every layer's scores, so it is per layer here
     idx, lengths = _select(ctx, scores[None], layer=layer_idx)
     slots = _score_slots(ctx)

@@ -42,12 +42,17 @@ import torch
 class AttentionPlan:
     """``items: [W, 4]`` int32 rows ``(row, q_block, chunk, num_chunks)``, ``(-1, 0, 0, 0)`` past the real items;
     ``units: [U, 4]`` int32 rows ``(row, q_block, first_item, num_chunks)``, ``(-1, 0, 0, 0)`` past the real units
-    (the merge reads these). ``block_q`` is the queries per unit the plan was cut for (the kernel's ``BLOCK_Q``)."""
+    (the plan's property tests read these; the kernel finds a unit's items from each item's own record).
+    ``block_q`` is the queries per unit the plan was cut for (the kernel's ``BLOCK_Q``)."""
 
     items: torch.Tensor
     units: torch.Tensor
     block_q: int
     chunk: torch.Tensor  # [] int64 keys per item the plan aimed at (telemetry, tests)
+    # [W, Hkv] int32 zeros: how many items of a cut unit (indexed by its first item) have written their partials,
+    # per KV head; the item that brings it to num_chunks merges the unit and sets it back to 0, so every layer of
+    # the step (and every CUDA-graph replay, which re-runs the plan) starts from zeros. None: the launcher makes them.
+    counters: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:

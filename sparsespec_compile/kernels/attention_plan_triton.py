@@ -17,10 +17,10 @@ from ._validate import interpreting
 from .attention_plan import AttentionPlan, item_capacity, unit_capacity
 
 
-@triton.jit(do_not_specialize=["R", "U", "W", "window", "max_pillars", "target", "min_chunk", "max_chunks",
-                               "forced_chunk", "compute_bound"])
-def _plan_kernel(items, units, unit_keys, chunk_out, query_start_loc, seq_lens, is_sparse, draft_start,
-                 pillar_lengths, pillar_rows, R, U, W, window, max_pillars, target, min_chunk, max_chunks,
+@triton.jit(do_not_specialize=["R", "U", "W", "n_counters", "window", "max_pillars", "target", "min_chunk",
+                               "max_chunks", "forced_chunk", "compute_bound"])
+def _plan_kernel(items, units, unit_keys, chunk_out, counters, query_start_loc, seq_lens, is_sparse, draft_start,
+                 pillar_lengths, pillar_rows, R, U, W, n_counters, window, max_pillars, target, min_chunk, max_chunks,
                  forced_chunk, compute_bound, BLOCK_Q: tl.constexpr, HAS_SPARSE: tl.constexpr, USE_WINDOW: tl.constexpr,
                  BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
@@ -88,6 +88,9 @@ def _plan_kernel(items, units, unit_keys, chunk_out, query_start_loc, seq_lens, 
         n_items += tl.sum(n_c, 0)
     _pad_records(units, n_units, U, BLOCK)
     _pad_records(items, n_items, W, BLOCK)
+    for i0 in range(0, n_counters, BLOCK):  # the attention kernel's merge counts start at 0 in every step
+        i = i0 + offs
+        tl.store(counters + i, i * 0, mask=i < n_counters)
 
 
 @triton.jit
@@ -106,8 +109,10 @@ def _pad_records(records, n_real, capacity, BLOCK: tl.constexpr):
 def plan_attention_triton(query_start_loc, seq_lens, num_tokens: int, block_q: int, *, target_items: int,
                           min_chunk: int, max_chunks: int = 64, sliding_window: int = -1, is_sparse=None,
                           draft_start=None, pillar_lengths=None, pillar_rows=None, max_pillars: int = 0,
-                          chunk_keys: int | None = None, compute_bound: bool = False) -> AttentionPlan:
-    """:func:`.attention_plan.plan_attention` in one launch (same arguments, same result)."""
+                          chunk_keys: int | None = None, compute_bound: bool = False,
+                          num_kv_heads: int = 1) -> AttentionPlan:
+    """:func:`.attention_plan.plan_attention` in one launch (same arguments, same result), with the merge counters
+    of ``num_kv_heads`` heads zeroed in the same launch."""
     R = seq_lens.shape[0]
     dev = seq_lens.device
     U = unit_capacity(num_tokens, R, block_q)
@@ -116,16 +121,18 @@ def plan_attention_triton(query_start_loc, seq_lens, num_tokens: int, block_q: i
     units = torch.empty(U, 4, dtype=torch.int32, device=dev)
     unit_keys = torch.empty(U, dtype=torch.int32, device=dev)
     chunk = torch.empty((), dtype=torch.int64, device=dev)
+    counters = torch.empty(W, num_kv_heads, dtype=torch.int32, device=dev)
     has_sparse = is_sparse is not None
     if has_sparse and pillar_rows is None:
         pillar_rows = torch.arange(R, device=dev, dtype=torch.int32)
     dummy = seq_lens
-    _plan_kernel[(1,)](items, units, unit_keys, chunk, query_start_loc, seq_lens,
+    _plan_kernel[(1,)](items, units, unit_keys, chunk, counters, query_start_loc, seq_lens,
                        is_sparse if has_sparse else dummy, draft_start if has_sparse else dummy,
                        pillar_lengths if has_sparse else dummy, pillar_rows if has_sparse else dummy,
-                       R, U, W, int(sliding_window), int(max_pillars), int(target_items), int(min_chunk),
+                       R, U, W, counters.numel(), int(sliding_window), int(max_pillars), int(target_items),
+                       int(min_chunk),
                        int(max_chunks), int(chunk_keys or 0), int(compute_bound), BLOCK_Q=block_q,
                        HAS_SPARSE=has_sparse,
                        USE_WINDOW=sliding_window > 0, BLOCK=64 if interpreting() else 256,
                        num_warps=1 if interpreting() else 4)
-    return AttentionPlan(items=items, units=units, block_q=block_q, chunk=chunk)
+    return AttentionPlan(items=items, units=units, block_q=block_q, chunk=chunk, counters=counters)

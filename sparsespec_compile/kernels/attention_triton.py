@@ -1,13 +1,14 @@
-"""Triton kernels of :func:`unified_attention`: one work-balanced launch for a mixed ragged batch, plus a merge of
-the rows that were cut.
+"""Triton kernel of :func:`unified_attention`: one work-balanced launch for a mixed ragged batch, merges included.
 
 Program ``(item, kv_head)`` of the attention kernel reads one item of the step's :class:`AttentionPlan`: ``BLOCK_Q``
 query tokens of one request times the ``GROUP`` query heads of one KV head, packed densely into the first
 ``BLOCK_Q * GROUP`` of the ``BLOCK_M`` rows of one ``tl.dot`` (every K/V tile is loaded once for the whole GQA
 group), over one slice of the request's *virtual key range*: for a full row the positions ``lo .. last``; for a
 sparse (PillarAttn) row the pillar list followed by ``draft_start .. last``. Each key's page comes from the block
-table, so full and sparse rows share one loop and one launch. An item that covers its whole unit writes the output itself; the slices of a cut unit write
-fp32 partials (acc, max, sum) that the merge kernel combines.
+table, so full and sparse rows share one loop and one launch. An item that covers its whole unit writes the output
+itself; the slices of a cut unit write fp32 partials (acc, max, sum) and raise the unit's count in the plan's
+counters, and the slice that completes the count combines them (``_merge_unit``) and resets the count. Programs past
+the plan's items write the padding tokens' zeros / -inf.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from .tuning import autotune_cache_kwargs, launch_tuned
 
 
 # runtime ints that vary per step are not specialised (no recompiles when a count crosses 1 or a multiple of 16)
-@triton.jit(do_not_specialize=["max_pillars", "sliding_window", "seq_bucket", "work_bucket"])
+@triton.jit(do_not_specialize=["n_items", "R", "num_tokens", "max_pillars", "sliding_window", "seq_bucket",
+                            "work_bucket"])
 def _attn_kernel(
-    out, lse, part_acc, part_m, part_l, items,
+    out, lse, part_acc, part_m, part_l, items, counters,
     q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
     is_sparse, draft_start, pillar_indices, pillar_lengths, pillar_rows,
-    max_pillars, scale, softcap, sliding_window, seq_bucket, work_bucket,
+    n_items, R, num_tokens, max_pillars, scale, softcap, sliding_window, seq_bucket, work_bucket,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cp, stride_co, stride_ch, stride_bt, stride_pr, stride_ph,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
@@ -41,6 +43,10 @@ def _attn_kernel(
 ):
     item = tl.program_id(0)
     kvh = tl.program_id(1)
+    if item >= n_items:  # past the plan's capacity: one block of BLOCK_Q padding tokens (out / lse are not filled)
+        _zero_padding(out, lse, query_start_loc, R, num_tokens, (item - n_items) * BLOCK_Q, kvh, stride_ot, stride_oh,
+                      HEAD_DIM, BLOCK_D, GROUP, BLOCK_Q, BLOCK_M)
+        return
     rec = items + item * 4
     r = tl.load(rec)
     if r < 0:  # past the step's real items
@@ -136,58 +142,43 @@ def _attn_kernel(
                  o.to(out.dtype.element_ty), mask=out_mask)
         lse_v = tl.where(l_i > 0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
         tl.store(lse + qrow * (GROUP * tl.num_programs(1)) + head, lse_v, mask=row_ok)
-    else:  # partials [items, Hkv, BLOCK_M, (D)] of this item; the merge kernel combines the unit's items
-        prow = (item.to(tl.int64) * tl.num_programs(1) + kvh) * BLOCK_M + offs_m  # [BLOCK_M]
+    else:  # partials [items, Hkv, BLOCK_M, (D)] of this item; the unit's last item to finish combines them
+        Hkv = tl.num_programs(1)
+        prow = (item.to(tl.int64) * Hkv + kvh) * BLOCK_M + offs_m  # [BLOCK_M]
         tl.store(part_acc + prow[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=out_mask)
         tl.store(part_m + prow, m_i, mask=row_ok)
         tl.store(part_l + prow, l_i, mask=row_ok)
+        # every thread's partials are written before the count is raised (bar.sync, then a release at GPU scope)
+        tl.debug_barrier()
+        first = item - chunk
+        cnt = counters + first.to(tl.int64) * Hkv + kvh
+        if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == n_chunks - 1:
+            tl.store(cnt, 0)  # no other item of the unit is left: back to 0 for the next layer
+            _merge_unit(out, lse, part_acc, part_m, part_l, first, n_chunks, kvh, Hkv, offs_m, qrow, head, row_ok,
+                        stride_ot, stride_oh, HEAD_DIM, BLOCK_D, BLOCK_M, GROUP)
 
 
 @triton.jit
-def _merge_kernel(out, lse, part_acc, part_m, part_l, units, query_start_loc, R, num_units, num_tokens,
-                  stride_ot, stride_oh,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
-                  BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Program ``(u, kv_head)``: for u < num_units, combine the partials of a unit that was cut (a unit of one
-    item wrote its rows itself); past them, zero the padding tokens of one block of BLOCK_Q (out / lse are not
-    filled: two launches fewer per layer)."""
-    u = tl.program_id(0)
-    kvh = tl.program_id(1)
-    Hkv = tl.num_programs(1)
-    offs_m = tl.arange(0, BLOCK_M)
-    g = offs_m % GROUP
-    head = kvh * GROUP + g
+def _merge_unit(out, lse, part_acc, part_m, part_l, first, n_chunks, kvh, Hkv, offs_m, qrow, head, row_ok,
+                stride_ot, stride_oh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                GROUP: tl.constexpr):
+    """Combine the partials of a cut unit's items ``first .. first + n_chunks`` (this program's among them) and write
+    its rows. The loads bypass L1 (.cg): the other items' partials were written by other SMs during this launch.
+
+    This was a second launch per layer (``_merge_kernel``): 8.8 us a layer in a B 256 x 4k k = 8 step, 6.6 in the
+    stride-0 step (H200 profile, bench/data/profile_{k8,s0}_b256_prompt4096_h200.txt), mostly launch and tail for
+    a few MB of L2-resident partials. Done by the last item of each unit it overlaps the other items' work."""
     dd = tl.arange(0, BLOCK_D)
     d_ok = dd < HEAD_DIM
-    used = offs_m < BLOCK_Q * GROUP
-    if u >= num_units:  # padding tokens past query_start_loc[R]: zeros and -inf
-        t = (u - num_units) * BLOCK_Q + offs_m // GROUP
-        pad = (t >= tl.load(query_start_loc + R)) & (t < num_tokens) & used
-        trow = t.to(tl.int64)
-        tl.store(out + trow[:, None] * stride_ot + head[:, None] * stride_oh + dd[None, :],
-                 tl.zeros([BLOCK_M, BLOCK_D], tl.float32).to(out.dtype.element_ty), mask=pad[:, None] & d_ok[None, :])
-        tl.store(lse + trow * (GROUP * Hkv) + head, tl.full([BLOCK_M], float("-inf"), tl.float32), mask=pad)
-        return
-    rec = units + u * 4
-    r = tl.load(rec)
-    n_chunks = tl.load(rec + 3)
-    if r < 0 or n_chunks <= 1:
-        return
-    qb = tl.load(rec + 1)
-    first = tl.load(rec + 2)
-    q_start = tl.load(query_start_loc + r)
-    q_len = tl.load(query_start_loc + r + 1) - q_start
-    tok = qb * BLOCK_Q + offs_m // GROUP
-    row_ok = (tok < q_len) & used
+    mask = row_ok[:, None] & d_ok[None, :]
     m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_run = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    mask = row_ok[:, None] & d_ok[None, :]
     for c in range(0, n_chunks):
         prow = ((first + c).to(tl.int64) * Hkv + kvh) * BLOCK_M + offs_m
-        m_c = tl.load(part_m + prow, mask=row_ok, other=float("-inf"))
-        l_c = tl.load(part_l + prow, mask=row_ok, other=0.0)
-        a_c = tl.load(part_acc + prow[:, None] * HEAD_DIM + dd[None, :], mask=mask, other=0.0)
+        m_c = tl.load(part_m + prow, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+        l_c = tl.load(part_l + prow, mask=row_ok, other=0.0, cache_modifier=".cg")
+        a_c = tl.load(part_acc + prow[:, None] * HEAD_DIM + dd[None, :], mask=mask, other=0.0, cache_modifier=".cg")
         m_new = tl.maximum(m_run, m_c)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # slices that saw nothing have m = -inf: weight 0
         alpha = tl.exp2(m_run - m_safe)
@@ -196,11 +187,26 @@ def _merge_kernel(out, lse, part_acc, part_m, part_l, units, query_start_loc, R,
         acc = acc * alpha[:, None] + a_c * beta[:, None]
         m_run = m_new
     l_safe = tl.where(l_run > 0, l_run, 1.0)
-    qrow = (q_start + tok).to(tl.int64)
     tl.store(out + qrow[:, None] * stride_ot + head[:, None] * stride_oh + dd[None, :],
              (acc / l_safe[:, None]).to(out.dtype.element_ty), mask=mask)
     tl.store(lse + qrow * (GROUP * Hkv) + head,
              tl.where(l_run > 0, (m_run + tl.log2(l_safe)) * 0.6931471805599453, float("-inf")), mask=row_ok)
+
+
+@triton.jit
+def _zero_padding(out, lse, query_start_loc, R, num_tokens, t0, kvh, stride_ot, stride_oh, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Zeros and -inf for the padding tokens ``>= query_start_loc[R]`` among ``t0 .. t0 + BLOCK_Q``, KV head kvh."""
+    offs_m = tl.arange(0, BLOCK_M)
+    head = kvh * GROUP + offs_m % GROUP
+    dd = tl.arange(0, BLOCK_D)
+    t = t0 + offs_m // GROUP
+    pad = (t >= tl.load(query_start_loc + R)) & (t < num_tokens) & (offs_m < BLOCK_Q * GROUP)
+    trow = t.to(tl.int64)
+    tl.store(out + trow[:, None] * stride_ot + head[:, None] * stride_oh + dd[None, :],
+             tl.zeros([BLOCK_M, BLOCK_D], tl.float32).to(out.dtype.element_ty),
+             mask=pad[:, None] & (dd < HEAD_DIM)[None, :])
+    tl.store(lse + trow * (GROUP * tl.num_programs(1)) + head, tl.full([BLOCK_M], float("-inf"), tl.float32), mask=pad)
 
 
 def _tuning_configs():
@@ -318,8 +324,14 @@ def unified_attention_triton(q, k_cache, v_cache, *, query_start_loc, seq_lens, 
     if bq < 1:
         raise ValueError(f"the plan's BLOCK_Q must be >= 1, got {bq}")
     bm = block_rows(gp, bq)
-    W, U = plan.items.shape[0], plan.units.shape[0]
-    # Every real row is written by its item (one chunk) or by the merge, padding rows by the merge: no fill.
+    W = plan.items.shape[0]
+    counters = plan.counters if plan.counters is not None else torch.zeros(W, Hkv, dtype=torch.int32,
+                                                                         device=q.device)
+    if counters.shape != (W, Hkv):
+        raise ValueError(f"the plan's merge counters are {tuple(counters.shape)}, this launch needs {(W, Hkv)}: build "
+                         f"the plan with this cache's KV heads (attention_plan)")
+    # Every real row is written by its item (one chunk) or by its unit's last item, padding rows by the programs past
+    # the plan's items: no fill.
     out = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(T, Hq, dtype=torch.float32, device=q.device)
     if not has_sparse:  # dummies, never read (HAS_SPARSE is a constexpr)
@@ -330,9 +342,9 @@ def unified_attention_triton(q, k_cache, v_cache, *, query_start_loc, seq_lens, 
     part_l = torch.empty(W, Hkv, bm, dtype=torch.float32, device=q.device)
     upcast = interpreting()
     seq_bucket, work_bucket = triton.next_power_of_2(max(max_seq_len, 1)), triton.next_power_of_2(W)
-    args = (out, lse, part_acc, part_m, part_l, plan.items, q, k_cache, v_cache, query_start_loc, seq_lens,
+    args = (out, lse, part_acc, part_m, part_l, plan.items, counters, q, k_cache, v_cache, query_start_loc, seq_lens,
             block_tables, is_sparse, draft_start, pillar_indices, pillar_lengths, pillar_rows,
-            pillar_indices.shape[2], float(scale), float(softcap) if softcap > 0 else 1.0, int(sliding_window),
+            W, R, T, pillar_indices.shape[2], float(scale), float(softcap) if softcap > 0 else 1.0, int(sliding_window),
             seq_bucket, work_bucket, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
             pillar_indices.stride(0), pillar_indices.stride(1))
@@ -340,16 +352,12 @@ def unified_attention_triton(q, k_cache, v_cache, *, query_start_loc, seq_lens, 
                 BLOCK_M=bm, PAGE_SIZE=P, HAS_SPARSE=has_sparse, USE_SOFTCAP=softcap > 0,
                 USE_WINDOW=sliding_window > 0, UPCAST=upcast,
                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
-    grid = (W, Hkv)
+    grid = (W + triton.cdiv(T, bq), Hkv)  # the plan's items, then the blocks of padding tokens
     if upcast or block_n is not None:
         _attn_kernel[grid](*args, BLOCK_N=block_n or 16, num_warps=num_warps, num_stages=num_stages, **meta)
     else:
         variant = (str(q.dtype), str(k_cache.dtype)) + tuple(sorted(meta.items()))
         launch_tuned("attention", _attn_kernel_tuned, variant, (seq_bucket, work_bucket), grid, args, meta)
-    _merge_kernel[(U + triton.cdiv(T, bq), Hkv)](
-        out, lse, part_acc, part_m, part_l, plan.units, query_start_loc, R, U, T, out.stride(0), out.stride(1),
-        HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], GROUP=gp, BLOCK_Q=bq, BLOCK_M=bm,
-        num_warps=1 if upcast else 4)
     return out, lse
 
 
@@ -364,7 +372,7 @@ def attention_plan(q, k_cache, *, query_start_loc, seq_lens, max_query_len, slid
     bq = block_q or plan_blocks(Hq, Hkv, max_query_len)[0]
     target, min_chunk = work_target(q.device, D, Hkv, compute_bound=max_query_len > 16, mixed=is_sparse is not None)
     return plan_attention_triton(query_start_loc, seq_lens, T, bq, target_items=target, min_chunk=min_chunk,
-                                 compute_bound=max_query_len > 16,
+                                 compute_bound=max_query_len > 16, num_kv_heads=Hkv,
                           max_chunks=max_chunks, sliding_window=sliding_window, is_sparse=is_sparse,
                           draft_start=draft_start, pillar_lengths=pillar_lengths, pillar_rows=pillar_rows,
                           max_pillars=max_pillars, chunk_keys=chunk_keys)

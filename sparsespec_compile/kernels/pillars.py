@@ -11,7 +11,8 @@ from .reference import pillar_scores_reference, select_pillars_reference
 def pillar_scores(q: torch.Tensor, k_cache: torch.Tensor, *, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                   block_tables: torch.Tensor, rows: torch.Tensor, lse: torch.Tensor, scale: float,
                   softcap: float = 0.0, sliding_window: int = -1, max_ctx: int | None = None,
-                  impl: str = "triton", out: torch.Tensor | None = None) -> torch.Tensor:
+                  max_query_len: int | None = None, impl: str = "triton",
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Full-attention probability of each context token, averaged over the GQA group and the verify queries.
 
     For scored request ``r = rows[j]`` (int64 indices into the R requests) the candidates are positions
@@ -22,6 +23,10 @@ def pillar_scores(q: torch.Tensor, k_cache: torch.Tensor, *, query_start_loc: to
 
     ``max_ctx`` is the last dim of the result; pass a host bound (e.g. ``ForwardContext.max_seq_len``) to
     avoid a device sync, or leave None to use the largest ``c`` among the rows (syncs).
+    ``max_query_len``: a host bound on the scored rows' q_len (e.g. ``ForwardContext.max_query_len``); with it the
+    Triton kernel reads each K tile once for all of a verify chunk's queries in one block (faster; see
+    pillars_triton.score_blocks), without it it loops over blocks of queries. A row longer than the bound is an error
+    the kernel cannot see: pass a true bound.
     Returns ``scores: [Rv, Hkv, max_ctx]`` fp32, written into ``out`` when given (contiguous, that shape).
     """
     T, Hq, Hkv, D, R = check_paged_metadata(q, k_cache, k_cache, query_start_loc, seq_lens, block_tables)
@@ -45,7 +50,9 @@ def pillar_scores(q: torch.Tensor, k_cache: torch.Tensor, *, query_start_loc: to
         return scores if out is None else out.copy_(scores)
     from .pillars_triton import pillar_scores_triton
 
-    return pillar_scores_triton(q, k_cache, out=out, **kw)
+    if max_query_len is not None and max_query_len < 1:
+        raise ValueError(f"max_query_len must be >= 1, got {max_query_len}")
+    return pillar_scores_triton(q, k_cache, out=out, max_query_len=max_query_len, **kw)
 
 
 def select_pillars(scores: torch.Tensor, ctx_lens: torch.Tensor, budget: torch.Tensor, recent: int | torch.Tensor,
@@ -81,6 +88,6 @@ def select_pillars(scores: torch.Tensor, ctx_lens: torch.Tensor, budget: torch.T
     recent = recent if split else int(recent)
     if impl == "reference":
         return select_pillars_reference(scores, ctx_lens, budget, recent, int(max_budget), sinks=sinks)
-    from .pillars_triton import select_pillars_triton
+    from .select_triton import select_pillars_triton
 
     return select_pillars_triton(scores, ctx_lens, budget, recent, int(max_budget), sinks=sinks)

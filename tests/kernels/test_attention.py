@@ -186,3 +186,29 @@ def test_long_rows_at_the_plans_own_cut(specs, group, d, window, softcap, sparse
     if sparse:
         kw.update(make_sparse(b, range(0, len(specs), 2), hkv, bmax=256, seed=seed))
     _check_close(*_attend(b, "triton", **kw), *_attend(b, "reference", **kw), torch.float32)
+
+
+def test_one_plan_serves_every_layer_with_merges_in_the_kernel():
+    """The last item of each cut unit merges it and resets the unit's count: a plan reused by several layers (as a
+    step's plan is) gives the reference each time, its counts are all zero after every launch, and a plan built for
+    other KV heads is refused."""
+    specs = [(9, 9 + 70), (1, 55), (37, 37), (9, 9 + 33)]
+    b = make_batch(specs, 6, 2, 16, 4, torch.float32, seed=11, pad_tokens=2)
+    plan = kernels.attention_plan(b.q, b.k_cache, query_start_loc=b.query_start_loc, seq_lens=b.seq_lens,
+                                  max_query_len=b.max_query_len, chunk_keys=16, max_chunks=4)
+    assert plan.counters.shape == (plan.capacity, 2) and not plan.counters.any()
+    assert int((plan.items[:, 3] > 1).sum()) > 0  # some units are cut, so the kernel merges
+    for layer in range(3):
+        q = b.q * (1 + layer)  # another layer's queries, same rows
+        ref_out, ref_lse = kernels.unified_attention(q, b.k_cache, b.v_cache, **b.meta(), max_query_len=b.max_query_len,
+                                                     max_seq_len=b.max_seq_len, scale=b.scale, return_lse=True,
+                                                     impl="reference")
+        out, lse = kernels.unified_attention(q, b.k_cache, b.v_cache, **b.meta(), max_query_len=b.max_query_len,
+                                             max_seq_len=b.max_seq_len, scale=b.scale, return_lse=True, plan=plan)
+        _check_close(out, lse, ref_out, ref_lse, torch.float32)
+        assert not plan.counters.any()
+    other = kernels.attention_plan(b.q, b.k_cache[:, :, :1], query_start_loc=b.query_start_loc, seq_lens=b.seq_lens,
+                                   max_query_len=b.max_query_len)
+    with pytest.raises(ValueError, match="merge counters"):
+        kernels.unified_attention(b.q, b.k_cache, b.v_cache, **b.meta(), max_query_len=b.max_query_len,
+                                  max_seq_len=b.max_seq_len, scale=b.scale, plan=other)
