@@ -69,8 +69,9 @@ def logits_of(kind: str, b: int, v: int) -> torch.Tensor:
     return (-rank.log() + 0.05 * torch.randn(b, v, generator=g, device=DEV)).to(torch.bfloat16)
 
 
-def old_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """The pre-issue-18 sampler (probs_from_logits + _race of runtime/verify.py at 715fc9e), one config per batch."""
+def old_filtered(logits: torch.Tensor, temperature: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """The old sampler's transform (runtime/verify.py at 715fc9e): logits / T with the tokens outside top-k / top-p
+    at -inf, by a full sort (or top-k) of every row."""
     x = logits.float() / temperature.view(-1, 1)
     top_k = min(top_k, x.shape[-1])
     if top_k or top_p < 1:
@@ -81,6 +82,12 @@ def old_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: int, top_
             sp = sx.softmax(-1)
             sx = sx.masked_fill(sp.cumsum(-1) - sp >= top_p, float("-inf"))
         x = (torch.full_like(x, float("-inf")) if top_k else torch.empty_like(x)).scatter_(-1, si, sx)
+    return x
+
+
+def old_sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """The pre-issue-18 sampler (probs_from_logits + _race of runtime/verify.py at 715fc9e), one config per batch."""
+    x = old_filtered(logits, temperature, top_k, top_p)
     probs = x.softmax(-1)
     return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
 
@@ -226,16 +233,7 @@ def verify_section(records: list) -> None:
 def old_verify(d, draft, target, temp, top_k, top_p, n, k):
     """The old verification's device work: target probabilities [N, k+1, V] by the old sampler's transform, the draft
     probabilities it kept [N, k, V] (fp32), the accept test and the residual race."""
-    x = target.float() / temp.view(-1, 1)
-    top_k = min(top_k, x.shape[-1])
-    if top_k or top_p < 1:
-        sx, si = x.topk(top_k, -1) if top_k else x.sort(-1, descending=True)
-        if top_k:
-            sx = sx.masked_fill(sx < sx[:, top_k - 1:top_k], float("-inf"))
-        if top_p < 1:
-            sp = sx.softmax(-1)
-            sx = sx.masked_fill(sp.cumsum(-1) - sp >= top_p, float("-inf"))
-        x = (torch.full_like(x, float("-inf")) if top_k else torch.empty_like(x)).scatter_(-1, si, sx)
+    x = old_filtered(target, temp, top_k, top_p)
     p = x.softmax(-1).view(n, k + 1, -1)
     q = draft.float().softmax(-1).view(n, k, -1)  # (the old path kept these from the drafts: read, not computed)
     dd = d.unsqueeze(-1)

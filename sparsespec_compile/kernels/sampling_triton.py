@@ -158,6 +158,20 @@ def _mass_digit(h, prefix, above, target, shift):
 
 
 @triton.jit
+def _race_block(l, kept, key, idx, offs, first, rk, ri, rl):
+    """One block of a chunk's Gumbel race over the ``kept`` logits ``l`` (tokens ``idx``, the block's first token
+    ``first``): the running winner's key ``rk``, token ``ri`` and logit ``rl``, replaced when this block's best key
+    is larger (strictly: the first block wins a tie)."""
+    race = tl.where(kept, l - tl.log(_exp_noise(key, idx)), float("-inf"))
+    bk = tl.max(race, 0)
+    bi = tl.argmax(race, 0)
+    upd = bk > rk
+    rl = tl.where(upd, tl.max(tl.where(offs == bi, l, float("-inf")), 0), rl)
+    ri = tl.where(upd, bi + first, ri)
+    return tl.maximum(rk, bk), ri, rl
+
+
+@triton.jit
 def _sweep_kernel(logits, stride_l, rows, inv_temp, top_k, top_p, greedy, seeds, parts, hist, mhist, counter, V, C,
                   CHUNK: tl.constexpr, BLOCK: tl.constexpr, UPCAST: tl.constexpr, FILTERS: tl.constexpr):
     """Sweep 1, program (row, chunk): max and first argmax, sum exp(l - chunk max), min, count; for rows without a
@@ -204,13 +218,7 @@ def _sweep_kernel(logits, stride_l, rows, inv_temp, top_k, top_p, greedy, seeds,
             mn = tl.minimum(mn, tl.min(tl.where(valid, l, float("inf")), 0))
             nv += tl.sum(valid.to(tl.int32), 0)
             if race_on:
-                race = tl.where(valid, l - tl.log(_exp_noise(key, idx)), ninf)
-                bk = tl.max(race, 0)
-                bi = tl.argmax(race, 0)
-                upd = bk > rk
-                rl = tl.where(upd, tl.max(tl.where(offs == bi, l, ninf), 0), rl)
-                ri = tl.where(upd, bi + c0 + start, ri)
-                rk = tl.maximum(rk, bk)
+                rk, ri, rl = _race_block(l, valid, key, idx, offs, c0 + start, rk, ri, rl)
     p = parts + (r64 * C + c) * NP
     tl.store(p + 0, m)
     tl.store(p + 1, s)
@@ -557,13 +565,7 @@ def _race_kernel(logits, stride_l, rows, inv_temp, seeds, fs, st, mhist, parts, 
         l = _load_row(base, idx, V, it, UPCAST)
         kept = (l > ninf) & (l >= tau)
         z += tl.sum(tl.where(kept, tl.exp(l - m), 0.0), 0)
-        race = tl.where(kept, l - tl.log(_exp_noise(key, idx)), ninf)
-        bk = tl.max(race, 0)
-        bi = tl.argmax(race, 0)
-        upd = bk > rk
-        rl = tl.where(upd, tl.max(tl.where(offs == bi, l, ninf), 0), rl)
-        ri = tl.where(upd, bi + c0 + start, ri)
-        rk = tl.maximum(rk, bk)
+        rk, ri, rl = _race_block(l, kept, key, idx, offs, c0 + start, rk, ri, rl)
     p = parts + (r64 * C + c) * NP
     tl.store(p + 0, rk)
     tl.store(p + 1, ri.to(tl.float32))
