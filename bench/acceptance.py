@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=8)
     ap.add_argument("--sparsity", type=float, default=0.05)
     ap.add_argument("--min-budget", type=int, default=128)
+    ap.add_argument("--recent", type=int, default=None, help="newest tokens always kept (default: min(16, min budget))")
     ap.add_argument("--drafts", nargs="+", default=["pillar", "streaming", "hybrid", "full"])
     ap.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 0.6])
     ap.add_argument("--out", type=Path, default=Path("bench/acceptance.json"))
@@ -47,7 +48,15 @@ def main() -> None:
     ap.add_argument("--ignore-eos", action="store_true", help="generate max_tokens for every prompt")
     ap.add_argument("--configs", nargs="*", default=None,
                     help="explicit draft:temperature pairs to run, in order (overrides --drafts/--temperatures)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="seconds-long check of the script: 2 prompts, 24 tokens, budget 8, greedy only")
     args = ap.parse_args()
+    if args.smoke:
+        args.num_prompts, args.max_tokens, args.min_budget, args.recent = 2, 24, 8, 2
+        args.temperatures, args.ignore_eos = [0.0], True
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -61,6 +70,7 @@ def main() -> None:
         torch._dynamo.reset()
         cfg = SparseSpecConfig(
             adaptive=False, stride=args.stride, sparsity=args.sparsity, min_budget=args.min_budget, draft=draft,
+            recent=args.recent,
             compiler="eager", num_pages=(args.max_tokens + 512) * args.num_prompts // 16 + 64, hybrid_split=split,
             max_num_seqs=args.num_prompts, max_num_batched_tokens=4096,
         )
@@ -73,7 +83,7 @@ def main() -> None:
         stats = llm.stats()
         rec = {
             "model": f"{args.model} ({dtype}, {args.device})", "hybrid_split": split, "ignore_eos": args.ignore_eos, "draft": draft, "temperature": temperature,
-            "stride": args.stride, "sparsity": args.sparsity, "min_budget": args.min_budget,
+            "stride": args.stride, "sparsity": args.sparsity, "min_budget": args.min_budget, "recent": cfg.recent,
             "prompts": len(prompts), "max_tokens": args.max_tokens,
             "mean_output_len": sum(len(o.token_ids) for o in outs) / len(outs),
             "finish_reasons": sorted({o.finish_reason for o in outs}),

@@ -308,25 +308,17 @@ def _select(ctx: ForwardContext, scores: torch.Tensor, layer: int | None = None)
     max_budget], lengths [Rv])``; ``layer``: the one layer ``scores`` holds (else all of them). PillarAttn's top-B
     (``ctx.draft_split`` None) or the hybrid split (kernels/hybrid.py). With a recall buffer in the store, each
     layer's draft recall is written to it (the runtime's telemetry: device ops only, nothing read on the host)."""
-    from . import kernels
-    from .kernels.hybrid import draft_mass, draft_recall, hybrid_split
+    from .kernels.hybrid import draft_recall, draft_sets
 
     L, Rv, H, N = scores.shape
-    flat = scores.view(L * Rv, H, N)
-    ctx_lens = _scored_context_lens(ctx)  # [Rv]
-    lens_l, budget_l = ctx_lens.repeat(L), ctx.budget.repeat(L)  # every layer's rows back to back
     recall = ctx.pillars.recall
-    mass = None
-    if ctx.draft_split is not None or recall is not None:  # one read of the scores, no pass over the KV
-        mass = draft_mass(flat, lens_l, budget_l, impl=ctx.impl)  # [L * Rv, H, 3]
-    split = {}
-    if ctx.draft_split is not None:
-        share = "layer" if layer is not None and ctx.draft_split == "request" else ctx.draft_split
-        window, sinks = hybrid_split(mass.view(L, Rv, H, 3), ctx_lens, ctx.budget, ctx.recent, share)
-        split = dict(recent=window.view(L * Rv, H), sinks=sinks.view(L * Rv, H))
-    idx, lengths = kernels.select_pillars(flat, lens_l, budget_l, **({"recent": ctx.recent} | split),
-                                          max_budget=ctx.pillars.max_budget, impl=ctx.impl)
+    split = ctx.draft_split
+    if layer is not None and split == "request":
+        split = "layer"
+    idx, lengths, mass = draft_sets(scores, _scored_context_lens(ctx), ctx.budget, ctx.recent, split,
+                                    ctx.pillars.max_budget, impl=ctx.impl, need_mass=recall is not None)
     if recall is not None:
-        r = draft_recall(flat, idx, lengths, mass[..., 2]).mean(-1).view(L, Rv)  # mean over KV heads
+        r = draft_recall(scores.view(L * Rv, H, N), idx.view(L * Rv, H, -1), lengths.repeat(L),
+                         mass[..., 2]).mean(-1).view(L, Rv)  # mean over KV heads
         (recall if layer is None else recall[layer:layer + 1]).index_copy_(1, _score_slots(ctx), r)
-    return idx.view(L, Rv, H, -1), lengths[:Rv]
+    return idx, lengths

@@ -96,3 +96,24 @@ def draft_recall(scores: torch.Tensor, indices: torch.Tensor, lengths: torch.Ten
     keep = torch.arange(B, device=indices.device)[None, None, :] < lengths.long()[:, None, None]
     got = torch.where(keep, scores.gather(-1, idx), 0.0).nan_to_num(nan=0.0, neginf=0.0, posinf=0.0).sum(-1)
     return (1.0 - (ctx_mass - got)).clamp(0.0, 1.0)
+
+
+def draft_sets(scores: torch.Tensor, ctx_lens: torch.Tensor, budget: torch.Tensor, recent: int,
+               split: float | str | None, max_budget: int, impl: str = "triton", need_mass: bool = False):
+    """The next draft sets of scored rows from every layer's scores, ``scores: [L, Rv, Hkv, N]``; ``ctx_lens,
+    budget: [Rv]``. ``split`` None: PillarAttn's top-B (the ``recent`` newest forced); else the hybrid split
+    (:func:`hybrid_split`). Returns ``(indices [L, Rv, Hkv, max_budget], lengths [Rv], mass)``, ``mass``
+    (:func:`draft_mass`, ``[L * Rv, Hkv, 3]``) when the split needed it or ``need_mass``, else None. The one
+    selection path of the runtime (ops.py) and of the CPU replay (bench/draft_replay.py)."""
+    from .pillars import select_pillars
+
+    L, Rv, H, N = scores.shape
+    flat = scores.reshape(L * Rv, H, N)
+    lens_l, budget_l = ctx_lens.repeat(L), budget.repeat(L)  # every layer's rows back to back
+    mass = draft_mass(flat, lens_l, budget_l, impl=impl) if split is not None or need_mass else None
+    kw = {"recent": recent}
+    if split is not None:
+        window, sinks = hybrid_split(mass.view(L, Rv, H, 3), ctx_lens, budget, recent, split)
+        kw = dict(recent=window.view(L * Rv, H), sinks=sinks.view(L * Rv, H))
+    idx, lengths = select_pillars(flat, lens_l, budget_l, max_budget=max_budget, impl=impl, **kw)
+    return idx.view(L, Rv, H, -1), lengths[:Rv], mass
