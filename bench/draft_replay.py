@@ -33,12 +33,32 @@ from pathlib import Path
 import torch
 
 from bench.acceptance import load_prompts
-from sparsespec_compile.kernels.hybrid import draft_sets
+from sparsespec_compile.kernels.hybrid import draft_mass, draft_sets
 from sparsespec_compile.models import EMBEDDED, load_embedded
 
 # method -> the split draft_sets takes (None: PillarAttn; 1.0 is exactly the streaming draft's sinks + window,
 # tests/kernels/test_hybrid.py; "hybrid" takes --hybrid-split)
 METHODS = {"pillar": None, "streaming": 1.0, "hybrid": "split"}
+
+
+def parse_method(spec: str, default_split):
+    """``name[,key=value...]``: name in METHODS or ``share`` (a fixed split, ``share=0.5``); keys ``split``
+    (request / layer / a number) and ``reach`` (kernels/hybrid.successor_scores)."""
+    name, *opts = spec.split(",")
+    kw = dict(o.split("=") for o in opts)
+    split = kw.pop("split", None)
+    if name == "share":
+        split = float(kw.pop("share"))
+    elif name not in METHODS:
+        raise SystemExit(f"unknown draft {spec!r}: one of {list(METHODS)} or share,share=X")
+    elif split is None:
+        split = default_split if METHODS[name] == "split" else METHODS[name]
+    if isinstance(split, str) and split not in ("request", "layer"):
+        split = float(split)
+    out = {"reach": int(kw.pop("reach", 0))}
+    if kw:
+        raise SystemExit(f"unknown option(s) {sorted(kw)} in {spec!r}")
+    return split, out
 
 
 class _Capture:
@@ -87,16 +107,33 @@ class _Capture:
         return out
 
 
-def replay_prompt(model, ids: list[int], args, methods: list[str], tok_eos=None) -> dict[str, list[int]]:
-    """Accepted drafts per cycle of one prompt, per method; ``tok_eos``: EOS ids masked (generation runs past them,
-    like the runtime's ``ignore_eos``)."""
+def target_paths(model, prompts: list[list[int]], max_tokens: int, cache: Path | None) -> list[torch.Tensor]:
+    """Prompt + ``max_tokens`` greedy tokens per prompt (EOS masked, like the runtime's ``ignore_eos``), generated in
+    one left-padded batch (decoding here is weight-bound: 8 prompts cost about what one does), kept in ``cache``.
+    Only the path: acceptance is judged against the full forward's own argmax after each prefix of it."""
+    key = f"{model.config._name_or_path}|{max_tokens}|" + ";".join(",".join(map(str, p)) for p in prompts)
+    if cache is not None and cache.exists():
+        stored = json.loads(cache.read_text())
+        if stored["key"] == key:
+            return [torch.tensor(p) for p in stored["paths"]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        gen = model.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                             do_sample=False, pad_token_id=0)
+    paths = [torch.cat([torch.tensor(p), gen[i, width:]]) for i, p in enumerate(prompts)]
+    if cache is not None:
+        cache.write_text(json.dumps({"key": key, "paths": [p.tolist() for p in paths]}))
+    return paths
+
+
+def replay_prompt(model, ids: list[int], y: torch.Tensor, args, methods: list[str], tok_eos=None) -> dict:
+    """Accepted drafts per cycle of one prompt (``y``: its target path), per method; ``tok_eos``: EOS ids, masked
+    in the argmaxes as in the generation."""
     from transformers import AttentionInterface
 
     k = args.stride
-    with torch.no_grad():
-        gen = model.generate(torch.tensor([ids]), max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens,
-                             do_sample=False)
-    y = gen[0]
     n = y.shape[0]
     starts = list(range(len(ids), n - 2 * k - 1, k + 1))  # verify chunks; each cycle's drafts need 2k + 2 tokens
     cap = _Capture(n, starts, k)
@@ -119,9 +156,16 @@ def replay_prompt(model, ids: list[int], args, methods: list[str], tok_eos=None)
         pid = torch.cat([torch.arange(v + k + 1, v + 2 * k + 1) for v in starts])
         target = torch.stack([full[v + k + 1:v + 2 * k + 1] for v in starts])  # [C, k]
         result = {"flips": flips, "cycles": len(starts)}
+        # each cycle's window share as the request split reads it (kernels/hybrid.hybrid_split): mass in the newest
+        # b - sinks positions over the mass outside the sinks, all layers and heads: to fit a split rule offline
+        m = draft_mass(scores.flatten(0, 1), ctx.repeat(scores.shape[0]), budget.repeat(scores.shape[0]),
+                       impl="reference").view(scores.shape[0], len(starts), -1, 3).sum(dim=(0, 2))  # [C, 3]
+        result["window_share"] = (m[:, 1] / (m[:, 2] - m[:, 0]).clamp(min=1e-12)).tolist()
+        result["sink_share"] = (m[:, 0] / m[:, 2].clamp(min=1e-12)).tolist()
         for m in methods:
-            split = args.hybrid_split if METHODS[m] == "split" else METHODS[m]
-            idx, lengths, _ = draft_sets(scores, ctx, budget, args.recent, split, int(budget.max()), impl="reference")
+            split, kw = parse_method(m, args.hybrid_split)
+            idx, lengths, _ = draft_sets(scores, ctx, budget, args.recent, split, int(budget.max()), impl="reference",
+                                         **kw)
             keep = torch.arange(idx.shape[-1])[None, None, None, :] < lengths[None, :, None, None]
             masks = torch.zeros(*scores.shape[:3], n + 1, dtype=torch.bool)  # column n: the slots past lengths
             masks.scatter_(-1, torch.where(keep, idx.long(), n), True)
@@ -151,9 +195,12 @@ def main() -> None:
     ap.add_argument("--min-budget", type=int, default=32)
     ap.add_argument("--recent", type=int, default=4)
     ap.add_argument("--hybrid-split", default="request", help="request / layer, or a window share in [0, 1]")
-    ap.add_argument("--drafts", nargs="+", default=["pillar", "streaming", "hybrid"], choices=METHODS)
+    ap.add_argument("--drafts", nargs="+", default=["pillar", "streaming", "hybrid"],
+                    help="pillar / streaming / hybrid / share,share=X, each with optional ,split=..,reach=..")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None, help="JSON of per-cycle acceptance per prompt and method")
+    ap.add_argument("--paths-cache", type=Path, default=None,
+                    help="JSON file keeping the generated target paths across runs (regenerated if the key differs)")
     ap.add_argument("--smoke", action="store_true", help="1 prompt, 40 tokens, budget 8, recent 2")
     args = ap.parse_args()
     if args.smoke:
@@ -168,8 +215,10 @@ def main() -> None:
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else eos
     t0, per = time.perf_counter(), []
+    paths = target_paths(model, prompts, args.max_tokens, args.paths_cache)
+    print(f"target paths: {time.perf_counter() - t0:.0f} s", flush=True)
     for i, ids in enumerate(prompts):
-        per.append(replay_prompt(model, ids, args, args.drafts, eos))
+        per.append(replay_prompt(model, ids, paths[i], args, args.drafts, eos))
         print(f"prompt {i}: " + " ".join(f"{m} {sum(per[-1][m]) / max(1, len(per[-1][m])):.2f}" for m in args.drafts)
               + f" (cycles {per[-1]['cycles']}, full-forward flips {per[-1]['flips']}, "
               f"{time.perf_counter() - t0:.0f} s)", flush=True)
