@@ -17,6 +17,11 @@ A draft accepts while its argmax equals the next target token (teacher forcing i
 the inputs of an accepted draft are the target tokens). Assumed: the cycle before each was fully accepted (its
 verify chunk is target tokens; in the runtime a rejected chunk holds the rejected drafts). Greedy only.
 
+It is a screen, not the measurement. Cycles here sit every k + 1 tokens (a mean over positions); the runtime's mean
+is over its cycles, and a hard stretch of text gets more of them. Against bench/acceptance.py on the same 8 prompts x
+384 tokens (B 32, recent 4, T 0): PillarAttn 4.83 here vs 4.68 there, hybrid 5.22 vs 4.55, but streaming 4.88 vs
+2.78 (its low-acceptance stretches are many short cycles there). Confirm a winner with bench/acceptance.py.
+
     python -m bench.draft_replay --num-prompts 8 --max-tokens 384 --min-budget 32 --recent 4 \\
         --drafts pillar streaming hybrid
     python -m bench.draft_replay --smoke          # 1 prompt, 40 tokens, budget 8: seconds after the model loads
