@@ -39,7 +39,6 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=8)
     ap.add_argument("--sparsity", type=float, default=0.05)
     ap.add_argument("--min-budget", type=int, default=128)
-    ap.add_argument("--successor-reach", type=int, default=0, help="SparseSpecConfig.successor_reach")
     ap.add_argument("--recent", type=int, default=None, help="newest tokens always kept (default: min(16, min budget))")
     ap.add_argument("--drafts", nargs="+", default=["pillar", "streaming", "hybrid", "full"])
     ap.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 0.6])
@@ -71,7 +70,7 @@ def main() -> None:
         torch._dynamo.reset()
         cfg = SparseSpecConfig(
             adaptive=False, stride=args.stride, sparsity=args.sparsity, min_budget=args.min_budget, draft=draft,
-            recent=args.recent, successor_reach=args.successor_reach,
+            recent=args.recent,
             compiler="eager", num_pages=(args.max_tokens + 512) * args.num_prompts // 16 + 64, hybrid_split=split,
             max_num_seqs=args.num_prompts, max_num_batched_tokens=4096,
         )
@@ -84,7 +83,7 @@ def main() -> None:
         stats = llm.stats()
         rec = {
             "model": f"{args.model} ({dtype}, {args.device})", "hybrid_split": split, "ignore_eos": args.ignore_eos, "draft": draft, "temperature": temperature,
-            "stride": args.stride, "sparsity": args.sparsity, "min_budget": args.min_budget, "recent": cfg.recent, "successor_reach": cfg.successor_reach,
+            "stride": args.stride, "sparsity": args.sparsity, "min_budget": args.min_budget, "recent": cfg.recent,
             "prompts": len(prompts), "max_tokens": args.max_tokens,
             "mean_output_len": sum(len(o.token_ids) for o in outs) / len(outs),
             "finish_reasons": sorted({o.finish_reason for o in outs}),

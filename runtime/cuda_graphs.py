@@ -32,7 +32,7 @@ from sparsespec_compile.context import PagedKVCache, PillarStore
 from .host_copy import pinned_for
 from .overlap import apply_patch
 from .padded_step import BlockTableMirror, pack_step
-from .step_forward import draft_reach, draft_split, run_packed
+from .step_forward import draft_split, run_packed
 from .step_plan import StepPlan
 from .step_shapes import StepShape, shape_for
 
@@ -143,7 +143,7 @@ class StepGraphs:
         """Run the padded step; the logits are copied into ``out`` when given (inside a capture: a static buffer)."""
         logits = run_packed(self.compiled, packed, shape, kv=self.kv, pillars=self.pillars, recent=self.config.recent,
                             sliding_windows=self.sliding_windows, impl=self.impl, num_layers=self.num_layers,
-                            split=draft_split(self.config), reach=draft_reach(self.config))
+                            split=draft_split(self.config))
         if out is not None:
             out.copy_(logits)
         return logits

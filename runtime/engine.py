@@ -38,7 +38,7 @@ from .step_plan import Refresh, StepKind, StepPlan
 from .stride_policy import AdaptiveStride, FixedStride
 from .step_results import StepResults
 from .step_sampler import StepSampler
-from .step_forward import draft_reach, draft_split, run_packed
+from .step_forward import draft_split, run_packed
 from .step_shapes import exact_shape
 from .streaming_pillars import write_streaming_pillars
 
@@ -411,8 +411,7 @@ class Engine:
         with frozen_tuning():
             logits = run_packed(self.compiled, packed, shape, kv=self.kv, pillars=self.pillars,
                                 recent=self.config.recent, sliding_windows=self.sliding_windows, impl=self.impl,
-                                num_layers=self.num_layers, split=draft_split(self.config),
-                                reach=draft_reach(self.config))
+                                num_layers=self.num_layers, split=draft_split(self.config))
         return logits[: sum(e.num_logits for e in plan.entries)], packed[: shape.tokens]
 
     def _step_recall(self, plan: StepPlan) -> tuple[list[int], torch.Tensor | None]:

@@ -81,23 +81,17 @@ def draft_split(config) -> float | str | None:
     return config.hybrid_split if config.draft == "hybrid" else None
 
 
-def draft_reach(config) -> int:
-    """``ForwardContext.draft_reach`` of a config: the successor reach of the scored drafts (0 for the others)."""
-    return config.successor_reach if config.draft in ("pillar", "hybrid") else 0
-
-
 def run_packed(compiled, packed: torch.Tensor, shape: StepShape, *, kv: PagedKVCache, pillars: PillarStore | None,
                recent: int, sliding_windows: list[int], impl: str, num_layers: int,
-               split: float | str | None = None, reach: int = 0) -> torch.Tensor:
+               split: float | str | None = None) -> torch.Tensor:
     """Logits ``[shape.num_logits, V]`` of the step packed in ``packed`` (padded_step.py) on the device; ``split``:
-    :func:`draft_split`, ``reach``: :func:`draft_reach`."""
+    :func:`draft_split`."""
     t = unpack_step(packed, shape)
     ctx = ForwardContext(
         kv=kv, slot_mapping=t.slot_mapping, query_start_loc=t.query_start_loc, seq_lens=t.seq_lens,
         block_tables=t.block_tables, max_query_len=shape.max_query_len, max_seq_len=shape.max_seq_len,
         is_sparse=t.is_sparse, draft_start=t.draft_start, pillar_slot=t.pillar_slot, pillars=pillars,
         score_rows=t.score_rows, score_slots=t.score_slots, budget=t.budget, recent=recent, draft_split=split,
-        draft_reach=reach,
         sliding_windows=sliding_windows, impl=impl,
         layer_scores=step_score_buffer(pillars, num_layers, shape.scored, kv, shape.max_seq_len),
     )

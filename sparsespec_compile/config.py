@@ -22,7 +22,6 @@ _TYPES = {  # what each field must be (bool is an int to Python: refused for the
     "page_size": _INT, "kv_memory_fraction": _NUM, "num_pages": _INT, "max_num_seqs": _INT,
     "max_num_batched_tokens": _INT, "compiler": (str,), "attention_impl": (str,), "offload": (bool,),
     "host_kv_pages": _INT, "offload_chunk_pages": _INT, "kv_oversubscription": _NUM, "cuda_graphs": (str,), "hybrid_split": (str, int, float),
-    "successor_reach": _INT,
     "log_stats_interval": _NUM,
 }
 _OPTIONAL = {"recent", "num_pages", "host_kv_pages", "kv_oversubscription", "log_stats_interval"}
@@ -46,10 +45,6 @@ class SparseSpecConfig:
     hybrid_split: the hybrid draft's window share of the budget: "request" (adapted per request at each verification
         from its attention mass over all layers), "layer" (per request and layer), or a fixed number in [0, 1]
         (0 = exactly the pillar draft, 1 = exactly the streaming draft). Ignored by the other drafts.
-    successor_reach: the scored drafts (pillar, hybrid) rank a position by the best verify score among it and the
-        ``successor_reach`` positions before it (kernels/hybrid.successor_scores): a copying head's attention moves
-        one position forward per query, so the next drafts need the successors of what the verify queries looked
-        at. 0: the scores as they are.
     page_size: tokens per KV page.
     kv_memory_fraction: share of free device memory given to the KV pool (ignored when num_pages is set).
     num_pages: explicit KV pool size in pages (tests, oversubscription experiments).
@@ -93,7 +88,6 @@ class SparseSpecConfig:
     recent: int | None = None
     draft: str = "pillar"  # the default draft; "hybrid" becomes it if it wins on the GPU (bench/RESULTS.md)
     hybrid_split: str | float = "request"
-    successor_reach: int = 0
     page_size: int = 16
     kv_memory_fraction: float = 0.5
     num_pages: int | None = None
@@ -141,8 +135,6 @@ class SparseSpecConfig:
         if isinstance(self.hybrid_split, str) and self.hybrid_split not in _SPLITS or \
                 not isinstance(self.hybrid_split, str) and not 0.0 <= self.hybrid_split <= 1.0:
             fail("hybrid_split", f"must be one of {_SPLITS} (adaptive) or a window share in [0, 1]")
-        if self.successor_reach < 0:
-            fail("successor_reach", "must be an int >= 0 (0: rank positions by their own verify score)")
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
             fail("page_size", "must be a power of two >= 1")
         if not (0.0 < self.kv_memory_fraction < 1.0):

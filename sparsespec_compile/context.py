@@ -102,9 +102,6 @@ class ForwardContext:
     # None: PillarAttn's selection. Else the hybrid draft (sinks + recent window + pillars, kernels/hybrid.py): its
     # window share, "request" / "layer" (adapted per request / per request and layer from the scores) or a number
     draft_split: float | str | None = None
-    # pillars ranked by the best score among each position and the `draft_reach` before it (kernels/hybrid.py
-    # successor_scores); 0: by its own score
-    draft_reach: int = 0
     # Per-layer semantics the graph alone cannot carry (from the model config at link time)
     sliding_windows: list[int] = field(default_factory=list)  # per layer, -1 = none
     # Which implementation the attention op dispatches to: "reference" (pure PyTorch) or "triton"

@@ -316,8 +316,7 @@ def _select(ctx: ForwardContext, scores: torch.Tensor, layer: int | None = None)
     if layer is not None and split == "request":
         split = "layer"
     idx, lengths, mass = draft_sets(scores, _scored_context_lens(ctx), ctx.budget, ctx.recent, split,
-                                    ctx.pillars.max_budget, impl=ctx.impl, need_mass=recall is not None,
-                                    reach=ctx.draft_reach)
+                                    ctx.pillars.max_budget, impl=ctx.impl, need_mass=recall is not None)
     if recall is not None:
         r = draft_recall(scores.view(L * Rv, H, N), idx.view(L * Rv, H, -1), lengths.repeat(L),
                          mass[..., 2]).mean(-1).view(L, Rv)  # mean over KV heads

@@ -100,14 +100,17 @@ def draft_recall(scores: torch.Tensor, indices: torch.Tensor, lengths: torch.Ten
 
 def successor_scores(scores: torch.Tensor, reach: int) -> torch.Tensor:
     """``key[t] = max_{0 <= j <= reach} scores[t - j]`` over the last dim (``-inf`` stays ``-inf``): the ranking of
-    :func:`draft_sets` with ``reach`` > 0.
+    :func:`draft_sets` with ``reach`` > 0. An experiment of the CPU replay only; the runtime does not use it.
 
     Why: a head that copies (an induction head) attends the token *after* the source of the current one, so from
     one query to the next its attention moves one position forward. The verify queries' scores mark where it
     looked; the next cycle's drafts look ``1..k`` positions further. Ranking a position by its best predecessor
-    within ``reach`` keeps those successors. Measured (bench/draft_replay.py, SmolLM2, 8 GSM8K x 384 tokens, B 32):
-    PillarAttn 4.83 -> 5.23 of 8 with reach 4, the hybrid 5.22 -> 5.35; one elementwise max per step of reach over
-    the scores, no pass over the KV."""
+    within ``reach`` keeps those successors. The replay (bench/draft_replay.py, SmolLM2, 8 GSM8K x 384 tokens, B 32,
+    T 0) liked it: PillarAttn 4.83 -> 5.23 of 8 with reach 4, the hybrid 5.22 -> 5.35. The runtime did not
+    (bench/acceptance.py, same prompts and budget, a runtime knob since removed): PillarAttn 4.68 -> 4.34, the
+    hybrid 4.55 -> 4.37, draft recall 0.87 -> 0.80. Likely why: the replay's cycles all follow a fully accepted one
+    (the drafts start k + 1 past the verify chunk), the runtime's start a + 1 past it, so the runs of successors
+    mostly spend budget the verify scores would have spent better."""
     if reach <= 0:
         return scores
     out = scores.clone()
