@@ -20,7 +20,9 @@ verify chunk is target tokens; in the runtime a rejected chunk holds the rejecte
 It is a screen, not the measurement. Cycles here sit every k + 1 tokens (a mean over positions); the runtime's mean
 is over its cycles, and a hard stretch of text gets more of them. Against bench/acceptance.py on the same 8 prompts x
 384 tokens (B 32, recent 4, T 0): PillarAttn 4.83 here vs 4.68 there, hybrid 5.22 vs 4.55, but streaming 4.88 vs
-2.78 (its low-acceptance stretches are many short cycles there). Confirm a winner with bench/acceptance.py.
+2.78 (its low-acceptance stretches are many short cycles there). It also ranked a change wrongly: successor
+ranking (``,reach=4``) gained 0.4 here and lost 0.2-0.3 in the runtime (kernels/hybrid.successor_scores). Confirm a
+winner with bench/acceptance.py.
 
     python -m bench.draft_replay --num-prompts 8 --max-tokens 384 --min-budget 32 --recent 4 \\
         --drafts pillar streaming hybrid
