@@ -21,7 +21,7 @@ It is a screen, not the measurement. Cycles here sit every k + 1 tokens (a mean 
 is over its cycles, and a hard stretch of text gets more of them. Against bench/acceptance.py on the same 8 prompts x
 384 tokens (B 32, recent 4, T 0): PillarAttn 4.83 here vs 4.68 there, hybrid 5.22 vs 4.55, but streaming 4.88 vs
 2.78 (its low-acceptance stretches are many short cycles there). It also ranked a change wrongly: successor
-ranking (``,reach=4``) gained 0.4 here and lost 0.2-0.3 in the runtime (kernels/hybrid.successor_scores). Confirm a
+ranking (``,reach=4``) gained 0.4 here and lost 0.2-0.3 in the runtime (successor_scores). Confirm a
 winner with bench/acceptance.py.
 
     python -m bench.draft_replay --num-prompts 8 --max-tokens 384 --min-budget 32 --recent 4 \\
@@ -48,9 +48,31 @@ from sparsespec_compile.models import EMBEDDED, load_embedded
 METHODS = {"pillar": None, "streaming": 1.0, "hybrid": "split"}
 
 
+def successor_scores(scores: torch.Tensor, reach: int) -> torch.Tensor:
+    """``key[t] = max_{0 <= j <= reach} scores[t - j]`` over the last dim (``-inf`` stays ``-inf``): the ranking of
+    scored drafts' pillars, ranked by it before :func:`draft_sets` selects them (the hybrid split's mass then
+    reads these keys too). An experiment of this replay only; the runtime does not use it.
+
+    Why: a head that copies (an induction head) attends the token *after* the source of the current one, so from
+    one query to the next its attention moves one position forward. The verify queries' scores mark where it
+    looked; the next cycle's drafts look ``1..k`` positions further. Ranking a position by its best predecessor
+    within ``reach`` keeps those successors. The replay (bench/draft_replay.py, SmolLM2, 8 GSM8K x 384 tokens, B 32,
+    T 0) liked it: PillarAttn 4.83 -> 5.23 of 8 with reach 4, the hybrid 5.22 -> 5.35. The runtime did not
+    (bench/acceptance.py, same prompts and budget, a runtime knob since removed): PillarAttn 4.68 -> 4.34, the
+    hybrid 4.55 -> 4.37, draft recall 0.87 -> 0.80. Likely why: the replay's cycles all follow a fully accepted one
+    (the drafts start k + 1 past the verify chunk), the runtime's start a + 1 past it, so the runs of successors
+    mostly spend budget the verify scores would have spent better."""
+    if reach <= 0:
+        return scores
+    out = scores.clone()
+    for j in range(1, reach + 1):
+        out[..., j:] = torch.maximum(out[..., j:], scores[..., :-j])
+    return torch.where(torch.isneginf(scores), scores, out)  # positions past the context stay -inf
+
+
 def parse_method(spec: str, default_split):
     """``name[,key=value...]``: name in METHODS or ``share`` (a fixed split, ``share=0.5``); keys ``split``
-    (request / layer / a number) and ``reach`` (kernels/hybrid.successor_scores)."""
+    (request / layer / a number) and ``reach`` (successor_scores)."""
     name, *opts = spec.split(",")
     kw = dict(o.split("=") for o in opts)
     split = kw.pop("split", None)
@@ -171,8 +193,9 @@ def replay_prompt(model, ids: list[int], y: torch.Tensor, args, methods: list[st
         result["sink_share"] = (m[:, 0] / m[:, 2].clamp(min=1e-12)).tolist()
         for m in methods:
             split, kw = parse_method(m, args.hybrid_split)
-            idx, lengths, _ = draft_sets(scores, ctx, budget, args.recent, split, int(budget.max()), impl="reference",
-                                         **kw)
+            reach = kw.pop("reach", 0)
+            idx, lengths, _ = draft_sets(successor_scores(scores, reach), ctx, budget, args.recent, split,
+                                         int(budget.max()), impl="reference", **kw)
             keep = torch.arange(idx.shape[-1])[None, None, None, :] < lengths[None, :, None, None]
             masks = torch.zeros(*scores.shape[:3], n + 1, dtype=torch.bool)  # column n: the slots past lengths
             masks.scatter_(-1, torch.where(keep, idx.long(), n), True)

@@ -98,36 +98,13 @@ def draft_recall(scores: torch.Tensor, indices: torch.Tensor, lengths: torch.Ten
     return (1.0 - (ctx_mass - got)).clamp(0.0, 1.0)
 
 
-def successor_scores(scores: torch.Tensor, reach: int) -> torch.Tensor:
-    """``key[t] = max_{0 <= j <= reach} scores[t - j]`` over the last dim (``-inf`` stays ``-inf``): the ranking of
-    :func:`draft_sets` with ``reach`` > 0. An experiment of the CPU replay only; the runtime does not use it.
-
-    Why: a head that copies (an induction head) attends the token *after* the source of the current one, so from
-    one query to the next its attention moves one position forward. The verify queries' scores mark where it
-    looked; the next cycle's drafts look ``1..k`` positions further. Ranking a position by its best predecessor
-    within ``reach`` keeps those successors. The replay (bench/draft_replay.py, SmolLM2, 8 GSM8K x 384 tokens, B 32,
-    T 0) liked it: PillarAttn 4.83 -> 5.23 of 8 with reach 4, the hybrid 5.22 -> 5.35. The runtime did not
-    (bench/acceptance.py, same prompts and budget, a runtime knob since removed): PillarAttn 4.68 -> 4.34, the
-    hybrid 4.55 -> 4.37, draft recall 0.87 -> 0.80. Likely why: the replay's cycles all follow a fully accepted one
-    (the drafts start k + 1 past the verify chunk), the runtime's start a + 1 past it, so the runs of successors
-    mostly spend budget the verify scores would have spent better."""
-    if reach <= 0:
-        return scores
-    out = scores.clone()
-    for j in range(1, reach + 1):
-        out[..., j:] = torch.maximum(out[..., j:], scores[..., :-j])
-    return torch.where(torch.isneginf(scores), scores, out)  # positions past the context stay -inf
-
-
 def draft_sets(scores: torch.Tensor, ctx_lens: torch.Tensor, budget: torch.Tensor, recent: int,
-               split: float | str | None, max_budget: int, impl: str = "triton", need_mass: bool = False,
-               reach: int = 0):
+               split: float | str | None, max_budget: int, impl: str = "triton", need_mass: bool = False):
     """The next draft sets of scored rows from every layer's scores, ``scores: [L, Rv, Hkv, N]``; ``ctx_lens,
     budget: [Rv]``. ``split`` None: PillarAttn's top-B (the ``recent`` newest forced); else the hybrid split
     (:func:`hybrid_split`). Returns ``(indices [L, Rv, Hkv, max_budget], lengths [Rv], mass)``, ``mass``
     (:func:`draft_mass`, ``[L * Rv, Hkv, 3]``) when the split needed it or ``need_mass``, else None. The one
-    selection path of the runtime (ops.py) and of the CPU replay (bench/draft_replay.py). ``reach``: pillars ranked
-    by :func:`successor_scores` (the split's mass still reads the raw scores: where attention fell)."""
+    selection path of the runtime (ops.py) and of the CPU replay (bench/draft_replay.py)."""
     from .pillars import select_pillars
 
     L, Rv, H, N = scores.shape
@@ -138,6 +115,5 @@ def draft_sets(scores: torch.Tensor, ctx_lens: torch.Tensor, budget: torch.Tenso
     if split is not None:
         window, sinks = hybrid_split(mass.view(L, Rv, H, 3), ctx_lens, budget, recent, split)
         kw = dict(recent=window.view(L * Rv, H), sinks=sinks.view(L * Rv, H))
-    key = successor_scores(flat, reach)
-    idx, lengths = select_pillars(key, lens_l, budget_l, max_budget=max_budget, impl=impl, **kw)
+    idx, lengths = select_pillars(flat, lens_l, budget_l, max_budget=max_budget, impl=impl, **kw)
     return idx.view(L, Rv, H, -1), lengths[:Rv], mass
