@@ -25,16 +25,17 @@ under ``--out``, prints a markdown table and appends it to ``--results-md`` when
     sparsespec bench --model smollm2 --batch-sizes 16 32 64 --output-lens 1024 4096 --out bench_out/e2e
     python -m sparsespec_compile.benchmark ...   # the same
 
-Modules: ``run`` (cells, CLI), ``models`` (models, checkpoints under torchrun, prompts), ``agreement`` (greedy
-comparisons), ``hf`` (HF baselines), ``floor`` (bandwidth, bytes, step floor), ``report`` (table, PNG, JSON),
-``recall`` (draft recall vs acceptance), ``common`` (shared names).
+Modules: ``run`` (cells, the main loop), ``args`` (the command line), ``models`` (models, checkpoints under
+torchrun, prompts), ``agreement`` (greedy comparisons), ``hf`` (HF baselines), ``floor`` (bandwidth, bytes, step
+floor), ``report`` (table, PNG, JSON), ``recall`` (draft recall vs acceptance), ``common`` (shared names).
 """
 
 from .common import JSON_NAME, METHODS, PNG_NAME
 from .floor import floor_seconds, kv_bytes_per_token, measure_copy_bandwidth, plain_kv_tokens_read, spec_kv_tokens_read
 from .report import add_speedups, markdown_table, plot_results, write_json
 from .agreement import compare, divergence_margins, first_divergence
-from .run import main, parse_args, select_methods
+from .args import parse_args
+from .run import main, select_methods
 
 __all__ = ["JSON_NAME", "METHODS", "PNG_NAME", "add_speedups", "compare", "divergence_margins", "first_divergence",
            "floor_seconds", "kv_bytes_per_token", "main", "markdown_table", "measure_copy_bandwidth", "parse_args",
