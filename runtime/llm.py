@@ -311,11 +311,11 @@ class LLM:
         engine = self.engine
         planner, gate = engine.scheduler.planner, engine.gate
         policy = planner.policy
+        if stride is not None and not 0 <= stride <= policy.stride:
+            raise ValueError(f"warming_up(stride={stride}): choose 0 .. the LLM's stride {policy.stride}")
         if not policy.adaptive:
             yield
             return
-        if stride is not None and not 0 <= stride <= policy.stride:
-            raise ValueError(f"warming_up(stride={stride}): choose 0 .. the LLM's stride {policy.stride}")
         planner.policy = FixedStride(policy.stride if stride is None else stride)
         engine.use_gate(None)
         try:
