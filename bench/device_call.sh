@@ -38,7 +38,7 @@
 #           shape (random bf16 weights saved once to /root/q8b) at B 32, 4k prompts, stride 0: 2 ranks (graphs on
 #           when the check captured them, and padded steps without graphs) vs 1 GPU
 set -euo pipefail
-phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile|context_profile|tp|streaming|carry|kstep|kstep2|s14_qwen|s14_smol|prof14|prof14long|s14b|s14c1|s14c2|s14s|g3carry|hybrid_smol|hybrid_gemma|s19a|s19b|s18}
+phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile|context_profile|tp|streaming|carry|kstep|kstep2|s14_qwen|s14_smol|prof14|prof14long|prof_decode|s14b|s14c1|s14c2|s14s|g3carry|hybrid_smol|hybrid_gemma|s19a|s19b|s18}
 R=$PWD
 GG=/root/gg
 mkdir -p "$GG"
@@ -179,6 +179,15 @@ PY
       "k8_b256_p4k 8 pad inductor 256 4096 64 fuse" 2>&1 | grep -v -i warn | cut -c1-200 | head -150 || echo "(profile rc $?)"
     timeout 200 python3 gpu_graph_check.py --out "$OUT" --runs "s0_b256_p4k 0 on inductor 256 4096 256 on fuse" \
       "k8_b256_p4k 8 on inductor 256 4096 256 on fuse" 2>&1 | grep -v -i warn | cut -c1-1500 | tail -6 || echo "(timed rc $?)" ;;
+  prof_decode)  # issue 14: a decode-steady profile (every 2k-token prompt prefilled before the 30 profiled steps; B 256,
+               # random SmolLM2-shaped weights) of stride 0 and k = 8, then both timed with CUDA graphs and overlap
+               # (graph_step_ms: decode steps only, the step ratio of the issue's targets on random weights)
+    cp "$R/bench/gpu_graph_check.py" .
+    timeout "${PROF_TIMEOUT:-300}" python3 gpu_graph_check.py --profile --out "$OUT" \
+      --runs "s0_b256_p2k 0 pad inductor 256 2048 128 fuse" "k8_b256_p2k 8 pad inductor 256 2048 128 fuse" 2>&1 \
+      | grep -v -i warn | cut -c1-200 | head -110 || echo "(profile rc $?)"
+    timeout "${TIMED_TIMEOUT:-220}" python3 gpu_graph_check.py --out "$OUT" --runs "s0_b256_p2k 0 on inductor 256 2048 512 on fuse" \
+      "k8_b256_p2k 8 on inductor 256 2048 512 on fuse" 2>&1 | grep -v -i warn | cut -c1-1500 | tail -6 || echo "(timed rc $?)" ;;
   s14b)  # issue 14, no GGUF: the step section (checks, breakdown with the scoring shape the autotuner chose), then
          # the Qwen3-8B shape end to end, stride 0 vs PillarAttn (B 32 x 12,288-token prompts; QWEN_TIMEOUT)
     mkdir -p /tmp/old_kernels && cp "$R"/.carry/old_kernels/*.py /tmp/old_kernels/ 2>/dev/null || true

@@ -55,8 +55,8 @@ def margin_at(model, prompt: list[int], tokens: list[int], pos: int) -> float:
     return float(top[0] - top[1])
 
 
-def profile_decode(llm, prompts: list[list[int]], out: Path, name: str, steps: int = 30) -> str:
-    """Device time of ``steps`` decode steps (after prefill and a settling period), by kernel name, per step.
+def profile_decode(llm, prompts: list[list[int]], out: Path, name: str, max_tokens: int, steps: int = 30) -> str:
+    """Device time of ``steps`` decode steps (every prompt prefilled, then 20 graph steps), by kernel name, per step.
 
     Run it with graphs="pad": the same padded kernels, launched eagerly, so every kernel is its own profiler event
     (graph replays hide their kernels from some profiler versions)."""
@@ -64,13 +64,20 @@ def profile_decode(llm, prompts: list[list[int]], out: Path, name: str, steps: i
 
     from torch.profiler import ProfilerActivity, profile
 
-    from sparsespec_compile.runtime.request import Request
+    from sparsespec_compile.runtime.request import Request, RequestState
 
     eng = llm.engine
     for p in prompts:
-        eng.add_request(Request(p, SamplingParams(max_tokens=200, ignore_eos=True)))
+        eng.add_request(Request(p, SamplingParams(max_tokens=max_tokens, ignore_eos=True)))
+    sched = eng.scheduler
+
+    def prefilling() -> bool:
+        return bool(sched.waiting) or any(r.state is RequestState.PREFILL for r in sched.running)
+
+    while prefilling():  # a decode profile: every request past its prompt (else chunked prefill dominates it)
+        eng.step()
     start = eng.stats.graph_steps
-    while eng.stats.graph_steps < start + 20:  # past the prefill and a few cycles of every phase
+    while eng.stats.graph_steps < start + 20:  # a few cycles of every phase
         eng.step()
     tokens_before = eng.stats.forward_tokens
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -130,7 +137,7 @@ def main() -> None:
         llm.generate(prompts[:2], SamplingParams(max_tokens=2 * (stride + 1) + 2, ignore_eos=True), use_tqdm=False)
         warm = time.perf_counter() - t_build
         if args.profile:
-            print(name, profile_decode(llm, prompts, args.out, name), flush=True)
+            print(name, profile_decode(llm, prompts, args.out, name, max(ntok, 60)), flush=True)
             continue
         llm.engine.reset_stats()  # count the timed run only
         torch.cuda.synchronize()
