@@ -184,9 +184,9 @@ PY
                # (graph_step_ms: decode steps only, the step ratio of the issue's targets on random weights)
     cp "$R/bench/gpu_graph_check.py" .
     timeout "${PROF_TIMEOUT:-300}" python3 gpu_graph_check.py --profile --out "$OUT" \
-      --runs "s0_b256_p2k 0 pad inductor 256 2048 128 fuse" "k8_b256_p2k 8 pad inductor 256 2048 128 fuse" 2>&1 \
+      --runs ${PROF_RUNS:-"s0_b256_p2k 0 pad inductor 256 2048 1024 fuse" "k8_b256_p2k 8 pad inductor 256 2048 1024 fuse"} 2>&1 \
       | grep -v -i warn | cut -c1-200 | head -110 || echo "(profile rc $?)"
-    timeout "${TIMED_TIMEOUT:-220}" python3 gpu_graph_check.py --out "$OUT" --runs "s0_b256_p2k 0 on inductor 256 2048 512 on fuse" \
+    [ -n "${TIMED_TIMEOUT-220}" ] && timeout "${TIMED_TIMEOUT:-220}" python3 gpu_graph_check.py --out "$OUT" --runs "s0_b256_p2k 0 on inductor 256 2048 512 on fuse" \
       "k8_b256_p2k 8 on inductor 256 2048 512 on fuse" 2>&1 | grep -v -i warn | cut -c1-1500 | tail -6 || echo "(timed rc $?)" ;;
   s14b)  # issue 14, no GGUF: the step section (checks, breakdown with the scoring shape the autotuner chose), then
          # the Qwen3-8B shape end to end, stride 0 vs PillarAttn (B 32 x 12,288-token prompts; QWEN_TIMEOUT)
