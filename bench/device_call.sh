@@ -38,7 +38,7 @@
 #           shape (random bf16 weights saved once to /root/q8b) at B 32, 4k prompts, stride 0: 2 ranks (graphs on
 #           when the check captured them, and padded steps without graphs) vs 1 GPU
 set -euo pipefail
-phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile|context_profile|tp|streaming|carry|kstep|kstep2|s14_qwen|s14_smol|prof14|prof14long|prof_decode|s14b|s14c1|s14c2|s14s|g3carry|hybrid_smol|hybrid_gemma|s19a|s19b|s18}
+phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile|context_profile|tp|streaming|carry|kstep|kstep2|s14_qwen|s14_smol|prof14|prof14long|prof_decode|host_ab|s14b|s14c1|s14c2|s14s|g3carry|hybrid_smol|hybrid_gemma|s19a|s19b|s18}
 R=$PWD
 GG=/root/gg
 mkdir -p "$GG"
@@ -188,6 +188,28 @@ PY
       | grep -v -i warn | cut -c1-200 | head -110 || echo "(profile rc $?)"
     [ -n "${TIMED_TIMEOUT-220}" ] && timeout "${TIMED_TIMEOUT:-220}" python3 gpu_graph_check.py --out "$OUT" --runs "s0_b256_p2k 0 on inductor 256 2048 512 on fuse" \
       "k8_b256_p2k 8 on inductor 256 2048 512 on fuse" 2>&1 | grep -v -i warn | cut -c1-1500 | tail -6 || echo "(timed rc $?)" ;;
+  host_ab)  # the host cost of a step, before and after a change, in one call (no GGUF): .carry/before holds the
+            # older tree (`rm -rf .carry/before && mkdir -p .carry/before && git archive REV | tar -x -C .carry/before`).
+            # For each tree: bench/host_step_engine.py (this host's CPU, stub forward) at k = 8 and stride 0, then
+            # gpu_graph_check timed runs (CUDA graphs + overlap, B 256 x 2k random prompts, 1,024 outputs) of stride
+            # 0 and k = 8: graph_step_ms is the wall decode step, host included
+    B=/tmp/sparsespec_before; rm -rf "$B"
+    python3 -m pip install -q --no-deps --no-build-isolation --no-index --target "$B" "$R/.carry/before"
+    cp "$R/bench/gpu_graph_check.py" .
+    for tree in after before; do
+      if [ $tree = before ]; then P=$B; H="$R/.carry/before/bench/host_step_engine.py"; else P=$PKG; H="$R/bench/host_step_engine.py"; fi
+      for k in 8 0; do
+        PYTHONPATH=$P timeout 120 python3 "$H" --batch 256 --stride $k --steps 60 --repeats 3 --json "$OUT/host_${tree}_k$k.json" \
+          2>&1 | grep -v -i warn | tail -1 | sed "s/^/$tree: /" || echo "($tree host rc $?)"
+      done
+      mkdir -p "$OUT/$tree"
+      PYTHONPATH=$P timeout "${AB_TIMEOUT:-200}" python3 gpu_graph_check.py --out "$OUT/$tree" \
+        --runs "s0_b256_p2k 0 on inductor 256 2048 1024 on fuse" "k8_b256_p2k 8 on inductor 256 2048 1024 on fuse" 2>&1 \
+        | grep -v -i warn | grep "^s0\|^k8" | python3 -c "import sys,json
+for l in sys.stdin:
+    n,_,j=l.partition(' '); r=json.loads(j); print('$tree', n, {k: r.get(k) for k in ('graph_step_ms','step_ms','steps','graph_steps','idle_fraction','mean_accepted','tokens_per_s','capture_seconds','identical_requests')})" \
+        || echo "($tree graph rc $?)"
+    done ;;
   s14b)  # issue 14, no GGUF: the step section (checks, breakdown with the scoring shape the autotuner chose), then
          # the Qwen3-8B shape end to end, stride 0 vs PillarAttn (B 32 x 12,288-token prompts; QWEN_TIMEOUT)
     mkdir -p /tmp/old_kernels && cp "$R"/.carry/old_kernels/*.py /tmp/old_kernels/ 2>/dev/null || true
