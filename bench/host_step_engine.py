@@ -67,7 +67,11 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the figures here")
     ap.add_argument("--profile", choices=("cumulative", "tottime"), default=None,
                     help="one more round under cProfile, its top 40 printed (cProfile inflates small calls ~2x)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1: the stub's and the host's tiny ops gain nothing from more, and on a "
+                         "shared 2-core machine spinning OpenMP threads made rounds vary 22-130 ms)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=args.vocab, hidden_size=64, intermediate_size=128,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
