@@ -147,7 +147,9 @@ _PILLAR_SLOT = attrgetter("pillar_slot")
 def pack_step(plan: StepPlan, shape: StepShape, config: SparseSpecConfig, page_size: int, scratch_slot: int,
               out: np.ndarray | None = None, tables: BlockTableMirror | None = None) -> np.ndarray:
     """``plan`` packed at ``shape`` (into ``out`` when given). Whole-step numpy over columns gathered in one pass
-    over the entries: the per-entry loop it replaces cost ~1.2 ms at B 256 (2-core CI machine)."""
+    over the entries: a per-entry loop cost ~1.0 ms against ~0.35 ms for this at B 256, k = 8 (231 entries, 439
+    tokens; timeit minimum on a shared 2-core machine). ``tables``: the block-table mirror to read (without one
+    every table is copied afresh: as slow as the loop)."""
     buf = np.zeros(shape.packed_size, dtype=np.int64) if out is None else out
     if out is not None:
         buf.fill(0)
