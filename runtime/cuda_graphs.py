@@ -31,7 +31,7 @@ from sparsespec_compile.context import PagedKVCache, PillarStore
 
 from .host_copy import pinned_for
 from .overlap import apply_patch
-from .padded_step import BlockTableMirror, pack_step
+from .padded_step import BlockTableMirror, pack_step, packed_logits
 from .step_forward import draft_split, run_packed
 from .step_plan import StepPlan
 from .step_shapes import StepShape, shape_for
@@ -58,7 +58,7 @@ class StepGraphs:
         self.scratch_slot = pillars.indices.shape[1] - 1 if pillars is not None else 0
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self._entries: dict[StepShape, _Entry] = {}
-        self._tables = BlockTableMirror()
+        self.tables = BlockTableMirror()  # shared with the engine's eager steps
         self._host: dict[int, np.ndarray] = {}  # packing scratch per buffer size (copied to pinned memory per step)
         self.capture_seconds = 0.0
         self.steps = 0
@@ -77,12 +77,11 @@ class StepGraphs:
     def run(self, plan: StepPlan, shape: StepShape, patch=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits ``[N, V]`` of the plan's ``logits_indices``, input ids ``[T]`` the step ran on) — views of static
         buffers: read them (or enqueue what reads them) before the next step. ``patch``: overlap placeholders."""
-        if self.steps % 256 == 0:  # drop the block-table copies of requests that left
-            self._tables.forget_all_but({e.request.request_id for e in plan.entries})
+        self.tables.sweep(plan)
         host = self._host.get(shape.packed_size)
         if host is None:
             host = self._host[shape.packed_size] = np.zeros(shape.packed_size, dtype=np.int64)
-        pack_step(plan, shape, self.config, self.kv.page_size, self.scratch_slot, out=host, tables=self._tables)
+        pack_step(plan, shape, self.config, self.kv.page_size, self.scratch_slot, out=host, tables=self.tables)
         entry = self._entries.get(shape)
         if entry is None:
             entry = self._new_entry(shape, host, patch)
@@ -93,7 +92,7 @@ class StepGraphs:
             else:
                 self._forward(entry.packed, shape, entry.logits)
         self.steps += 1
-        return entry.logits[: sum(e.num_logits for e in plan.entries)], entry.packed[: shape.tokens]
+        return entry.logits[: packed_logits(plan)], entry.packed[: shape.tokens]
 
     def _upload(self, packed: torch.Tensor, host: np.ndarray, patch) -> None:
         # Through a fresh pinned copy: the next step may repack `host` while this copy is still queued.

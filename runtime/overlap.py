@@ -16,6 +16,10 @@ computed, whose token is dropped.
 
 from __future__ import annotations
 
+from itertools import chain
+from operator import attrgetter
+
+import numpy as np
 import torch
 
 from .step_plan import StepPlan
@@ -29,15 +33,15 @@ def source_row(token: int) -> int:
     return -2 - token
 
 
-def placeholder_patch(plan: StepPlan) -> tuple[list[int], list[int]]:
-    """(positions on the flattened [T] token axis that hold a placeholder, the sampled-tensor row each copies)."""
-    dst, src = [], []
-    for off, e in zip(plan.token_offsets(), plan.entries):
-        for j, tok in enumerate(e.token_ids):
-            if tok < -1:
-                dst.append(off + j)
-                src.append(source_row(tok))
-    return dst, src
+def placeholder_patch(plan: StepPlan) -> tuple[np.ndarray, np.ndarray]:
+    """(positions on the flattened [T] token axis that hold a placeholder, the sampled-tensor row each copies).
+    One numpy pass over the step's tokens: the nested Python loop cost ~0.15 ms at B 256, k = 8."""
+    ids = np.fromiter(chain.from_iterable(map(_TOKEN_IDS, plan.entries)), dtype=np.int64)
+    dst = np.flatnonzero(ids < -1)
+    return dst, -2 - ids[dst]
+
+
+_TOKEN_IDS = attrgetter("token_ids")
 
 
 def apply_patch(input_ids: torch.Tensor, patch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:

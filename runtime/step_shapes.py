@@ -19,6 +19,7 @@ the same packed buffer and the same context builder (padded_step.py, step_forwar
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import add, attrgetter
 
 from .step_plan import Refresh, StepKind, StepPlan
 
@@ -74,18 +75,21 @@ def shape_for(plan: StepPlan, stride: int, page_size: int, max_tokens: int) -> S
     """The padded shape of ``plan``, or None when the step is not graphed (a prefill chunk in it, or more than
     ``max_tokens`` tokens — the largest shape worth a graph). Scored rows: verify rows with ``Refresh.SCORE``
     (streaming pillars are written by the host)."""
-    if not plan.entries or any(e.kind is StepKind.PREFILL for e in plan.entries):
+    entries = plan.entries
+    if not entries or StepKind.PREFILL in map(_KIND, entries):
         return None
-    t = plan.num_tokens
+    n, seq = _token_counts(entries)
+    t = sum(n)
     if t > max_tokens:
         return None
-    mq = 1 if all(e.num_tokens == 1 for e in plan.entries) else stride + 1
-    if max(e.num_tokens for e in plan.entries) > mq:
+    longest = max(n)
+    mq = 1 if longest == 1 and min(n) == 1 else stride + 1
+    if longest > mq:
         return None
-    scored = sum(1 for e in plan.entries if e.refresh is Refresh.SCORE)
-    seq = seq_bucket(max(e.seq_len for e in plan.entries))
-    return StepShape(tokens=token_bucket(t), requests=request_bucket(len(plan.entries)), scored=request_bucket(scored),
-                     max_query_len=mq, max_seq_len=seq, table_width=-(-seq // page_size))
+    seq = seq_bucket(seq)
+    return StepShape(tokens=token_bucket(t), requests=request_bucket(len(entries)),
+                     scored=request_bucket(_scored(entries)), max_query_len=mq, max_seq_len=seq,
+                     table_width=-(-seq // page_size))
 
 
 def exact_shape(plan: StepPlan) -> StepShape:
@@ -95,10 +99,26 @@ def exact_shape(plan: StepPlan) -> StepShape:
     or a one-logit step would recompile the whole model (~40 s with Inductor for SmolLM2 on the H200). So tokens and
     logits are at least two: the extra token belongs to no request (past ``query_start_loc[R]``, slot -1), the
     extra logit rows point at token 0; the engine reads only the plan's rows."""
+    entries = plan.entries
+    n, seq = _token_counts(entries)
     return StepShape(
-        tokens=max(plan.num_tokens, 2), requests=len(plan.entries),
-        scored=sum(1 for e in plan.entries if e.refresh is Refresh.SCORE),
-        max_query_len=max(e.num_tokens for e in plan.entries), max_seq_len=max(e.seq_len for e in plan.entries),
-        table_width=max(len(e.request.block_table) for e in plan.entries),
-        logits=max(sum(e.num_logits for e in plan.entries), 2),
+        tokens=max(sum(n), 2), requests=len(entries), scored=_scored(entries), max_query_len=max(n),
+        max_seq_len=seq, table_width=max(map(len, map(_BLOCK_TABLE, map(_REQUEST, entries)))),
+        logits=max(sum(map(_NUM_LOGITS, entries)), 2),
     )
+
+
+# C-level maps over the entries instead of generator expressions: a shape costs ~0.14 ms instead of ~0.3 at B 256.
+_KIND, _REFRESH, _REQUEST = attrgetter("kind"), attrgetter("refresh"), attrgetter("request")
+_TOKEN_IDS, _START_POS, _NUM_LOGITS = attrgetter("token_ids"), attrgetter("start_pos"), attrgetter("num_logits")
+_BLOCK_TABLE = attrgetter("block_table")
+
+
+def _token_counts(entries) -> tuple[list[int], int]:
+    """(each entry's query tokens, the longest seq_len)."""
+    n = list(map(len, map(_TOKEN_IDS, entries)))
+    return n, max(map(add, map(_START_POS, entries), n))
+
+
+def _scored(entries) -> int:
+    return list(map(_REFRESH, entries)).count(Refresh.SCORE)
