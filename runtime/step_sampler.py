@@ -106,6 +106,18 @@ def _host_drafts(plan: StepPlan, r: _Rows) -> np.ndarray:
     return out
 
 
+def _kept_drafts(plan: StepPlan, r: _Rows) -> list[int]:
+    """Sampled rows (positions in ``r.sample_entries``) whose logits row and stats are kept for verification: drafts
+    verified by rejection sampling. Seeded requests verify by coupling (verify.py), which reads only the drafted
+    tokens; greedy ones by matching."""
+    keep = []
+    for j, i in enumerate(r.sample_entries):
+        e = plan.entries[i]
+        if e.kind is _DRAFT and not e.request.params.greedy and e.request.params.seed is None:
+            keep.append(j)
+    return keep
+
+
 class _Upload:
     """Int64 host arrays packed into one buffer and sent in one host->device copy; ``get(name)`` is its device view
     (each to_device is a pinned staging copy and a launch on the GPU: a greedy step made 5 of them)."""
@@ -162,8 +174,14 @@ class StepSampler:
             if r.greedy:
                 up.add("valid", np.arange(r.k, dtype=np.int64) < up.host("num_drafts"))
                 up.add("slots", np.arange(r.k + 1, dtype=np.int64))
+        keep = [] if r.greedy else _kept_drafts(plan, r)
+        if keep:
+            up.add("keep", np.asarray(keep, dtype=np.int64))
         up.send()
-        res = (self._greedy if r.greedy else self._sampled)(plan, logits, r, up, input_ids)
+        if r.greedy:
+            res = self._greedy(plan, logits, r, up, input_ids)
+        else:
+            res = self._sampled(plan, logits, r, up, input_ids, keep)
         if r.logprobs:
             res.logprobs = self._logprobs(plan, logits, r, up, res.sampled, res.verify_tokens)
         return res
@@ -189,25 +207,21 @@ class StepSampler:
         return StepResults(plan, r.sample_entries, sampled, r.verify_entries, verify, input_ids,
                            packed=tokens if ns and nv else None)
 
-    def _sampled(self, plan, logits, r: _Rows, up: _Upload, input_ids) -> StepResults:
+    def _sampled(self, plan, logits, r: _Rows, up: _Upload, input_ids, keep: list[int]) -> StepResults:
         sampled = verify_tokens = None
         if r.sample_entries:
-            sampled = self._sample(plan, logits, r, up)
+            sampled = self._sample(plan, logits, r, up, keep)
         if r.verify_entries:
             verify_tokens = self._verify(plan, logits, r, up, input_ids)
         return StepResults(plan, r.sample_entries, sampled, r.verify_entries, verify_tokens, input_ids)
 
-    def _sample(self, plan, logits, r: _Rows, up: _Upload) -> torch.Tensor:
+    def _sample(self, plan, logits, r: _Rows, up: _Upload, keep: list[int]) -> torch.Tensor:
         entries = [plan.entries[i] for i in r.sample_entries]
         # the kernel reads the rows in place: no [N, V] gather (need_stats left None: the kernel ignores it)
         tokens, stats = sample(logits, _params([e.request for e in entries]), _position_seeds(entries),
                                rows=up.get("sample"))
-        # Drafts verified by rejection sampling keep their row for it; seeded requests verify by coupling (verify.py),
-        # which reads only the drafted tokens.
-        keep = [j for j, e in enumerate(entries)
-                if e.kind is _DRAFT and not e.request.params.greedy and e.request.params.seed is None]
         if keep:  # a sampled draft's logits row outlives this step's buffer: one gather of those rows
-            sel = to_device(torch.from_numpy(np.asarray(keep, dtype=np.int64)), logits.device)
+            sel = up.get("keep")
             kept_logits, kept_stats = logits[up.get("sample")[sel]].unbind(0), stats[sel].unbind(0)
             for j, lrow, srow in zip(keep, kept_logits, kept_stats):
                 self._drafts.setdefault(entries[j].request.request_id, []).append((lrow, srow))
