@@ -4,7 +4,7 @@ time per step, and aten ops per step counted with a dispatch mode (on a GPU each
 each tensor made from host data an H2D copy).
 
     OMP_NUM_THREADS=1 python bench/host_step_sampler.py [--batch 256] [--stride 8] [--temperature 0]
-        [--steps 30] [--repeats 7] [--dump out.json]
+        [--top-p 1] [--seeded] [--mixed] [--steps 30] [--repeats 7] [--dump out.json]
 
 ``--dump``: the replayed steps' ``lists()`` (and a checksum), to compare two versions of the sampler exactly (same
 recorded steps, same generator seed). Run it from each checkout's venv; the package imported is that venv's.
@@ -93,9 +93,11 @@ def record(args) -> list[tuple]:
     g = torch.Generator().manual_seed(0)
     for i in range(args.batch):
         seed = i if args.seeded else None
+        temperature = (0.0, args.temperature, 1.0)[i % 3] if args.mixed else args.temperature
+        top_p = (args.top_p if i % 2 else 1.0) if args.mixed else args.top_p
         eng.add_request(Request(torch.randint(10, args.vocab, (64,), generator=g).tolist(),
-                                SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=args.temperature,
-                                               top_p=args.top_p if args.temperature > 0 else 1.0, seed=seed)))
+                                SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=temperature,
+                                               top_p=top_p if temperature > 0 else 1.0, seed=seed)))
     while sched.waiting or any(r.state is RequestState.PREFILL for r in sched.running):
         eng.step()
     for _ in range(20):
@@ -113,11 +115,12 @@ def record(args) -> list[tuple]:
 
 
 def replay(steps, mode=None):
-    """One pass through a fresh sampler: (run seconds, lists seconds, lists per step)."""
+    """One pass through a fresh sampler: (run seconds, lists seconds, lists per step). Process CPU time, not wall:
+    the machine is shared, and time spent descheduled is no cost of the code."""
     torch.manual_seed(1)
     sampler, t_run, t_lists, out = StepSampler(), 0.0, 0.0, []
     for plan, logits, ids in steps:
-        t = time.perf_counter()
+        t = time.process_time()
         if mode is not None:
             with mode:
                 res = sampler.run(plan, logits, ids)
@@ -125,10 +128,10 @@ def replay(steps, mode=None):
         else:
             res = sampler.run(plan, logits, ids)
             res.start_copy()
-        t_run += time.perf_counter() - t
-        t = time.perf_counter()
+        t_run += time.process_time() - t
+        t = time.process_time()
         out.append(res.lists())
-        t_lists += time.perf_counter() - t
+        t_lists += time.process_time() - t
     return t_run, t_lists, out
 
 
@@ -139,6 +142,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seeded", action="store_true")
+    ap.add_argument("--mixed", action="store_true", help="temperatures 0 / --temperature / 1 and top-p by request")
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=7)
@@ -157,8 +161,8 @@ def main() -> None:
     views = sum(c for op, c in count.ops.items() if op.removeprefix("aten.") in _VIEWS)
     total = sum(count.ops.values())
     made = count.ops.get("aten.lift_fresh", 0)
-    print(f"B {args.batch}, k {args.stride}, temperature {args.temperature}{' seeded' if args.seeded else ''}, "
-          f"{n} steps ({sum(len(p.entries) for p, _, _ in steps) / n:.0f} entries a step): run+start_copy "
+    print(f"B {args.batch}, k {args.stride}, temperature {args.temperature}{' seeded' if args.seeded else ''}{' mixed' if args.mixed else ''}, "
+          f"{n} steps ({sum(len(p.entries) for p, _, _ in steps) / n:.0f} entries a step): CPU time run+start_copy "
           f"{statistics.median(runs):.3f} ms/step, lists {statistics.median(lists):.3f} ms/step (medians of "
           f"{args.repeats}); aten ops/step {total / n:.1f} ({(total - views) / n:.1f} non-view, "
           f"{made / n:.1f} tensors from host data)")
