@@ -428,11 +428,15 @@ class Engine:
         step's other results): what select_step_pillars wrote into the PillarStore during the forward."""
         if self.pillars is None or self.pillars.recall is None:
             return [], None
-        rows = [i for i, e in enumerate(plan.entries) if e.refresh is Refresh.SCORE]
+        score = Refresh.SCORE
+        rows, slots = [], []  # one pass over the entries
+        for i, e in enumerate(plan.entries):
+            if e.refresh is score:
+                rows.append(i)
+                slots.append(e.request.pillar_slot)
         if not rows:
             return [], None
-        slots = to_device([plan.entries[i].request.pillar_slot for i in rows], self.device)
-        return rows, self.pillars.recall.index_select(1, slots).t()
+        return rows, self.pillars.recall.index_select(1, to_device(slots, self.device)).t()
 
     def _write_streaming_pillars(self, plan: StepPlan) -> None:
         """Streaming drafts: the verified rows' next draft sets (sinks + newest window), one write for the step."""

@@ -37,15 +37,22 @@ class StepResults:
     # layer ([len(recall_rows), num_layers] fp32 on the device; PillarStore.recall read after the forward)
     recall_rows: list[int] = field(default_factory=list)
     recall: torch.Tensor | None = None
+    # one tensor whose views `sampled` (first) and `verify_tokens` (next) are, when they are (StepSampler's greedy
+    # path): copied back as one
+    packed: torch.Tensor | None = None
     _host: list[torch.Tensor | None] | None = None
     _event: torch.cuda.Event | None = None
 
     def start_copy(self) -> None:
         """Non-blocking device->host copies of everything the host will read, and an event marking them done."""
-        tensors = (self.sampled, self.verify_tokens, self.input_ids, self.recall)
+        first = (self.sampled, self.verify_tokens) if self.packed is None else (self.packed,)
+        tensors = (*first, self.input_ids, self.recall)
         # (a CPU tensor is cloned: `input_ids` may view a static buffer the next step overwrites)
-        self._host = [None if t is None else t.to("cpu", non_blocking=True) if t.is_cuda else t.clone()
-                      for t in tensors]
+        host = [None if t is None else t.to("cpu", non_blocking=True) if t.is_cuda else t.clone() for t in tensors]
+        if self.packed is not None:
+            n = self.sampled.shape[0]
+            host[:1] = [host[0][:n], host[0][n:].view(self.verify_tokens.shape)]
+        self._host = host
         if any(t is not None and t.is_cuda for t in tensors):
             self._event = torch.cuda.Event(enable_timing=True)
             self._event.record()
