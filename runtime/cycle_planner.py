@@ -32,7 +32,8 @@ def _num_decoding(reqs: list[Request]) -> int:
 
 @dataclass
 class CycleStats:
-    """Every verified cycle of every request, counted once, here (``record_verify``): the run's telemetry."""
+    """Every verified cycle of every request, counted once, here (``record_verify``, ``record_plain``): the run's
+    telemetry."""
 
     cycles_by_k: list[int]  # [j] = cycles that drafted j (j = 0: plain decodes)
     judged_at: list[int]  # [i] = cycles in which draft i+1 was judged (the first i accepted)
@@ -100,16 +101,15 @@ class CyclePlanner:
             remaining = min(r.params.max_tokens - num_output,
                             self.max_model_len - len(r.prompt_token_ids) - num_output)
             j_max = min(self.stride, remaining - 1)  # a verify emits up to j+1 tokens; don't draft past the limit
+            options = None  # None: j_max alone (a fixed stride past its first cycle: nothing to balance)
             if adaptive:
                 options = self.policy.options(r, j_max, num_decoding) if j_max > 0 else [0]
             elif first and j_max > 0:
                 # With delayed verification a cycle is k+2 steps but drafts reach only k+1 verify phases; the last
                 # one is reached by sitting out one step first (without it, steps drifted k tokens past the bound).
                 options = list(range(j_max + 1 + (self.delayed_verify and j_max == self.stride)))
-            else:
-                options = [j_max]
-            j = options[0]
-            if len(options) > 1:
+            j = options[0] if options is not None else j_max
+            if options is not None and len(options) > 1:
                 if load is None:
                     load = self._phase_load(step, running, exclude={id(o) for o in reqs})
                 nxt = step + 1
@@ -147,6 +147,17 @@ class CyclePlanner:
                 at, weight = self._next_verify(o, step)
                 load[at % self.cycle_len] += weight
         return load
+
+    def record_plain(self, reqs: list[Request]) -> None:
+        """``record_verify(r, 0, 0)`` of each of ``reqs`` (overlap's plain decodes: the whole batch every step at
+        stride 0), the run's count added once."""
+        record = self.policy.record
+        for r in reqs:
+            m = r.metrics
+            m.accepted.append(0)
+            m.drafted.append(0)
+            record(r, 0, 0)
+        self.stats.cycles_by_k[0] += len(reqs)  # CycleStats.record of a 0-draft cycle counts only this
 
     def record_verify(self, r: Request, drafted: int, accepted: int) -> None:
         """The one place acceptance is counted: the request's metrics, its decayed estimate (the policy), the run's."""

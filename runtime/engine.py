@@ -374,11 +374,14 @@ class Engine:
         logprobs = {}  # entry index -> per-slot {token: log-prob}, for the requests that asked
         for part in res.logprobs or ():
             logprobs.update(part.per_entry())
+        sample_rows, confirm, confirmed = res.sample_rows, self.scheduler.confirm_decode, 0
         for r, idx, row in res.decodes:
-            if self.scheduler.confirm_decode(r, idx, placeholder(row), values[res.sample_rows[row]][0]):
-                self.stats.output_tokens += 1
-                if res.sample_rows[row] in logprobs and len(r.output_token_ids) > idx:
-                    r.output_logprobs.append(logprobs[res.sample_rows[row]][0])
+            i = sample_rows[row]
+            if confirm(r, idx, placeholder(row), values[i][0]):
+                confirmed += 1
+                if i in logprobs and len(r.output_token_ids) > idx:
+                    r.output_logprobs.append(logprobs[i][0])
+        self.stats.output_tokens += confirmed
         if not res.held:
             return
         ids, offsets, all_entries = None, None, res.plan.entries

@@ -4,8 +4,9 @@ Each ``schedule()`` returns a ``StepPlan``; the engine runs it and hands the sam
 ``update(plan, sampled)``. Three pieces, one file each:
 
 * this file — *what runs in a step*: admission, chunked prefill, one entry per decoding request, and the results
-  (``update``; the one stop check, ``_stop_reason``). Each entry's mode — sparse or full attention, and the pillar
-  refresh of a verify (none / score / streaming) — is decided here, in ``_decode_entry``, and nowhere else;
+  (``update``; the stop check, ``_stops`` and ``_stop_reason``). Each entry's mode — sparse or full attention, and
+  the pillar refresh of a verify (none / score / streaming) — is decided here, in ``_decode_entry``, and nowhere
+  else;
 * cycle_planner.py — *where a row's draft-or-verify path is chosen*: each request's ``j`` per cycle (a fixed stride
   or the adaptive per-request choice of stride_policy.py) and its phase; acceptance is counted there
   (``record_verify``);
@@ -307,9 +308,9 @@ class Scheduler:
         (``confirm_decode``): a request that turns out to have stopped has had at most one more step computed, whose
         token is dropped. At its length limit a request sits out (held) until the value arrives."""
         starting = []
+        self.planner.record_plain([e.request for e, _ in decodes])
         for e, token in decodes:
             r = e.request
-            self.planner.record_verify(r, 0, 0)
             r.draft_start = e.start_pos
             r.has_pillars = e.refresh is not _NO_REFRESH
             r.num_computed_tokens = e.start_pos + 1
@@ -324,11 +325,11 @@ class Scheduler:
     def confirm_decode(self, r: Request, idx: int, token: int, value: int) -> bool:
         """The value of a ``launch_decode`` placeholder arrived: put it in place and apply the stop checks that
         waited for it. False if the token is dropped (the request had already finished, or stopped before it)."""
-        if r.is_finished or idx >= len(r.output_token_ids) or r.output_token_ids[idx] != token:
+        if r.state is _ST_FINISHED or idx >= len(r.output_token_ids) or r.output_token_ids[idx] != token:
             return False
         r.output_token_ids[idx] = value
         r.num_pending -= 1
-        if self._stop_reason(r, value, idx + 1) == "stop":
+        if self._stops(r, value, idx + 1):
             del r.output_token_ids[idx + 1:]  # computed after the stop, never emitted
             r.num_pending = 0
             self._finish(r, "stop")
@@ -363,15 +364,20 @@ class Scheduler:
     # ---- the stop check -----------------------------------------------------------------------------------------
     def _at_length(self, r: Request, num_output: int | None = None) -> bool:
         n = len(r.output_token_ids) if num_output is None else num_output
-        return n >= r.params.max_tokens or r.num_prompt_tokens + n >= self.max_model_len
+        return n >= r.params.max_tokens or len(r.prompt_token_ids) + n >= self.max_model_len
 
-    def _stop_reason(self, r: Request, token: int, num_output: int) -> str | None:
-        """Why ``r`` stops once ``token`` is its ``num_output``-th output token: "stop" (a stop id, EOS unless
-        ignored, or a stop string completed), "length" (max_tokens or max_model_len reached), or None."""
+    def _stops(self, r: Request, token: int, num_output: int) -> bool:
+        """``r`` stops once ``token`` is its ``num_output``-th output token: a stop id, EOS unless ignored, or a stop
+        string completed."""
         p = r.params
         if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
-            return "stop"
-        if r.stop_check is not None and r.stop_check(r.output_token_ids, num_output):
+            return True
+        return r.stop_check is not None and r.stop_check(r.output_token_ids, num_output)
+
+    def _stop_reason(self, r: Request, token: int, num_output: int) -> str | None:
+        """Why ``r`` stops once ``token`` is its ``num_output``-th output token: "stop" (``_stops``), "length"
+        (max_tokens or max_model_len reached), or None."""
+        if self._stops(r, token, num_output):
             return "stop"
         return "length" if self._at_length(r, num_output) else None
 

@@ -125,7 +125,8 @@ class StepPlan:
         for e in entries:
             out.append(off)
             off += e.num_tokens
-        self._agg_of, self._agg_len, self._offsets, self._num_tokens, self._logits = entries, len(entries), out, off, None
+        self._agg_of, self._agg_len, self._offsets, self._num_tokens = entries, len(entries), out, off
+        self._logits = None
 
     @property
     def num_tokens(self) -> int:
