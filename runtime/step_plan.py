@@ -110,7 +110,7 @@ class StepPlan:
 
     # The per-step aggregates, computed in one pass when first asked for and kept while ``entries`` is the same list
     # of the same length (entries are only ever appended): ``num_tokens`` was recomputed ~5 times a step and
-    # ``token_offsets`` 3 times, 0.25 ms of a B 256, k = 8 step's host time.
+    # ``token_offsets`` 3 times, 80 us each at B 256 (a loaded 2-core CPU); now 0.3 and 1 us once computed.
     _agg_of: list | None = field(default=None, init=False, repr=False, compare=False)
     _agg_len: int = field(default=-1, init=False, repr=False, compare=False)
     _offsets: list[int] = field(default_factory=list, init=False, repr=False, compare=False)
