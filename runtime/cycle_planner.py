@@ -20,10 +20,20 @@ from dataclasses import dataclass, field
 from .request import Request, RequestState
 from .stride_policy import StridePolicy
 
+# enum members as globals (a read off the enum class costs ~0.18 us more; these run per request per step)
+_ST_DRAFT, _ST_VERIFY, _ST_STALL = RequestState.DRAFT, RequestState.VERIFY, RequestState.STALL
+_DECODING = (_ST_DRAFT, _ST_VERIFY, _ST_STALL)  # Request.is_decoding, without the call
+
+
+def _num_decoding(reqs: list[Request]) -> int:
+    states = [r.state for r in reqs]
+    return states.count(_ST_DRAFT) + states.count(_ST_VERIFY) + states.count(_ST_STALL)
+
 
 @dataclass
 class CycleStats:
-    """Every verified cycle of every request, counted once, here (``record_verify``): the run's telemetry."""
+    """Every verified cycle of every request, counted once, here (``record_verify``, ``record_plain``): the run's
+    telemetry."""
 
     cycles_by_k: list[int]  # [j] = cycles that drafted j (j = 0: plain decodes)
     judged_at: list[int]  # [i] = cycles in which draft i+1 was judged (the first i accepted)
@@ -38,15 +48,19 @@ class CycleStats:
 
     def record(self, stride: int, drafted: int, accepted: int) -> None:
         self.cycles_by_k[drafted] += 1
-        for i in range(min(accepted + 1, drafted)):
-            self.judged_at[i] += 1
-        for i in range(drafted):
-            self.drafted_at[i] += 1
-        for i in range(accepted):
-            self.accepted_at[i] += 1
+        if drafted:  # a plain decode (stride 0: every cycle) counts only in cycles_by_k
+            _add_one(self.judged_at, min(accepted + 1, drafted))
+            _add_one(self.drafted_at, drafted)
+            _add_one(self.accepted_at, accepted)
         if drafted == stride > 0:
             self.full_cycles += 1
             self.accepted_hist[accepted] += 1
+
+
+def _add_one(counts: list[int], n: int) -> None:
+    """``counts[i] += 1`` for ``i < n``, as one slice assignment (a k = 8 verify's three loops of 1-9 steps were
+    ~3 us a cycle)."""
+    counts[:n] = [c + 1 for c in counts[:n]]
 
 
 class CyclePlanner:
@@ -79,45 +93,48 @@ class CyclePlanner:
         if not reqs:
             return
         load = None
-        num_decoding = sum(1 for o in running if o.is_decoding) + sum(1 for o in reqs if not o.is_decoding)
+        adaptive = self.policy.adaptive
+        # only the adaptive policy reads it; counted in C (list.count), not by a generator over the batch
+        num_decoding = _num_decoding(running) + len(reqs) - _num_decoding(reqs) if adaptive else 0
         for r in reqs:
-            remaining = min(r.params.max_tokens - len(r.output_token_ids), self.max_model_len - r.num_tokens)
+            num_output = len(r.output_token_ids)
+            remaining = min(r.params.max_tokens - num_output,
+                            self.max_model_len - len(r.prompt_token_ids) - num_output)
             j_max = min(self.stride, remaining - 1)  # a verify emits up to j+1 tokens; don't draft past the limit
-            if self.policy.adaptive:
+            options = None  # None: j_max alone (a fixed stride past its first cycle: nothing to balance)
+            if adaptive:
                 options = self.policy.options(r, j_max, num_decoding) if j_max > 0 else [0]
             elif first and j_max > 0:
                 # With delayed verification a cycle is k+2 steps but drafts reach only k+1 verify phases; the last
                 # one is reached by sitting out one step first (without it, steps drifted k tokens past the bound).
                 options = list(range(j_max + 1 + (self.delayed_verify and j_max == self.stride)))
-            else:
-                options = [j_max]
-            j = options[0]
-            if len(options) > 1:
+            j = options[0] if options is not None else j_max
+            if options is not None and len(options) > 1:
                 if load is None:
                     load = self._phase_load(step, running, exclude={id(o) for o in reqs})
                 nxt = step + 1
-                if self.policy.adaptive:  # the policy's order breaks ties: its best first
+                if adaptive:  # the policy's order breaks ties: its best first
                     j = min(options, key=lambda c: load[(nxt + c) % self.cycle_len])
                 else:
                     j = min(options, key=lambda c: (load[(nxt + c) % self.cycle_len], c > j_max, -c))
             self._place(r, j, j_max, step)
-            if load is not None and r.is_decoding:
+            if load is not None and r.state in _DECODING:
                 at, weight = self._next_verify(r, step)
                 load[at % self.cycle_len] += weight
 
     def _place(self, r: Request, j: int, j_max: int, step: int) -> None:
         if j > j_max:  # sit out one step first: the only way to reach the last phase
-            r.state, r.stall_until = RequestState.STALL, step + 1
+            r.state, r.stall_until = _ST_STALL, step + 1
             return
         r.num_cycle_drafts = j
         r.draft_token_ids = []
         r.cycle_refresh = self.policy.refresh_after(r, j)
-        r.state = RequestState.DRAFT if j > 0 else RequestState.VERIFY
+        r.state = _ST_DRAFT if j > 0 else _ST_VERIFY
 
     def _next_verify(self, o: Request, step: int) -> tuple[int, int]:
         """(step of ``o``'s next verify, its weight in the phase load: its drafts, or 1 per request at a fixed
         stride)."""
-        if o.state is RequestState.STALL:
+        if o.state is _ST_STALL:
             at, weight = o.stall_until + 1 + self.stride, self.stride
         else:
             at, weight = step + 1 + o.num_cycle_drafts - len(o.draft_token_ids), o.num_cycle_drafts
@@ -126,10 +143,21 @@ class CyclePlanner:
     def _phase_load(self, step: int, running: list[Request], exclude: set[int]) -> list[int]:
         load = [0] * self.cycle_len
         for o in running:
-            if o.is_decoding and id(o) not in exclude:
+            if o.state in _DECODING and id(o) not in exclude:
                 at, weight = self._next_verify(o, step)
                 load[at % self.cycle_len] += weight
         return load
+
+    def record_plain(self, reqs: list[Request]) -> None:
+        """``record_verify(r, 0, 0)`` of each of ``reqs`` (overlap's plain decodes: the whole batch every step at
+        stride 0), the run's count added once."""
+        record = self.policy.record
+        for r in reqs:
+            m = r.metrics
+            m.accepted.append(0)
+            m.drafted.append(0)
+            record(r, 0, 0)
+        self.stats.cycles_by_k[0] += len(reqs)  # CycleStats.record of a 0-draft cycle counts only this
 
     def record_verify(self, r: Request, drafted: int, accepted: int) -> None:
         """The one place acceptance is counted: the request's metrics, its decayed estimate (the policy), the run's."""

@@ -30,12 +30,12 @@ from .overlap import apply_patch, placeholder, placeholder_patch
 from .kv_cache import allocate_kv_cache, allocate_pillar_store, kv_shape_from_config, pages_for_requests
 from .offload import HostKVPool, default_host_pages
 from .parallel import drop_backward_hooks, from_rank0, local_kv_heads, tp_world_size
-from .request import Request
+from .request import Request, RequestState
 from .scheduler import Scheduler
 from .servable import probe_compiled
 from .speculation_gate import SpeculationGate, default_gate
 from .step_cost import StepCostModel, step_work
-from .step_plan import Refresh, StepKind, StepPlan
+from .step_plan import Refresh, StepEntry, StepKind, StepPlan
 from .stride_policy import AdaptiveStride, FixedStride
 from .step_results import StepResults
 from .step_sampler import StepSampler
@@ -44,6 +44,9 @@ from .step_shapes import exact_shape
 from .streaming_pillars import write_streaming_pillars
 
 log = logging.getLogger("sparsespec.runtime")
+# enum members as globals for the per-entry loops (a read off the enum class costs ~0.18 us more on Python 3.11)
+_FINISHED = RequestState.FINISHED
+_PREFILL, _DRAFT, _VERIFY = StepKind.PREFILL, StepKind.DRAFT, StepKind.VERIFY
 
 
 @dataclass
@@ -313,23 +316,29 @@ class Engine:
         decode runs on with a placeholder token; a verify or a prompt-ending prefill is held (sits out) until its
         result is read."""
         row_of = {i: j for j, i in enumerate(res.sample_rows)}
+        sched = self.scheduler
+        sits_out = sched.planner.sits_out_after_verify
         now, decodes, res.held, res.placeholders = [], [], [], []
+        held, placeholders = res.held, res.placeholders
         for i, e in enumerate(res.plan.entries):
             r = e.request
-            if r.is_finished:
+            if r.state is _FINISHED:
                 continue
-            if e.kind is StepKind.DRAFT:
-                now.append((e, [placeholder(row_of[i])]))
-                res.placeholders.append((r, len(r.draft_token_ids), row_of[i]))
-            elif e.kind is StepKind.PREFILL and not e.num_logits:
+            kind = e.kind
+            if kind is _DRAFT:
+                row = row_of[i]
+                now.append((e, [placeholder(row)]))
+                placeholders.append((r, len(r.draft_token_ids), row))
+            elif kind is _PREFILL and not e.num_logits:
                 now.append((e, []))
-            elif e.kind is StepKind.VERIFY and not self.scheduler.planner.sits_out_after_verify(e.num_tokens - 1):
+            elif kind is _VERIFY and not sits_out(e.num_tokens - 1):
                 # a plain decode (stride 0, or an adaptive k = 0): runs on, its token pending
-                res.decodes.append((r, len(r.output_token_ids), row_of[i]))
-                decodes.append((e, placeholder(row_of[i])))
+                row = row_of[i]
+                res.decodes.append((r, len(r.output_token_ids), row))
+                decodes.append((e, placeholder(row)))
             else:
-                self.scheduler.hold(r)
-                res.held.append(i)
+                sched.hold(r)
+                held.append(i)
         if now:
             self.scheduler.update(StepPlan(res.plan.step, entries=[e for e, _ in now]), [t for _, t in now])
         self.scheduler.launch_decodes(decodes)  # after the drafts: their next cycles see every phase as it is
@@ -350,9 +359,11 @@ class Engine:
             return
         if busy is not None:
             self.stats.gpu_busy_seconds += busy
-        if busy is not None or self.device.type != "cuda":
+        if (busy is not None or self.device.type != "cuda") and self.scheduler.planner.policy.adaptive:
             # (on CUDA a step without device time captured a graph: its host time, up to 14 s on the H200, is no
-            # price of its work; fed in, it made c_tok 700 us a token)
+            # price of its work; fed in, it made c_tok 700 us a token). Only the adaptive stride reads the prices
+            # (and LLM.stats only then reports them): a fixed stride skips the fit, whose outlier check solved the
+            # 4-coefficient NNLS (15 supports) every step: 0.6-1.0 ms a step, micro-timed on a loaded 2-core CPU.
             self.step_cost.observe(res.work, seconds)
         for i, per_layer in res.recall_lists():
             res.plan.entries[i].request.metrics.add_recall(per_layer)
@@ -365,20 +376,26 @@ class Engine:
         logprobs = {}  # entry index -> per-slot {token: log-prob}, for the requests that asked
         for part in res.logprobs or ():
             logprobs.update(part.per_entry())
+        sample_rows, confirm, confirmed = res.sample_rows, self.scheduler.confirm_decode, 0
         for r, idx, row in res.decodes:
-            if self.scheduler.confirm_decode(r, idx, placeholder(row), values[res.sample_rows[row]][0]):
-                self.stats.output_tokens += 1
-                if res.sample_rows[row] in logprobs and len(r.output_token_ids) > idx:
-                    r.output_logprobs.append(logprobs[res.sample_rows[row]][0])
+            i = sample_rows[row]
+            if confirm(r, idx, placeholder(row), values[i][0]):
+                confirmed += 1
+                if i in logprobs and len(r.output_token_ids) > idx:
+                    r.output_logprobs.append(logprobs[i][0])
+        self.stats.output_tokens += confirmed
         if not res.held:
             return
-        ids, offsets = None, res.plan.token_offsets()
+        ids, offsets, all_entries = None, None, res.plan.entries
         entries = []
         for i in res.held:
-            e = res.plan.entries[i]
-            if any(t < -1 for t in e.token_ids):  # a verify chunk that ran on a placeholder: the real tokens
+            e = all_entries[i]
+            if min(e.token_ids) < -1:  # a verify chunk that ran on a placeholder: the real tokens
                 ids = ids if ids is not None else res.host_input_ids()
-                e = dataclasses.replace(e, token_ids=tuple(ids[offsets[i]:offsets[i] + e.num_tokens]))
+                offsets = offsets if offsets is not None else res.plan.token_offsets()
+                # (dataclasses.replace by hand: 17 us a call under cProfile, one per verify chunk)
+                e = StepEntry(e.request, e.kind, tuple(ids[offsets[i]:offsets[i] + e.num_tokens]), e.start_pos,
+                              e.num_logits, e.sparse, e.refresh, e.draft_start)
             self.scheduler.release(e.request)
             entries.append(e)
         sub = StepPlan(res.plan.step, entries=entries)

@@ -45,6 +45,11 @@ class RequestState(enum.Enum):
     FINISHED = "finished"
 
 
+# Module constants: reading a member off the enum class (``RequestState.FINISHED``) costs ~0.18 us more than a
+# global (Python 3.11), and the per-request checks run thousands of times a step.
+_FINISHED = RequestState.FINISHED
+DECODING_STATES = (RequestState.DRAFT, RequestState.VERIFY, RequestState.STALL)  # a tuple: `in` is identity first
+
 _ids = itertools.count()
 
 
@@ -165,11 +170,11 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return self.state is RequestState.FINISHED
+        return self.state is _FINISHED
 
     @property
     def is_decoding(self) -> bool:
-        return self.state in (RequestState.DRAFT, RequestState.VERIFY, RequestState.STALL)
+        return self.state in DECODING_STATES
 
     def __repr__(self) -> str:
         return (f"Request(id={self.request_id}, state={self.state.value}, prompt={self.num_prompt_tokens}, "

@@ -4,8 +4,9 @@ Each ``schedule()`` returns a ``StepPlan``; the engine runs it and hands the sam
 ``update(plan, sampled)``. Three pieces, one file each:
 
 * this file — *what runs in a step*: admission, chunked prefill, one entry per decoding request, and the results
-  (``update``; the one stop check, ``_stop_reason``). Each entry's mode — sparse or full attention, and the pillar
-  refresh of a verify (none / score / streaming) — is decided here, in ``_decode_entry``, and nowhere else;
+  (``update``; the stop check, ``_stops`` and ``_stop_reason``). Each entry's mode — sparse or full attention, and
+  the pillar refresh of a verify (none / score / streaming) — is decided here, in ``_decode_entry``, and nowhere
+  else;
 * cycle_planner.py — *where a row's draft-or-verify path is chosen*: each request's ``j`` per cycle (a fixed stride
   or the adaptive per-request choice of stride_policy.py) and its phase; acceptance is counted there
   (``record_verify``);
@@ -37,7 +38,16 @@ from .stride_policy import FixedStride, StridePolicy
 
 # States a request that was running leaves it for (evicted: preempted or offloaded; finished)
 _NOT_RUNNING = (RequestState.WAITING, RequestState.SWAPPED, RequestState.FINISHED)  # a tuple: `in` is identity
+_SKIPPED = (*_NOT_RUNNING, RequestState.STALL)  # not scheduled this step
+_DECODING = (RequestState.DRAFT, RequestState.VERIFY, RequestState.STALL)  # Request.is_decoding, without the call
+_GONE = (RequestState.FINISHED, RequestState.WAITING, RequestState.SWAPPED)  # aborted between schedule and update
 _DRAFTS = ("pillar", "streaming", "hybrid", "full")
+# Enum members as module globals: ``RequestState.DRAFT`` (a read off the enum class) costs ~0.18 us more than a global
+# on Python 3.11, and the per-request checks below run thousands of times a step
+_ST_WAITING, _ST_PREFILL, _ST_DRAFT, _ST_VERIFY, _ST_STALL, _ST_SWAPPED, _ST_FINISHED = (
+    RequestState.WAITING, RequestState.PREFILL, RequestState.DRAFT, RequestState.VERIFY, RequestState.STALL,
+    RequestState.SWAPPED, RequestState.FINISHED)
+_PREFILL, _DRAFT, _VERIFY, _NO_REFRESH = StepKind.PREFILL, StepKind.DRAFT, StepKind.VERIFY, Refresh.NONE
 
 
 class Scheduler:
@@ -66,6 +76,9 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
         self.draft = draft
+        # an entry's mode depends on the config only through these two (decided once, read per request per step)
+        self._sparse_drafts = draft != "full"
+        self._refresh = _NO_REFRESH if draft == "full" else Refresh.STREAMING if draft == "streaming" else Refresh.SCORE
         self.kv = KVManager(allocator, max_num_seqs=max_num_seqs, num_host_blocks=num_host_blocks)
         self.allocator = allocator
         self.planner = CyclePlanner(policy, delayed_verify=delayed_verify, max_model_len=max_model_len)
@@ -132,51 +145,54 @@ class Scheduler:
         while True:
             budget = self._schedule_running(plan)
             self._admit(plan, budget)
-            if plan.entries or not self.running or any(r.state is RequestState.STALL for r in self.running):
+            if plan.entries or not self.running or any(r.state is _ST_STALL for r in self.running):
                 return plan  # (an empty plan is legal: everyone left is sitting out a delayed verification)
             # Nothing could run although requests hold pages (prefills starved of pages): free the newest and retry.
             self._evict(self.running[-1], plan)
 
     def _schedule_running(self, plan: StepPlan) -> int:
         budget = self.max_num_batched_tokens
-        decoding = [r for r in self.running if r.is_decoding]
-        due = [r for r in decoding if r.state is RequestState.STALL and not r.held and r.stall_until < self.step]
+        step = self.step
+        decoding = [r for r in self.running if r.state in _DECODING]
+        due = [r for r in decoding if r.state is _ST_STALL and not r.held and r.stall_until < step]
         for r in due:  # sat out its step(s): its next cycle starts with this step
             r.stall_until = -1
-        self.planner.begin_cycles(due, self.step - 1, self.running)
+        self.planner.begin_cycles(due, step - 1, self.running)
+        page_size, entries = self.allocator.page_size, plan.entries
         for r in decoding:
-            if r.state in _NOT_RUNNING or r.state is RequestState.STALL:
+            if r.state in _SKIPPED:
                 continue  # evicted earlier in this loop (state, not `in self.running`: that is O(batch) per request)
             e = self._decode_entry(r)
             if e.num_tokens > budget:
                 continue  # waits a step; its phase shifts by one
-            while not self.kv.grow(r, e.seq_len):
-                # Only younger requests are victims (the oldest always progresses: no livelock); they are
-                # unscheduled so far because decode goes in admission order and prefills come after.
-                younger = self.running[self.running.index(r) + 1:]
-                self._evict(younger[-1] if younger else r, plan)
-                if not younger:
-                    break
-            if r.state in _NOT_RUNNING:
-                continue
-            plan.entries.append(e)
+            # the usual case, the pages already cover the entry: no call into the KV manager
+            if -(-e.seq_len // page_size) > len(r.block_table):
+                while not self.kv.grow(r, e.seq_len):
+                    # Only younger requests are victims (the oldest always progresses: no livelock); they are
+                    # unscheduled so far because decode goes in admission order and prefills come after.
+                    younger = self.running[self.running.index(r) + 1:]
+                    self._evict(younger[-1] if younger else r, plan)
+                    if not younger:
+                        break
+                if r.state in _NOT_RUNNING:
+                    continue
+            entries.append(e)
             budget -= e.num_tokens
-        for r in [r for r in self.running if r.state is RequestState.PREFILL]:
+        for r in [r for r in self.running if r.state is _ST_PREFILL]:
             budget -= self._prefill_chunk(r, plan, budget)
         return budget
 
     def _decode_entry(self, r: Request) -> StepEntry:
         """``r``'s row of this step, with its whole mode: sparse or full attention, and the verify's pillar refresh."""
         n = r.num_computed_tokens
-        inputs = [r.last_token_id] + r.draft_token_ids
-        if r.state is RequestState.DRAFT:
-            i = len(r.draft_token_ids)
-            return StepEntry(r, StepKind.DRAFT, (inputs[i],), n + i, 1, sparse=r.has_pillars and self.draft != "full",
-                             draft_start=r.draft_start)
-        refresh = Refresh.NONE
-        if r.cycle_refresh and self.draft != "full":
-            refresh = Refresh.STREAMING if self.draft == "streaming" else Refresh.SCORE  # pillar, hybrid: scored
-        return StepEntry(r, StepKind.VERIFY, tuple(inputs), n, len(inputs), refresh=refresh, draft_start=r.draft_start)
+        drafts = r.draft_token_ids
+        last = r.output_token_ids[-1] if r.output_token_ids else r.prompt_token_ids[-1]  # r.last_token_id
+        if r.state is _ST_DRAFT:
+            i = len(drafts)
+            return StepEntry(r, _DRAFT, (drafts[i - 1] if i else last,), n + i, 1,
+                             r.has_pillars and self._sparse_drafts, _NO_REFRESH, r.draft_start)
+        refresh = self._refresh if r.cycle_refresh else _NO_REFRESH
+        return StepEntry(r, _VERIFY, (last, *drafts), n, len(drafts) + 1, False, refresh, r.draft_start)
 
     def _prefill_chunk(self, r: Request, plan: StepPlan, budget: int) -> int:
         n, target = r.num_computed_tokens, r.prefill_target
@@ -187,7 +203,7 @@ class Scheduler:
             return 0
         assert self.kv.grow(r, n + chunk)
         last = n + chunk == target and not r.output_token_ids
-        plan.entries.append(StepEntry(r, StepKind.PREFILL, tuple(r.all_token_ids[n:n + chunk]), n, int(last)))
+        plan.entries.append(StepEntry(r, _PREFILL, tuple(r.all_token_ids[n:n + chunk]), n, int(last)))
         return chunk
 
     def _admit(self, plan: StepPlan, budget: int) -> None:
@@ -206,7 +222,7 @@ class Scheduler:
                     self.max_oversubscription * self.allocator.num_blocks:
                 return
             self.waiting.popleft()
-            r.state = RequestState.PREFILL
+            r.state = _ST_PREFILL
             r.admit_order = next(self._admissions)
             self.kv.admit(r)
             self.running.append(r)
@@ -217,7 +233,7 @@ class Scheduler:
         self.running.remove(r)
         if self.kv.evict(r, plan, self.step):
             return
-        r.state = RequestState.WAITING
+        r.state = _ST_WAITING
         r.num_computed_tokens = 0
         r.draft_token_ids = []
         r.num_cycle_drafts = 0
@@ -236,18 +252,27 @@ class Scheduler:
             raise ValueError(f"update got {len(sampled)} results for {len(plan.entries)} entries")
         entering: list[Request] = []  # prompts just prefilled: their first cycle
         starting: list[Request] = []  # verified: their next cycle
+        planner = self.planner
         for e, toks in zip(plan.entries, sampled):
             r = e.request
-            if r.is_finished or r.state in (RequestState.WAITING, RequestState.SWAPPED):
+            if r.state in _GONE:
                 continue  # aborted between schedule and update
+            kind = e.kind
+            if kind is _DRAFT and len(toks) == 1:  # the common case first: one draft (maybe a placeholder)
+                drafts = r.draft_token_ids
+                drafts.append(int(toks[0]))
+                if len(drafts) == r.num_cycle_drafts:
+                    r.state = _ST_VERIFY
+                continue
             toks = [int(t) for t in toks]
-            while e.kind is StepKind.VERIFY and toks and toks[-1] < 0:
-                toks.pop()
+            if kind is _VERIFY:
+                while toks and toks[-1] < 0:
+                    toks.pop()
             bad = self._check_result(e, toks)
             if bad:
                 self._finish(r, f"error: {bad}")
                 continue
-            if e.kind is StepKind.PREFILL:
+            if kind is _PREFILL:
                 r.num_computed_tokens += e.num_tokens
                 if r.num_computed_tokens == r.prefill_target:
                     r.draft_start = r.num_computed_tokens
@@ -256,20 +281,20 @@ class Scheduler:
                         if self._append(r, toks[:1]):
                             continue
                     entering.append(r)
-            elif e.kind is StepKind.DRAFT:
+            elif kind is _DRAFT:
                 r.draft_token_ids.append(toks[0])
                 if len(r.draft_token_ids) == r.num_cycle_drafts:
-                    r.state = RequestState.VERIFY
+                    r.state = _ST_VERIFY
             else:
                 j, a = e.num_tokens - 1, len(toks) - 1
-                self.planner.record_verify(r, j, a)
+                planner.record_verify(r, j, a)
                 r.draft_start = e.start_pos  # next cycle: pillars before the chunk, dense from it on
-                r.has_pillars = e.refresh is not Refresh.NONE
+                r.has_pillars = e.refresh is not _NO_REFRESH
                 r.num_computed_tokens = e.start_pos + a + 1  # KV of [last, d1..da] is now verified
                 if self._append(r, toks):
                     continue
-                if self.planner.sits_out_after_verify(j):
-                    r.state, r.stall_until = RequestState.STALL, plan.step + 1
+                if planner.sits_out_after_verify(j):
+                    r.state, r.stall_until = _ST_STALL, plan.step + 1
                 else:
                     starting.append(r)
         # after every other request's state is final, so phase loads are exact; first cycles see the others' new ones
@@ -283,11 +308,11 @@ class Scheduler:
         (``confirm_decode``): a request that turns out to have stopped has had at most one more step computed, whose
         token is dropped. At its length limit a request sits out (held) until the value arrives."""
         starting = []
+        self.planner.record_plain([e.request for e, _ in decodes])
         for e, token in decodes:
             r = e.request
-            self.planner.record_verify(r, 0, 0)
             r.draft_start = e.start_pos
-            r.has_pillars = e.refresh is not Refresh.NONE
+            r.has_pillars = e.refresh is not _NO_REFRESH
             r.num_computed_tokens = e.start_pos + 1
             r.output_token_ids.append(token)
             r.num_pending += 1
@@ -300,11 +325,11 @@ class Scheduler:
     def confirm_decode(self, r: Request, idx: int, token: int, value: int) -> bool:
         """The value of a ``launch_decode`` placeholder arrived: put it in place and apply the stop checks that
         waited for it. False if the token is dropped (the request had already finished, or stopped before it)."""
-        if r.is_finished or idx >= len(r.output_token_ids) or r.output_token_ids[idx] != token:
+        if r.state is _ST_FINISHED or idx >= len(r.output_token_ids) or r.output_token_ids[idx] != token:
             return False
         r.output_token_ids[idx] = value
         r.num_pending -= 1
-        if self._stop_reason(r, value, idx + 1) == "stop":
+        if self._stops(r, value, idx + 1):
             del r.output_token_ids[idx + 1:]  # computed after the stop, never emitted
             r.num_pending = 0
             self._finish(r, "stop")
@@ -316,7 +341,7 @@ class Scheduler:
         """Overlap: ``r`` (a verify, or a prefill that ends its prompt) ran in the step just launched and its result
         is still on the device: it sits out every step until ``release`` — at least the next one, which is the
         delayed verification schedule. Its ``update`` comes with the release."""
-        r.state, r.stall_until, r.held = RequestState.STALL, self.step + 1, True
+        r.state, r.stall_until, r.held = _ST_STALL, self.step + 1, True
 
     def release(self, r: Request) -> None:
         r.held = False
@@ -325,12 +350,12 @@ class Scheduler:
     def _check_result(e: StepEntry, toks: list[int]) -> str | None:
         """Why ``toks`` cannot be the result of entry ``e`` (an engine bug, confined to that request), or None.
         A DRAFT result may be a negative placeholder (overlap: the token is still on the device)."""
-        if e.kind is StepKind.DRAFT and len(toks) == 1:
+        if e.kind is _DRAFT and len(toks) == 1:
             return None
-        if any(t < 0 for t in toks):
+        if toks and min(toks) < 0:
             return f"negative token id in step result {toks}"
-        if e.kind is StepKind.VERIFY:
-            if not 1 <= len(toks) <= e.num_tokens or toks[:-1] != list(e.draft_token_ids[:len(toks) - 1]):
+        if e.kind is _VERIFY:
+            if not 1 <= len(toks) <= e.num_tokens or toks[:-1] != list(e.token_ids[1:len(toks)]):
                 return f"verify result {toks} inconsistent with drafts {list(e.draft_token_ids)}"
         elif len(toks) < e.num_logits:
             return f"{e.kind.value} step expected {e.num_logits} sampled token(s), got {toks}"
@@ -339,20 +364,37 @@ class Scheduler:
     # ---- the stop check -----------------------------------------------------------------------------------------
     def _at_length(self, r: Request, num_output: int | None = None) -> bool:
         n = len(r.output_token_ids) if num_output is None else num_output
-        return n >= r.params.max_tokens or r.num_prompt_tokens + n >= self.max_model_len
+        return n >= r.params.max_tokens or len(r.prompt_token_ids) + n >= self.max_model_len
 
-    def _stop_reason(self, r: Request, token: int, num_output: int) -> str | None:
-        """Why ``r`` stops once ``token`` is its ``num_output``-th output token: "stop" (a stop id, EOS unless
-        ignored, or a stop string completed), "length" (max_tokens or max_model_len reached), or None."""
+    def _stops(self, r: Request, token: int, num_output: int) -> bool:
+        """``r`` stops once ``token`` is its ``num_output``-th output token: a stop id, EOS unless ignored, or a stop
+        string completed."""
         p = r.params
         if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
-            return "stop"
-        if r.stop_check is not None and r.stop_check(r.output_token_ids, num_output):
+            return True
+        return r.stop_check is not None and r.stop_check(r.output_token_ids, num_output)
+
+    def _stop_reason(self, r: Request, token: int, num_output: int) -> str | None:
+        """Why ``r`` stops once ``token`` is its ``num_output``-th output token: "stop" (``_stops``), "length"
+        (max_tokens or max_model_len reached), or None."""
+        if self._stops(r, token, num_output):
             return "stop"
         return "length" if self._at_length(r, num_output) else None
 
     def _append(self, r: Request, toks: list[int]) -> bool:
         """Append sampled tokens up to the first stop; True if ``r`` finished."""
+        out = r.output_token_ids
+        if r.stop_check is None and not self._at_length(r, len(out) + len(toks)):
+            # The usual case: the whole chunk at once when none of its ids stops (without stop strings only an id
+            # can stop it before the length limit, and that limit is monotone in the count): the loop's result
+            p = r.params
+            stops, eos = p.stop_token_ids, () if p.ignore_eos else self.eos_token_ids
+            for t in toks:
+                if t in stops or t in eos:
+                    break
+            else:
+                out += toks
+                return False
         for t in toks:
             r.output_token_ids.append(t)
             why = self._stop_reason(r, t, len(r.output_token_ids))
@@ -363,12 +405,12 @@ class Scheduler:
 
     def _finish(self, r: Request, reason: str) -> None:
         """Finish ``r`` from any state (running, held, waiting after a preemption, offloaded)."""
-        if r.state is RequestState.WAITING and r in self.waiting:
+        if r.state is _ST_WAITING and r in self.waiting:
             self.waiting.remove(r)
-        elif r.state not in (RequestState.SWAPPED, RequestState.FINISHED) and r in self.running:
+        elif r.state not in (_ST_SWAPPED, _ST_FINISHED) and r in self.running:
             self.running.remove(r)
         self.kv.release(r)
-        r.state = RequestState.FINISHED
+        r.state = _ST_FINISHED
         r.stall_until, r.held = -1, False
         r.finish_reason = reason
         r.metrics.finish_step = self.step

@@ -62,15 +62,21 @@ def step_work(plan: StepPlan, budget: Callable[[int], int], passes: Callable[[in
     kernels.query_passes) — a 9-token verify row of a 4-head group reads its context 3 times, of a 3-head group twice.
     Prefill chunks count their context once (compute-bound: their passes are not the cost)."""
     tokens = full = sparse = score = 0
+    pass_of: dict[int, int] = {}  # passes(n) once per row length of the step, not once per row (a pure function)
+    draft, scored = StepKind.DRAFT, Refresh.SCORE
     for e in plan.entries:
-        tokens += e.num_tokens
-        if e.kind is StepKind.DRAFT and e.sparse:
+        n = e.num_tokens
+        tokens += n
+        if e.sparse and e.kind is draft:
             sparse += budget(e.draft_start) + e.seq_len - e.draft_start  # budget() never exceeds the context
-        elif e.num_tokens <= 16:
-            full += e.seq_len * passes(e.num_tokens)
+        elif n <= 16:
+            p = pass_of.get(n)
+            if p is None:
+                p = pass_of[n] = passes(n)
+            full += e.seq_len * p
         else:
             full += e.seq_len
-        if e.refresh is Refresh.SCORE:
+        if e.refresh is scored:
             score += e.start_pos
     return StepWork(tokens, full, sparse, score)
 

@@ -25,7 +25,10 @@ class Refresh(enum.Enum):
     STREAMING = "streaming"  # sinks + newest window, written by the engine after the step (no scores)
 
 
-@dataclass(frozen=True)
+_set = object.__setattr__
+
+
+@dataclass(frozen=True, slots=True, init=False)
 class StepEntry:
     """One request's query tokens in a step: ``token_ids[i]`` sits at position ``start_pos + i``.
 
@@ -50,19 +53,29 @@ class StepEntry:
     sparse: bool = False
     refresh: Refresh = Refresh.NONE
     draft_start: int = 0  # positions >= this are the dense tail of a sparse draft
+    # Derived once here: read ~2,500 times a step at B 256, k = 8 (a property cost 0.1 us a read, an attribute 0.04)
+    num_tokens: int = field(init=False, repr=False, compare=False)
+    seq_len: int = field(init=False, repr=False, compare=False)  # context incl. this step's tokens (seq_lens)
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
+    def __init__(self, request: Request, kind: StepKind, token_ids: tuple[int, ...], start_pos: int,
+                 num_logits: int, sparse: bool = False, refresh: Refresh = Refresh.NONE, draft_start: int = 0) -> None:
+        # by hand, one object.__setattr__ bound once: the generated frozen __init__ took 3.5 us an entry, this 2.0
+        # (one entry per request per step)
+        _set(self, "request", request)
+        _set(self, "kind", kind)
+        _set(self, "token_ids", token_ids)
+        _set(self, "start_pos", start_pos)
+        _set(self, "num_logits", num_logits)
+        _set(self, "sparse", sparse)
+        _set(self, "refresh", refresh)
+        _set(self, "draft_start", draft_start)
+        n = len(token_ids)
+        _set(self, "num_tokens", n)
+        _set(self, "seq_len", start_pos + n)
 
     @property
     def positions(self) -> range:
-        return range(self.start_pos, self.start_pos + len(self.token_ids))
-
-    @property
-    def seq_len(self) -> int:
-        """Context length including this step's tokens (ForwardContext.seq_lens)."""
-        return self.start_pos + len(self.token_ids)
+        return range(self.start_pos, self.seq_len)
 
     @property
     def draft_token_ids(self) -> tuple[int, ...]:
@@ -95,23 +108,44 @@ class StepPlan:
     swap_out: list[SwapOp] = field(default_factory=list)  # device -> host, then the device pages are reused
     swap_in: list[SwapOp] = field(default_factory=list)  # host -> device, into freshly allocated pages
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(e.num_tokens for e in self.entries)
+    # The per-step aggregates, computed in one pass when first asked for and kept while ``entries`` is the same list
+    # of the same length (entries are only ever appended): ``num_tokens`` was recomputed ~5 times a step and
+    # ``token_offsets`` 3 times, 80 us each at B 256 (a loaded 2-core CPU); now 0.3 and 1 us once computed.
+    _agg_of: list | None = field(default=None, init=False, repr=False, compare=False)
+    _agg_len: int = field(default=-1, init=False, repr=False, compare=False)
+    _offsets: list[int] = field(default_factory=list, init=False, repr=False, compare=False)
+    _num_tokens: int = field(default=0, init=False, repr=False, compare=False)
+    _logits: list[int] | None = field(default=None, init=False, repr=False, compare=False)
 
-    def token_offsets(self) -> list[int]:
-        """Where each entry's tokens start on the flattened ``[T]`` token axis."""
+    def _aggregates(self) -> None:
+        entries = self.entries
+        if self._agg_of is entries and self._agg_len == len(entries):
+            return
         out, off = [], 0
-        for e in self.entries:
+        for e in entries:
             out.append(off)
             off += e.num_tokens
-        return out
+        self._agg_of, self._agg_len, self._offsets, self._num_tokens = entries, len(entries), out, off
+        self._logits = None
+
+    @property
+    def num_tokens(self) -> int:
+        self._aggregates()
+        return self._num_tokens
+
+    def token_offsets(self) -> list[int]:
+        """Where each entry's tokens start on the flattened ``[T]`` token axis (a fresh list: callers may keep it)."""
+        self._aggregates()
+        return self._offsets[:]
 
     def logits_indices(self) -> list[int]:
         """Indices into the flattened ``[T]`` token axis (entries back to back, in order) whose logits are needed:
         the last ``num_logits`` tokens of each entry (``logits_to_keep`` for the forward)."""
-        out, off = [], 0
-        for e in self.entries:
-            off += e.num_tokens
-            out.extend(range(off - e.num_logits, off))
-        return out
+        self._aggregates()
+        if self._logits is None:
+            out = []
+            for e, off in zip(self.entries, self._offsets):
+                end = off + e.num_tokens
+                out.extend(range(end - e.num_logits, end))
+            self._logits = out
+        return self._logits[:]

@@ -90,14 +90,18 @@ class AdaptiveStride:
         self.sparse_drafts, self.delayed_verify = sparse_drafts, delayed_verify
         self.gate = gate
         self.population = AcceptanceStats(decay=0.99)  # every request's cycles: the prior of a request's own
+        # The population's smoothed q for each j_max, kept while it records nothing: the same list for every
+        # request priced in a step (it changes only when a cycle that drafted is recorded: ``cycles`` counts those).
+        self._pop_q: dict[int, list[float]] = {}
+        self._pop_at: tuple = ()
+        self._passes: dict[int, int] = {}  # passes(n) of each n (a pure function; asked 8 times per pricing)
 
     # ---- the choice ---------------------------------------------------------------------------------------------
     def scores(self, r: Request, j_max: int, num_decoding: int, with_pillars: bool | None = None) -> list[float]:
         """``score(j)`` for ``j = 0..j_max`` (tokens per unit of cost; see the module docstring). ``with_pillars``:
         price the drafts as sparse (True) or full (False) rows; None: as ``r`` would draft now."""
         c0, c_tok, c_full, c_sparse = self.cost.coefficients()
-        pop = self.population.conditional(j_max, [OPTIMISTIC_PRIOR] * j_max)
-        q = r.acceptance.conditional(j_max, pop)
+        q = r.acceptance.conditional(j_max, self._population_q(j_max))
         ctx = r.num_computed_tokens
         share = c0 / max(1, num_decoding)
         sparse = self.sparse_drafts and (r.has_pillars if with_pillars is None else with_pillars)
@@ -109,10 +113,25 @@ class AdaptiveStride:
             tokens += p
             drafts += c_tok + (c_sparse * (b + TAIL + j) if sparse else c_full * (ctx + j))
             # attention over the context, once per q-block of the j + 1 queries, + the pillar scores (K only)
-            verify = (j + 1) * c_tok + c_full * (self.passes(j + 1) * (ctx + j + 1) + 0.5 * ctx)
+            verify = (j + 1) * c_tok + c_full * (self._num_passes(j + 1) * (ctx + j + 1) + 0.5 * ctx)
             steps = j + 1 + (1 if self.delayed_verify else 0)
             out.append(tokens / max(drafts + verify + steps * share, 1e-30))
         return out
+
+    def _population_q(self, j_max: int) -> list[float]:
+        pop = self.population
+        if self._pop_at != (id(pop), pop.cycles):
+            self._pop_q, self._pop_at = {}, (id(pop), pop.cycles)
+        q = self._pop_q.get(j_max)
+        if q is None:
+            q = self._pop_q[j_max] = pop.conditional(j_max, [OPTIMISTIC_PRIOR] * j_max)
+        return q
+
+    def _num_passes(self, n: int) -> int:
+        p = self._passes.get(n)
+        if p is None:
+            p = self._passes[n] = self.passes(n)
+        return p
 
     def options(self, r: Request, j_max: int, num_decoding: int) -> list[int]:
         """The ``j`` this cycle may use, best first: the best, then those within ``BALANCE_TOLERANCE`` of it."""
