@@ -4,7 +4,7 @@ device and nothing is read back here (StepResults.lists() does, later).
 
 Host cost: one pass over the plan's entries (``_Rows``), the step's index arrays made with numpy and sent in one
 host->device copy. A greedy step (every row temperature 0, LLM.generate's default) takes ``_greedy``: one argmax over
-every logits row, one gather for the sampled tokens and the verify slots, and the acceptance compare, their
+every logits row, one gather for the sampled tokens and the verify slots, and verify.greedy_accept, their
 results in one buffer read back with one copy."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from .logprobs import step_logprobs, wants_logprobs
 from .request import Request
 from .step_plan import StepEntry, StepKind, StepPlan
 from .step_results import StepResults
+from . import verify as verify_module
 from .verify import Drafts, PositionSeed, rejection_sample, sample
 
 _VERIFY, _DRAFT = StepKind.VERIFY, StepKind.DRAFT
@@ -131,9 +132,6 @@ class _Upload:
         self._at[name] = (self._size, a.shape, a)
         self._size += a.size
 
-    def host(self, name: str) -> np.ndarray:
-        return self._at[name][2]
-
     def send(self) -> None:
         if self._parts:
             self._dev = to_device(torch.from_numpy(np.concatenate(self._parts)), self.device)
@@ -171,9 +169,6 @@ class StepSampler:
             up.add("target", target)
             up.add("drafts", drafts if input_ids is not None else _host_drafts(plan, r))
             up.add("num_drafts", np.asarray(r.verify_drafts, dtype=np.int64)[:, None])
-            if r.greedy:
-                up.add("valid", np.arange(r.k, dtype=np.int64) < up.host("num_drafts"))
-                up.add("slots", np.arange(r.k + 1, dtype=np.int64))
         keep = [] if r.greedy else _kept_drafts(plan, r)
         if keep:
             up.add("keep", np.asarray(keep, dtype=np.int64))
@@ -188,8 +183,8 @@ class StepSampler:
 
     def _greedy(self, plan, logits, r: _Rows, up: _Upload, input_ids) -> StepResults:
         """Every row greedy: one argmax over all rows, one gather of the sampled rows' and the verify slots' tokens
-        into one buffer, the acceptance as one compare + cumprod; the verify tokens are masked in place, so
-        ``sampled`` and ``verify_tokens`` are views of one tensor, read back with one copy."""
+        into one buffer, the acceptance by verify.greedy_accept with its masked tokens copied back into that buffer,
+        so ``sampled`` and ``verify_tokens`` are views of one tensor, read back with one copy."""
         ns, nv = len(r.sample_entries), len(r.verify_entries)
         if not ns and not nv:  # only prompt chunks that sample nothing
             return StepResults(plan, [], None, [], None, input_ids)
@@ -202,8 +197,9 @@ class StepSampler:
             k = r.k
             verify = tokens[ns:].view(nv, k + 1)  # the target's token after each verify input
             drafts = up.get("drafts") if input_ids is None else input_ids[up.get("drafts")]
-            accepted = ((drafts == verify[:, :k]) * up.get("valid")).cumprod(1).sum(1)  # longest matching prefix
-            verify.masked_fill_(up.get("slots") > accepted.view(-1, 1), -1)
+            # the one greedy acceptance rule (verify.greedy_accept, looked up at call time: `sparsespec check`'s
+            # planted faults replace it there); its masked tokens back into the gathered buffer, read with one copy
+            verify.copy_(verify_module.greedy_accept(drafts, verify, up.get("num_drafts").view(-1))[1])
         return StepResults(plan, r.sample_entries, sampled, r.verify_entries, verify, input_ids,
                            packed=tokens if ns and nv else None)
 
