@@ -38,7 +38,7 @@
 #           shape (random bf16 weights saved once to /root/q8b) at B 32, 4k prompts, stride 0: 2 ranks (graphs on
 #           when the check captured them, and padded steps without graphs) vs 1 GPU
 set -euo pipefail
-phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile|context_profile|tp|streaming|carry|kstep|kstep2|s14_qwen|s14_smol|prof14|prof14long|prof_decode|host_ab|s14b|s14c1|s14c2|s14s|g3carry|hybrid_smol|hybrid_gemma|s19a|s19b|s18}
+phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile|context_profile|tp|streaming|carry|kstep|kstep2|s14_qwen|s14_smol|prof14|prof14long|prof_decode|host_ab|kvariants|s14b|s14c1|s14c2|s14s|g3carry|hybrid_smol|hybrid_gemma|s19a|s19b|s18}
 R=$PWD
 GG=/root/gg
 mkdir -p "$GG"
@@ -229,6 +229,13 @@ for l in sys.stdin:
       --models smollm2,qwen3-8b --sections check,step --budget-s "${KSTEP_BUDGET:-200}" --out "$OUT" \
       --step-shapes "${STEP_SHAPES:-smollm2=256x4096,256x16384,64x8192;qwen3-8b=32x16384,32x32768,32x8192}" 2>&1 | grep -v -i warn \
       | grep "kind=\|check\|FAIL\|rror\|skipping" | cut -c1-1600 | tail -40 || echo "(kernels rc $?)" ;;
+  kvariants)  # issue 14, no GGUF: the step section only, every variant (one launch in 16/32/64-row blocks; drafts and
+             # verify rows in two launches with the verify rows in the library's, the one-pass or a 32-row block), the
+             # verify rows alone in each block and the one-pass block's tile configs; STEP_SHAPES picks the (B, L)
+    timeout "${KSTEP_TIMEOUT:-300}" python3 "$R/bench/kernels.py" --models smollm2,qwen3-8b --sections step \
+      --step-shapes "${STEP_SHAPES:-smollm2=256x4096;qwen3-8b=32x16384}" --budget-s "${KSTEP_BUDGET:-200}" \
+      --out "$OUT" 2>&1 | grep -v -i warn | grep "kind=\|FAIL\|rror\|skipping" | cut -c1-2500 | tail -30 \
+      || echo "(kernels rc $?)" ;;
   s14c1)  # first of a pair (carry .carry/gguf.part_aa and .carry/old_kernels): the step section of both shapes,
           # then the sampler micro-benchmark (issue 18)
     mkdir -p /tmp/old_kernels && cp "$R"/.carry/old_kernels/*.py /tmp/old_kernels/ 2>/dev/null || true

@@ -11,10 +11,12 @@ floor = bytes that must move: each row's K/V once (drafts: their pillars + tail;
 verify rows' K once more for scoring, and the fp32 scores written once and read once.
 
 Variants: ``fused`` = one plan and one launch for every row, the library's default (the decode block, BLOCK_M 16,
-for every row: a verify chunk is several units that read its K/V again from L2); ``fused_m64`` = the same with a
-64-row block (16 queries of a 4-head group), a verify chunk being one unit; ``by_kind`` = a plan and a launch for
-the drafts and another for the verify rows; ``main`` = the kernels of main before this change (one launch, one
-split count for all rows, per-tile scoring programs, a 4/16-way search), loaded from OLD_KERNELS_DIR when set.
+for every row: a verify chunk is several units that each read its K/V); ``fused_m32`` / ``fused_m64`` = the same with
+32- / 64-row blocks for every row (a 9-token chunk of a 3- / 4-head group is one unit); ``by_kind`` = a plan and a
+launch for the drafts and another for the verify rows (both in the library's block); ``split_one_pass`` = the same
+with the verify launch in the block that holds the whole chunk (one pass over its keys), ``split_m32`` with 32-row
+verify blocks; ``main`` = the kernels of main before a change, loaded from OLD_KERNELS_DIR when set. The breakdown
+times the verify rows alone in each block and the one-pass block's tile configs.
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ def load_old_kernels(kernels_pkg):
     if d not in sys.path:
         sys.path.insert(0, d)
     return {name: importlib.import_module(f"old_{name}") for name in ("attention_triton", "pillars_triton")}
+
+
+# two-launch variants of the step: the verify rows' block (StepCase.verify_block_q)
+BY_KIND = {"by_kind": "default", "split_one_pass": "one_pass", "split_m32": "32"}
+STEP_VARIANTS = ("fused", "fused_m32", "fused_m64") + tuple(BY_KIND)
 
 
 class StepCase:
@@ -86,6 +93,16 @@ class StepCase:
         self.qsl_d = self.qsl[: self.nd + 1]
         self.qsl_v = self.qsl[self.nd:] - self.nd
         self.q_d, self.q_v = self.q[: self.nd], self.q[self.nd:]
+        self.group = pool.hq // pool.hkv
+
+    def verify_block_q(self, rows: str) -> int | None:
+        """BLOCK_Q of a verify-only launch: None (the library's), "one_pass" (the whole k + 1 chunk in one block:
+        BLOCK_M = the next power of two of (k + 1) x group), or a BLOCK_M such as "32"."""
+        if rows == "default":
+            return None
+        if rows == "one_pass":
+            return (1 << ((self.k + 1) * self.group - 1).bit_length()) // self.group
+        return max(1, int(rows) // self.group)
 
     def floor_bytes(self) -> tuple[float, float]:
         """(step floor, of which attention K/V) in bytes."""
@@ -103,26 +120,26 @@ def run_step(case: StepCase, K, variant: str, old=None):
     kw = dict(scale=p.scale)
     sp = dict(is_sparse=case.is_sparse, draft_start=case.draft_start, pillar_indices=case.pillars,
               pillar_lengths=case.pillar_len)
-    if variant.startswith("fused"):  # fused_m64: a 64-row block (16 queries of a 4-head group) so a verify chunk is
-        # one unit; fused: the library's choice (the decode block, BLOCK_M 16, for steps of <= 16 queries per row)
-        bq = max(1, 64 // (p.hq // p.hkv)) if variant == "fused_m64" else None
+    if variant.startswith("fused"):  # fused_mN: every row in N-row blocks (fused_m64: 16 queries of a 4-head group, so a
+        # verify chunk is one unit); fused: the library's choice (BLOCK_M 16 for steps of <= 16 queries per row)
+        bq = max(1, int(variant[len("fused_m"):]) // case.group) if variant != "fused" else None
         plan = K.attention_plan(case.q, p.k, query_start_loc=case.qsl, seq_lens=case.seq, max_query_len=case.k + 1,
                                 max_pillars=case.pillars.shape[2], block_q=bq,
                                 **{k: v for k, v in sp.items() if k != "pillar_indices"})
-    elif variant == "by_kind":
+    elif variant in BY_KIND:  # two launches: drafts in the decode block, verify rows in BY_KIND[variant]'s block
         plan_d = K.attention_plan(case.q_d, p.k, query_start_loc=case.qsl_d, seq_lens=case.seq[: case.nd],
                                   max_query_len=1, is_sparse=case.is_sparse[: case.nd],
                                   draft_start=case.draft_start[: case.nd], pillar_lengths=case.pillar_len[: case.nd],
                                   max_pillars=case.pillars.shape[2])
         plan_v = K.attention_plan(case.q_v, p.k, query_start_loc=case.qsl_v, seq_lens=case.seq[case.nd:],
-                                  max_query_len=case.k + 1)
+                                  max_query_len=case.k + 1, block_q=case.verify_block_q(BY_KIND[variant]))
     for layer in range(case.n_layers):
         bt = case.tables[layer]
         if variant.startswith("fused"):
             _, lse = K.unified_attention(case.q, p.k, p.v, query_start_loc=case.qsl, seq_lens=case.seq, block_tables=bt,
                                          max_query_len=case.k + 1, max_seq_len=case.L, return_lse=True, plan=plan,
                                          **sp, **kw)
-        elif variant == "by_kind":
+        elif variant in BY_KIND:
             K.unified_attention(case.q_d, p.k, p.v, query_start_loc=case.qsl_d, seq_lens=case.seq[: case.nd],
                                 block_tables=bt[: case.nd], max_query_len=1, max_seq_len=case.L, plan=plan_d,
                                 is_sparse=case.is_sparse[: case.nd], draft_start=case.draft_start[: case.nd],
@@ -134,7 +151,7 @@ def run_step(case: StepCase, K, variant: str, old=None):
             _, lse = old["attention_triton"].unified_attention_triton(
                 case.q, p.k, p.v, query_start_loc=case.qsl, seq_lens=case.seq, block_tables=bt,
                 max_query_len=case.k + 1, max_seq_len=case.L, **sp, **kw)
-        if variant == "by_kind":
+        if variant in BY_KIND:
             K.pillar_scores(case.q_v, p.k, query_start_loc=case.qsl_v, seq_lens=case.seq[case.nd:],
                             block_tables=bt[case.nd:], rows=torch.arange(case.nv, device=bt.device), lse=lse_v,
                             max_ctx=case.L, max_query_len=case.k + 1, out=case.layer_scores[layer], **kw)
@@ -152,6 +169,9 @@ def run_step(case: StepCase, K, variant: str, old=None):
     if variant == "main":
         return old["pillars_triton"].select_pillars_triton(flat, ctx, budget, 16, case.max_budget)
     return K.select_pillars(flat, ctx, budget, 16, case.max_budget)
+
+
+VERIFY_TILES = ((32, 4, 2), (32, 8, 2), (64, 4, 2), (64, 8, 2), (64, 8, 3), (128, 8, 2))
 
 
 def breakdown(case: StepCase, K, bench_ms, bw: float, old=None) -> dict:
@@ -208,17 +228,25 @@ def breakdown(case: StepCase, K, bench_ms, bw: float, old=None) -> dict:
                                  max_ctx=case.L, max_query_len=case.k + 1, out=case.layer_scores[layer],
                                  scale=p.scale, block_n=bn, tiles=t)
 
-    def attend_kind(drafts: bool):
+    def attend_kind(drafts: bool, verify_rows: str = "default", tile: tuple | None = None):
         n = slice(0, case.nd) if drafts else slice(case.nd, case.B)
         qsl = case.qsl_d if drafts else case.qsl_v
         extra = dict(is_sparse=case.is_sparse[n], draft_start=case.draft_start[n], pillar_lengths=case.pillar_len[n])
         mq = 1 if drafts else case.k + 1
         plan = K.attention_plan(case.q_d if drafts else case.q_v, p.k, query_start_loc=qsl, seq_lens=case.seq[n],
-                                max_query_len=mq, **(dict(max_pillars=case.pillars.shape[2], **extra) if drafts else {}))
+                                max_query_len=mq, block_q=None if drafts else case.verify_block_q(verify_rows),
+                                **(dict(max_pillars=case.pillars.shape[2], **extra) if drafts else {}))
         for layer in range(case.n_layers):
-            K.unified_attention(case.q_d if drafts else case.q_v, p.k, p.v, query_start_loc=qsl, seq_lens=case.seq[n],
-                                block_tables=case.tables[layer][n], max_query_len=mq, max_seq_len=case.L, plan=plan,
-                                scale=p.scale, **(dict(pillar_indices=case.pillars[n], **extra) if drafts else {}))
+            kw = dict(query_start_loc=qsl, seq_lens=case.seq[n], block_tables=case.tables[layer][n], max_query_len=mq,
+                      max_seq_len=case.L, plan=plan, scale=p.scale,
+                      **(dict(pillar_indices=case.pillars[n], **extra) if drafts else {}))
+            if tile is None:
+                K.unified_attention(case.q_d if drafts else case.q_v, p.k, p.v, **kw)
+            else:  # a fixed tile config (BLOCK_N, warps, stages) instead of the autotuner's
+                from sparsespec_compile.kernels.attention_triton import unified_attention_triton
+
+                unified_attention_triton(case.q_v, p.k, p.v, block_n=tile[0], num_warps=tile[1], num_stages=tile[2],
+                                         **kw)
 
     from sparsespec_compile.kernels.select_triton import RESIDENT_MAX, select_pillars_triton
 
@@ -234,8 +262,17 @@ def breakdown(case: StepCase, K, bench_ms, bw: float, old=None) -> dict:
     layers_ms = case.n_layers * 1e3 / bw
     r["attn_drafts_ms"] = bench_ms(lambda: attend_kind(True))
     r["attn_drafts_x_floor"] = r["attn_drafts_ms"] / (p.kv_bytes(case.nd * (case.bud + 5)) * layers_ms)
+    verify_floor = p.kv_bytes(case.nv * case.L) * layers_ms
     r["attn_verify_ms"] = bench_ms(lambda: attend_kind(False))
-    r["attn_verify_x_floor"] = r["attn_verify_ms"] / (p.kv_bytes(case.nv * case.L) * layers_ms)
+    r["attn_verify_x_floor"] = r["attn_verify_ms"] / verify_floor
+    for rows in ("one_pass", "32"):  # the verify rows alone in a bigger block: fewer passes over their keys
+        r[f"attn_verify_{rows}_ms"] = bench_ms(lambda: attend_kind(False, rows))
+        r[f"attn_verify_{rows}_x_floor"] = r[f"attn_verify_{rows}_ms"] / verify_floor
+    for tile in VERIFY_TILES:  # the one-pass block's tile configs (registers: a 64-row block is 4x a 16-row one's)
+        try:
+            r["attn_verify_one_pass_n{}w{}s{}_ms".format(*tile)] = bench_ms(lambda: attend_kind(False, "one_pass", tile))
+        except Exception as e:  # noqa: BLE001 - an out-of-resources config: report, keep the others
+            r["attn_verify_one_pass_n{}w{}s{}_ms".format(*tile)] = f"{type(e).__name__}: {str(e)[:120]}"
     ctx = case.L - case.k - 1
     score_bytes = case.nv * ctx * p.hkv * (p.d * p.k.element_size() + 2 * 4)  # K once, fp32 scores written + read
     r["score_x_floor"] = r["score_ms"] / (score_bytes * layers_ms)
@@ -256,7 +293,7 @@ def bench_steps(pool, K, bench_ms, bw, row, log, shapes, n_layers, old=None):
         case = StepCase(pool, B, L, n_layers)
         floor, attn_floor = case.floor_bytes()
         picks, times = {}, {}
-        for variant in ("fused", "fused_m64", "by_kind") + (("main",) if old else ()):
+        for variant in STEP_VARIANTS + (("main",) if old else ()):
             try:
                 times[variant] = bench_ms(lambda: run_step(case, K, variant, old))
                 picks[variant] = run_step(case, K, variant, old)
