@@ -2,19 +2,28 @@
 
 One step runs every scheduled request — prefill chunks, sparse drafts and full verifies — through ONE call of
 the compiled graph on a flattened ragged batch; the attention op reads the ForwardContext to tell them apart.
+
+``Engine.step`` runs the stages in order; where each one is:
+
+* schedule — ``Scheduler.schedule`` (scheduler.py) hands over a sealed StepPlan; its swaps run in ``_apply_swaps``;
+* launch — ``Engine._launch``: the forward (``_forward``: a graphed shape or the step's exact one), sampling and
+  verification (step_sampler.py); the results stay on the device, copying to the host (step_results.py);
+* resolve — step_resolve.py: read the results and apply them through ``Scheduler.update``, where acceptance is
+  counted (cycle_planner.py ``record_verify``).
+
+Without overlap a step is resolved right after its launch. With overlap (overlap.py) the engine keeps one step in
+flight (``_inflight``) and resolves it while the device runs the next; what needs no value of it was applied when
+it launched (``apply_at_launch``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import logging
 import math
 import time
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from sparsespec_compile import kernels
@@ -24,60 +33,27 @@ from sparsespec_compile.kernels.tuning import frozen_tuning
 from .block_allocator import BlockAllocator
 from .cycle_planner import CycleStats
 from .cuda_graphs import StepGraphs
+from .engine_stats import EngineStats
 from .padded_step import BlockTableMirror, pack_step, packed_logits
 from .host_copy import to_device
-from .overlap import apply_patch, placeholder, placeholder_patch
+from .overlap import apply_at_launch, apply_patch, patch_from
 from .kv_cache import allocate_kv_cache, allocate_pillar_store, kv_shape_from_config, pages_for_requests
 from .offload import HostKVPool, default_host_pages
-from .parallel import drop_backward_hooks, from_rank0, local_kv_heads, tp_world_size
-from .request import Request, RequestState
+from .parallel import drop_backward_hooks, local_kv_heads, tp_world_size
+from .request import Request
 from .scheduler import Scheduler
 from .servable import probe_compiled
 from .speculation_gate import SpeculationGate, default_gate
 from .step_cost import StepCostModel, step_work
-from .step_plan import Refresh, StepEntry, StepKind, StepPlan
+from .step_plan import Refresh, StepKind, StepPlan
 from .stride_policy import AdaptiveStride, FixedStride
+from .step_resolve import StepResolver, fail_step
 from .step_results import StepResults
 from .step_sampler import StepSampler
 from .step_forward import draft_split, run_packed
 from .step_shapes import exact_shape
-from .streaming_pillars import write_streaming_pillars
 
 log = logging.getLogger("sparsespec.runtime")
-# enum members as globals for the per-entry loops (a read off the enum class costs ~0.18 us more on Python 3.11)
-_FINISHED = RequestState.FINISHED
-_PREFILL, _DRAFT, _VERIFY = StepKind.PREFILL, StepKind.DRAFT, StepKind.VERIFY
-
-
-@dataclass
-class EngineStats:
-    steps: int = 0
-    forward_tokens: int = 0
-    # Requests in each step, summed: / steps = the mean batch a step actually ran. A closed batch of speculative
-    # requests drains unevenly (a request that accepts little needs more steps), so the last steps run nearly empty.
-    request_steps: int = 0
-    output_tokens: int = 0
-    seconds: float = 0.0
-    graph_steps: int = 0  # steps run through StepGraphs (padded static shape, replayed graph on CUDA)
-    # CUDA only: device time from a step's first launch to its last result read (events), summed. The rest of
-    # ``seconds`` is host time the GPU sat idle (scheduling, input packing, bookkeeping).
-    gpu_busy_seconds: float = 0.0
-    # Keys each step's attention read (full rows: the context; sparse rows: pillars + dense tail): the KV half of
-    # the bytes-moved floor.
-    kv_tokens_read: int = 0
-    capture_seconds: float = 0.0  # one-off graph warm-up + capture, left out of ``seconds``
-    # The graphed (decode-only) steps on their own: their wall time and keys read, for the step-time floor.
-    graph_seconds: float = 0.0
-    graph_kv_tokens_read: int = 0
-    # draft recall (kernels/hybrid.py draft_recall) summed per layer over the scored verifications, and their count
-    recall_sum: list[float] = dataclasses.field(default_factory=list)
-    recall_verifies: int = 0
-    # Host time of the step loop by stage (in ``seconds``): scheduling, launching (packing, the forward's and the
-    # sampler's launches), resolving (reading results, the scheduler's update). Where a host-bound step goes.
-    schedule_seconds: float = 0.0
-    launch_seconds: float = 0.0
-    resolve_seconds: float = 0.0  # includes wait_seconds
-    wait_seconds: float = 0.0  # blocked on the device for a step's results (host ahead of the GPU: time well spent)
 
 
 def sliding_windows_from_config(config, num_layers: int) -> list[int]:
@@ -179,8 +155,10 @@ class Engine:
         # One block-table mirror for both paths (the graphs' when there are graphs): np.asarray of every request's
         # table each step cost ~0.4 ms of an eager pack at B 256.
         self.tables = self.graphs.tables if self.graphs is not None else BlockTableMirror()
-        self._inflight: StepResults | None = None
+        self._inflight: StepResults | None = None  # overlap: the step launched last, its results not yet read
         self.sampler = StepSampler()  # sampling and verification of a step's logits; keeps drafts' q_i
+        self.resolver = StepResolver(self.scheduler, config, self.pillars, tp_world=self.tp_world,
+                                     on_cuda=self.device.type == "cuda")
 
     def reset_stats(self) -> None:
         """Count afresh from now on: steps and time (EngineStats), and every cycle's acceptance (CycleStats)."""
@@ -226,9 +204,9 @@ class Engine:
         """Run one step; returns the requests the scheduler reported finished (each exactly once, rejected and
         aborted ones included; a request finishing in this step is reported by the next one).
 
-        Schedule, launch (forward + sampling + verification, results left on the device), then read a step's
-        results and apply them. Without overlap (depth 0) that is this step's; with overlap (depth 1, overlap.py)
-        it is the previous step's, read while the device runs this one."""
+        Schedule, launch (forward + sampling + verification, results left on the device), then resolve a step
+        (step_resolve.py: read its results and apply them). Without overlap (depth 0) that is this step; with
+        overlap (depth 1, overlap.py) it is the previous one, read while the device runs this one."""
         t0 = time.perf_counter()  # the step's wall time includes scheduling: host time the GPU may idle through
         captured_before = self._captured()
         tokens_before = self.stats.output_tokens
@@ -247,7 +225,7 @@ class Engine:
         else:
             ready = launched
         if ready is not None:  # with overlap the device is running `launched` meanwhile: this host work overlaps it
-            self._resolve(ready)
+            self.resolver.resolve(ready, self.stats, self.step_cost)
         t3 = time.perf_counter()
         # A step that captured a graph counts without its capture time (one-off, reported as capture_seconds).
         wall = t3 - t0 - capture
@@ -279,7 +257,7 @@ class Engine:
         t0 = time.perf_counter()
         try:
             if self.overlap:
-                logits, ids = self._forward(plan, self._patch(plan))
+                logits, ids = self._forward(plan, patch_from(plan, self._inflight, self.device))
                 res = self.sampler.run(plan, logits, ids)
             else:
                 logits, _ = self._forward(plan)  # [N, V]
@@ -288,127 +266,16 @@ class Engine:
             res.recall_rows, res.recall = self._step_recall(plan)
             res.start_copy()
         except Exception as exc:
-            self._fail(plan.entries, plan.step, exc)
+            fail_step(self.scheduler, plan.entries, plan.step, exc)
             return None
         res.host_seconds = time.perf_counter() - t0
         res.work = step_work(plan, self.config.budget, self.query_passes)
         self._count_step(plan, res.work)
         if self.overlap:
-            self._launched_structure(res)
+            apply_at_launch(self.scheduler, res)
         else:
             res.held = list(range(len(plan.entries)))  # depth 0: every entry's update waits for its own result
         return res
-
-    def _fail(self, entries, step: int, exc: Exception) -> None:
-        log.exception("step %d failed", step)
-        for e in entries:
-            self.scheduler.abort(e.request, f"error: step failed: {exc}")
-
-    def _patch(self, plan: StepPlan):
-        dst, src = placeholder_patch(plan)
-        if not dst.size:
-            return None
-        prev = self._inflight
-        if prev is None or prev.sampled is None:
-            raise RuntimeError(f"step {plan.step} has placeholder inputs but no step in flight to take them from")
-        index = to_device(torch.from_numpy(np.stack((dst, src))), self.device)  # one copy for both: [2, n]
-        return index[0], index[1], prev.sampled
-
-    def _launched_structure(self, res: StepResults) -> None:
-        """Overlap: what the scheduler can apply before the values exist: drafts go in as placeholders; a plain
-        decode runs on with a placeholder token; a verify or a prompt-ending prefill is held (sits out) until its
-        result is read."""
-        row_of = {i: j for j, i in enumerate(res.sample_rows)}
-        sched = self.scheduler
-        sits_out = sched.planner.sits_out_after_verify
-        now, decodes, res.held, res.placeholders = [], [], [], []
-        held, placeholders = res.held, res.placeholders
-        for i, e in enumerate(res.plan.entries):
-            r = e.request
-            if r.state is _FINISHED:
-                continue
-            kind = e.kind
-            if kind is _DRAFT:
-                row = row_of[i]
-                now.append((e, [placeholder(row)]))
-                placeholders.append((r, len(r.draft_token_ids), row))
-            elif kind is _PREFILL and not e.num_logits:
-                now.append((e, []))
-            elif kind is _VERIFY and not sits_out(e.num_tokens - 1):
-                # a plain decode (stride 0, or an adaptive k = 0): runs on, its token pending
-                row = row_of[i]
-                res.decodes.append((r, len(r.output_token_ids), row))
-                decodes.append((e, placeholder(row)))
-            else:
-                sched.hold(r)
-                held.append(i)
-        if now:
-            self.scheduler.update(StepPlan(res.plan.step, entries=[e for e, _ in now]), [t for _, t in now])
-        self.scheduler.launch_decodes(decodes)  # after the drafts: their next cycles see every phase as it is
-
-    def _resolve(self, res: StepResults) -> None:
-        """Read a step's results (waits for its copies): fill its draft placeholders, confirm its plain decodes,
-        apply the held updates. Feeds the step's measured time to the step-cost model."""
-        try:
-            t0 = time.perf_counter()
-            local = res.lists()
-            self.stats.wait_seconds += time.perf_counter() - t0
-            busy = res.device_seconds()
-            # The step's measured time prices the adaptive stride: device time on CUDA (events), the CPU's own time
-            # for the forward and sampling elsewhere. Rank 0's, with its tokens: every rank must choose the same k.
-            values, seconds = from_rank0((local, busy if busy is not None else res.host_seconds), self.tp_world)
-        except Exception as exc:  # confined to this step's requests; the others keep going
-            self._fail([res.plan.entries[i] for i in res.held], res.plan.step, exc)
-            return
-        if busy is not None:
-            self.stats.gpu_busy_seconds += busy
-        if (busy is not None or self.device.type != "cuda") and self.scheduler.planner.policy.adaptive:
-            # (on CUDA a step without device time captured a graph: its host time, up to 14 s on the H200, is no
-            # price of its work; fed in, it made c_tok 700 us a token). Only the adaptive stride reads the prices
-            # (and LLM.stats only then reports them): a fixed stride skips the fit, whose outlier check solved the
-            # 4-coefficient NNLS (15 supports) every step: 0.6-1.0 ms a step, micro-timed on a loaded 2-core CPU.
-            self.step_cost.observe(res.work, seconds)
-        for i, per_layer in res.recall_lists():
-            res.plan.entries[i].request.metrics.add_recall(per_layer)
-            s = self.stats
-            s.recall_sum = [a + b for a, b in zip(s.recall_sum or [0.0] * len(per_layer), per_layer)]
-            s.recall_verifies += 1
-        for r, idx, row in res.placeholders:
-            if idx < len(r.draft_token_ids) and r.draft_token_ids[idx] == placeholder(row):
-                r.draft_token_ids[idx] = values[res.sample_rows[row]][0]
-        logprobs = {}  # entry index -> per-slot {token: log-prob}, for the requests that asked
-        for part in res.logprobs or ():
-            logprobs.update(part.per_entry())
-        sample_rows, confirm, confirmed = res.sample_rows, self.scheduler.confirm_decode, 0
-        for r, idx, row in res.decodes:
-            i = sample_rows[row]
-            if confirm(r, idx, placeholder(row), values[i][0]):
-                confirmed += 1
-                if i in logprobs and len(r.output_token_ids) > idx:
-                    r.output_logprobs.append(logprobs[i][0])
-        self.stats.output_tokens += confirmed
-        if not res.held:
-            return
-        ids, offsets, all_entries = None, None, res.plan.entries
-        entries = []
-        for i in res.held:
-            e = all_entries[i]
-            if min(e.token_ids) < -1:  # a verify chunk that ran on a placeholder: the real tokens
-                ids = ids if ids is not None else res.host_input_ids()
-                offsets = offsets if offsets is not None else res.plan.token_offsets()
-                # (dataclasses.replace by hand: 17 us a call under cProfile, one per verify chunk)
-                e = StepEntry(e.request, e.kind, tuple(ids[offsets[i]:offsets[i] + e.num_tokens]), e.start_pos,
-                              e.num_logits, e.sparse, e.refresh, e.draft_start)
-            self.scheduler.release(e.request)
-            entries.append(e)
-        sub = StepPlan(res.plan.step, entries=entries)
-        lengths = [len(e.request.output_token_ids) for e in entries]
-        self.scheduler.update(sub, [values[i] for i in res.held])
-        self._write_streaming_pillars(sub)
-        self.stats.output_tokens += sum(len(e.request.output_token_ids) for e in entries) - sum(lengths)
-        for i, e, before in zip(res.held, entries, lengths):  # the tokens the update kept (a stop cuts the rest)
-            if i in logprobs:
-                e.request.output_logprobs += logprobs[i][: len(e.request.output_token_ids) - before]
 
     def _count_step(self, plan: StepPlan, work) -> None:
         self.stats.steps += 1
@@ -452,16 +319,6 @@ class Engine:
         if not rows:
             return [], None
         return rows, self.pillars.recall.index_select(1, to_device(slots, self.device)).t()
-
-    def _write_streaming_pillars(self, plan: StepPlan) -> None:
-        """Streaming drafts: the verified rows' next draft sets (sinks + newest window), one write for the step."""
-        streaming: list[tuple[int, int, int]] = []  # (slot, context, budget) of verified streaming requests
-        for e in plan.entries:
-            r = e.request
-            if e.refresh is Refresh.STREAMING and not r.is_finished and r.state.value != "waiting":
-                streaming.append((r.pillar_slot, e.start_pos, self.config.budget(e.start_pos)))
-        if streaming:
-            write_streaming_pillars(self.pillars, *map(list, zip(*streaming)))
 
     def _apply_swaps(self, plan: StepPlan) -> None:
         """Run the plan's restores and offloads (KV pages of every layer and pillar rows, host pool <-> device)

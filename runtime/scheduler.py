@@ -146,7 +146,9 @@ class Scheduler:
             budget = self._schedule_running(plan)
             self._admit(plan, budget)
             if plan.entries or not self.running or any(r.state is _ST_STALL for r in self.running):
-                return plan  # (an empty plan is legal: everyone left is sitting out a delayed verification)
+                # complete: its entries are fixed and its aggregates computed (an empty plan is legal: everyone
+                # left is sitting out a delayed verification)
+                return plan.seal()
             # Nothing could run although requests hold pages (prefills starved of pages): free the newest and retry.
             self._evict(self.running[-1], plan)
 

@@ -133,7 +133,7 @@ def _plan(specs, state, draw_slot):
         r.pillar_slot = j % 7
         entries.append(StepEntry(r, kind, toks, start_pos=start, num_logits=k, sparse=sparse, refresh=refresh,
                                  draft_start=ds))
-    return StepPlan(step=0, entries=entries)
+    return StepPlan(step=0, entries=entries).seal()
 
 
 @settings(max_examples=150, deadline=None)
