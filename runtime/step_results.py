@@ -23,7 +23,7 @@ class StepResults:
     verify_rows: list[int]  # VERIFY entries, in order
     verify_tokens: torch.Tensor | None  # [len(verify_rows), k+1] int64 on the device, -1 past each row's result
     input_ids: torch.Tensor | None = None  # [T] int64 the step ran on (placeholders patched), when kept
-    # overlap bookkeeping (engine._launched_structure): entries held until these results are read, and the
+    # overlap bookkeeping (overlap.apply_at_launch): entries held until these results are read, and the
     # placeholders their drafts were recorded as: (request, index in draft_token_ids, row in `sampled`)
     held: list[int] = field(default_factory=list)
     placeholders: list[tuple] = field(default_factory=list)
