@@ -38,7 +38,7 @@
 #           shape (random bf16 weights saved once to /root/q8b) at B 32, 4k prompts, stride 0: 2 ranks (graphs on
 #           when the check captured them, and padded steps without graphs) vs 1 GPU
 set -euo pipefail
-phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile|context_profile|tp|streaming|carry|kstep|kstep2|s14_qwen|s14_smol|prof14|prof14long|prof_decode|host_ab|kvariants|s14b|s14c1|s14c2|s14s|g3carry|hybrid_smol|hybrid_gemma|s19a|s19b|s18}
+phase=${1:?usage: bash bench/device_call.sh graph|steady|grid|context|profile|context_profile|tp|streaming|carry|kstep|kstep2|s14_qwen|s14_smol|prof14|prof14long|prof_decode|host_ab|kvariants|plain_default|s14b|s14c1|s14c2|s14s|g3carry|hybrid_smol|hybrid_gemma|s19a|s19b|s18}
 R=$PWD
 GG=/root/gg
 mkdir -p "$GG"
@@ -236,6 +236,25 @@ for l in sys.stdin:
       --step-shapes "${STEP_SHAPES:-smollm2=256x4096;qwen3-8b=32x16384}" --budget-s "${KSTEP_BUDGET:-200}" \
       --out "$OUT" 2>&1 | grep -v -i warn | grep "kind=\|FAIL\|rror\|skipping" | cut -c1-2500 | tail -30 \
       || echo "(kernels rc $?)" ;;
+  plain_default)  # issues 19 + 14, no GGUF: the kvariants step section for one shape (STEP_SHAPES), then stride 0
+                 # against the default config on a random SmolLM2-shaped checkpoint (random weights accept nothing, so
+                 # the default decodes plainly after its first speculative half: what a plain step costs it)
+    timeout "${KSTEP_TIMEOUT:-120}" python3 "$R/bench/kernels.py" --models qwen3-8b --sections step \
+      --step-shapes "${STEP_SHAPES:-qwen3-8b=32x16384}" --budget-s 60 --out "$OUT" 2>&1 | grep -v -i warn \
+      | grep "kind=step\|FAIL\|rror" | cut -c1-2500 | tail -6 || echo "(kernels rc $?)"
+    python3 - <<'PY'
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                  num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                  tie_word_embeddings=True, rms_norm_eps=1e-5)
+LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained("/tmp/smol_random")
+PY
+    timeout "${PLAIN_TIMEOUT:-240}" python3 -m sparsespec_compile.benchmark --model /tmp/smol_random \
+      --methods stride0 sparsespec --batch-sizes 256 --prompt-len 512 --output-lens 1024 --temperature 0 \
+      --fuse-projections --time-budget-s "$(( ${PLAIN_TIMEOUT:-240} - 15 ))" --out "$OUT/plain" 2>&1 \
+      | grep -v -i warn | grep -v '^{' | grep "^| \|rror" | head -8 || echo "(plain rc $?)" ;;
   s14c1)  # first of a pair (carry .carry/gguf.part_aa and .carry/old_kernels): the step section of both shapes,
           # then the sampler micro-benchmark (issue 18)
     mkdir -p /tmp/old_kernels && cp "$R"/.carry/old_kernels/*.py /tmp/old_kernels/ 2>/dev/null || true

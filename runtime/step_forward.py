@@ -87,6 +87,8 @@ def run_packed(compiled, packed: torch.Tensor, shape: StepShape, *, kv: PagedKVC
     """Logits ``[shape.num_logits, V]`` of the step packed in ``packed`` (padded_step.py) on the device; ``split``:
     :func:`draft_split`."""
     t = unpack_step(packed, shape)
+    if not (shape.sparse or shape.scored):
+        pillars = None  # every row full, nothing scored: the kernels' full-row variants (see StepShape.sparse)
     ctx = ForwardContext(
         kv=kv, slot_mapping=t.slot_mapping, query_start_loc=t.query_start_loc, seq_lens=t.seq_lens,
         block_tables=t.block_tables, max_query_len=shape.max_query_len, max_seq_len=shape.max_seq_len,

@@ -9,7 +9,9 @@ described by five numbers, each rounded up to a bucket:
 * ``scored`` (Rv): verify rows refreshing pillars (padding rows get budget 0 and a scratch pillar row);
 * ``max_query_len``: 1 for pure single-token steps, else ``stride + 1`` (sets the kernel's query tile);
 * ``max_seq_len``: the next power of two (at least 1,024) — the kernels' split-KV plan and the pillar scores'
-  width are sized from it; keys past a request's own length are masked, so over-sizing only costs empty programs.
+  width are sized from it; keys past a request's own length are masked, so over-sizing only costs empty programs;
+
+and one flag, ``sparse``: whether any row drafts from pillars (the attention's sparse variant, a graph of its own).
 
 Steps that contain a prefill chunk are not graphed (their token counts are large and varied: vLLM, too, runs
 them outside full graphs); ``shape_for`` returns None and the engine runs them at their ``exact_shape`` — through
@@ -35,6 +37,9 @@ class StepShape:
     max_seq_len: int
     table_width: int  # block-table columns: ceil(max_seq_len / page_size)
     logits: int = 0  # logits rows the forward keeps; 0: one per token (a graphed decode step: shape-fixed)
+    # Some row drafts from pillars. A step with none (and nothing scored) runs without the pillar store: the
+    # kernels' full-row variants, the stride-0 step's — a speculative config decoding plainly pays nothing for it.
+    sparse: bool = False
 
     @property
     def num_logits(self) -> int:
@@ -89,7 +94,7 @@ def shape_for(plan: StepPlan, stride: int, page_size: int, max_tokens: int) -> S
     seq = seq_bucket(seq)
     return StepShape(tokens=token_bucket(t), requests=request_bucket(len(entries)),
                      scored=request_bucket(_scored(entries)), max_query_len=mq, max_seq_len=seq,
-                     table_width=-(-seq // page_size))
+                     table_width=-(-seq // page_size), sparse=True in map(_SPARSE, entries))
 
 
 def exact_shape(plan: StepPlan) -> StepShape:
@@ -104,14 +109,14 @@ def exact_shape(plan: StepPlan) -> StepShape:
     return StepShape(
         tokens=max(sum(n), 2), requests=len(entries), scored=_scored(entries), max_query_len=max(n),
         max_seq_len=seq, table_width=max(map(len, map(_BLOCK_TABLE, map(_REQUEST, entries)))),
-        logits=max(sum(map(_NUM_LOGITS, entries)), 2),
+        logits=max(sum(map(_NUM_LOGITS, entries)), 2), sparse=True in map(_SPARSE, entries),
     )
 
 
 # C-level maps over the entries instead of generator expressions: a shape costs ~0.14 ms instead of ~0.3 at B 256.
 _KIND, _REFRESH, _REQUEST = attrgetter("kind"), attrgetter("refresh"), attrgetter("request")
 _TOKEN_IDS, _START_POS, _NUM_LOGITS = attrgetter("token_ids"), attrgetter("start_pos"), attrgetter("num_logits")
-_BLOCK_TABLE = attrgetter("block_table")
+_BLOCK_TABLE, _SPARSE = attrgetter("block_table"), attrgetter("sparse")
 
 
 def _token_counts(entries) -> tuple[list[int], int]:

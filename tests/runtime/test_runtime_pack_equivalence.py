@@ -76,7 +76,8 @@ def reference_shape_for(plan, stride, page_size, max_tokens):
     scored = sum(1 for e in plan.entries if e.refresh is Refresh.SCORE)
     seq = seq_bucket(max(e.seq_len for e in plan.entries))
     return StepShape(tokens=token_bucket(t), requests=request_bucket(len(plan.entries)), scored=request_bucket(scored),
-                     max_query_len=mq, max_seq_len=seq, table_width=-(-seq // page_size))
+                     max_query_len=mq, max_seq_len=seq, table_width=-(-seq // page_size),
+                     sparse=any(e.sparse for e in plan.entries))
 
 
 def reference_exact_shape(plan):
@@ -85,7 +86,7 @@ def reference_exact_shape(plan):
         scored=sum(1 for e in plan.entries if e.refresh is Refresh.SCORE),
         max_query_len=max(e.num_tokens for e in plan.entries), max_seq_len=max(e.seq_len for e in plan.entries),
         table_width=max(len(e.request.block_table) for e in plan.entries),
-        logits=max(sum(e.num_logits for e in plan.entries), 2),
+        logits=max(sum(e.num_logits for e in plan.entries), 2), sparse=any(e.sparse for e in plan.entries),
     )
 
 

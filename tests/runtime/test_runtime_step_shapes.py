@@ -51,7 +51,10 @@ def test_shape_of_a_decode_step_and_no_shape_with_a_prefill():
     plan = _plan()
     shape = shape_for(plan, stride=4, page_size=4, max_tokens=64)
     assert (shape.tokens, shape.requests, shape.scored, shape.max_query_len, shape.max_seq_len) == (8, 2, 1, 5, 1024)
-    assert shape.table_width == 256
+    assert shape.table_width == 256 and shape.sparse and exact_shape(plan).sparse
+    full = StepPlan(0, [dataclasses.replace(e, sparse=False) for e in plan.entries])
+    assert not shape_for(full, stride=4, page_size=4, max_tokens=64).sparse and not exact_shape(full).sparse
+    assert shape_for(full, stride=4, page_size=4, max_tokens=64) != shape  # a graph of its own
     streaming = StepPlan(0, [dataclasses.replace(e, refresh=Refresh.STREAMING) for e in plan.entries])
     assert shape_for(streaming, stride=4, page_size=4, max_tokens=64).scored == 0  # streaming: written by the host
     assert shape_for(plan, stride=4, page_size=4, max_tokens=3) is None  # too many tokens
@@ -127,3 +130,32 @@ def test_block_table_mirror_tracks_growth_and_replacement(ops):
         assert mirror.get(r).tolist() == r.block_table
     mirror.forget_all_but(set())
     assert mirror.get(r).tolist() == r.block_table
+
+
+@pytest.mark.parametrize("sparse, scored, keeps_store", [(True, 1, True), (True, 0, True), (False, 1, True),
+                                                        (False, 0, False)])
+def test_a_step_without_sparse_or_scored_rows_runs_without_the_pillar_store(sparse, scored, keeps_store,
+                                                                           monkeypatch):
+    """A speculative config decoding plainly (every row full, nothing scored) runs the stride-0 step's kernels: the
+    forward context has no pillar store, so the attention takes its full-row variant."""
+    import types
+
+    import torch
+
+    from sparsespec_compile.runtime import step_forward
+
+    seen = {}
+    monkeypatch.setattr(step_forward, "run_compiled", lambda compiled, ctx, *a: seen.setdefault("ctx", ctx))
+    plan = _plan()
+    entries = [dataclasses.replace(plan.entries[0], sparse=sparse),
+               dataclasses.replace(plan.entries[1], refresh=Refresh.SCORE if scored else Refresh.NONE)]
+    plan = StepPlan(0, entries).seal()
+    shape = exact_shape(plan)
+    cfg = SparseSpecConfig(stride=4, min_budget=3, recent=1, page_size=4)
+    packed = torch.from_numpy(pack_step(plan, shape, cfg, page_size=4, scratch_slot=0))
+    kv = types.SimpleNamespace(k=[torch.zeros(4, 4, 1, 8)])
+    store = types.SimpleNamespace(indices=torch.zeros(1, 2, 1, 4, dtype=torch.int32))
+    step_forward.run_packed(None, packed, shape, kv=kv, pillars=store, recent=1, sliding_windows=[-1],
+                            impl="reference", num_layers=1)
+    assert (seen["ctx"].pillars is store) is keeps_store
+    assert (seen["ctx"].layer_scores is not None) is bool(scored)
