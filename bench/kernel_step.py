@@ -15,7 +15,8 @@ for every row: a verify chunk is several units that each read its K/V); ``fused_
 32- / 64-row blocks for every row (a 9-token chunk of a 3- / 4-head group is one unit); ``by_kind`` = a plan and a
 launch for the drafts and another for the verify rows (both in the library's block); ``split_one_pass`` = the same
 with the verify launch in the block that holds the whole chunk (one pass over its keys), ``split_m32`` with 32-row
-verify blocks; ``main`` = the kernels of main before a change, loaded from OLD_KERNELS_DIR when set. The breakdown
+verify blocks; ``streams_one_pass`` = split_one_pass with the verify launch and its scoring on a second stream, beside
+the drafts' launch (forked and joined per layer: parallel branches of the step's graph); ``main`` = the kernels of main before a change, loaded from OLD_KERNELS_DIR when set. The breakdown
 times the verify rows alone in each block and the one-pass block's tile configs.
 """
 
@@ -53,7 +54,8 @@ def load_old_kernels(kernels_pkg):
 
 
 # two-launch variants of the step: the verify rows' block (StepCase.verify_block_q)
-BY_KIND = {"by_kind": "default", "split_one_pass": "one_pass", "split_m32": "32"}
+BY_KIND = {"by_kind": "default", "split_one_pass": "one_pass", "split_m32": "32", "streams_one_pass": "one_pass"}
+ON_TWO_STREAMS = {"streams_one_pass"}  # the two launches of a layer on two streams (parallel branches in the graph)
 STEP_VARIANTS = ("fused", "fused_m32", "fused_m64") + tuple(BY_KIND)
 
 
@@ -94,6 +96,11 @@ class StepCase:
         self.qsl_v = self.qsl[self.nd:] - self.nd
         self.q_d, self.q_v = self.q[: self.nd], self.q[self.nd:]
         self.group = pool.hq // pool.hkv
+
+    def side_stream(self):
+        if not hasattr(self, "_side"):
+            self._side = torch.cuda.Stream()
+        return self._side
 
     def verify_block_q(self, rows: str) -> int | None:
         """BLOCK_Q of a verify-only launch: None (the library's), "one_pass" (the whole k + 1 chunk in one block:
@@ -140,26 +147,41 @@ def run_step(case: StepCase, K, variant: str, old=None):
                                          max_query_len=case.k + 1, max_seq_len=case.L, return_lse=True, plan=plan,
                                          **sp, **kw)
         elif variant in BY_KIND:
-            K.unified_attention(case.q_d, p.k, p.v, query_start_loc=case.qsl_d, seq_lens=case.seq[: case.nd],
-                                block_tables=bt[: case.nd], max_query_len=1, max_seq_len=case.L, plan=plan_d,
-                                is_sparse=case.is_sparse[: case.nd], draft_start=case.draft_start[: case.nd],
-                                pillar_indices=case.pillars[: case.nd], pillar_lengths=case.pillar_len[: case.nd], **kw)
-            _, lse_v = K.unified_attention(case.q_v, p.k, p.v, query_start_loc=case.qsl_v, seq_lens=case.seq[case.nd:],
-                                           block_tables=bt[case.nd:], max_query_len=case.k + 1, max_seq_len=case.L,
-                                           return_lse=True, plan=plan_v, **kw)
+            def drafts():
+                K.unified_attention(case.q_d, p.k, p.v, query_start_loc=case.qsl_d, seq_lens=case.seq[: case.nd],
+                                    block_tables=bt[: case.nd], max_query_len=1, max_seq_len=case.L, plan=plan_d,
+                                    is_sparse=case.is_sparse[: case.nd], draft_start=case.draft_start[: case.nd],
+                                    pillar_indices=case.pillars[: case.nd], pillar_lengths=case.pillar_len[: case.nd],
+                                    **kw)
+
+            def verify_and_score():
+                _, lse_v = K.unified_attention(case.q_v, p.k, p.v, query_start_loc=case.qsl_v,
+                                               seq_lens=case.seq[case.nd:], block_tables=bt[case.nd:],
+                                               max_query_len=case.k + 1, max_seq_len=case.L, return_lse=True,
+                                               plan=plan_v, **kw)
+                K.pillar_scores(case.q_v, p.k, query_start_loc=case.qsl_v, seq_lens=case.seq[case.nd:],
+                                block_tables=bt[case.nd:], rows=torch.arange(case.nv, device=bt.device), lse=lse_v,
+                                max_ctx=case.L, max_query_len=case.k + 1, out=case.layer_scores[layer], **kw)
+
+            if variant in ON_TWO_STREAMS:  # the verify rows (and their scoring) beside the drafts: forked and joined
+                main, side = torch.cuda.current_stream(), case.side_stream()
+                side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    verify_and_score()
+                drafts()
+                main.wait_stream(side)
+            else:
+                drafts()
+                verify_and_score()
         else:  # main's kernels
             _, lse = old["attention_triton"].unified_attention_triton(
                 case.q, p.k, p.v, query_start_loc=case.qsl, seq_lens=case.seq, block_tables=bt,
                 max_query_len=case.k + 1, max_seq_len=case.L, **sp, **kw)
-        if variant in BY_KIND:
-            K.pillar_scores(case.q_v, p.k, query_start_loc=case.qsl_v, seq_lens=case.seq[case.nd:],
-                            block_tables=bt[case.nd:], rows=torch.arange(case.nv, device=bt.device), lse=lse_v,
-                            max_ctx=case.L, max_query_len=case.k + 1, out=case.layer_scores[layer], **kw)
-        elif variant.startswith("fused"):
+        if variant.startswith("fused"):
             K.pillar_scores(case.q, p.k, query_start_loc=case.qsl, seq_lens=case.seq, block_tables=bt,
                             rows=case.score_rows, lse=lse, max_ctx=case.L, max_query_len=case.k + 1,
                             out=case.layer_scores[layer], **kw)
-        else:
+        elif variant == "main":
             old["pillars_triton"].pillar_scores_triton(
                 case.q, p.k, query_start_loc=case.qsl, seq_lens=case.seq, block_tables=bt, rows=case.score_rows,
                 lse=lse, max_ctx=case.L, out=case.layer_scores[layer], **kw)
@@ -294,6 +316,8 @@ def bench_steps(pool, K, bench_ms, bw, row, log, shapes, n_layers, old=None):
         floor, attn_floor = case.floor_bytes()
         picks, times = {}, {}
         for variant in STEP_VARIANTS + (("main",) if old else ()):
+            if variant in ON_TWO_STREAMS and not torch.cuda.is_available():
+                continue
             try:
                 times[variant] = bench_ms(lambda: run_step(case, K, variant, old))
                 picks[variant] = run_step(case, K, variant, old)
