@@ -16,6 +16,10 @@ behind it does not keep it speculating.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
+
 DECAY = 0.8
 PRIOR_WEIGHT = 0.5
 
@@ -23,7 +27,7 @@ PRIOR_WEIGHT = 0.5
 class AcceptanceStats:
     """Decayed ``judged[i]`` / ``accepted[i]`` counts of draft position ``i + 1``; grows with the longest cycle seen."""
 
-    __slots__ = ("decay", "judged", "accepted", "cycles")
+    __slots__ = ("decay", "judged", "accepted", "cycles", "_counts")
 
     def __init__(self, decay: float = DECAY) -> None:
         if not 0.0 < decay <= 1.0:
@@ -32,6 +36,17 @@ class AcceptanceStats:
         self.judged: list[float] = []
         self.accepted: list[float] = []
         self.cycles = 0  # cycles recorded (undecayed)
+        self._counts: tuple = (-1, 0, None)  # counts(n)'s last answer: (cycles, n, array)
+
+    def counts(self, n: int) -> np.ndarray:
+        """``judged`` then ``accepted``, each cut or padded with zeros to ``n``: one array, kept until the next
+        recorded cycle (a request decoding plainly is priced again and again with no new record)."""
+        at, size, row = self._counts
+        if at != self.cycles or size != n:
+            pad = [0.0] * n
+            row = np.array((self.judged + pad)[:n] + (self.accepted + pad)[:n], dtype=np.float64)
+            self._counts = (self.cycles, n, row)
+        return row
 
     def record(self, drafted: int, accepted: int) -> None:
         """One verified cycle: ``drafted`` drafts, the first ``accepted`` of them accepted (0 <= accepted <= drafted)."""
@@ -51,14 +66,19 @@ class AcceptanceStats:
         self.accepted = [x * d + 1.0 for x in acc[:accepted]] + [x * d for x in acc[accepted:]]
         self.cycles += 1
 
-    def conditional(self, n: int, prior: list[float], prior_weight: float = PRIOR_WEIGHT) -> list[float]:
+    def conditional(self, n: int, prior: Sequence[float], prior_weight: float = PRIOR_WEIGHT) -> list[float]:
         """``q_1..q_n``: smoothed conditional acceptance of each position (``prior[i]`` with weight ``prior_weight``)."""
-        out = []
-        for i in range(n):
-            judged = self.judged[i] if i < len(self.judged) else 0.0
-            hits = self.accepted[i] if i < len(self.accepted) else 0.0
-            out.append((hits + prior_weight * prior[i]) / (judged + prior_weight))
-        return out
+        return conditional([self], n, prior, prior_weight)[0].tolist()
+
+
+def conditional(stats: Sequence[AcceptanceStats], n: int, prior: Sequence[float],
+                prior_weight: float = PRIOR_WEIGHT) -> np.ndarray:
+    """``[len(stats), n]``: ``AcceptanceStats.conditional`` of each of ``stats`` (positions never judged count 0), as
+    one array for the adaptive stride's batched pricing. Elementwise, so each entry is the same float as the scalar
+    ``(hits + w * prior) / (judged + w)``."""
+    counts = np.array([s.counts(n) for s in stats]).reshape(len(stats), 2 * n)
+    judged, hits = counts[:, :n], counts[:, n:]
+    return (hits + prior_weight * np.asarray(prior, dtype=np.float64)) / (judged + prior_weight)
 
 
 def expected_tokens(q: list[float], j: int) -> float:

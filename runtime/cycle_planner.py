@@ -73,6 +73,13 @@ class CyclePlanner:
         self.cycle_len = self.stride + 1 + (1 if self.delayed_verify else 0)
         self.max_model_len = max_model_len
         self.stats = CycleStats.empty(self.stride)
+        # A policy that prices a batch at once (AdaptiveStride.options_batch) is asked once per begin_cycles; any
+        # other request by request.
+        self._options = getattr(policy, "options_batch", None) or self._options_one_by_one
+
+    def _options_one_by_one(self, reqs: list[Request], j_maxes: list[int], num_decoding: int) -> list[list[int]]:
+        options = self.policy.options
+        return [options(r, j_max, num_decoding) if j_max > 0 else [0] for r, j_max in zip(reqs, j_maxes)]
 
     def decode_load(self, n: int) -> int:
         """Tokens per step of ``n`` phase-balanced decoding requests (worst step)."""
@@ -88,22 +95,30 @@ class CyclePlanner:
         """Start the next cycle of each of ``reqs`` (in order) after ``step``: its ``j``, state DRAFT / VERIFY, or
         STALL to land on a phase. The phase load and the decoding count are computed once for the batch (every
         running request but ``reqs``) and each request's own verify added once it is placed. An O(batch) scan per
-        cycle start cost 4 ms of host time per step at batch 256, k = 8 (update 5.8 vs 1.8 ms fixed); batched, the
-        adaptive stride adds 0.2-0.8 ms (bench/host_step_cost.py --adaptive, a loaded 2-core CPU)."""
+        cycle start cost 4 ms of host time per step at batch 256, k = 8 (update 5.8 vs 1.8 ms fixed). The adaptive
+        policy's options come in one call for all of ``reqs``, priced as arrays: at B 256 with the seed prices and
+        60% acceptance (mostly plain decodes, ~33 requests re-priced a step) the adaptive update costs 0.33-0.41 ms
+        a step more than stride 0's, against 0.75-1.0 ms priced request by request (a loaded 2-core CPU)."""
         if not reqs:
             return
         load = None
         adaptive = self.policy.adaptive
-        # only the adaptive policy reads it; counted in C (list.count), not by a generator over the batch
-        num_decoding = _num_decoding(running) + len(reqs) - _num_decoding(reqs) if adaptive else 0
+        j_maxes = []
         for r in reqs:
             num_output = len(r.output_token_ids)
             remaining = min(r.params.max_tokens - num_output,
                             self.max_model_len - len(r.prompt_token_ids) - num_output)
-            j_max = min(self.stride, remaining - 1)  # a verify emits up to j+1 tokens; don't draft past the limit
+            j_maxes.append(min(self.stride, remaining - 1))  # a verify emits up to j+1 tokens: no drafts past it
+        options_of = None
+        if adaptive:
+            # only the adaptive policy reads it; counted in C (list.count), not by a generator over the batch
+            num_decoding = _num_decoding(running) + len(reqs) - _num_decoding(reqs)
+            options_of = self._options(reqs, j_maxes, num_decoding)
+        for i, r in enumerate(reqs):
+            j_max = j_maxes[i]
             options = None  # None: j_max alone (a fixed stride past its first cycle: nothing to balance)
             if adaptive:
-                options = self.policy.options(r, j_max, num_decoding) if j_max > 0 else [0]
+                options = options_of[i]
             elif first and j_max > 0:
                 # With delayed verification a cycle is k+2 steps but drafts reach only k+1 verify phases; the last
                 # one is reached by sitting out one step first (without it, steps drifted k tokens past the bound).

@@ -162,37 +162,60 @@ class StepCostModel:
             rhs[i] += d * self.seed[i]
         # A feature no step has exercised (all zeros so far: no sparse row yet) keeps its seed: it has no cross
         # terms, and its zero and its seed would tie in the objective
-        excited = [i for i in range(n) if self._a[i][i] > 0]
+        excited = tuple(i for i in range(n) if self._a[i][i] > 0)
         best, best_obj = tuple(self.seed), None
-        for mask in range(1, 1 << len(excited)):
-            free = [i for k, i in enumerate(excited) if mask >> k & 1]
+        fixed = [0.0 if i in excited else self.seed[i] for i in range(n)]
+        for free in _supports(excited):
             sub = _solve4([[m[i][j] for j in free] for i in free], [rhs[i] for i in free])
-            if any(x < 0 or x != x for x in sub):
+            if not all(x >= 0 for x in sub):  # a negative or NaN coefficient
                 continue
-            theta = [0.0 if i in excited else self.seed[i] for i in range(n)]
+            theta = fixed[:]
             for i, x in zip(free, sub):
                 theta[i] = x
-            obj = sum(theta[i] * m[i][j] * theta[j] for i in range(n) for j in range(n)) \
-                - 2 * sum(t * r for t, r in zip(theta, rhs))
+            # sums of lists, not of generators: the same terms in the same order (the same floats), and faster
+            obj = sum([ti * mij * tj for ti, row in zip(theta, m) for mij, tj in zip(row, theta)]) \
+                - 2 * sum([t * r for t, r in zip(theta, rhs)])
             if best_obj is None or obj < best_obj:
                 best, best_obj = tuple(theta), obj
         return best  # type: ignore[return-value]
 
 
+_SUPPORTS: dict[tuple[int, ...], list[list[int]]] = {}
+
+
+def _supports(excited: tuple[int, ...]) -> list[list[int]]:
+    """Every non-empty subset of ``excited``, in the order of the bit masks 1 .. 2^len - 1 (at most 15)."""
+    out = _SUPPORTS.get(excited)
+    if out is None:
+        out = _SUPPORTS[excited] = [[i for k, i in enumerate(excited) if mask >> k & 1]
+                                    for mask in range(1, 1 << len(excited))]
+    return out
+
+
 def _solve4(m: list[list[float]], rhs: list[float]) -> list[float]:
-    """Gaussian elimination with partial pivoting (n <= 4: ~100 flops, no numpy on the scheduler's side)."""
+    """Gaussian elimination with partial pivoting (n <= 4: ~100 flops, no numpy on the scheduler's side). The
+    engine solves up to 15 of these a step (the fit's outlier check), so the pivot search is a loop, not ``max``
+    with a key (the same pivot: the first of the largest) — with the list sums above, the whole solve went from
+    160-190 to 100-130 us (micro-timed on a loaded 2-core CPU), its coefficients unchanged bit for bit (tested)."""
     n = len(rhs)
     for c in range(n):
-        p = max(range(c, n), key=lambda r: abs(m[r][c]))
+        p, top = c, abs(m[c][c])
+        for r in range(c + 1, n):
+            v = abs(m[r][c])
+            if v > top:
+                p, top = r, v
         m[c], m[p], rhs[c], rhs[p] = m[p], m[c], rhs[p], rhs[c]
-        piv = m[c][c]
+        row = m[c]
+        piv = row[c]
         for r in range(c + 1, n):
             f = m[r][c] / piv
             if f:
+                other = m[r]
                 for k in range(c, n):
-                    m[r][k] -= f * m[c][k]
+                    other[k] -= f * row[k]
                 rhs[r] -= f * rhs[c]
     x = [0.0] * n
     for r in range(n - 1, -1, -1):
-        x[r] = (rhs[r] - sum(m[r][k] * x[k] for k in range(r + 1, n))) / m[r][r]
+        row = m[r]
+        x[r] = (rhs[r] - sum([row[k] * x[k] for k in range(r + 1, n)])) / row[r]
     return x

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
-from .acceptance import AcceptanceStats
+import numpy as np
+
+from .acceptance import AcceptanceStats, conditional
 from .request import Request
 from .speculation_gate import SpeculationGate
 from .step_cost import one_pass
@@ -38,6 +40,7 @@ BALANCE_TOLERANCE = 0.03
 RECHECK = 8  # a plain-decoding request's choice is re-priced every RECHECK cycles (its context and prices drift)
 OPTIMISTIC_PRIOR = 0.8  # conditional acceptance assumed before any request has verified anything
 TAIL = 2  # dense-tail keys of a draft row beyond its own drafts (the last verify chunk's accepted tokens, typically)
+_PLAIN = [0]  # the options of a plain decode (shared: nothing mutates options)
 
 
 class CostModel(Protocol):
@@ -90,68 +93,129 @@ class AdaptiveStride:
         self.sparse_drafts, self.delayed_verify = sparse_drafts, delayed_verify
         self.gate = gate
         self.population = AcceptanceStats(decay=0.99)  # every request's cycles: the prior of a request's own
-        # The population's smoothed q for each j_max, kept while it records nothing: the same list for every
+        # The population's smoothed q for each j_max, kept while it records nothing: the same array for every
         # request priced in a step (it changes only when a cycle that drafted is recorded: ``cycles`` counts those).
-        self._pop_q: dict[int, list[float]] = {}
+        self._pop_q: dict[int, np.ndarray] = {}
         self._pop_at: tuple = ()
-        self._passes: dict[int, int] = {}  # passes(n) of each n (a pure function; asked 8 times per pricing)
+        self._consts: tuple[np.ndarray, ...] = ()  # _constants(), for the prices, batch and n of _consts_at
+        self._consts_at: tuple = ()
 
     # ---- the choice ---------------------------------------------------------------------------------------------
     def scores(self, r: Request, j_max: int, num_decoding: int, with_pillars: bool | None = None) -> list[float]:
         """``score(j)`` for ``j = 0..j_max`` (tokens per unit of cost; see the module docstring). ``with_pillars``:
         price the drafts as sparse (True) or full (False) rows; None: as ``r`` would draft now."""
-        c0, c_tok, c_full, c_sparse = self.cost.coefficients()
-        q = r.acceptance.conditional(j_max, self._population_q(j_max))
-        ctx = r.num_computed_tokens
-        share = c0 / max(1, num_decoding)
         sparse = self.sparse_drafts and (r.has_pillars if with_pillars is None else with_pillars)
-        b = self.budget(ctx) if sparse else 0
-        out = [1.0 / max(c_tok + c_full * (ctx + 1) + share, 1e-30)]
-        drafts, tokens, p = 0.0, 1.0, 1.0  # tokens = expected_tokens(q, j), built up one position at a time
-        for j in range(1, j_max + 1):
-            p *= q[j - 1]
-            tokens += p
-            drafts += c_tok + (c_sparse * (b + TAIL + j) if sparse else c_full * (ctx + j))
-            # attention over the context, once per q-block of the j + 1 queries, + the pillar scores (K only)
-            verify = (j + 1) * c_tok + c_full * (self._num_passes(j + 1) * (ctx + j + 1) + 0.5 * ctx)
-            steps = j + 1 + (1 if self.delayed_verify else 0)
-            out.append(tokens / max(drafts + verify + steps * share, 1e-30))
+        return self._price([r], max(j_max, 1), num_decoding)[int(sparse), 0, :j_max + 1].tolist()
+
+    def _price(self, reqs: list[Request], n: int, num_decoding: int) -> np.ndarray:
+        """``score(j)``, ``j = 0..n`` (``n >= 1``), of each of ``reqs``, all priced at once: ``[2, len(reqs), n + 1]``,
+        the drafts full-attention rows in ``[0]``, sparse ones in ``[1]`` (``[1, ...]`` when drafts never read
+        pillars).
+
+        At B 256 (bench/host_step_cost.py --adaptive --prices seed --accept 0.6) the policy priced ~64 rows a step
+        one by one in a Python loop, ~12 us each: 0.8 ms of the step's host time; as arrays, the ~33 requests of a
+        step cost 0.18-0.35 ms, both draft variants together (a loaded 2-core CPU). Every entry is the float that
+        loop gave (a test checks them bit for bit): it is built by the same IEEE operations in the same order —
+        elementwise ops; ``cumprod`` and ``cumsum``, which accumulate left to right as ``p *= q``, ``tokens += p``
+        and ``drafts += ...`` did (never pairwise), the tokens' sum starting at the bonus token's 1.0; integers
+        (context + position) exact before they meet a float. A score of
+        ``j <= j_max`` does not depend on ``j_max``, so one ``n`` serves every row."""
+        coefficients = self.cost.coefficients()
+        c0, c_tok, c_full, c_sparse = coefficients
+        share = c0 / max(1, num_decoding)
+        j, tail_j, passes, verify_tokens, step_shares = self._constants(n, coefficients, share)
+        m = len(reqs)
+        contexts = [r.num_computed_tokens for r in reqs]
+        ctx = np.array(contexts, dtype=np.int64).reshape(m, 1)
+        q = conditional([r.acceptance for r in reqs], n, self._population_q(n))
+        tokens = np.cumsum(np.concatenate((np.ones((m, 1)), np.cumprod(q, axis=1)), axis=1), axis=1)
+        ctx_j = ctx + j
+        variants = 2 if self.sparse_drafts else 1
+        draft = np.empty((variants, m, n))  # each draft row's cost: c_tok + c_keys * keys
+        np.multiply(c_full, ctx_j, out=draft[0])
+        if self.sparse_drafts:
+            b = np.array([self.budget(c) for c in contexts], dtype=np.int64).reshape(m, 1)
+            np.multiply(c_sparse, b + tail_j, out=draft[1])
+        draft += c_tok
+        plain = 1.0 / np.maximum(draft[0, :, 0] + share, 1e-30)  # a plain decode row is a full row at j = 1
+        # attention over the context, once per q-block of the j + 1 queries, + the pillar scores (K only)
+        verify = verify_tokens + c_full * (passes * (ctx_j + 1) + 0.5 * ctx)
+        cost = np.cumsum(draft, axis=2)
+        cost += verify
+        cost += step_shares
+        out = np.empty((variants, m, n + 1))
+        out[:, :, 0] = plain
+        np.divide(tokens[:, 1:], np.maximum(cost, 1e-30, out=cost), out=out[:, :, 1:])
         return out
 
-    def _population_q(self, j_max: int) -> list[float]:
+    def _constants(self, n: int, coefficients: tuple, share: float) -> tuple[np.ndarray, ...]:
+        """``j = 1..n``, ``j + TAIL``, ``passes(j + 1)``, ``(j + 1) c_tok`` and ``steps(j) * share``: the same for every
+        row priced under these prices and this batch (kept until they change)."""
+        key = (n, coefficients, share)
+        if self._consts_at != key:
+            j = np.arange(1, n + 1, dtype=np.int64)
+            passes = np.array([self.passes(x + 1) for x in range(1, n + 1)], dtype=np.int64)
+            steps = j + 1 + (1 if self.delayed_verify else 0)
+            self._consts = (j, j + TAIL, passes, (j + 1) * coefficients[1], steps * share)
+            self._consts_at = key
+        return self._consts
+
+    def _population_q(self, n: int) -> np.ndarray:
         pop = self.population
         if self._pop_at != (id(pop), pop.cycles):
             self._pop_q, self._pop_at = {}, (id(pop), pop.cycles)
-        q = self._pop_q.get(j_max)
+        q = self._pop_q.get(n)
         if q is None:
-            q = self._pop_q[j_max] = pop.conditional(j_max, [OPTIMISTIC_PRIOR] * j_max)
+            q = self._pop_q[n] = conditional([pop], n, [OPTIMISTIC_PRIOR] * n)[0]
         return q
-
-    def _num_passes(self, n: int) -> int:
-        p = self._passes.get(n)
-        if p is None:
-            p = self._passes[n] = self.passes(n)
-        return p
 
     def options(self, r: Request, j_max: int, num_decoding: int) -> list[int]:
         """The ``j`` this cycle may use, best first: the best, then those within ``BALANCE_TOLERANCE`` of it."""
-        if j_max <= 0:
-            return [0]
+        return self.options_batch([r], [j_max], num_decoding)[0]
+
+    def options_batch(self, reqs: list[Request], j_maxes: list[int], num_decoding: int) -> list[list[int]]:
+        """``options`` of each of ``reqs`` (with its ``j_max``), the ones to price priced as one batch: a request's
+        options read only its own state and what every request shares (prices, the population, the gate)."""
         if self.gate is not None and not self.gate.speculating:
-            r.wants_pillars = False
-            return [0]
-        if r.probe_interval and 0 < r.plain_cycles < r.probe_interval and r.plain_cycles % RECHECK:
-            # between probes a plain request's acceptance does not change (it judges no drafts): re-price it every
-            # RECHECK cycles, not every step (256 requests re-priced every step cost ~11 ms of host time a step)
-            r.plain_cycles += 1
-            return [0]
-        s = self.scores(r, j_max, num_decoding)
-        best = _argmax(s)
+            for r, j_max in zip(reqs, j_maxes):
+                if j_max > 0:
+                    r.wants_pillars = False
+            return [_PLAIN] * len(reqs)
+        out = [_PLAIN] * len(reqs)
+        priced = []
+        for i, (r, j_max) in enumerate(zip(reqs, j_maxes)):
+            if j_max <= 0:
+                continue
+            if r.probe_interval and 0 < r.plain_cycles < r.probe_interval and r.plain_cycles % RECHECK:
+                # between probes a plain request's acceptance does not change (it judges no drafts): re-price it
+                # every RECHECK cycles, not every step (256 requests re-priced every step cost ~11 ms a step)
+                r.plain_cycles += 1
+                continue
+            priced.append(i)
+        if not priced:
+            return out
+        rows = [reqs[i] for i in priced]
+        limits = [j_maxes[i] for i in priced]
+        s = self._price(rows, max(limits), num_decoding)
+        now = s[0]
+        if self.sparse_drafts:  # each row as it would draft now: sparse where it has pillars
+            now = s[np.array([r.has_pillars for r in rows], dtype=np.intp), np.arange(len(rows))]
+        best = _best(now, limits)
         # Without pillars (after prefill, after plain decodes that did not score) drafts are full-attention rows, as
         # dear as plain decodes; if sparse drafts would pay, decode plainly once and score pillars for the next cycle.
-        r.wants_pillars = (best == 0 and self.sparse_drafts and not r.has_pillars
-                           and _argmax(self.scores(r, j_max, num_decoding, with_pillars=True)) > 0)
-        if r.wants_pillars:
+        lacking = [k for k, r in enumerate(rows) if best[k] == 0 and not r.has_pillars] if self.sparse_drafts else []
+        wants = set()
+        if lacking:
+            with_pillars = _best(s[1, lacking], [limits[k] for k in lacking])
+            wants = {k for k, b in zip(lacking, with_pillars) if b > 0}
+        for k, i in enumerate(priced):
+            out[i] = self._decide(rows[k], limits[k], best[k], k in wants, now[k])
+        return out
+
+    def _decide(self, r: Request, j_max: int, best: int, wants_pillars: bool, s: np.ndarray) -> list[int]:
+        """One priced request's options from its best ``j`` (probing and backing off while that is 0)."""
+        r.wants_pillars = wants_pillars
+        if wants_pillars:
             return [0]
         if best == 0:
             if not r.probe_interval:
@@ -163,8 +227,9 @@ class AdaptiveStride:
             r.probe_interval = min(2 * r.probe_interval, PROBE_MAX)
             return [min(PROBE_DRAFTS, j_max)]
         r.plain_cycles, r.probe_interval = 0, 0
-        near = [j for j in range(1, j_max + 1) if j != best and s[j] >= (1 - BALANCE_TOLERANCE) * s[best]]
-        return [best] + sorted(near, reverse=True)
+        scores = s.tolist()
+        floor = (1 - BALANCE_TOLERANCE) * scores[best]
+        return [best] + [j for j in range(j_max, 0, -1) if j != best and scores[j] >= floor]
 
     def refresh_after(self, r: Request, j: int) -> bool:
         """A speculative cycle's verify refreshes the pillars; a plain one only when a probe comes next (so the probe
@@ -174,10 +239,16 @@ class AdaptiveStride:
         return j > 0 or r.wants_pillars or (r.probe_interval > 0 and r.plain_cycles + 1 > r.probe_interval)
 
     def record(self, r: Request, drafted: int, accepted: int) -> None:
+        if drafted == 0 == accepted:
+            return  # a plain decode judges nothing (both records would return at once: ~250 of them a B 256 step)
         r.acceptance.record(drafted, accepted)
         self.population.record(drafted, accepted)
 
 
-def _argmax(scores: list[float]) -> int:
-    """The best ``j`` (the longest among equals)."""
-    return max(range(len(scores)), key=lambda j: (scores[j], j))
+def _best(scores: np.ndarray, j_maxes: list[int]) -> list[int]:
+    """Each row's best ``j <= j_max`` (the longest among equals: the first maximum of the row reversed). Scores are
+    finite (costs >= 0, the denominators floored at 1e-30), so the maximum is the one Python's ``max`` would find."""
+    n = scores.shape[1] - 1
+    if min(j_maxes) < n:
+        scores = np.where(np.arange(n + 1) <= np.array(j_maxes)[:, None], scores, -np.inf)
+    return (n - np.argmax(scores[:, ::-1], axis=1)).tolist()
