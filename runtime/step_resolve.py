@@ -60,7 +60,7 @@ class StepResolver:
             # (on CUDA a step without device time captured a graph: its host time, up to 14 s on the H200, is no
             # price of its work; fed in, it made c_tok 700 us a token). Only the adaptive stride reads the prices
             # (and LLM.stats only then reports them): a fixed stride skips the fit, whose outlier check solved the
-            # 4-coefficient NNLS (15 supports) every step: 0.6-1.0 ms a step, micro-timed on a loaded 2-core CPU.
+            # 4-coefficient NNLS (15 supports) every step: 0.1-0.13 ms a step, micro-timed on a loaded 2-core CPU.
             step_cost.observe(res.work, seconds)
         for i, per_layer in res.recall_lists():
             res.plan.entries[i].request.metrics.add_recall(per_layer)
