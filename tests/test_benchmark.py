@@ -204,3 +204,16 @@ def test_repeats_report_the_median_and_every_repeat(tmp_path):
     md = (tmp_path / "R.md").read_text()
     lo, hi = min(by["stride0"]["repeat_tokens_per_s"]), max(by["stride0"]["repeat_tokens_per_s"])
     assert f"({lo:.0f}–{hi:.0f})" in md
+
+
+def test_stats_delta_gives_the_timed_runs_own_ratios():
+    """Counters of the timed generate alone, and the per-step ratios from them: a warm-up that held the full stride
+    (fewer requests a step) must not leak into the timed run's requests per step."""
+    from sparsespec_compile.benchmark.run import stats_delta
+
+    before = {"steps": 100, "request_steps": 2000, "output_tokens": 3000, "mean_requests_per_step": 20.0}
+    after = {"steps": 300, "request_steps": 2000 + 200 * 256, "output_tokens": 3000 + 200 * 256,
+             "mean_requests_per_step": (2000 + 200 * 256) / 300}
+    d = stats_delta(before, after)
+    assert d["steps"] == 200 and d["request_steps"] == 200 * 256
+    assert d["mean_requests_per_step"] == 256 and d["tokens_per_request_step"] == 1.0 and d["tokens_per_step"] == 256

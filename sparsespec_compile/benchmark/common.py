@@ -19,7 +19,7 @@ JSON_NAME, PNG_NAME = "e2e.json", "e2e.png"
 # Counters of llm.stats() that accumulate over the LLM's life: the timed run's share is after - before.
 COUNTERS = ("steps", "cycles", "output_tokens", "forward_tokens", "seconds", "gpu_busy_seconds", "graph_steps",
             "kv_tokens_read", "capture_seconds", "graph_seconds", "graph_kv_tokens_read", "all_cycles", "recall_verifies",
-            "schedule_seconds", "launch_seconds", "resolve_seconds", "wait_seconds")
+            "schedule_seconds", "launch_seconds", "resolve_seconds", "wait_seconds", "request_steps")
 LIST_COUNTERS = ("cycles_by_k", "position_drafted", "position_accepted", "recall_sum_by_layer")  # element by element
 
 

@@ -62,8 +62,11 @@ def stats_delta(before: dict, after: dict) -> dict:
         d["mean_recall"] = sum(d["recall_by_layer"]) / len(d["recall_by_layer"])
     elif "recall_verifies" in d:
         d["recall_by_layer"], d["mean_recall"] = [], None
-    if d.get("steps"):
+    if d.get("steps"):  # the ratios of the timed run's own counters (the lifetime's include the warm-up)
         d["tokens_per_step"] = d.get("output_tokens", 0) / d["steps"]
+        if "request_steps" in d:
+            d["mean_requests_per_step"] = d["request_steps"] / d["steps"]
+            d["tokens_per_request_step"] = d.get("output_tokens", 0) / d["request_steps"] if d["request_steps"] else 0.0
     if d.get("seconds"):
         d["tokens_per_s"] = d.get("output_tokens", 0) / d["seconds"]
         if d.get("gpu_busy_seconds"):  # the runtime's own definition (step loop time), over the timed run only
