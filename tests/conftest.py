@@ -5,6 +5,10 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The subprocesses the suite starts (the users' CI file, bench.sh, bench/sampler.py, `sparsespec serve`, the
+# process engine's child) inherit this: one intra-op thread, like this process (one_intra_op_thread below). With
+# two, a subprocess that shares the 2 cores with anything else spins (examples/test_my_model.py: 54-96 s vs 32 s).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
