@@ -28,7 +28,7 @@ def test_every_example_is_run_here():
 
 @pytest.mark.parametrize("name,expect", [("compile_and_inspect.py", "30/30 attention nodes rewritten"),
                                          ("generate.py", "tokens/s, mean accepted")])
-def test_python_example(name, expect, capsys):
+def test_python_example(name, expect, capsys, embedded_models_cached):  # both load the embedded SmolLM2
     torch._dynamo.reset()
     runpy.run_path(str(EXAMPLES / name), run_name="__main__")
     out = capsys.readouterr().out

@@ -14,7 +14,7 @@ NEW = 10
 
 
 @pytest.fixture(scope="module")
-def gemma3():
+def gemma3(embedded_models_cached):
     return load_gemma3()
 
 
@@ -38,13 +38,19 @@ def test_greedy_speculative_generation_equals_hf(gemma3):
     assert s["cycles"] >= 1 and len(s["recall_by_layer"]) == 18
 
 
-def test_bench_runs_on_gemma3(tmp_path):
+def test_bench_runs_on_gemma3(tmp_path, gemma3, monkeypatch):
     """``sparsespec bench --model gemma3`` at a tiny size: a GSM8K question as plain text (a base model, no chat
     template), the hybrid draft with its recall per layer. One method (~1 min on 2 cores: each method compiles the
     model afresh); tests/test_benchmark.py runs pillar, streaming and hybrid side by side on a tiny model."""
     import json
 
-    from sparsespec_compile import benchmark
+    from sparsespec_compile import benchmark, models
+
+    def load_gemma3(**kwargs):  # the module's load_gemma3() (its defaults): not a second ~8 s load of the same files
+        assert kwargs == {"dtype": torch.float32, "device": "cpu", "gguf_path": None}, kwargs
+        return gemma3
+
+    monkeypatch.setitem(models.EMBEDDED, "gemma3", load_gemma3)  # what `--model gemma3` calls (load_embedded)
 
     prompts = tmp_path / "q.jsonl"
     prompts.write_text(json.dumps({"question": "Tom has 3 apples and buys 5 more. How many does he have?"}) + "\n")

@@ -11,7 +11,7 @@ from sparsespec_compile.models import load_smollm2
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(embedded_models_cached):
     return load_smollm2()
 
 
